@@ -1,0 +1,48 @@
+"""Find a model's repeated blocks structurally (no assumption that they live at ``model.model.layers``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def _is_block_container(module: nn.Module) -> bool:
+    """A ModuleList/Sequential of one or more same-class children that themselves have submodules."""
+    if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
+        return False
+    classes = {type(child) for child in module}
+    if len(classes) != 1:
+        return False
+    first = next(iter(module))
+    return any(True for _ in first.children())
+
+
+def find_block_containers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(fqn, container)`` for every outermost repeated-block container, in module order.
+
+    Finds HF decoder stacks (``model.layers``), VLM towers (``language_model.layers``,
+    ``vision_tower...layers``) and plain ``nn.ModuleList`` / ``nn.Sequential`` stacks. The search does
+    not descend into a found container, so e.g. MoE expert lists inside a block are not returned.
+    """
+    found: list[tuple[str, nn.Module]] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            fqn = f"{prefix}.{name}" if prefix else name
+            if _is_block_container(child):
+                found.append((fqn, child))
+            else:
+                visit(fqn, child)
+
+    if _is_block_container(model):
+        return [("", model)]
+    visit("", model)
+    return found
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(fqn, block)`` for every block of every container found by :func:`find_block_containers`."""
+    return [
+        (f"{fqn}.{name}" if fqn else name, block)
+        for fqn, container in find_block_containers(model)
+        for name, block in container.named_children()
+    ]

@@ -1,0 +1,82 @@
+"""One error hierarchy for every user-facing failure.
+
+Each error that replaces a NeMo AutoModel assertion or ``ValueError`` also subclasses that
+built-in type, so existing ``except AssertionError`` / ``except ValueError`` handlers keep working.
+"""
+
+from __future__ import annotations
+
+
+class MeshplanError(Exception):
+    """Base class of every error meshplan raises on purpose."""
+
+
+# --- plugins and registry -------------------------------------------------------------------------
+class PluginLoadError(MeshplanError):
+    """A plugin failed to import or raised inside a hook (fatal only with MESHPLAN_PLUGIN_ERRORS=raise)."""
+
+
+class RegistrationError(MeshplanError, ValueError):
+    """A registration is malformed or replaces an existing name without ``override=True``."""
+
+
+class ConflictError(RegistrationError):
+    """Two plugins claim the same name at the same precedence."""
+
+
+class UnknownNameError(MeshplanError, KeyError):
+    """A strategy, style or plan provider was asked for by a name nobody registered."""
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownStrategyError(UnknownNameError):
+    """No strategy is registered under the requested name."""
+
+
+class UnknownStyleError(UnknownNameError, ValueError):
+    """No parallel style is registered under the requested name ("Unknown parallel style")."""
+
+
+# --- options, imports, mesh ---------------------------------------------------------------------
+class OptionsError(MeshplanError, TypeError):
+    """Options passed to a strategy are unknown or have the wrong type."""
+
+
+class ImportPathError(MeshplanError, ImportError):
+    """A dotted path (``pkg.mod.Name`` or ``pkg.mod:Name``) could not be imported."""
+
+
+class MeshError(MeshplanError, ValueError):
+    """The device mesh lacks a required dimension or has an unusable shape."""
+
+
+# --- plans --------------------------------------------------------------------------------------
+class PlanError(MeshplanError, ValueError):
+    """A tensor-parallel plan is malformed or cannot be applied to the model."""
+
+
+class PlanNotFoundError(PlanError, AssertionError):
+    """No plan was given and none is registered or declared for the model."""
+
+
+class PlanSourceError(PlanError):
+    """A ``tp_plan`` argument is neither a dict, a dotted path, nor a callable."""
+
+
+class UnmatchedPlanKeyError(PlanError):
+    """A plan key matches no module of the model (strict mode)."""
+
+
+class TensorParallelSizeError(PlanError, AssertionError):
+    """The TP size does not divide the model's attention heads or KV heads."""
+
+
+# --- strategies ---------------------------------------------------------------------------------
+class StrategyUnavailableError(MeshplanError, AssertionError):
+    """The strategy cannot run here: a package or a device type it needs is missing."""
+
+
+class UnsupportedConfigurationError(MeshplanError, ValueError):
+    """The requested combination of options cannot work (e.g. CPU offload on a CPU-only mesh)."""

@@ -1,0 +1,56 @@
+"""Match plan keys to modules exactly as torch's ``parallelize_module`` does.
+
+A key is split on ``.``; each segment is an ``fnmatch`` pattern for one child name, so ``*`` matches
+exactly one path segment (``model.layers.*.mlp.up_proj``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from fnmatch import fnmatch
+
+from torch import nn
+
+from .names import closest
+
+
+def match_key(model: nn.Module, key: str) -> list[str]:
+    """Fully qualified names of the modules ``key`` selects ("" selects the model itself)."""
+    if key == "":
+        return [""]
+    frontier: list[tuple[str, nn.Module]] = [("", model)]
+    for segment in key.split("."):
+        frontier = [
+            (f"{prefix}.{name}" if prefix else name, child)
+            for prefix, module in frontier
+            for name, child in module.named_children()
+            if fnmatch(name, segment)
+        ]
+        if not frontier:
+            return []
+    return [fqn for fqn, _ in frontier]
+
+
+def match_plan(model: nn.Module, keys: Iterable[str]) -> dict[str, list[str]]:
+    """``{key: matched module names}`` for every key (empty list = no match)."""
+    return {key: match_key(model, key) for key in keys}
+
+
+def generalize(fqn: str) -> str:
+    """``model.layers.3.mlp`` -> ``model.layers.*.mlp`` (the form plan keys are usually written in)."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", fqn)
+
+
+def suggest_keys(model: nn.Module, key: str, n: int = 3) -> list[str]:
+    """Module patterns closest to an unmatched key."""
+    patterns = dict.fromkeys(generalize(name) for name, _ in model.named_modules() if name)
+    return closest(key, patterns, n=n)
+
+
+def replicated_linears(model: nn.Module, matched: Iterable[str]) -> tuple[str, ...]:
+    """``nn.Linear`` modules that no plan key selected (they stay replicated across TP ranks)."""
+    covered = set(matched)
+    return tuple(
+        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in covered
+    )

@@ -1,0 +1,101 @@
+"""The Strategy contract that built-in and third-party strategies implement.
+
+A strategy receives a *finished* plan: the dispatcher has already resolved, normalized and validated
+it. The strategy composes the core helpers in a fixed order (tensor/sequence parallel ->
+activation checkpointing -> data-parallel wrapping) and never re-resolves plans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from .errors import OptionsError
+from .names import did_you_mean
+from .plan import ResolvedPlan
+
+
+@dataclass
+class StrategyOptions:
+    """Options every strategy understands. Subclass (as a dataclass) to add your own.
+
+    Attributes:
+        tp_mesh_name: mesh dimension used for tensor parallelism (absent or size 1 = no TP).
+        sequence_parallel: ask the plan provider for its sequence-parallel variant.
+        strict: every plan key must match a module (``False``: one warning on rank 0 instead).
+    """
+
+    tp_mesh_name: str = "tp"
+    sequence_parallel: bool = False
+    strict: bool = True
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    """One option as shown by ``meshplan strategies``."""
+
+    name: str
+    type: str
+    default: Any
+
+
+class Strategy(ABC):
+    """Base class of parallel strategies. Register a subclass through ``meshplan_register_strategies``.
+
+    Subclasses set ``name`` (and optionally ``aliases``, ``description``, ``options_class``) and implement
+    :meth:`parallelize`. :meth:`validate` and :meth:`unavailable_reason` run before any collective.
+    """
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+    options_class: ClassVar[type[StrategyOptions]] = StrategyOptions
+
+    def make_options(self, options: Mapping[str, Any]) -> StrategyOptions:
+        """Build the typed options object; unknown names raise :class:`OptionsError` listing valid ones."""
+        valid = {f.name for f in dataclasses.fields(self.options_class)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            listing = ", ".join(f"{o.name}={o.default!r}" for o in self.describe_options())
+            hint = did_you_mean(unknown[0], valid)
+            raise OptionsError(
+                f"Unknown option(s) {unknown} for strategy {self.name!r}.{hint} Valid options: {listing}."
+            )
+        return self.options_class(**options)
+
+    @classmethod
+    def describe_options(cls) -> list[OptionInfo]:
+        hints = typing.get_type_hints(cls.options_class)
+        infos = []
+        for f in dataclasses.fields(cls.options_class):
+            if f.default is not dataclasses.MISSING:
+                default: Any = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = None
+            type_name = getattr(hints.get(f.name), "__name__", None) or str(hints.get(f.name, f.type))
+            infos.append(OptionInfo(f.name, type_name.replace("typing.", ""), default))
+        return infos
+
+    def unavailable_reason(self, device_type: str | None = None) -> str | None:
+        """``None`` when the strategy can run here (on ``device_type`` if given), else why not."""
+        return None
+
+    def validate(
+        self, model: nn.Module, device_mesh: DeviceMesh, plan: ResolvedPlan | None, options: StrategyOptions
+    ) -> None:
+        """Raise a :class:`MeshplanError` for bad inputs. Must be deterministic and collective-free."""
+
+    @abstractmethod
+    def parallelize(
+        self, model: nn.Module, device_mesh: DeviceMesh, plan: ResolvedPlan | None, options: StrategyOptions
+    ) -> nn.Module:
+        """Apply the strategy and return the model (parallelized in place where possible)."""

@@ -1,0 +1,109 @@
+"""The parallel-style vocabulary: names -> factories of fresh torch ``ParallelStyle`` objects.
+
+Meanings follow NeMo AutoModel for its five names and transformers 5.x for the rest:
+
+==============================  =====================================================================
+``colwise``                     ``ColwiseParallel()``: shard output features, local sharded output
+``rowwise``                     ``RowwiseParallel()``: shard input features, all-reduced output
+``colwise_rep``                 ``ColwiseParallel(output_layouts=Replicate())``: gather the output
+``colwise_gather_output``       same as ``colwise_rep`` (transformers' name)
+``rowwise_rep``                 ``RowwiseParallel(input_layouts=Replicate())``: split a replicated input
+``rowwise_split_input``         same as ``rowwise_rep`` (transformers' name)
+``sequence_parallel``           ``SequenceParallel()``: norms/dropout sharded along the sequence
+``embedding_rowwise``           vocab-parallel embedding: ``RowwiseParallel(input_layouts=Replicate())``
+``embedding_colwise``           embedding dim sharded, output gathered
+``packed_colwise``              column-wise for fused projections (each rank keeps matching slices)
+``packed_rowwise``              row-wise counterpart of ``packed_colwise``
+``replicate``                   parameters become replicated DTensors (no sharding)
+``replicated_with_grad_allreduce``  same as ``replicate``: gradients are all-reduced across TP ranks
+==============================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    SequenceParallel,
+)
+
+from ..plugins.hookspecs import hookimpl
+from .errors import UnknownStyleError
+from .names import did_you_mean
+from .registry import Registry
+
+StyleFactory = Callable[[], ParallelStyle]
+
+
+def colwise() -> ParallelStyle:
+    return ColwiseParallel()
+
+
+def rowwise() -> ParallelStyle:
+    return RowwiseParallel()
+
+
+def colwise_gather_output() -> ParallelStyle:
+    return ColwiseParallel(output_layouts=Replicate())
+
+
+def rowwise_split_input() -> ParallelStyle:
+    return RowwiseParallel(input_layouts=Replicate())
+
+
+def sequence_parallel() -> ParallelStyle:
+    return SequenceParallel()
+
+
+def embedding_colwise() -> ParallelStyle:
+    return ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+
+
+BUILTIN_STYLES: dict[str, StyleFactory] = {
+    "colwise": colwise,
+    "rowwise": rowwise,
+    "colwise_rep": colwise_gather_output,
+    "colwise_gather_output": colwise_gather_output,
+    "rowwise_rep": rowwise_split_input,
+    "rowwise_split_input": rowwise_split_input,
+    "sequence_parallel": sequence_parallel,
+    "embedding_rowwise": rowwise_split_input,
+    "embedding_colwise": embedding_colwise,
+}
+
+
+@hookimpl
+def meshplan_register_styles(register) -> None:  # noqa: ANN001 - the hook's callback
+    for name, factory in BUILTIN_STYLES.items():
+        register(name, factory)
+
+
+def make_style(name: str, registry: Registry) -> ParallelStyle:
+    """A new style object for ``name`` (never shared between calls)."""
+    if not isinstance(name, str):
+        raise UnknownStyleError(f"Unknown parallel style {name!r}: a style name must be a string.")
+    registration = registry.styles.find(name)
+    if registration is None:
+        raise UnknownStyleError(
+            f"Unknown parallel style {name!r}. Known styles: {', '.join(sorted(registry.styles.keys()))}."
+            + did_you_mean(name, registry.styles.keys())
+        )
+    factory = registration.load()
+    style = factory()
+    if not isinstance(style, ParallelStyle):
+        raise UnknownStyleError(
+            f"Style factory for {name!r} from {registration.provenance.describe()} returned "
+            f"{type(style).__name__}, not a torch ParallelStyle."
+        )
+    return style
+
+
+def copy_style(style: ParallelStyle) -> ParallelStyle:
+    """An independent copy of a user-supplied style object (plans never share or mutate inputs)."""
+    return copy.deepcopy(style)
+

@@ -1,0 +1,69 @@
+"""Checks that run before any collective and give the same answer on every rank."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from torch import nn
+
+from .errors import TensorParallelSizeError, UnmatchedPlanKeyError
+from .log import get_logger, log_rank0
+from .matching import match_plan, replicated_linears, suggest_keys
+from .plan import ResolvedPlan
+
+logger = get_logger(__name__)
+
+
+def attention_config(model: nn.Module) -> Any | None:
+    """The config that carries ``num_attention_heads``: the model's, else its ``text_config``."""
+    config = getattr(model, "config", None)
+    for candidate in (config, getattr(config, "text_config", None)):
+        if candidate is not None and getattr(candidate, "num_attention_heads", None) is not None:
+            return candidate
+    return None
+
+
+def validate_tp_size(model: nn.Module, tp_size: int) -> None:
+    """Attention heads and KV heads must divide by the TP size (skipped without such a config)."""
+    if tp_size <= 1:
+        return
+    config = attention_config(model)
+    if config is None:
+        return
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    for label, count in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+        if count % tp_size:
+            divisors = [d for d in range(1, count + 1) if count % d == 0 and heads % d == 0 and kv_heads % d == 0]
+            raise TensorParallelSizeError(
+                f"{label} ({count}) must be divisible by TP size ({tp_size}) for "
+                f"{type(model).__qualname__}; TP sizes that divide both head counts: {divisors}."
+            )
+    vocab = getattr(config, "vocab_size", None)
+    if vocab and vocab % tp_size:
+        log_rank0(logger, logging.INFO, "vocab_size %d is not divisible by TP size %d: vocab-parallel "
+                  "layers are sharded unevenly (DTensor pads the last shard); results are unaffected.",
+                  vocab, tp_size)
+
+
+def match_and_check(model: nn.Module, plan: ResolvedPlan, strict: bool = True) -> ResolvedPlan:
+    """Match every plan key to modules; a key matching nothing is an error (or one warning if not strict)."""
+    matches = match_plan(model, plan.styles)
+    unmatched = [key for key, found in matches.items() if not found]
+    if unmatched:
+        details = "; ".join(
+            f"{key!r} (closest modules: {', '.join(suggest_keys(model, key)) or 'none'})" for key in unmatched
+        )
+        message = (f"{len(unmatched)} TP plan key(s) from {plan.source} match no module of "
+                   f"{type(model).__qualname__}: {details}.")
+        if strict:
+            raise UnmatchedPlanKeyError(message + " Fix the keys, or pass strict=False to skip them.")
+        log_rank0(logger, logging.WARNING, "%s Skipping them (strict=False).", message)
+    styles = {key: style for key, style in plan.styles.items() if matches[key]}
+    covered = (fqn for found in matches.values() for fqn in found)
+    return dataclasses.replace(
+        plan, styles=styles, matches={k: v for k, v in matches.items() if v},
+        replicated_linears=replicated_linears(model, covered),
+    )

@@ -1,0 +1,1 @@
+"""Built-in TP plan plugin for `qwen` (being implemented)."""

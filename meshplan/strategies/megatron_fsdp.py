@@ -1,0 +1,1 @@
+"""Built-in strategy plugin `megatron_fsdp` (being implemented)."""

@@ -1,0 +1,16 @@
+import subprocess
+import sys
+
+
+def test_import_and_discovery_stay_light():
+    code = (
+        "import sys, meshplan\n"
+        "assert 'pluggy' in sys.modules\n"
+        "assert meshplan.plugins.manager._host is None, 'discovery must be lazy'\n"
+        "names = [s['name'] for s in meshplan.list_strategies()]\n"
+        "assert 'fsdp2' in names, names\n"
+        "heavy = [m for m in ('transformers', 'megatron_fsdp') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
