@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(PY) -m ruff check meshplan tests bench examples
+	$(PY) -m ruff check $(wildcard meshplan tests bench examples)
 
 test: lint
 	$(PY) -m pytest -q

@@ -1,0 +1,126 @@
+"""Parity harness: train a tiny model in one process and on N gloo ranks, compare numbers.
+
+``reference`` runs in the test process; ``distributed`` runs on every rank of a RankPool
+(``pool.run(distributed, ModelSpec(...), {"dp": 2}, {"strategy": "fsdp2", ...})``). Both see the
+same initial weights (same seed) and the same global batches; each data-parallel rank trains on its
+slice of the global batch, so the averaged loss and the final parameters must match the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from tests.models import tiny_hf
+
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "module.")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A picklable recipe for a tiny HF model (see ``tests.models.tiny_hf``)."""
+
+    model_type: str = "llama"
+    seed: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        return tiny_hf(self.model_type, seed=self.seed, **self.overrides)
+
+
+@dataclass
+class RunResult:
+    losses: list[float]
+    params: dict[str, torch.Tensor]
+
+
+def batches(vocab_size: int, steps: int, global_batch: int = 4, seq_len: int = 16, seed: int = 1234):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab_size, (global_batch, seq_len), generator=generator) for _ in range(steps)]
+
+
+def clean_name(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter as a full plain tensor (DTensors gathered), keyed by its wrapper-free name."""
+    return {
+        clean_name(n): (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().clone()
+        for n, p in model.named_parameters()
+    }
+
+
+def _train(model: nn.Module, data: list[torch.Tensor], lr: float, reduce_loss=None) -> list[float]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for input_ids in data:
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        value = loss.detach().float()
+        losses.append(float(reduce_loss(value) if reduce_loss else value))
+    return losses
+
+
+def reference(spec: ModelSpec, steps: int = 3, lr: float = 1e-3, global_batch: int = 4) -> RunResult:
+    model = spec.build()
+    data = batches(model.config.get_text_config().vocab_size, steps, global_batch)
+    return RunResult(_train(model, data, lr), full_params(model))
+
+
+def data_parallel_index(mesh, tp_names: tuple[str, ...] = ("tp",)) -> tuple[int, int]:
+    """(index, size) of this rank along the mesh dims that are not tensor parallel."""
+    index, size = 0, 1
+    for name, dim, coord in zip(mesh.mesh_dim_names, mesh.shape, mesh.get_coordinate()):
+        if name not in tp_names:
+            index, size = index * dim + coord, size * dim
+    return index, size
+
+
+def _mean_over_world(value: torch.Tensor) -> torch.Tensor:
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()
+
+
+def distributed(
+    spec: ModelSpec, mesh_shape: dict[str, int], parallelize_kwargs: dict[str, Any], steps: int = 3,
+    lr: float = 1e-3, global_batch: int = 4,
+) -> RunResult:
+    """Runs on every rank: parallelize with meshplan, train on this rank's data slice, gather params."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import meshplan
+
+    mesh = init_device_mesh("cpu", tuple(mesh_shape.values()), mesh_dim_names=tuple(mesh_shape))
+    model = meshplan.parallelize(spec.build(), mesh, **parallelize_kwargs)
+    dp_index, dp_size = data_parallel_index(mesh, (parallelize_kwargs.get("tp_mesh_name", "tp"),))
+    per_rank = global_batch // dp_size
+    data = [b[dp_index * per_rank:(dp_index + 1) * per_rank]
+            for b in batches(model.config.get_text_config().vocab_size, steps, global_batch)]
+    losses = _train(model, data, lr, reduce_loss=_mean_over_world)
+    return RunResult(losses, full_params(model))
+
+
+def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.abs().max().clamp_min(1e-12)
+    return float((actual - expected).abs().max() / scale)
+
+
+def assert_parity(result: RunResult, expected: RunResult, rtol: float = 1e-5) -> None:
+    """Loss of every step and every final parameter within ``rtol`` (relative to the tensor's max)."""
+    for step, (got, want) in enumerate(zip(result.losses, expected.losses)):
+        assert abs(got - want) <= rtol * abs(want), f"step {step}: loss {got} vs reference {want}"
+    assert result.params.keys() == expected.params.keys()
+    worst = max(expected.params, key=lambda n: max_relative_error(result.params[n], expected.params[n]))
+    error = max_relative_error(result.params[worst], expected.params[worst])
+    assert error <= rtol, f"parameter {worst}: relative error {error:.3g} > {rtol}"
