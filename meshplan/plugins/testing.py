@@ -5,7 +5,7 @@
   rank's result, or re-raise the failure naming the rank. A pool keeps its processes (and their
   imports and process group) between calls, so a test suite pays start-up once.
 * :func:`fake_process_group` — a ``backend="fake"`` process group of any size in this process, for
-  meshes of thousands of ranks on the meta device.
+  meshes of thousands of ranks on the meta device (defined in :mod:`meshplan.core.fake_pg`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ..core.fake_pg import fake_process_group
 from . import manager
+
+__all__ = ["RankError", "RankPool", "fake_process_group", "free_port", "isolated_registry", "run_on_ranks"]
 
 
 @contextlib.contextmanager
@@ -137,17 +140,3 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: f
         return pool.run(fn, *args, timeout=timeout, **kwargs)
     finally:
         pool.close(force=not pool.alive)
-
-
-@contextlib.contextmanager
-def fake_process_group(world_size: int, rank: int = 0) -> Iterator[None]:
-    """A fake (no-communication) default process group of ``world_size`` ranks in this process."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        raise RuntimeError("A default process group already exists in this process.")
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
