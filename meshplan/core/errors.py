@@ -73,6 +73,18 @@ class TensorParallelSizeError(PlanError, AssertionError):
     """The TP size does not divide the model's attention heads or KV heads."""
 
 
+class TiedParameterError(PlanError):
+    """A plan would give parameters that the model shares (tied embeddings) different layouts."""
+
+
+class UntranslatableStyleError(PlanError):
+    """A Hugging Face plan entry uses a style that torch DTensor styles cannot express safely."""
+
+
+class SequenceParallelUnsupportedError(PlanError, AssertionError):
+    """Sequence parallel was requested but no plan for it exists or can be derived for the model."""
+
+
 # --- strategies ---------------------------------------------------------------------------------
 class StrategyUnavailableError(MeshplanError, AssertionError):
     """The strategy cannot run here: a package or a device type it needs is missing."""

@@ -32,6 +32,17 @@ def match_key(model: nn.Module, key: str) -> list[str]:
     return [fqn for fqn, _ in frontier]
 
 
+def match_parameter_key(model: nn.Module, key: str) -> list[str]:
+    """Parameter names ``key`` selects when its last segment names a parameter rather than a module
+    (transformers plans may do that, e.g. ``layers.*.mlp.experts.gate_up_proj``)."""
+    parent, _, name = key.rpartition(".")
+    return [
+        f"{fqn}.{name}" if fqn else name
+        for fqn in match_key(model, parent)
+        if name in dict(model.get_submodule(fqn).named_parameters(recurse=False))
+    ]
+
+
 def match_plan(model: nn.Module, keys: Iterable[str]) -> dict[str, list[str]]:
     """``{key: matched module names}`` for every key (empty list = no match)."""
     return {key: match_key(model, key) for key in keys}

@@ -12,11 +12,19 @@ Meanings follow NeMo AutoModel for its five names and transformers 5.x for the r
 ``sequence_parallel``           ``SequenceParallel()``: norms/dropout sharded along the sequence
 ``embedding_rowwise``           vocab-parallel embedding: ``RowwiseParallel(input_layouts=Replicate())``
 ``embedding_colwise``           embedding dim sharded, output gathered
-``packed_colwise``              column-wise for fused projections (each rank keeps matching slices)
-``packed_rowwise``              row-wise counterpart of ``packed_colwise``
-``replicate``                   parameters become replicated DTensors (no sharding)
-``replicated_with_grad_allreduce``  same as ``replicate``: gradients are all-reduced across TP ranks
+``packed_colwise``              column-wise for a fused ``[a; b]`` projection: each rank keeps its slice of
+                                both halves (``PackedColwiseParallel(parts=2)``; pass ``sizes=`` for
+                                unequal parts such as ``[q; k; v]``)
+``packed_rowwise``              row-wise counterpart: input features packed as two equal parts
+``replicate``                   the module stays replicated (``KeepReplicated``: no change, but reported)
+``replicated_with_grad_allreduce``  parameters replicated, gradients summed across TP ranks (per-head norms
+                                such as Qwen3 / Gemma3 ``q_norm`` that only see this rank's heads)
+``all_reduce``                  the module's output is a partial sum: all-reduce it
 ==============================  =====================================================================
+
+transformers styles that DTensor styles cannot express (``mla_kv_a_proj``, ``moe_tp_experts``,
+``moe_identity_expert``, ``local_params``, expert-parallel styles) are not in the vocabulary; the Hugging Face
+fallback (``meshplan.plans.hf``) reports plan entries that use them by name.
 """
 
 from __future__ import annotations
@@ -24,10 +32,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
-from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import Partial, Replicate
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
+    PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
 )
@@ -35,6 +44,7 @@ from torch.distributed.tensor.parallel import (
 from ..plugins.hookspecs import hookimpl
 from .errors import UnknownStyleError
 from .names import did_you_mean
+from .parallel_styles import KeepReplicated, PackedColwiseParallel, PackedRowwiseParallel, ReplicatedWithGradAllReduce
 from .registry import Registry
 
 StyleFactory = Callable[[], ParallelStyle]
@@ -64,6 +74,10 @@ def embedding_colwise() -> ParallelStyle:
     return ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
 
 
+def all_reduce() -> ParallelStyle:
+    return PrepareModuleOutput(output_layouts=Partial(), desired_output_layouts=Replicate(), use_local_output=True)
+
+
 BUILTIN_STYLES: dict[str, StyleFactory] = {
     "colwise": colwise,
     "rowwise": rowwise,
@@ -74,6 +88,11 @@ BUILTIN_STYLES: dict[str, StyleFactory] = {
     "sequence_parallel": sequence_parallel,
     "embedding_rowwise": rowwise_split_input,
     "embedding_colwise": embedding_colwise,
+    "packed_colwise": PackedColwiseParallel,
+    "packed_rowwise": PackedRowwiseParallel,
+    "replicate": KeepReplicated,
+    "replicated_with_grad_allreduce": ReplicatedWithGradAllReduce,
+    "all_reduce": all_reduce,
 }
 
 

@@ -8,10 +8,12 @@ from typing import Any
 
 from torch import nn
 
-from .errors import TensorParallelSizeError, UnmatchedPlanKeyError
+from .errors import TensorParallelSizeError, TiedParameterError, UnmatchedPlanKeyError
 from .log import get_logger, log_rank0
 from .matching import match_plan, replicated_linears, suggest_keys
+from .parallel_styles import predicted_placement, shards_parameters
 from .plan import ResolvedPlan
+from .tensor_parallel import shared_parameters
 
 logger = get_logger(__name__)
 
@@ -44,8 +46,9 @@ def validate_tp_size(model: nn.Module, tp_size: int) -> None:
     vocab = getattr(config, "vocab_size", None)
     if vocab and vocab % tp_size:
         log_rank0(logger, logging.INFO, "vocab_size %d is not divisible by TP size %d: vocab-parallel "
-                  "layers are sharded unevenly (DTensor pads the last shard); results are unaffected.",
-                  vocab, tp_size)
+                  "embeddings / lm_head are sharded unevenly (the last rank holds fewer rows, DTensor handles "
+                  "the uneven shards); results are unaffected. Pad the vocabulary to a multiple of the TP size "
+                  "for balanced memory.", vocab, tp_size)
 
 
 def match_and_check(model: nn.Module, plan: ResolvedPlan, strict: bool = True) -> ResolvedPlan:
@@ -62,8 +65,29 @@ def match_and_check(model: nn.Module, plan: ResolvedPlan, strict: bool = True) -
             raise UnmatchedPlanKeyError(message + " Fix the keys, or pass strict=False to skip them.")
         log_rank0(logger, logging.WARNING, "%s Skipping them (strict=False).", message)
     styles = {key: style for key, style in plan.styles.items() if matches[key]}
-    covered = (fqn for found in matches.values() for fqn in found)
+    matches = {k: v for k, v in matches.items() if v}
+    check_tied_parameters(model, styles, matches)
+    sharded = (fqn for key, found in matches.items() if shards_parameters(styles[key]) for fqn in found)
     return dataclasses.replace(
-        plan, styles=styles, matches={k: v for k, v in matches.items() if v},
-        replicated_linears=replicated_linears(model, covered),
+        plan, styles=styles, matches=matches, replicated_linears=replicated_linears(model, sharded),
     )
+
+
+def check_tied_parameters(model: nn.Module, styles: dict, matches: dict[str, list[str]]) -> None:
+    """Refuse, before any collective, a plan that would lay out tied parameters differently.
+
+    (Layouts that cannot be predicted without applying the style are checked after applying it.)
+    """
+    style_of = {fqn: styles[key] for key, found in matches.items() for fqn in found}
+    for group in shared_parameters(model):
+        predicted = {
+            f"{fqn}.{name}" if fqn else name: predicted_placement(style_of.get(fqn), model.get_submodule(fqn), name)
+            for fqn, name in group
+        }
+        if None not in predicted.values() and len(set(predicted.values())) > 1:
+            listing = ", ".join(f"{k}: {v}" for k, v in predicted.items())
+            raise TiedParameterError(
+                f"The TP plan would split tied parameters differently ({listing}); a tied lm_head is never "
+                "sharded apart from its embedding. Shard both vocab-parallel (embedding `embedding_rowwise`, "
+                "lm_head `colwise_rep`), leave both unsharded, or untie them (config.tie_word_embeddings=False)."
+            )

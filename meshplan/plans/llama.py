@@ -1,1 +1,32 @@
-"""Built-in TP plan plugin for `llama` (being implemented)."""
+"""Built-in TP plans for Llama and Mistral (``*ForCausalLM``): column-wise q/k/v and gate/up, row-wise o/down,
+vocab-parallel embedding and ``lm_head``; sequence parallel on request (see :mod:`meshplan.plans.decoder`)."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+
+from ..plugins.hookspecs import hookimpl
+from .decoder import decoder_plan
+
+ATTENTION_COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+MLP_COLWISE = ("mlp.gate_proj", "mlp.up_proj")
+ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def llama_layer_styles() -> dict[str, ParallelStyle]:
+    """Styles for one Llama-style layer (keys relative to the layer)."""
+    styles: dict[str, ParallelStyle] = {key: ColwiseParallel() for key in (*ATTENTION_COLWISE, *MLP_COLWISE)}
+    styles.update({key: RowwiseParallel() for key in ROWWISE})
+    return styles
+
+
+def llama_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
+    """TP (or TP+SP) plan for Llama-style decoders: Llama, Mistral, Qwen2."""
+    return decoder_plan(model, llama_layer_styles(), sequence_parallel)
+
+
+@hookimpl
+def meshplan_register_tp_plans(register) -> None:  # noqa: ANN001 - the hook's callback
+    register("transformers.models.llama.modeling_llama.LlamaForCausalLM", llama_plan)
+    register("transformers.models.mistral.modeling_mistral.MistralForCausalLM", llama_plan)

@@ -1,1 +1,34 @@
-"""Built-in TP plan plugin for `qwen` (being implemented)."""
+"""Built-in TP plans for Qwen2 and Qwen3 (``*ForCausalLM``).
+
+Qwen3's per-head ``q_norm`` / ``k_norm`` see only this rank's heads: their weights stay replicated and their
+gradients are summed across TP ranks (left alone, logits are right but the norm gradients are silently
+partial).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from ..core.parallel_styles import ReplicatedWithGradAllReduce
+from ..plugins.hookspecs import hookimpl
+from .decoder import decoder_plan
+from .llama import llama_layer_styles, llama_plan
+
+QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+
+
+def qk_norm_layer_styles() -> dict[str, ParallelStyle]:
+    """Llama-style layer styles plus head-sharded q/k norms (Qwen3, Gemma3)."""
+    return {**llama_layer_styles(), **{key: ReplicatedWithGradAllReduce() for key in QK_NORMS}}
+
+
+def qwen3_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
+    """TP (or TP+SP) plan for Qwen3."""
+    return decoder_plan(model, qk_norm_layer_styles(), sequence_parallel)
+
+
+@hookimpl
+def meshplan_register_tp_plans(register) -> None:  # noqa: ANN001 - the hook's callback
+    register("transformers.models.qwen2.modeling_qwen2.Qwen2ForCausalLM", llama_plan)
+    register("transformers.models.qwen3.modeling_qwen3.Qwen3ForCausalLM", qwen3_plan)

@@ -1,0 +1,247 @@
+"""Model-agnostic ``ParallelStyle`` classes that torch does not ship.
+
+* :class:`PackedColwiseParallel` / :class:`PackedRowwiseParallel` — fused projections (``[q; k; v]``,
+  ``[gate; up]``): every rank keeps its slice of *each* packed part.
+* :class:`ReplicatedWithGradAllReduce` — replicated parameters whose gradients are partial sums (a per-head
+  norm that only sees this rank's heads), summed across the TP mesh.
+* :class:`KeepReplicated` — states explicitly that a module stays replicated (no effect).
+* :class:`PrepareHiddenStates` — redistributes a module's hidden-states input whether it is passed
+  positionally or as ``hidden_states=``; torch's ``PrepareModuleInput`` needs the exact call shape.
+* :class:`ChainedStyles` — several styles on one module, applied in order.
+
+Packed layout: a packed parameter is stored *rank-major* — the parts' rank-``r`` slices are contiguous —
+and sharded with a plain ``Shard``, so gradients, FSDP2 and sharded (DCP) checkpoints work unchanged. A
+gathered full tensor (``full_tensor()``, full state dicts) is in rank-major order; :func:`unpack_rank_major`
+restores the original order.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
+
+from .errors import PlanError
+
+
+# --- packed (fused) projections ---------------------------------------------------------------------
+def pack_rank_major(full: torch.Tensor, sizes: Sequence[int], world: int, dim: int = 0) -> torch.Tensor:
+    """``[a; b]`` -> ``[a_0; b_0; a_1; b_1; ...]``: each part split in ``world`` chunks, grouped by rank."""
+    chunks = [part.chunk(world, dim) for part in full.split(list(sizes), dim)]
+    return torch.cat([chunks[i][r] for r in range(world) for i in range(len(sizes))], dim)
+
+
+def unpack_rank_major(packed: torch.Tensor, sizes: Sequence[int], world: int, dim: int = 0) -> torch.Tensor:
+    """Inverse of :func:`pack_rank_major` (e.g. on the ``full_tensor()`` of a packed parameter)."""
+    per_rank = [block.split([s // world for s in sizes], dim) for block in packed.chunk(world, dim)]
+    return torch.cat([per_rank[r][i] for i in range(len(sizes)) for r in range(world)], dim)
+
+
+PACKED_ATTRIBUTE = "_meshplan_packed"
+
+
+def unpack_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Restore the original order of packed parameters in a *full* (gathered) state dict, in place.
+
+    Keys are the model's parameter names (wrapper prefixes such as FSDP's are not stripped).
+    """
+    for fqn, module in model.named_modules():
+        for name, (sizes, world, dim) in getattr(module, PACKED_ATTRIBUTE, {}).items():
+            key = f"{fqn}.{name}" if fqn else name
+            if key in state_dict:
+                state_dict[key] = unpack_rank_major(state_dict[key], sizes, world, dim)
+    return state_dict
+
+
+class _Packed:
+    """Shared part of the packed styles: the part sizes and the in-place rank-major permutation."""
+
+    def _init_parts(self, sizes: Sequence[int] | None, parts: int) -> None:
+        self.sizes = tuple(int(s) for s in sizes) if sizes is not None else None
+        self.parts = len(self.sizes) if self.sizes is not None else int(parts)
+
+    def _part_sizes(self, module: nn.Module, total: int) -> tuple[int, ...]:
+        if self.sizes is None:
+            if total % self.parts:
+                raise PlanError(f"{type(self).__name__}: {total} features of {type(module).__name__} cannot be "
+                                f"split in {self.parts} equal packed parts.")
+            return (total // self.parts,) * self.parts
+        if sum(self.sizes) != total:
+            raise PlanError(f"{type(self).__name__}: packed part sizes {list(self.sizes)} add up to "
+                            f"{sum(self.sizes)}, but {type(module).__name__} has {total} features.")
+        return self.sizes
+
+    def _pack(self, module: nn.Module, mesh: DeviceMesh, dim: int, names: Sequence[str]) -> None:
+        if not isinstance(module, nn.Linear):
+            raise PlanError(f"{type(self).__name__} applies to nn.Linear, not {type(module).__name__}.")
+        total = module.weight.shape[dim]
+        sizes = self._part_sizes(module, total)
+        world = mesh.size()
+        if any(size % world for size in sizes):
+            raise PlanError(f"{type(self).__name__}: packed parts {list(sizes)} must each divide by the TP "
+                            f"size {world} so every rank keeps an equal slice of each part.")
+        with torch.no_grad():
+            for name in names:
+                param = getattr(module, name, None)
+                if param is None:
+                    continue
+                if param.device.type != "meta":
+                    param.copy_(pack_rank_major(param, sizes, world, dim if param.ndim > 1 else 0))
+                packed = getattr(module, PACKED_ATTRIBUTE, {})
+                packed[name] = (sizes, world, dim if param.ndim > 1 else 0)
+                setattr(module, PACKED_ATTRIBUTE, packed)
+
+
+class PackedColwiseParallel(_Packed, ColwiseParallel):
+    """Column-wise parallel for a Linear whose output features are packed parts (``sizes``, or ``parts``
+    equal parts). The local output is ``[a_r, b_r, ...]``: the module sees its usual layout, per rank."""
+
+    def __init__(self, sizes: Sequence[int] | None = None, *, parts: int = 2,
+                 input_layouts: Placement | None = None) -> None:
+        super().__init__(input_layouts=input_layouts)
+        self._init_parts(sizes, parts)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        self._pack(module, device_mesh, 0, ("weight", "bias"))
+        return super()._apply(module, device_mesh)
+
+
+class PackedRowwiseParallel(_Packed, RowwiseParallel):
+    """Row-wise parallel for a Linear whose input features are packed parts; its input must be the local
+    ``[a_r, b_r, ...]`` slice (as a :class:`PackedColwiseParallel` producer emits). Bias stays replicated."""
+
+    def __init__(self, sizes: Sequence[int] | None = None, *, parts: int = 2,
+                 output_layouts: Placement | None = None, use_local_output: bool = True) -> None:
+        super().__init__(output_layouts=output_layouts, use_local_output=use_local_output)
+        self._init_parts(sizes, parts)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        self._pack(module, device_mesh, 1, ("weight",))
+        return super()._apply(module, device_mesh)
+
+
+# --- replicated parameters -----------------------------------------------------------------------
+class ReplicatedWithGradAllReduce(ParallelStyle):
+    """Parameters become replicated DTensors; the module computes on local views whose gradients are
+    declared partial, so each rank's contribution is summed across the mesh (transformers'
+    ``replicated_with_grad_allreduce``). Works for any input layout, e.g. Qwen3 / Gemma3 ``q_norm``."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for name, param in list(module.named_parameters(recurse=False)):
+            if not isinstance(param, DTensor):
+                replicated = distribute_tensor(param.detach(), device_mesh, [Replicate()])
+                module.register_parameter(name, nn.Parameter(replicated, requires_grad=param.requires_grad))
+        forward = module.forward
+
+        @functools.wraps(forward)
+        def local_forward(*args: Any, **kwargs: Any) -> Any:
+            originals = {n: p for n, p in module._parameters.items() if isinstance(p, DTensor)}
+            for name, param in originals.items():
+                module._parameters[name] = param.to_local(grad_placements=[Partial()])
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                module._parameters.update(originals)
+
+        module.forward = local_forward
+        return module
+
+
+class KeepReplicated(ParallelStyle):
+    """The module stays as it is on every rank (transformers' ``replicate``); listed in the plan report."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return module
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+class PrepareHiddenStates(ParallelStyle):
+    """Redistribute the hidden-states input (first positional argument, else keyword ``argument``) from
+    ``input_layout`` to ``desired_layout``; a plain tensor input is taken to be in ``input_layout``."""
+
+    def __init__(self, input_layout: Placement, desired_layout: Placement, *, argument: str = "hidden_states",
+                 use_local_output: bool = False) -> None:
+        super().__init__()
+        self.input_layouts = (input_layout,)
+        self.desired_input_layouts = (desired_layout,)
+        self.argument = argument
+        self.use_local_output = use_local_output
+
+    def _convert(self, value: Any, mesh: DeviceMesh) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if not isinstance(value, DTensor):
+            value = DTensor.from_local(value, mesh, self.input_layouts, run_check=False)
+        if value.placements != self.desired_input_layouts:
+            value = value.redistribute(placements=self.desired_input_layouts)
+        return value.to_local() if self.use_local_output else value
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def prepare(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if args:
+                return (self._convert(args[0], device_mesh), *args[1:]), kwargs
+            if self.argument in kwargs:
+                return args, {**kwargs, self.argument: self._convert(kwargs[self.argument], device_mesh)}
+            raise PlanError(f"{type(mod).__name__} was called without a positional input or "
+                            f"{self.argument}=...; {type(self).__name__} cannot find its hidden states.")
+
+        module.register_forward_pre_hook(prepare, with_kwargs=True)
+        return module
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.input_layouts[0]} -> {self.desired_input_layouts[0]}, "
+                f"use_local_output={self.use_local_output})")
+
+
+class ChainedStyles(ParallelStyle):
+    """Apply several styles to the same module, in order."""
+
+    def __init__(self, *styles: ParallelStyle) -> None:
+        super().__init__()
+        self.styles = tuple(styles)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for style in self.styles:
+            module = style._apply(module, device_mesh)
+        return module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(map(repr, self.styles))})"
+
+
+def shards_parameters(style: ParallelStyle) -> bool:
+    """Whether ``style`` shards the parameters of the module it is applied to (Linear/Embedding styles)."""
+    if isinstance(style, ChainedStyles):
+        return any(shards_parameters(s) for s in style.styles)
+    return isinstance(style, (ColwiseParallel, RowwiseParallel))
+
+
+def predicted_placement(style: ParallelStyle | None, module: nn.Module, param_name: str) -> str | None:
+    """The TP placement ``style`` will give ``module``'s parameter ``param_name``, as text.
+
+    ``"unsharded"`` when the style leaves it alone (or there is no style); ``None`` when it cannot be known
+    without applying the style. Used to refuse tied parameters that would be split differently.
+    """
+    if style is None or isinstance(style, (KeepReplicated, PrepareHiddenStates)):
+        return "unsharded"
+    if isinstance(style, ChainedStyles):
+        known = [predicted_placement(s, module, param_name) for s in style.styles]
+        changed = [p for p in known if p != "unsharded"]
+        return None if None in known or len(changed) > 1 else (changed[0] if changed else "unsharded")
+    packed = "packed " if isinstance(style, _Packed) else ""
+    if isinstance(style, (ColwiseParallel, RowwiseParallel)):
+        colwise = isinstance(style, ColwiseParallel)
+        if isinstance(module, nn.Embedding):
+            return str(Shard(1) if colwise else Shard(0))
+        if param_name == "bias" and not colwise:
+            return str(Replicate())
+        return packed + str(Shard(0) if colwise else Shard(1))
+    if isinstance(style, (ReplicatedWithGradAllReduce, SequenceParallel)):
+        return str(Replicate())
+    return None
