@@ -1,0 +1,160 @@
+"""Read the layout of a parallelized model: per-parameter shards, FSDP units, per-rank memory.
+
+Everything is read from the model *after* the strategy ran (DTensor placements, ``FSDPModule``
+instances), so it reflects what the strategy really did. Two facts come from FSDP2 internals, guarded
+so that a torch change degrades them to "unknown" instead of failing: a unit's mixed-precision policy
+and whether it reshards after forward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+#: AdamW keeps ``exp_avg`` and ``exp_avg_sq`` in the parameter's dtype plus a float32 ``step`` per tensor.
+ADAMW_STATES_PER_ELEMENT = 2
+ADAMW_STEP_BYTES = 4
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """One parameter as this rank holds it."""
+
+    name: str
+    numel: int  # global elements
+    local: int  # elements on this rank
+    gathered: int  # elements after the data-parallel all-gather (still TP-sharded)
+    shards: int  # distinct pieces the parameter is cut into (product of sharded mesh dims)
+    dtype: torch.dtype
+    trainable: bool
+
+    @property
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+
+def param_layouts(model: nn.Module, tp_dims: Iterable[str]) -> list[ParamLayout]:
+    """Every (deduplicated) parameter's global size, local size and sharding on this rank."""
+    tp_dims = set(tp_dims)
+    layouts = []
+    for name, param in model.named_parameters():
+        local, gathered, shards = param.numel(), param.numel(), 1
+        if isinstance(param, DTensor):
+            local = param.to_local().numel()
+            names = param.device_mesh.mesh_dim_names or ()
+            sharded = [(names[i] if i < len(names) else None, param.device_mesh.size(i))
+                       for i, placement in enumerate(param.placements) if placement.is_shard()]
+            shards = math.prod(size for _, size in sharded)
+            gathered = param.numel() // math.prod(size for dim, size in sharded if dim in tp_dims)
+        layouts.append(ParamLayout(name, param.numel(), local, gathered, shards, param.dtype,
+                                   param.requires_grad))
+    return layouts
+
+
+def _fsdp_facts(module: nn.Module) -> tuple[Any, bool | None]:
+    """(mixed-precision policy, reshard after forward) of an FSDP unit; ``None`` where torch hides it."""
+    try:
+        state = module._get_fsdp_state()  # type: ignore[operator]
+        group = state._fsdp_param_group
+        policy = state._mp_policy
+        reshard = None if group is None else group.post_forward_mesh_info is not None
+        return policy, reshard
+    except AttributeError:
+        return None, None
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def fsdp_units(model: nn.Module, layouts: list[ParamLayout]) -> list[dict[str, Any]]:
+    """Every ``FSDPModule`` with the parameters it manages (those not inside a nested unit)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = {fqn: module for fqn, module in model.named_modules() if isinstance(module, FSDPModule)}
+    owned: dict[str, list[ParamLayout]] = {fqn: [] for fqn in modules}
+    for layout in layouts:
+        parts = layout.name.split(".")
+        for cut in range(len(parts) - 1, -1, -1):
+            owner = ".".join(parts[:cut])
+            if owner in owned:
+                owned[owner].append(layout)
+                break
+    units = []
+    for fqn, module in modules.items():
+        policy, reshard = _fsdp_facts(module)
+        params = owned[fqn]
+        storage = params[0].dtype if params else None
+        compute = getattr(policy, "param_dtype", None) or storage
+        units.append({
+            "module": fqn,
+            "class": type(module).__name__.removeprefix("FSDP"),
+            "parameters": sum(p.numel for p in params),
+            "local_elements": sum(p.local for p in params),
+            "gathered_elements": sum(p.gathered for p in params),
+            "compute_dtype": _dtype_name(compute),
+            "reduce_dtype": _dtype_name(getattr(policy, "reduce_dtype", None) or compute),
+            "gathered_bytes": sum(p.gathered for p in params) * _element_size(compute),
+            "reshard_after_forward": reshard,
+        })
+    return units
+
+
+def _element_size(dtype: torch.dtype | None) -> int:
+    return 0 if dtype is None else dtype.itemsize
+
+
+def _dtypes(layouts: Iterable[ParamLayout]) -> str:
+    return ", ".join(sorted({_dtype_name(p.dtype) or "?" for p in layouts}))
+
+
+def memory(layouts: list[ParamLayout], units: list[dict[str, Any]], total_parameters: int) -> dict[str, Any]:
+    """Per-rank bytes of parameters, gradients and AdamW state, against the ideal (total / shards).
+
+    ``total_parameters`` is counted before parallelization. ``shards`` is the largest number of pieces
+    any parameter is cut into (e.g. ``dp_shard x tp``); replicas (``dp_replicate``) do not divide memory.
+    Gradients and AdamW moments have the parameter's storage dtype (FSDP2 reduces in ``reduce_dtype``
+    and casts back). The transient part estimates the all-gathered (unsharded) units in compute dtype:
+    units kept unsharded after forward, plus twice the largest other unit (current + prefetched).
+    """
+    trainable = [p for p in layouts if p.trainable]
+    shards = max((p.shards for p in layouts), default=1)
+    local = sum(p.local for p in layouts)
+    params_bytes = sum(p.local * p.element_size for p in layouts)
+    total_bytes = sum(p.numel * p.element_size for p in layouts)
+    grads_bytes = sum(p.local * p.element_size for p in trainable)
+    grads_total = sum(p.numel * p.element_size for p in trainable)
+    optim_bytes = ADAMW_STATES_PER_ELEMENT * grads_bytes + ADAMW_STEP_BYTES * len(trainable)
+    optim_total = ADAMW_STATES_PER_ELEMENT * grads_total
+    kept = [u["gathered_bytes"] for u in units if u["reshard_after_forward"] is False]
+    others = [u["gathered_bytes"] for u in units if u["reshard_after_forward"] is not False]
+    ideal_local = total_parameters / shards
+    return {
+        "parameters": {
+            "total": total_parameters,
+            "local": local,
+            "shards": shards,
+            "ideal_local": ideal_local,
+            "overhead": local / ideal_local - 1 if ideal_local else 0.0,
+        },
+        "bytes": {
+            "params": {"dtype": _dtypes(layouts), "local": params_bytes, "ideal": total_bytes / shards},
+            "grads": {"dtype": _dtypes(trainable), "local": grads_bytes, "ideal": grads_total / shards},
+            "adamw": {"dtype": _dtypes(trainable), "local": optim_bytes,
+                      "ideal": optim_total / shards + ADAMW_STEP_BYTES * len(trainable)},
+            "total": {"local": params_bytes + grads_bytes + optim_bytes,
+                      "ideal": (total_bytes + grads_total + optim_total) / shards + ADAMW_STEP_BYTES * len(trainable)},
+        },
+        "transient": {
+            "compute_dtype": ", ".join(sorted({u["compute_dtype"] for u in units if u["compute_dtype"]})) or None,
+            "largest_unit_bytes": max(others, default=0),
+            "kept_unsharded_bytes": sum(kept),
+            "peak_estimate_bytes": sum(kept) + 2 * max(others, default=0),
+        },
+    }

@@ -1,0 +1,107 @@
+"""Human-readable text for an explain report (the JSON report is the source of truth)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..tables import format_table, human_bytes, human_count
+
+
+def _patterns(summary: list[dict[str, Any]]) -> str:
+    return ", ".join((s["pattern"] or "(root)") + (f" ({s['count']})" if s["count"] > 1 else "") for s in summary)
+
+
+def _model(model: Mapping[str, Any]) -> list[str]:
+    overrides = ", ".join(f"{k}={v!r}" for k, v in model["overrides"].items())
+    return [f"model     {model['name']}: {model['origin']} -> {model['class']}, {model['parameters']:,} parameters "
+            f"({model['dtype']}, meta device)" + (f"; overrides {overrides}" if overrides else "")]
+
+
+def _mesh(mesh: Mapping[str, Any]) -> list[str]:
+    dims = " x ".join(f"{k}={v}" for k, v in mesh["dims"].items())
+    where = ", ".join(f"{k}={v}" for k, v in mesh["coordinate"].items())
+    lines = [f"mesh      {dims} = {mesh['world_size']:,} ranks; shards shown for rank {mesh['rank']} ({where})"]
+    if mesh["derived_options"]:
+        lines.append("          mesh dims passed as " + ", ".join(f"{k}={v!r}" for k, v in
+                                                                  mesh["derived_options"].items()))
+    return lines
+
+
+def _strategy(strategy: Mapping[str, Any]) -> list[str]:
+    lines = [f"strategy  {strategy['name']} from {strategy['provenance']}"]
+    if strategy.get("options"):
+        lines.append("          options " + ", ".join(f"{k}={v}" for k, v in strategy["options"].items()))
+    return lines
+
+
+def _plan(plan: Mapping[str, Any] | None) -> list[str]:
+    if plan is None:
+        return ["plan      none (no tensor-parallel dim larger than 1)"]
+    lines = [f"plan      {plan['source']}",
+             f"          tp={plan['tp_size']}, sequence parallel: {'yes' if plan['sequence_parallel'] else 'no'}"]
+    rows = [{"key": e["key"], "style": e["style"], "modules": _patterns(e["modules"])} for e in plan["entries"]]
+    lines.append(format_table(rows, (("key", "plan key"), ("style", "style"), ("modules", "matched modules")),
+                              indent="  "))
+    replicated = plan["replicated_linears"]
+    lines.append(f"  Linear layers left replicated ({replicated['count']}): "
+                 + (_patterns(replicated["modules"]) or "none"))
+    return lines
+
+
+def _units(units: list[dict[str, Any]]) -> list[str]:
+    if not units:
+        return ["FSDP units: none"]
+    rows = [{
+        "modules": (u["modules"] or "(root)") + (f" ({u['count']})" if u["count"] > 1 else ""),
+        "class": u["class"],
+        "params": human_count(u["parameters"]),
+        "local": human_count(u["local_elements"]),
+        "gathered": f"{human_bytes(u['gathered_bytes'])} {u['compute_dtype'] or ''}".strip(),
+        "reduce": u["reduce_dtype"],
+        "reshard": {True: "yes", False: "no", None: "?"}[u["reshard_after_forward"]],
+    } for u in units]
+    columns = (("modules", "module"), ("class", "class"), ("params", "params/unit"),
+               ("local", "on this rank"), ("gathered", "all-gathered"), ("reduce", "reduce dtype"),
+               ("reshard", "reshard after fwd"))
+    return [f"FSDP units ({sum(u['count'] for u in units)})", format_table(rows, columns, indent="  ")]
+
+
+def _memory(memory: Mapping[str, Any], rank: int) -> list[str]:
+    params, b = memory["parameters"], memory["bytes"]
+    lines = [f"per-rank memory on rank {rank}: {params['local']:,} of {params['total']:,} parameter elements; "
+             f"ideal {params['ideal_local']:,.0f} (total / {params['shards']:,} shards), "
+             f"overhead {params['overhead']:+.2%}"]
+    rows = [{"what": label, "dtype": b[key].get("dtype"), "local": human_bytes(b[key]["local"]),
+             "ideal": human_bytes(b[key]["ideal"]),
+             "overhead": f"{b[key]['local'] / b[key]['ideal'] - 1:+.2%}" if b[key]["ideal"] else ""}
+            for key, label in (("params", "parameters"), ("grads", "gradients"),
+                               ("adamw", "AdamW state (2 moments + step)"), ("total", "total"))]
+    lines.append(format_table(rows, (("what", ""), ("dtype", "dtype"), ("local", "this rank"),
+                                     ("ideal", "ideal"), ("overhead", "overhead")), indent="  "))
+    t = memory["transient"]
+    if t["compute_dtype"]:
+        lines.append(f"  all-gathered units in {t['compute_dtype']}: {human_bytes(t['kept_unsharded_bytes'])} kept "
+                     f"unsharded + 2 x {human_bytes(t['largest_unit_bytes'])} largest unit = "
+                     f"{human_bytes(t['peak_estimate_bytes'])} peak (estimate, activations not included)")
+    return lines
+
+
+def render_text(report: Mapping[str, Any]) -> str:
+    """The report as sections of text; everything that ran before a failure is shown."""
+    lines: list[str] = []
+    if report.get("model"):
+        lines += _model(report["model"])
+    if report.get("mesh"):
+        lines += _mesh(report["mesh"])
+    if report.get("strategy"):
+        lines += _strategy(report["strategy"])
+    if report.get("memory") is not None:
+        lines += [""] + _plan(report["plan"]) + [""] + _units(report["fsdp_units"]) + [""]
+        lines += _memory(report["memory"], report["mesh"]["rank"])
+    for note in report.get("notes", ()):
+        lines.append(f"note: {note}")
+    if report.get("timings_s"):
+        lines.append("time      " + ", ".join(f"{k} {v:.2f} s" for k, v in report["timings_s"].items())
+                     + f" (total {sum(report['timings_s'].values()):.2f} s)")
+    return "\n".join(lines)

@@ -1,0 +1,209 @@
+"""``meshplan explain``: run the real parallelize path on the meta device with a fake world of any size.
+
+The model is built on the meta device (no memory, no weights), a fake process group of the mesh's
+size stands in for the cluster, and ``meshplan.prepare(...).apply()`` runs exactly as in a training
+job: same strategy lookup, plan resolution, validation and strategy code. The result is a report
+(a JSON-ready dict, schema in ``docs/explain.md``) of what was decided and what each rank would hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.errors import MeshplanError
+from ..core.fake_pg import fake_process_group
+from ..meshspec import build_mesh, mesh_name_options, parse_mesh_spec, world_size
+from ..modelsource import ModelSourceError, build_model, resolve_source
+from .layout import fsdp_units, memory, param_layouts
+from .names import summarize_names
+
+SCHEMA = "meshplan.explain/1"
+
+#: ``--precision``: the dtype parameters are stored in, and whether to ask the strategy for no casting.
+PRECISIONS: dict[str, tuple[torch.dtype, bool]] = {
+    "bf16-mixed": (torch.float32, False),  # fp32 master weights; the strategy's default mixed precision
+    "fp32": (torch.float32, True),
+    "bf16": (torch.bfloat16, True),
+}
+PHASES = ("model", "mesh", "strategy", "prepare", "apply", "inspect")
+
+
+class _Phases:
+    """Times each phase and remembers which one was running when something failed."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self.current = ""
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.current, start = name, time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 3)
+
+
+def _error(exc: BaseException, phase: str) -> dict[str, Any]:
+    return {"phase": phase, "type": type(exc).__name__, "message": str(exc),
+            "exit_code": 2 if isinstance(exc, MeshplanError) else 1}
+
+
+def _precision_options(strategy: Any, precision: str) -> dict[str, Any]:
+    """``mp_policy`` for strategies that take one, when the precision asks for no casting."""
+    if precision not in PRECISIONS:
+        raise ModelSourceError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    no_cast = PRECISIONS[precision][1]
+    if not no_cast or "mp_policy" not in {o.name for o in strategy.describe_options()}:
+        return {}
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return {"mp_policy": MixedPrecisionPolicy()}
+
+
+def _strategy_section(strategy: Any) -> dict[str, Any]:
+    from ..plugins.manager import get_registry
+
+    registration = get_registry().strategies.find(strategy.name)
+    provenance = registration.provenance if registration is not None else None
+    return {
+        "name": strategy.name,
+        "description": strategy.description,
+        "provenance": provenance.describe() if provenance else "passed as an object",
+        "plugin": provenance.plugin if provenance else None,
+        "distribution": provenance.distribution if provenance else None,
+        "version": provenance.version if provenance else None,
+    }
+
+
+def _plan_section(plan: Mapping[str, Any] | None, tp_size: int) -> dict[str, Any] | None:
+    if plan is None:
+        return None
+    return {
+        "source": plan["source"],
+        "sequence_parallel": plan["sequence_parallel"],
+        "tp_size": tp_size,
+        "entries": [{"key": e["key"], "style": e["style"], "count": len(e["modules"]),
+                     "modules": summarize_names(e["modules"])} for e in plan["entries"]],
+        "replicated_linears": {"count": len(plan["replicated_linears"]),
+                               "modules": summarize_names(plan["replicated_linears"])},
+    }
+
+
+def _group_units(units: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Units with identical numbers (repeated layers) become one row with a summarized module pattern."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for unit in units:
+        key = tuple(v for k, v in unit.items() if k != "module")
+        groups.setdefault(key, []).append(unit)
+    rows = []
+    for members in groups.values():
+        for summary in summarize_names(u["module"] for u in members):
+            rows.append({"modules": summary["pattern"], "count": summary["count"]}
+                        | {k: v for k, v in members[0].items() if k != "module"})
+    return rows
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def explain(
+    model: str,
+    mesh: str | Mapping[str, int],
+    strategy: str = "fsdp2",
+    *,
+    tp_plan: Any = None,
+    sequence_parallel: bool = False,
+    overrides: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
+    precision: str = "bf16-mixed",
+    rank: int = 0,
+    raise_errors: bool = True,
+) -> dict[str, Any]:
+    """Dry-run ``meshplan.parallelize`` for ``model`` on ``mesh`` and report what every rank would hold.
+
+    Args:
+        model: a config.json path (or folder), a preset name (``meshplan presets``) or a model_type.
+        mesh: ``"dp_replicate=8,dp_shard=256,tp=8"`` or ``{"dp_shard": 256, "tp": 8}``, outermost first.
+        strategy: registered strategy name.
+        tp_plan: as for :func:`meshplan.parallelize` (dict, dotted path or callable).
+        sequence_parallel: ask the plan provider for its sequence-parallel variant.
+        overrides: config overrides (dotted keys reach nested configs).
+        options: further strategy options (``*_mesh_name`` options derived from the mesh are added).
+        precision: ``bf16-mixed`` (fp32 storage, strategy default mixed precision), ``fp32`` or ``bf16``.
+        rank: the rank whose shards are measured.
+        raise_errors: re-raise a failure (else it is recorded under ``"error"`` and the report returned).
+
+    Returns:
+        The report; its schema is documented in ``docs/explain.md``.
+    """
+    phases = _Phases()
+    report: dict[str, Any] = {"schema": SCHEMA, "model": None, "mesh": None, "strategy": None, "plan": None,
+                              "fsdp_units": [], "memory": None, "notes": [], "timings_s": phases.timings,
+                              "error": None}
+    try:
+        with phases("model"):
+            dims = dict(mesh) if isinstance(mesh, Mapping) else parse_mesh_spec(mesh)
+            source = resolve_source(model)
+            dtype = PRECISIONS[precision][0] if precision in PRECISIONS else torch.float32
+            built = build_model(source, overrides, device="meta", dtype=dtype)
+            total = _count(built)
+            report["model"] = {"name": model, "origin": source.origin, "model_type": source.model_type,
+                               "class": type(built).__qualname__, "parameters": total,
+                               "dtype": str(dtype).removeprefix("torch."), "overrides": dict(overrides or {})}
+        with fake_process_group(world_size(dims), rank):
+            _explain_in_world(report, phases, built, dims, strategy, tp_plan, sequence_parallel, options or {},
+                              precision, total)
+    except Exception as exc:
+        report["error"] = _error(exc, phases.current)
+        if raise_errors:
+            raise
+    return report
+
+
+def _explain_in_world(
+    report: dict[str, Any], phases: _Phases, model: nn.Module, dims: dict[str, int], strategy_name: str,
+    tp_plan: Any, sequence_parallel: bool, options: Mapping[str, Any], precision: str, total: int,
+) -> None:
+    """The part of :func:`explain` that runs inside the fake world (fills ``report`` as it goes)."""
+    from ..core.dispatch import get_report, get_strategy, prepare
+
+    with phases("mesh"):
+        device_mesh = build_mesh(dims, "cpu")
+        report["mesh"] = {"dims": dims, "world_size": device_mesh.size(), "rank": torch.distributed.get_rank(),
+                          "coordinate": dict(zip(dims, device_mesh.get_coordinate() or ())),
+                          "derived_options": {}}
+    with phases("strategy"):
+        strategy = get_strategy(strategy_name)
+        report["strategy"] = _strategy_section(strategy)
+        derived = mesh_name_options(strategy, device_mesh, options)
+        report["mesh"]["derived_options"] = derived
+        chosen = {**_precision_options(strategy, precision), **derived, **options}
+        if sequence_parallel:
+            chosen["sequence_parallel"] = True
+    with phases("prepare"):
+        prepared = prepare(model, device_mesh, strategy, tp_plan, **chosen)
+        report["strategy"]["options"] = prepared.report()["options"]
+    with phases("apply"):
+        model = prepared.apply()
+    with phases("inspect"):
+        applied = get_report(model) or {}
+        report["plan"] = _plan_section(applied.get("plan"), prepared.tp_size)
+        layouts = param_layouts(model, {prepared.options.tp_mesh_name})
+        units = fsdp_units(model, layouts)
+        report["fsdp_units"] = _group_units(units)
+        report["memory"] = memory(layouts, units, total)
+        after = sum(p.numel for p in layouts)
+        if after != total:
+            report["notes"].append(f"The model has {after:,} parameter elements after parallelize but {total:,} "
+                                   "before: a tied weight was probably split into two parameters.")
+        if not units:
+            report["notes"].append(f"Strategy {strategy.name!r} created no FSDP units.")
+        if precision == "bf16-mixed" and "mp_policy" not in {o.name for o in strategy.describe_options()}:
+            report["notes"].append(f"Strategy {strategy.name!r} has no mp_policy option: parameters are "
+                                   "computed in their storage dtype.")
