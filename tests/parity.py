@@ -37,6 +37,7 @@ class ModelSpec:
 class RunResult:
     losses: list[float]
     params: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # first step's, when captured
 
 
 def batches(vocab_size: int, steps: int, global_batch: int = 4, seq_len: int = 16, seed: int = 1234):
@@ -58,12 +59,23 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _train(model: nn.Module, data: list[torch.Tensor], lr: float, reduce_loss=None) -> list[float]:
+def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient as a full plain tensor (DTensors gathered), keyed like :func:`full_params`."""
+    return {
+        clean_name(n): (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().float().clone()
+        for n, p in model.named_parameters()
+    }
+
+
+def _train(model: nn.Module, data: list[torch.Tensor], lr: float, reduce_loss=None,
+           grads_out: dict | None = None) -> list[float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
-    for input_ids in data:
+    for step, input_ids in enumerate(data):
         loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
+        if grads_out is not None and step == 0:
+            grads_out.update(full_grads(model))
         optimizer.step()
         optimizer.zero_grad()
         value = loss.detach().float()
@@ -71,10 +83,13 @@ def _train(model: nn.Module, data: list[torch.Tensor], lr: float, reduce_loss=No
     return losses
 
 
-def reference(spec: ModelSpec, steps: int = 3, lr: float = 1e-3, global_batch: int = 4) -> RunResult:
+def reference(spec: ModelSpec, steps: int = 3, lr: float = 1e-3, global_batch: int = 4,
+              capture_grads: bool = False) -> RunResult:
     model = spec.build()
     data = batches(model.config.get_text_config().vocab_size, steps, global_batch)
-    return RunResult(_train(model, data, lr), full_params(model))
+    grads: dict[str, torch.Tensor] = {}
+    losses = _train(model, data, lr, grads_out=grads if capture_grads else None)
+    return RunResult(losses, full_params(model), grads)
 
 
 def data_parallel_index(mesh, tp_names: tuple[str, ...] = ("tp",)) -> tuple[int, int]:
@@ -94,7 +109,7 @@ def _mean_over_world(value: torch.Tensor) -> torch.Tensor:
 
 def distributed(
     spec: ModelSpec, mesh_shape: dict[str, int], parallelize_kwargs: dict[str, Any], steps: int = 3,
-    lr: float = 1e-3, global_batch: int = 4,
+    lr: float = 1e-3, global_batch: int = 4, capture_grads: bool = False,
 ) -> RunResult:
     """Runs on every rank: parallelize with meshplan, train on this rank's data slice, gather params."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -107,8 +122,9 @@ def distributed(
     per_rank = global_batch // dp_size
     data = [b[dp_index * per_rank:(dp_index + 1) * per_rank]
             for b in batches(model.config.get_text_config().vocab_size, steps, global_batch)]
-    losses = _train(model, data, lr, reduce_loss=_mean_over_world)
-    return RunResult(losses, full_params(model))
+    grads: dict[str, torch.Tensor] = {}
+    losses = _train(model, data, lr, reduce_loss=_mean_over_world, grads_out=grads if capture_grads else None)
+    return RunResult(losses, full_params(model), grads)
 
 
 def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -124,3 +140,12 @@ def assert_parity(result: RunResult, expected: RunResult, rtol: float = 1e-5) ->
     worst = max(expected.params, key=lambda n: max_relative_error(result.params[n], expected.params[n]))
     error = max_relative_error(result.params[worst], expected.params[worst])
     assert error <= rtol, f"parameter {worst}: relative error {error:.3g} > {rtol}"
+
+
+def assert_grad_parity(result: RunResult, expected: RunResult, rtol: float = 1e-5) -> None:
+    """First-step gradients within ``rtol`` (relative to each tensor's max); catches scaling errors that
+    Adam's normalized update would hide from the parameters."""
+    assert result.grads and result.grads.keys() == expected.grads.keys(), "gradients were not captured"
+    worst = max(expected.grads, key=lambda n: max_relative_error(result.grads[n], expected.grads[n]))
+    error = max_relative_error(result.grads[worst], expected.grads[worst])
+    assert error <= rtol, f"gradient of {worst}: relative error {error:.3g} > {rtol}"

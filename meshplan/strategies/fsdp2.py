@@ -1,27 +1,119 @@
-"""The ``fsdp2`` strategy: tensor/sequence parallel -> activation checkpointing -> FSDP2 (HSDP)."""
+"""The ``fsdp2`` strategy: tensor/sequence parallel -> activation checkpointing -> FSDP2 (or HSDP).
+
+The composition order is fixed:
+
+1. **Tensor parallel** on the ``tp`` mesh dim with the plan the dispatcher resolved and validated
+   (:func:`meshplan.core.tensor_parallel.apply_tensor_parallel`); parameters tied before TP (input/output
+   embeddings) are tied again afterwards.
+2. **Activation checkpointing** (:mod:`meshplan.core.checkpointing`) of the model's blocks.
+3. **FSDP2** (``torch.distributed.fsdp.fully_shard``) of every block found structurally by
+   :func:`meshplan.core.blocks.find_blocks`; the last block does not reshard after forward (backward
+   needs it first).
+4. The **root unit** (embeddings, final norm, ``lm_head``: everything outside the blocks, so a tied
+   embedding and ``lm_head`` share one unit), which never reshards after forward.
+
+The data-parallel mesh is looked up by name: ``dp_shard_cp_mesh_name`` (then ``dp_shard_cp``, ``dp_shard``,
+``dp``) for sharding and ``dp_replicate_mesh_name`` (then ``dp_replicate``) for replication. A replicate
+dim larger than 1 makes it HSDP on the 2-D (replicate, shard) mesh; otherwise FSDP gets the 1-D shard mesh.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from ..core.blocks import find_blocks
-from ..core.mesh import require_submesh, submesh
+from ..core.checkpointing import apply_activation_checkpointing, checkpoint_targets
+from ..core.errors import MeshError, OptionsError, UnsupportedConfigurationError
+from ..core.log import get_logger, log_rank0
+from ..core.mesh import DataParallelMesh, select_data_parallel_mesh, submesh
 from ..core.plan import ResolvedPlan
 from ..core.strategy import Strategy, StrategyOptions
 from ..core.tensor_parallel import apply_tensor_parallel
+from ..core.tying import find_tied_parameters, retie_parameters
 from ..plugins.hookspecs import hookimpl
+
+logger = get_logger(__name__)
+
+#: Sharding dims tried after ``dp_shard_cp_mesh_name``, in order.
+SHARD_DIM_FALLBACKS = ("dp_shard_cp", "dp_shard", "dp")
+#: Replication dims tried after ``dp_replicate_mesh_name``, in order.
+REPLICATE_DIM_FALLBACKS = ("dp_replicate",)
+
+
+def default_mp_policy() -> MixedPrecisionPolicy:
+    """bf16 parameters in forward/backward, fp32 gradient reduction, fp32 output (applied at the root)."""
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                output_dtype=torch.float32)
 
 
 @dataclass
 class FSDP2Options(StrategyOptions):
-    """Options of the ``fsdp2`` strategy."""
+    """Options of the ``fsdp2`` strategy (plus ``tp_mesh_name``, ``sequence_parallel``, ``strict``).
+
+    Attributes:
+        dp_replicate_mesh_name: mesh dim to replicate across (HSDP when its size is > 1); ``"dp_replicate"``
+            is also tried.
+        dp_shard_cp_mesh_name: mesh dim to shard across; ``"dp_shard_cp"``, ``"dp_shard"`` and ``"dp"`` are
+            tried after it.
+        mp_policy: FSDP2 mixed precision. ``None`` (default) = bf16 parameters, fp32 gradient reduction and
+            fp32 output. ``output_dtype`` is applied at the root only: casting every block's output (as NeMo
+            AutoModel does) feeds fp32 activations to a bf16 ``lm_head`` and fails on transformers 5.x.
+            Pass ``MixedPrecisionPolicy()`` to train in the parameters' own dtype (e.g. fp32).
+        offload_policy: FSDP2 offload policy, passed through (``CPUOffloadPolicy()`` needs an accelerator
+            mesh; on a CPU mesh it is rejected up front). ``None`` = no offload.
+        activation_checkpointing: ``False`` (default), ``True``/``"mlp"`` (each block's MLP), ``"full"``
+            (whole blocks) or ``"selective"`` (every ``activation_checkpointing_every``-th block).
+        activation_checkpointing_every: stride of ``"selective"`` checkpointing (default 2).
+        reshard_after_forward: reshard block parameters after forward (ZeRO-3, default). ``False`` keeps
+            them gathered until backward (ZeRO-2-like). The last block and the root never reshard.
+    """
 
     dp_replicate_mesh_name: str = "dp_replicate"
     dp_shard_cp_mesh_name: str = "dp_shard_cp"
+    mp_policy: MixedPrecisionPolicy | None = None
+    offload_policy: OffloadPolicy | None = None
+    activation_checkpointing: bool | str = False
+    activation_checkpointing_every: int = 2
+    reshard_after_forward: bool = True
+
+
+def data_parallel_mesh(device_mesh: DeviceMesh, options: FSDP2Options) -> DataParallelMesh:
+    """The FSDP (1-D) or HSDP (2-D) mesh the options select from ``device_mesh``."""
+    return select_data_parallel_mesh(
+        device_mesh,
+        shard_names=(options.dp_shard_cp_mesh_name, *SHARD_DIM_FALLBACKS),
+        replicate_names=(options.dp_replicate_mesh_name, *REPLICATE_DIM_FALLBACKS),
+        exclude=(options.tp_mesh_name,),
+    )
+
+
+def block_and_root_policies(
+    mp_policy: MixedPrecisionPolicy | None,
+) -> tuple[MixedPrecisionPolicy, MixedPrecisionPolicy]:
+    """``(block policy, root policy)``: the root casts the model's output; blocks keep their compute dtype."""
+    root = default_mp_policy() if mp_policy is None else mp_policy
+    return dataclasses.replace(root, output_dtype=None), root
+
+
+def _check_types(options: FSDP2Options) -> None:
+    expected = {"dp_replicate_mesh_name": str, "dp_shard_cp_mesh_name": str, "tp_mesh_name": str,
+                "reshard_after_forward": bool}
+    for name, kind in expected.items():
+        if not isinstance(getattr(options, name), kind):
+            raise OptionsError(f"fsdp2 option {name} must be a {kind.__name__}, got {getattr(options, name)!r}.")
+    if options.mp_policy is not None and not isinstance(options.mp_policy, MixedPrecisionPolicy):
+        raise OptionsError("fsdp2 option mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy or None, "
+                           f"got {type(options.mp_policy).__name__}.")
+    if options.offload_policy is not None and not isinstance(options.offload_policy, OffloadPolicy):
+        raise OptionsError("fsdp2 option offload_policy must be a torch.distributed.fsdp.OffloadPolicy (e.g. "
+                           f"CPUOffloadPolicy()) or None, got {type(options.offload_policy).__name__}.")
 
 
 class FSDP2Strategy(Strategy):
@@ -31,20 +123,59 @@ class FSDP2Strategy(Strategy):
     description = "TP/SP -> activation checkpointing -> FSDP2 / HSDP (torch fully_shard)"
     options_class = FSDP2Options
 
+    def validate(
+        self, model: nn.Module, device_mesh: DeviceMesh, plan: ResolvedPlan | None, options: StrategyOptions
+    ) -> None:
+        """Type-check options, find the data-parallel dims, reject offload on CPU and bad AC settings."""
+        require_fsdp2_options(options)
+        _check_types(options)
+        dp = data_parallel_mesh(device_mesh, options)
+        if plan is not None and submesh(device_mesh, options.tp_mesh_name) is None:
+            raise MeshError(f"A TP plan was resolved but the mesh has no {options.tp_mesh_name!r} dim.")
+        if dp.shard_name == options.tp_mesh_name:
+            raise MeshError(f"The data-parallel dim {dp.shard_name!r} is also the TP dim.")
+        if isinstance(options.offload_policy, CPUOffloadPolicy) and device_mesh.device_type == "cpu":
+            raise UnsupportedConfigurationError(
+                "offload_policy=CPUOffloadPolicy() needs an accelerator mesh (cuda, ...): on a CPU mesh torch's "
+                "FSDP2 fails with 'Cannot access accelerator device'. Parameters already live on the CPU here; "
+                "drop offload_policy.")
+        checkpoint_targets(find_blocks(model), options.activation_checkpointing,
+                           options.activation_checkpointing_every)
+
     def parallelize(
         self, model: nn.Module, device_mesh: DeviceMesh, plan: ResolvedPlan | None, options: StrategyOptions
     ) -> nn.Module:
+        require_fsdp2_options(options)
+        dp = data_parallel_mesh(device_mesh, options)
+        blocks = find_blocks(model)
         if plan is not None:
-            tp_mesh = submesh(device_mesh, options.tp_mesh_name)
-            apply_tensor_parallel(model, tp_mesh, plan)
-        _, dp_mesh = require_submesh(device_mesh, (options.dp_shard_cp_mesh_name, "dp_shard", "dp"),
-                                     "data-parallel sharding")
-        for _, block in find_blocks(model):
-            fully_shard(block, mesh=dp_mesh)
-        fully_shard(model, mesh=dp_mesh, reshard_after_forward=False)
+            tied = find_tied_parameters(model)
+            apply_tensor_parallel(model, submesh(device_mesh, options.tp_mesh_name), plan)
+            retie_parameters(model, tied)
+        wrapped = apply_activation_checkpointing(
+            model, options.activation_checkpointing, options.activation_checkpointing_every, blocks)
+        block_policy, root_policy = block_and_root_policies(options.mp_policy)
+        offload = options.offload_policy or OffloadPolicy()
+        for index, (fqn, _) in enumerate(blocks):
+            last = index == len(blocks) - 1
+            # Look the block up again: checkpointing may have replaced it with its wrapper.
+            fully_shard(model.get_submodule(fqn), mesh=dp.mesh, mp_policy=block_policy, offload_policy=offload,
+                        reshard_after_forward=options.reshard_after_forward and not last)
+        fully_shard(model, mesh=dp.mesh, mp_policy=root_policy, offload_policy=offload,
+                    reshard_after_forward=False)
+        log_rank0(logger, logging.INFO, "fsdp2: %s; TP %s; activation checkpointing of %d module(s); "
+                  "%d block unit(s) + root", dp.describe(),
+                  f"on {options.tp_mesh_name!r} ({len(plan.styles)} plan keys)" if plan else "off",
+                  len(wrapped), len(blocks))
         return model
 
 
+def require_fsdp2_options(options: StrategyOptions) -> None:
+    """Raise :class:`OptionsError` unless ``options`` is an :class:`FSDP2Options`."""
+    if not isinstance(options, FSDP2Options):
+        raise OptionsError(f"The fsdp2 strategy needs FSDP2Options, got {type(options).__name__}.")
+
+
 @hookimpl
-def meshplan_register_strategies(register) -> None:  # noqa: ANN001
+def meshplan_register_strategies(register) -> None:  # noqa: ANN001 - the hook's callback
     register(FSDP2Strategy)

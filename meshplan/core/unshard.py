@@ -1,0 +1,48 @@
+"""``unshard_fsdp2_model``: hold every FSDP2 unit of a model gathered for a block of code (e.g. generation)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+
+
+def fsdp_units(model: nn.Module) -> list[FSDPModule]:
+    """Every module of ``model`` that ``fully_shard`` was applied to, in module order (root first)."""
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+def _reshard_settings(unit: FSDPModule) -> list[object]:
+    """The unit's current reshard-after-forward setting (torch keeps it per parameter group)."""
+    groups = getattr(unit._get_fsdp_state(), "_fsdp_param_groups", ())
+    return [getattr(group, "post_forward_mesh_info", None) for group in groups]
+
+
+def _restore_reshard_settings(unit: FSDPModule, settings: list[object]) -> None:
+    for group, setting in zip(getattr(unit._get_fsdp_state(), "_fsdp_param_groups", ()), settings):
+        group.post_forward_mesh_info = setting
+
+
+@contextlib.contextmanager
+def unshard_fsdp2_model(model: nn.Module) -> Iterator[nn.Module]:
+    """All-gather the parameters of every FSDP2 unit of ``model`` for the duration of the block.
+
+    Inside the block the units also stop resharding after forward, so repeated forwards (generation)
+    do not gather again. On exit — also when the block raises — every unit that was gathered is resharded
+    and its reshard-after-forward setting restored. Collective: every rank must enter and leave together.
+    A model without FSDP2 units passes through unchanged.
+    """
+    units = fsdp_units(model)
+    saved: list[tuple[FSDPModule, list[object]]] = []
+    try:
+        for unit in units:
+            saved.append((unit, _reshard_settings(unit)))
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+        yield model
+    finally:
+        for unit, settings in reversed(saved):
+            unit.reshard()
+            _restore_reshard_settings(unit, settings)
