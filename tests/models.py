@@ -41,39 +41,3 @@ class TinyStack(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.head(x)
-
-
-def llama_tp_plan(sequence_parallel: bool = False) -> dict:
-    """An explicit TP (or TP + sequence parallel) plan for HF ``LlamaForCausalLM`` on transformers 5.x.
-
-    Vocab-parallel embedding and ``lm_head``. Under sequence parallel the residual stream is split along
-    the sequence at the input of layer 0 (not at the embedding): HF derives position ids, rotary tables
-    and masks from the embedding's output length, which must stay global.
-    """
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        PrepareModuleInput,
-        RowwiseParallel,
-        SequenceParallel,
-    )
-
-    layer = "model.layers.*"
-    sharded_out = {"output_layouts": Shard(1), "use_local_output": False} if sequence_parallel else {}
-    plan: dict = {f"{layer}.self_attn.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")}
-    plan |= {f"{layer}.mlp.{n}": ColwiseParallel() for n in ("gate_proj", "up_proj")}
-    plan[f"{layer}.self_attn.o_proj"] = RowwiseParallel(**sharded_out)
-    plan[f"{layer}.mlp.down_proj"] = RowwiseParallel(**sharded_out)
-    if not sequence_parallel:
-        plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate())
-        plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
-        return plan
-    plan |= {f"{layer}.{n}": SequenceParallel() for n in ("input_layernorm", "post_attention_layernorm")}
-    plan[f"{layer}.self_attn"] = PrepareModuleInput(
-        input_kwarg_layouts={"hidden_states": Shard(1)}, desired_input_kwarg_layouts={"hidden_states": Replicate()})
-    plan[f"{layer}.mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
-    plan["model.norm"] = SequenceParallel()
-    plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
-    plan["model.layers.0"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),))
-    plan["lm_head"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
-    return plan

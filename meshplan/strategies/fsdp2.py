@@ -3,8 +3,8 @@
 The composition order is fixed:
 
 1. **Tensor parallel** on the ``tp`` mesh dim with the plan the dispatcher resolved and validated
-   (:func:`meshplan.core.tensor_parallel.apply_tensor_parallel`); parameters tied before TP (input/output
-   embeddings) are tied again afterwards.
+   (:func:`meshplan.core.tensor_parallel.apply_tensor_parallel`, which also keeps tied input/output
+   embeddings tied).
 2. **Activation checkpointing** (:mod:`meshplan.core.checkpointing`) of the model's blocks.
 3. **FSDP2** (``torch.distributed.fsdp.fully_shard``) of every block found structurally by
    :func:`meshplan.core.blocks.find_blocks`; the last block does not reshard after forward (backward
@@ -36,7 +36,6 @@ from ..core.mesh import DataParallelMesh, select_data_parallel_mesh, submesh
 from ..core.plan import ResolvedPlan
 from ..core.strategy import Strategy, StrategyOptions
 from ..core.tensor_parallel import apply_tensor_parallel
-from ..core.tying import find_tied_parameters, retie_parameters
 from ..plugins.hookspecs import hookimpl
 
 logger = get_logger(__name__)
@@ -148,10 +147,8 @@ class FSDP2Strategy(Strategy):
         require_fsdp2_options(options)
         dp = data_parallel_mesh(device_mesh, options)
         blocks = find_blocks(model)
-        if plan is not None:
-            tied = find_tied_parameters(model)
+        if plan is not None:  # also re-ties parameters shared before TP (tied embeddings)
             apply_tensor_parallel(model, submesh(device_mesh, options.tp_mesh_name), plan)
-            retie_parameters(model, tied)
         wrapped = apply_activation_checkpointing(
             model, options.activation_checkpointing, options.activation_checkpointing_every, blocks)
         block_policy, root_policy = block_and_root_policies(options.mp_policy)
