@@ -22,6 +22,7 @@ Two torch mechanisms, chosen by whether TP is applied:
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +31,10 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..core.blocks import find_blocks
-from ..core.checkpointing import apply_activation_checkpointing, check_mode
+from ..core.checkpointing import apply_activation_checkpointing, checkpoint_targets
 from ..core.errors import MeshError, StrategyUnavailableError, UnsupportedConfigurationError
-from ..core.mesh import dim_names, dim_size, require_submesh
+from ..core.log import get_logger, log_rank0
+from ..core.mesh import dim_names, dim_size, require_submesh, submesh
 from ..core.plan import ResolvedPlan
 from ..core.strategy import Strategy, StrategyOptions
 from ..core.tensor_parallel import apply_tensor_parallel
@@ -40,6 +42,8 @@ from ..plugins.hookspecs import hookimpl
 
 DDP_REPLICATE = "torch.distributed._composable.replicate"
 TP_REPLICATE = "torch.distributed._composable.replicate_with_fsdp"
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -120,7 +124,8 @@ class DDPStrategy(Strategy):
     def validate(
         self, model: nn.Module, device_mesh: DeviceMesh, plan: ResolvedPlan | None, options: StrategyOptions
     ) -> None:
-        check_mode(options.activation_checkpointing, options.activation_checkpointing_every)
+        checkpoint_targets(find_blocks(model), options.activation_checkpointing,
+                           options.activation_checkpointing_every)
         data_parallel_mesh(device_mesh, options.dp_mesh_name, options.tp_mesh_name)
         if options.bucket_cap_mb is not None and not options.bucket_cap_mb > 0:
             raise UnsupportedConfigurationError(f"bucket_cap_mb must be positive, got {options.bucket_cap_mb}.")
@@ -143,17 +148,23 @@ class DDPStrategy(Strategy):
         self, model: nn.Module, device_mesh: DeviceMesh, plan: ResolvedPlan | None, options: StrategyOptions
     ) -> nn.Module:
         dp_mesh = data_parallel_mesh(device_mesh, options.dp_mesh_name, options.tp_mesh_name)
-        if plan is not None:
-            apply_tensor_parallel(model, device_mesh[options.tp_mesh_name], plan)
-        apply_activation_checkpointing(model, options.activation_checkpointing, options.activation_checkpointing_every)
+        blocks = find_blocks(model)
+        if plan is not None:  # also re-ties parameters shared before TP (tied embeddings)
+            apply_tensor_parallel(model, submesh(device_mesh, options.tp_mesh_name), plan)
+        wrapped = apply_activation_checkpointing(
+            model, options.activation_checkpointing, options.activation_checkpointing_every, blocks)
         if plan is None:
             model.to(_mesh_device(device_mesh))
             _import_replicate(DDP_REPLICATE)(model, process_group=dp_mesh.get_group(), **ddp_kwargs(options))
+            how = f"DistributedDataParallel {ddp_kwargs(options)}"
         else:
             replicate = _import_replicate(TP_REPLICATE)
-            for _, block in find_blocks(model):
-                replicate(block, mesh=dp_mesh)
+            for fqn, _ in blocks:  # looked up again: checkpointing may have replaced a block with its wrapper
+                replicate(model.get_submodule(fqn), mesh=dp_mesh)
             replicate(model, mesh=dp_mesh)
+            how = f"FSDP2-based replicate of {len(blocks)} block(s) + root, TP on {options.tp_mesh_name!r}"
+        log_rank0(logger, logging.INFO, "ddp: dp=%d, %s; activation checkpointing of %d module(s)",
+                  dp_mesh.size(), how, len(wrapped))
         return model
 
 

@@ -32,7 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
 from ..core.blocks import find_blocks
-from ..core.checkpointing import apply_activation_checkpointing, check_mode
+from ..core.checkpointing import apply_activation_checkpointing, checkpoint_targets
 from ..core.errors import (
     ImportPathError,
     MeshError,
@@ -314,7 +314,7 @@ class MegatronFSDPCall:
         return wrapped, None
 
 
-def _check_values(options: MegatronFSDPOptions) -> None:
+def _check_values(model: nn.Module, options: MegatronFSDPOptions) -> None:
     strategy = options.data_parallel_sharding_strategy
     if strategy not in SHARDING_STRATEGIES:
         hint = did_you_mean(str(strategy), SHARDING_STRATEGIES)
@@ -328,7 +328,7 @@ def _check_values(options: MegatronFSDPOptions) -> None:
         )
     if options.optimizer is not None and not isinstance(options.optimizer, Optimizer):
         raise OptionsError(f"optimizer must be a torch.optim.Optimizer or None, got {type(options.optimizer)}.")
-    check_mode(options.activation_checkpointing, options.activation_checkpointing_every)
+    checkpoint_targets(find_blocks(model), options.activation_checkpointing, options.activation_checkpointing_every)
 
 
 def _mesh_arguments(device_mesh: DeviceMesh, options: MegatronFSDPOptions) -> tuple[dict[str, Any], Any]:
@@ -390,7 +390,7 @@ def build_call(
     Raises a typed error for a bad value, a bad mesh, an unimportable unit path, or a non-default option
     whose target the installed version lacks.
     """
-    _check_values(options)
+    _check_values(model, options)
     function = "fully_shard" if options.optimizer is not None else "fully_shard_model"
     missing = [k for k in REQUIRED_KEYWORDS if not api.accepts(function, k)]
     if missing:
@@ -492,9 +492,11 @@ class MegatronFSDPStrategy(Strategy):
         whose ``.module`` is ``model``); ``options.optimizer``, if given, is wrapped in place."""
         api = MegatronFSDPAPI.load()
         call = build_call(model, device_mesh, options, api)
-        if plan is not None:
+        blocks = find_blocks(model)
+        if plan is not None:  # also re-ties parameters shared before TP (tied embeddings)
             apply_tensor_parallel(model, submesh(device_mesh, options.tp_mesh_name), plan)
-        apply_activation_checkpointing(model, options.activation_checkpointing, options.activation_checkpointing_every)
+        apply_activation_checkpointing(
+            model, options.activation_checkpointing, options.activation_checkpointing_every, blocks)
         for message in (*call.ignored, *call.notes):
             log_rank0(logger, logging.WARNING, "%s", message)
         if call.flatten is not None:

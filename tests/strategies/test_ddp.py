@@ -11,19 +11,10 @@ import meshplan
 from meshplan import MeshError, UnsupportedConfigurationError
 from meshplan.strategies.ddp import DDPOptions, ddp_kwargs
 from tests.models import TinyStack
-from tests.parity import ModelSpec, assert_parity, distributed, reference
+from tests.parity import ModelSpec, assert_grad_parity, assert_parity, distributed, reference
 
-#: Plain (not sequence-parallel) Llama TP plan, given explicitly: the built-in Llama provider
-#: (meshplan/plans/llama.py) had not landed when these tests were written.
-LLAMA_TP_PLAN = {
-    "model.layers.*.self_attn.q_proj": "colwise",
-    "model.layers.*.self_attn.k_proj": "colwise",
-    "model.layers.*.self_attn.v_proj": "colwise",
-    "model.layers.*.self_attn.o_proj": "rowwise",
-    "model.layers.*.mlp.gate_proj": "colwise",
-    "model.layers.*.mlp.up_proj": "colwise",
-    "model.layers.*.mlp.down_proj": "rowwise",
-}
+#: TP plan for the TinyStack unit tests (the Llama parity test uses the built-in Llama provider).
+STACK_PLAN = {"layers.*.up": "colwise", "layers.*.down": "rowwise"}
 
 
 def _assert_replicas_equal(results) -> None:
@@ -36,8 +27,11 @@ def _assert_replicas_equal(results) -> None:
 @pytest.mark.distributed
 def test_ddp_dp2_matches_one_process_with_activation_checkpointing(ranks2):
     spec = ModelSpec()
-    results = ranks2.run(distributed, spec, {"dp": 2}, {"strategy": "ddp", "activation_checkpointing": "full"})
-    assert_parity(results[0], reference(spec), rtol=1e-5)
+    kwargs = {"strategy": "ddp", "activation_checkpointing": "full"}
+    results = ranks2.run(distributed, spec, {"dp": 2}, kwargs, capture_grads=True)
+    expected = reference(spec, capture_grads=True)
+    assert_parity(results[0], expected, rtol=1e-5)
+    assert_grad_parity(results[0], expected, rtol=1e-5)
     _assert_replicas_equal(results)
 
 
@@ -46,10 +40,12 @@ def test_ddp_dp2_x_tp2_matches_one_process(ranks4):
     # lr 1e-4: with AdamW, TP's different fp32 summation order alone (tp=2, no data parallelism) moves
     # single weights by 2e-5 relative after 3 steps at lr 1e-3, because Adam normalizes near-zero gradients;
     # the error scales with lr (2e-6 at 1e-4, with or without dp=2), so 1e-4 keeps the 1e-5 bound meaningful.
+    # The plan is the built-in Llama provider's (meshplan/plans/llama.py).
     spec = ModelSpec()
-    kwargs = {"strategy": "ddp", "tp_plan": LLAMA_TP_PLAN}
-    results = ranks4.run(distributed, spec, {"dp": 2, "tp": 2}, kwargs, lr=1e-4)
-    assert_parity(results[0], reference(spec, lr=1e-4), rtol=1e-5)
+    results = ranks4.run(distributed, spec, {"dp": 2, "tp": 2}, {"strategy": "ddp"}, lr=1e-4, capture_grads=True)
+    expected = reference(spec, lr=1e-4, capture_grads=True)
+    assert_parity(results[0], expected, rtol=1e-5)
+    assert_grad_parity(results[0], expected, rtol=1e-5)
     _assert_replicas_equal(results)
 
 
@@ -93,7 +89,7 @@ def test_ddp_kwargs_forward_only_what_is_asked():
 
 @pytest.mark.parametrize("option", [{"bucket_cap_mb": 10.0}, {"static_graph": True}])
 def test_bucket_and_static_graph_rejected_with_tp_before_any_work(fake_pg, option):
-    plan = {"layers.*.up": "colwise", "layers.*.down": "rowwise"}
+    plan = STACK_PLAN
     model = TinyStack()
     with fake_pg(4):
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
@@ -103,7 +99,7 @@ def test_bucket_and_static_graph_rejected_with_tp_before_any_work(fake_pg, optio
 
 
 def test_mesh_dims_must_all_be_dp_or_tp(fake_pg):
-    plan = {"layers.*.up": "colwise", "layers.*.down": "rowwise"}
+    plan = STACK_PLAN
     with fake_pg(8):
         mesh = init_device_mesh("cpu", (2, 2, 2), mesh_dim_names=("dp", "cp", "tp"))
         with pytest.raises(MeshError, match=r"cover 4 of the mesh's 8 ranks"):
