@@ -38,3 +38,48 @@ def test_unknown_style_lists_known_and_closest():
 def test_runtime_style_registration():
     register_style("my_style", lambda: ColwiseParallel(use_local_output=False))
     assert make_style("MY-STYLE", get_registry()).use_local_output is False
+
+
+def test_transformers_styles_beyond_nemo():
+    from torch.distributed.tensor.parallel import PrepareModuleOutput
+
+    from meshplan.core.parallel_styles import (
+        KeepReplicated,
+        PackedColwiseParallel,
+        PackedRowwiseParallel,
+        ReplicatedWithGradAllReduce,
+    )
+
+    reg = get_registry()
+    assert isinstance(make_style("packed_colwise", reg), PackedColwiseParallel)
+    assert isinstance(make_style("packed_rowwise", reg), PackedRowwiseParallel)
+    assert isinstance(make_style("replicate", reg), KeepReplicated)
+    assert isinstance(make_style("replicated_with_grad_allreduce", reg), ReplicatedWithGradAllReduce)
+    assert isinstance(make_style("all_reduce", reg), PrepareModuleOutput)
+
+
+def test_rank_major_packing_round_trips_and_groups_each_ranks_slices():
+    import torch
+
+    from meshplan.core.parallel_styles import pack_rank_major, unpack_rank_major
+
+    full = torch.arange(16.0).reshape(8, 2)  # parts of 4 (q), 2 (k), 2 (v) rows
+    packed = pack_rank_major(full, (4, 2, 2), world=2)
+    assert packed[:, 0].tolist() == [0, 2, 8, 12, 4, 6, 10, 14]  # rank 0: q0 q1 k0 v0 | rank 1: q2 q3 k1 v1
+    assert torch.equal(unpack_rank_major(packed, (4, 2, 2), world=2), full)
+    columns = torch.arange(12.0).reshape(2, 6)
+    assert torch.equal(unpack_rank_major(pack_rank_major(columns, (3, 3), 3, dim=1), (3, 3), 3, dim=1), columns)
+
+
+def test_predicted_placements_of_tied_parameters():
+    from torch import nn
+
+    from meshplan.core.parallel_styles import ChainedStyles, KeepReplicated, predicted_placement
+
+    embedding, linear = nn.Embedding(8, 4), nn.Linear(4, 8)
+    assert predicted_placement(RowwiseParallel(), embedding, "weight") == predicted_placement(
+        ColwiseParallel(), linear, "weight") == str(Shard(0))
+    assert predicted_placement(ColwiseParallel(), embedding, "weight") == str(Shard(1))
+    assert predicted_placement(RowwiseParallel(), linear, "bias") == str(Replicate())
+    assert predicted_placement(None, linear, "weight") == predicted_placement(KeepReplicated(), linear, "weight")
+    assert predicted_placement(ChainedStyles(KeepReplicated(), ColwiseParallel()), linear, "weight") == str(Shard(0))
