@@ -163,6 +163,8 @@ class DDPStrategy(Strategy):
                 replicate(model.get_submodule(fqn), mesh=dp_mesh)
             replicate(model, mesh=dp_mesh)
             how = f"FSDP2-based replicate of {len(blocks)} block(s) + root, TP on {options.tp_mesh_name!r}"
+            if options.find_unused_parameters:
+                how += " (find_unused_parameters not needed: unused parameters are handled without it)"
         log_rank0(logger, logging.INFO, "ddp: dp=%d, %s; activation checkpointing of %d module(s)",
                   dp_mesh.size(), how, len(wrapped))
         return model

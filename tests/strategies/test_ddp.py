@@ -1,6 +1,15 @@
-"""The ``ddp`` strategy: parity with one process (dp=2, dp=2 x tp=2), option mapping, validation."""
+"""The ``ddp`` strategy: parity with one process (dp=2, dp=2 x tp=2), option mapping, validation.
+
+Parity runs train the tiny HF Llama for 3 AdamW steps in fp32; losses, first-step gradients and final
+parameters must match one process within 1e-5 (relative to each tensor's largest value). The learning
+rate is 1e-4: with AdamW, TP's different fp32 summation order alone (tp=2, no data parallelism) moves
+single weights by 2e-5 relative after 3 steps at lr 1e-3, because Adam normalizes near-zero gradients;
+that error scales with lr (2e-6 at 1e-4, with or without dp=2). Gradients are compared directly too.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -11,10 +20,25 @@ import meshplan
 from meshplan import MeshError, UnsupportedConfigurationError
 from meshplan.strategies.ddp import DDPOptions, ddp_kwargs
 from tests.models import TinyStack
-from tests.parity import ModelSpec, assert_grad_parity, assert_parity, distributed, reference
+from tests.parity import ModelSpec, RunResult, assert_grad_parity, assert_parity, distributed, reference
+
+LR = 1e-4
+LLAMA = ModelSpec()
 
 #: TP plan for the TinyStack unit tests (the Llama parity test uses the built-in Llama provider).
 STACK_PLAN = {"layers.*.up": "colwise", "layers.*.down": "rowwise"}
+
+
+@functools.cache
+def _reference() -> RunResult:
+    return reference(LLAMA, lr=LR, capture_grads=True)
+
+
+def _check(pool, mesh: dict[str, int], **kwargs) -> None:
+    results = pool.run(distributed, LLAMA, mesh, {"strategy": "ddp", **kwargs}, lr=LR, capture_grads=True)
+    assert_parity(results[0], _reference(), rtol=1e-5)
+    assert_grad_parity(results[0], _reference(), rtol=1e-5)
+    _assert_replicas_equal(results)
 
 
 def _assert_replicas_equal(results) -> None:
@@ -26,27 +50,12 @@ def _assert_replicas_equal(results) -> None:
 
 @pytest.mark.distributed
 def test_ddp_dp2_matches_one_process_with_activation_checkpointing(ranks2):
-    spec = ModelSpec()
-    kwargs = {"strategy": "ddp", "activation_checkpointing": "full"}
-    results = ranks2.run(distributed, spec, {"dp": 2}, kwargs, capture_grads=True)
-    expected = reference(spec, capture_grads=True)
-    assert_parity(results[0], expected, rtol=1e-5)
-    assert_grad_parity(results[0], expected, rtol=1e-5)
-    _assert_replicas_equal(results)
+    _check(ranks2, {"dp": 2}, activation_checkpointing="full")
 
 
 @pytest.mark.distributed
 def test_ddp_dp2_x_tp2_matches_one_process(ranks4):
-    # lr 1e-4: with AdamW, TP's different fp32 summation order alone (tp=2, no data parallelism) moves
-    # single weights by 2e-5 relative after 3 steps at lr 1e-3, because Adam normalizes near-zero gradients;
-    # the error scales with lr (2e-6 at 1e-4, with or without dp=2), so 1e-4 keeps the 1e-5 bound meaningful.
-    # The plan is the built-in Llama provider's (meshplan/plans/llama.py).
-    spec = ModelSpec()
-    results = ranks4.run(distributed, spec, {"dp": 2, "tp": 2}, {"strategy": "ddp"}, lr=1e-4, capture_grads=True)
-    expected = reference(spec, lr=1e-4, capture_grads=True)
-    assert_parity(results[0], expected, rtol=1e-5)
-    assert_grad_parity(results[0], expected, rtol=1e-5)
-    _assert_replicas_equal(results)
+    _check(ranks4, {"dp": 2, "tp": 2})  # TP plan: the built-in Llama provider (meshplan/plans/llama.py)
 
 
 class WithUnused(nn.Module):

@@ -52,6 +52,7 @@ class Call:
     tp_applied: bool
     checkpoint_wrapped: int
     mesh_dims: list[str]
+    submeshes: list[tuple]
 
 
 class StandInFSDP(nn.Module):
@@ -70,7 +71,7 @@ class StandInFSDP(nn.Module):
 class Recorder:
     calls: list[Call] = field(default_factory=list)
 
-    def stand_in(self, name: str, real) -> Any:
+    def stand_in(self, package: Any, name: str, real) -> Any:
         signature = inspect.signature(real)
 
         def record(*args: Any, **kwargs: Any) -> Any:
@@ -78,11 +79,15 @@ class Recorder:
             module = bound.arguments["module"]
             mesh = bound.arguments["device_mesh"]
             flattened = list(mesh._get_root_mesh()._flatten_mapping)
+            # The real package's process-group index accepts the mesh arguments (it runs on CPU).
+            index = package.FSDPDistributedIndex(device_mesh=mesh, dp_shard_dim=bound.arguments["dp_shard_dim"],
+                                                 tp_dim=bound.arguments["tp_dim"])
             self.calls.append(Call(
                 name, dict(bound.arguments),
                 tp_applied=any(isinstance(p, DTensor) for p in module.parameters()),
                 checkpoint_wrapped=sum(isinstance(m, CheckpointWrapper) for m in module.modules()),
                 mesh_dims=[*mesh.mesh_dim_names, *flattened],
+                submeshes=list(index.mesh_library),
             ))
             wrapped = StandInFSDP(module)
             return (wrapped, bound.arguments["optimizer"]) if name == "fully_shard" else wrapped
@@ -102,7 +107,7 @@ def megatron(monkeypatch) -> tuple[Any, Recorder]:
     module = pytest.importorskip("megatron_fsdp")
     recorder = Recorder()
     for name in ("fully_shard", "fully_shard_model"):
-        monkeypatch.setattr(module, name, recorder.stand_in(name, getattr(module, name)))
+        monkeypatch.setattr(module, name, recorder.stand_in(module, name, getattr(module, name)))
     meshplan.register_strategy(MegatronFSDPStrategy(device_types=("cuda", "cpu")), override=True)
     return module, recorder
 
@@ -146,6 +151,7 @@ def test_every_option_reaches_fully_shard_after_tp_and_checkpointing(fake_pg, me
     assert call.tp_applied, "the TP plan must be applied before Megatron-FSDP wraps the model"
     assert call.checkpoint_wrapped == 2, "activation checkpointing must wrap the blocks before Megatron-FSDP"
     assert "dp_cp" in call.mesh_dims, "the flattened dp_cp dim must exist when fully_shard is called"
+    assert ("dp_cp", "tp", False) in call.submeshes  # Megatron-FSDP's (dp_cp, tp) mesh for TP-sharded params
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     args = call.arguments
