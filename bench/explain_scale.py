@@ -1,0 +1,133 @@
+"""``meshplan explain`` at scale against the bare torch calls it wraps, in fresh processes.
+
+    .venv/bin/python bench/explain_scale.py                       # Llama-3-405B on 8 x 256 x 8 = 16,384 ranks
+    .venv/bin/python bench/explain_scale.py --model llama3-70b --mesh dp_replicate=8,dp_shard=16,tp=8
+
+Each repetition runs two child processes, alternating: ``bare`` builds the model on the meta device,
+a fake process group and the mesh, then calls ``parallelize_module`` with a hand-written Llama plan
+and ``fully_shard`` on every decoder layer and the root; ``explain`` calls
+``meshplan.explain.explain`` (model build, mesh, strategy lookup, plan resolution and validation,
+the fsdp2 strategy, and the report). Imports (torch, transformers, the model class) are done before
+the clock starts in both. Prints medians, the ratio (goal: explain <= 3x bare) and whether both
+count the same parameter elements on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _bare(model: str, mesh_spec: str) -> dict:
+    import torch
+    import torch.distributed as dist
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from meshplan.modelsource import resolve_source
+
+    data = resolve_source(model).config
+    config = transformers.CONFIG_MAPPING[data["model_type"]].from_dict(data)
+    cls = getattr(transformers, data["architectures"][0])
+    dims = {k: int(v) for k, v in (p.split("=") for p in mesh_spec.split(","))}
+    start = time.perf_counter()
+    with torch.device("meta"):
+        net = cls._from_config(config, dtype=torch.float32)
+    world = 1
+    for size in dims.values():
+        world *= size
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    mesh = init_device_mesh("cpu", tuple(dims.values()), mesh_dim_names=tuple(dims))
+    built = time.perf_counter()
+    colwise = {"input_layouts": Replicate(), "output_layouts": Shard(-1)}
+    plan = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+            "lm_head": ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
+    for index in range(len(net.model.layers)):
+        prefix = f"model.layers.{index}"
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            plan[f"{prefix}.{name}"] = ColwiseParallel(**colwise)
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            plan[f"{prefix}.{name}"] = RowwiseParallel(input_layouts=Shard(-1), output_layouts=Replicate())
+    for fqn, style in plan.items():
+        parallelize_module(net.get_submodule(fqn), mesh["tp"], style)
+    tp_done = time.perf_counter()
+    dp_mesh = mesh["dp_replicate", "dp_shard"] if "dp_replicate" in dims else mesh["dp_shard"]
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in net.model.layers:
+        fully_shard(layer, mesh=dp_mesh, mp_policy=policy)
+    fully_shard(net, mesh=dp_mesh, reshard_after_forward=False, mp_policy=MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32))
+    end = time.perf_counter()
+    local = sum(p.to_local().numel() for p in net.parameters())
+    return {"seconds": end - start, "build_mesh": built - start, "tp": tp_done - built, "fsdp": end - tp_done,
+            "local_elements": local}
+
+
+def _explain(model: str, mesh_spec: str) -> dict:
+    import transformers  # noqa: F401 - imported before the clock, like the bare child
+
+    from meshplan.explain import explain
+    from meshplan.modelsource import resolve_source
+
+    getattr(transformers, resolve_source(model).config["architectures"][0])
+    start = time.perf_counter()
+    report = explain(model, mesh_spec)
+    end = time.perf_counter()
+    return {"seconds": end - start, **{f"phase_{k}": v for k, v in report["timings_s"].items()},
+            "local_elements": report["memory"]["parameters"]["local"],
+            "ideal_elements": report["memory"]["parameters"]["ideal_local"]}
+
+
+def _child(kind: str, model: str, mesh: str) -> None:
+    result = (_bare if kind == "bare" else _explain)(model, mesh)
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(json.dumps(result))
+
+
+def _run(kind: str, model: str, mesh: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, "--model", model, "--mesh", mesh],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llama3-405b")
+    parser.add_argument("--mesh", default="dp_replicate=8,dp_shard=256,tp=8")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--child", choices=("bare", "explain"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child, args.model, args.mesh)
+        return
+    runs: dict[str, list[dict]] = {"bare": [], "explain": []}
+    for _ in range(args.repeat):
+        for kind in runs:
+            runs[kind].append(_run(kind, args.model, args.mesh))
+    bare = statistics.median(r["seconds"] for r in runs["bare"])
+    explained = statistics.median(r["seconds"] for r in runs["explain"])
+    print(f"{args.model} on {args.mesh} ({args.repeat} runs each, medians)")
+    print(f"  bare torch calls (build, mesh, TP, FSDP): {bare:6.2f} s   "
+          f"peak RSS {max(r['peak_rss_gb'] for r in runs['bare']):.2f} GB")
+    print(f"  meshplan explain (everything + report):   {explained:6.2f} s   "
+          f"peak RSS {max(r['peak_rss_gb'] for r in runs['explain']):.2f} GB")
+    print(f"  ratio {explained / bare:.2f}x (goal <= 3x)")
+    phases = {k: statistics.median(r[k] for r in runs["explain"]) for k in runs["explain"][0] if k.startswith("phase_")}
+    print("  explain phases: " + ", ".join(f"{k[6:]} {v:.2f} s" for k, v in phases.items()))
+    local_bare, local_explain = runs["bare"][0]["local_elements"], runs["explain"][0]["local_elements"]
+    print(f"  rank-0 parameter elements: bare {local_bare:,}, explain {local_explain:,} "
+          f"({'equal' if local_bare == local_explain else 'DIFFERENT'}); "
+          f"ideal {runs['explain'][0]['ideal_elements']:,.0f}")
+
+
+if __name__ == "__main__":
+    main()
