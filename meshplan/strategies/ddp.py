@@ -127,8 +127,9 @@ class DDPStrategy(Strategy):
         checkpoint_targets(find_blocks(model), options.activation_checkpointing,
                            options.activation_checkpointing_every)
         data_parallel_mesh(device_mesh, options.dp_mesh_name, options.tp_mesh_name)
-        if options.bucket_cap_mb is not None and not options.bucket_cap_mb > 0:
-            raise UnsupportedConfigurationError(f"bucket_cap_mb must be positive, got {options.bucket_cap_mb}.")
+        cap = options.bucket_cap_mb
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap <= 0):
+            raise UnsupportedConfigurationError(f"bucket_cap_mb must be a positive number (MiB) or None, got {cap!r}.")
         if plan is None:
             _import_replicate(DDP_REPLICATE)
             return

@@ -311,6 +311,10 @@ class MegatronFSDPCall:
         replace = getattr(wrapped, "_replace_param_with_distributed_if_needed", None)
         if callable(replace):
             replace()
+        else:
+            log_rank0(logger, logging.WARNING, "megatron-fsdp %s has no MegatronFSDP._replace_param_with_"
+                      "distributed_if_needed(); pass the optimizer to parallelize instead of wrapping it later.",
+                      api.version)
         return wrapped, None
 
 

@@ -122,7 +122,7 @@ def test_bad_activation_checkpointing_mode_and_bucket_size(fake_pg):
         mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("dp",))
         with pytest.raises(UnsupportedConfigurationError, match="activation_checkpointing must be one of"):
             meshplan.parallelize(TinyStack(), mesh, strategy="ddp", activation_checkpointing="everything")
-        with pytest.raises(UnsupportedConfigurationError, match="bucket_cap_mb must be positive"):
+        with pytest.raises(UnsupportedConfigurationError, match="bucket_cap_mb must be a positive number"):
             meshplan.parallelize(TinyStack(), mesh, strategy="ddp", bucket_cap_mb=0)
 
 
