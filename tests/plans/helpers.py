@@ -32,6 +32,7 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3": ("qwen3", {"head_dim": 16}),
     "gemma3": ("gemma3_text", SLIDING),
     "phi3": ("phi3", {"pad_token_id": 0}),
+    "gemma3_odd_vocab": ("gemma3_text", {**SLIDING, "vocab_size": 255}),  # not divisible by TP: uneven shards
     # without a built-in provider (Hugging Face fallback)
     "starcoder2": ("starcoder2", {}),
     "granite": ("granite", {}),

@@ -10,7 +10,8 @@ pytestmark = pytest.mark.distributed
 
 RTOL = 1e-5
 PROVIDERS = {"llama": "llama_plan", "mistral": "llama_plan", "qwen2": "llama_plan", "qwen3": "qwen3_plan",
-             "gemma3": "gemma3_plan", "gemma3_vlm": "gemma3_plan", "phi3": "phi3_plan"}
+             "gemma3": "gemma3_plan", "gemma3_vlm": "gemma3_plan", "phi3": "phi3_plan",
+             "gemma3_odd_vocab": "gemma3_plan"}
 FALLBACK = [("starcoder2", False), ("starcoder2", True), ("gpt_neox", False), ("gpt_neox", True),
             ("olmo2", False), ("gemma2", False)]
 
@@ -27,7 +28,8 @@ def check(results: dict, case: tuple[str, bool], provider: str) -> None:
 
 
 def test_builtin_providers_match_single_process(ranks2):
-    cases = [(name, sp) for name in BUILTIN for sp in (False, True)]
+    """Every built-in provider, plus a tied vocabulary of 255 rows (uneven vocab-parallel shards on 2 ranks)."""
+    cases = [(name, sp) for name in (*BUILTIN, "gemma3_odd_vocab") for sp in (False, True)]
     results = ranks2.run(parity_cases, cases, timeout=600)[0]
     for case in cases:
         check(results, case, PROVIDERS[case[0]])
