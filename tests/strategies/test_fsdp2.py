@@ -106,15 +106,16 @@ def test_activation_checkpointing_is_bitwise_identical(ranks4):
 
 @pytest.mark.distributed
 def test_bf16_default_policy_tracks_fp32(ranks2):
-    """Default policy (bf16 params, fp32 reduce, fp32 output at the root): loss within 1e-2 relative of fp32.
+    """Default policy (bf16 params, fp32 reduce, fp32 output at the root): loss within 1e-3 relative of fp32.
 
-    Measured: ~2e-3 on this model. Not bitwise equal to fp32, which shows bf16 compute was in effect.
+    Measured on this model: 0.7e-5 to 1.5e-5 (dp=2) and up to 4e-5 (tp=2); the bound leaves room for bf16's
+    ~4e-3 per-element precision. Never bitwise equal to fp32, which shows bf16 compute was in effect.
     """
     result = ranks2.run(distributed, LLAMA, {"dp_shard_cp": 2}, {}, lr=LR, timeout=240)[0]
     expected = _reference("llama")
     for got, want in zip(result.losses, expected.losses):
         assert got != want
-        assert abs(got - want) <= 1e-2 * abs(want), (got, want)
+        assert abs(got - want) <= 1e-3 * abs(want), (got, want)
 
 
 # --- FSDP units and mixed precision, checked on the ranks --------------------------------------------
