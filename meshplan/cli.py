@@ -125,6 +125,8 @@ def _add_explain_arguments(p: argparse.ArgumentParser) -> None:
                    help="bf16-mixed: fp32 weights, the strategy's bf16 compute (default); fp32; bf16 weights")
     p.add_argument("--rank", type=int, default=0, help="the rank whose shards are shown (default 0)")
     p.add_argument("--json", action="store_true", help="machine-readable report (schema: docs/explain.md)")
+    p.add_argument("--timings", action="store_true",
+                   help="keep the run-dependent timings_s in --json output (left out so reports diff cleanly)")
 
 
 def _run_explain(args: argparse.Namespace) -> int:
@@ -136,7 +138,11 @@ def _run_explain(args: argparse.Namespace) -> int:
         options=parse_assignments(args.option, "--option"), precision=args.precision, rank=args.rank,
         raise_errors=False,
     )
-    print(json.dumps(report, indent=2, default=str) if args.json else render_text(report))
+    if args.json:
+        shown = report if args.timings else {k: v for k, v in report.items() if k != "timings_s"}
+        print(json.dumps(shown, indent=2, default=str))
+    else:
+        print(render_text(report))
     error = report["error"]
     if error is None:
         return 0

@@ -92,18 +92,27 @@ def fsdp_units(model: nn.Module, layouts: list[ParamLayout]) -> list[dict[str, A
         params = owned[fqn]
         storage = params[0].dtype if params else None
         compute = getattr(policy, "param_dtype", None) or storage
+        gathered = sum(p.gathered for p in params)
         units.append({
             "module": fqn,
-            "class": type(module).__name__.removeprefix("FSDP"),
+            "class": _original_class(module),
             "parameters": sum(p.numel for p in params),
             "local_elements": sum(p.local for p in params),
-            "gathered_elements": sum(p.gathered for p in params),
+            "gathered_elements": gathered,
             "compute_dtype": _dtype_name(compute),
             "reduce_dtype": _dtype_name(getattr(policy, "reduce_dtype", None) or compute),
-            "gathered_bytes": sum(p.gathered for p in params) * _element_size(compute),
+            "gathered_bytes": gathered * _element_size(compute),
             "reshard_after_forward": reshard,
         })
     return units
+
+
+def _original_class(module: nn.Module) -> str:
+    """``LlamaDecoderLayer`` for FSDP2's dynamic ``FSDPLlamaDecoderLayer`` (or ``Replicate...``) class."""
+    for cls in type(module).__mro__[1:]:
+        if not cls.__module__.startswith("torch.distributed"):
+            return cls.__name__
+    return type(module).__name__
 
 
 def _element_size(dtype: torch.dtype | None) -> int:
@@ -121,7 +130,8 @@ def memory(layouts: list[ParamLayout], units: list[dict[str, Any]], total_parame
     any parameter is cut into (e.g. ``dp_shard x tp``); replicas (``dp_replicate``) do not divide memory.
     Gradients and AdamW moments have the parameter's storage dtype (FSDP2 reduces in ``reduce_dtype``
     and casts back). The transient part estimates the all-gathered (unsharded) units in compute dtype:
-    units kept unsharded after forward, plus twice the largest other unit (current + prefetched).
+    units kept unsharded after forward, plus twice the largest other unit (current + prefetched); units
+    whose parameters are not sharded over the data-parallel dims (replicas) gather nothing.
     """
     trainable = [p for p in layouts if p.trainable]
     shards = max((p.shards for p in layouts), default=1)
@@ -132,8 +142,9 @@ def memory(layouts: list[ParamLayout], units: list[dict[str, Any]], total_parame
     grads_total = sum(p.numel * p.element_size for p in trainable)
     optim_bytes = ADAMW_STATES_PER_ELEMENT * grads_bytes + ADAMW_STEP_BYTES * len(trainable)
     optim_total = ADAMW_STATES_PER_ELEMENT * grads_total
-    kept = [u["gathered_bytes"] for u in units if u["reshard_after_forward"] is False]
-    others = [u["gathered_bytes"] for u in units if u["reshard_after_forward"] is not False]
+    sharded = [u for u in units if u["gathered_elements"] > u["local_elements"]]  # replicas gather nothing
+    kept = [u["gathered_bytes"] for u in sharded if u["reshard_after_forward"] is False]
+    others = [u["gathered_bytes"] for u in sharded if u["reshard_after_forward"] is not False]
     ideal_local = total_parameters / shards
     return {
         "parameters": {

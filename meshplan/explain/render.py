@@ -80,7 +80,7 @@ def _memory(memory: Mapping[str, Any], rank: int) -> list[str]:
     lines.append(format_table(rows, (("what", ""), ("dtype", "dtype"), ("local", "this rank"),
                                      ("ideal", "ideal"), ("overhead", "overhead")), indent="  "))
     t = memory["transient"]
-    if t["compute_dtype"]:
+    if t["compute_dtype"] and t["peak_estimate_bytes"]:
         lines.append(f"  all-gathered units in {t['compute_dtype']}: {human_bytes(t['kept_unsharded_bytes'])} kept "
                      f"unsharded + 2 x {human_bytes(t['largest_unit_bytes'])} largest unit = "
                      f"{human_bytes(t['peak_estimate_bytes'])} peak (estimate, activations not included)")
