@@ -1,0 +1,493 @@
+"""TP=2 conformance check of one transformers causal-LM model type (shared by ``bench/conformance.py`` and
+``tests/plans/test_conformance_subset.py``).
+
+* :func:`model_types_with_tp_plan` — every causal-LM model type of the installed transformers whose config (or
+  a sub-config) declares ``base_model_tp_plan`` or whose model class declares ``_tp_plan``.
+* :func:`tiny_config` — a small config of that type: layers, widths, heads, vocab, experts, low-rank and
+  linear-attention sizes shrunk consistently, per-layer lists cut down to one layer of each kind, dropout off.
+* :func:`check_architecture` — runs on every rank of a 2-rank gloo pool: builds the model with random weights
+  (same seed on every rank), runs forward + backward once unsharded (the reference) and once after
+  ``meshplan.prepare(...).apply()`` with a TP-only strategy, i.e. the plan ``meshplan.parallelize`` resolves
+  and validates, and compares logits and gathered parameter gradients. Returns a small picklable dict.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+import traceback
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Relative tolerance (fp32), relative to the reference tensor's max |value|.
+RTOL = 1e-5
+#: Gradients are scaled by max(own max |g|, GRAD_FLOOR x the model's largest |g|): some gradients are
+#: analytically zero (a key bias under softmax) and then pure rounding noise.
+GRAD_FLOOR = 1e-3
+SEED = 0
+BATCH, SEQ_LEN = 2, 16
+#: Input ids are drawn below this; multimodal special tokens are moved above it.
+TOKEN_LIMIT = 200
+VOCAB = 256
+
+#: Generic sizes, applied to every config field of that name whose default is not None.
+SHRINK: dict[str, Any] = {
+    "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 128, "num_hidden_layers": 2,
+    # gpt-style names
+    "n_embd": 64, "n_head": 4, "n_layer": 2, "n_inner": 128, "n_positions": 128, "n_ctx": 128,
+    "d_model": 64, "n_heads": 4, "n_layers": 2, "num_layers": 2, "max_seq_len": 128,
+    # mixture of experts
+    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "shared_intermediate_size": 32,
+    "shared_experts_intermediate_size": 32, "expert_ffn_hidden_size": 32, "ffn_hidden_size": 128,
+    "intermediate_size_mlp": 128, "prefix_dense_intermediate_size": 128,
+    "num_experts": 4, "n_routed_experts": 4, "num_local_experts": 4, "moe_num_experts": 4,
+    "num_experts_per_tok": 2, "num_experts_per_token": 2, "moe_topk": 2, "moe_k": 2, "moe_top_k": 2,
+    "top_k_experts": 2, "n_shared_experts": 1, "num_shared_experts": 1, "moe_num_shared_experts": 1,
+    "n_group": 1, "topk_group": 1, "num_expert_group": 1, "first_k_dense_replace": 1, "num_dense_layers": 1,
+    "router_jitter_noise": 0.0, "moe_jitter_eps": 0.0, "zero_expert_num": 1,
+    # multi-head latent attention / sparse indexers
+    "q_lora_rank": 32, "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "qk_head_dim": 16, "o_lora_rank": 32, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 8,
+    "indexer_n_heads": 2, "indexer_head_dim": 16, "indexer_kv_heads": 1,
+    # local / sliding attention
+    "sliding_window": 8, "sliding_window_size": 8, "attention_chunk_size": 8, "chunk_size": 8,
+    "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "swa_head_dim": 16,
+    # linear attention, state-space and convolution mixers
+    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16, "linear_num_heads": 4, "linear_head_dim": 16, "linear_conv_kernel_dim": 4,
+    "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_n_groups": 2, "mamba_chunk_size": 16,
+    "mamba_d_ssm": 64, "mamba_dt_rank": 8, "kv_n_heads": 2, "num_kv_shared_layers": 0,
+    "unpadded_vocab_size": VOCAB, "H_cycles": 1, "L_cycles": 1,
+    "hc_lowrank": 16, "adapter_in_dim": 64, "adapter_out_dim": 64, "adapter_input_size": 64,
+    # per-layer inputs (Gemma 3n / 4), multi-token prediction, misc widths
+    "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 16, "laurel_rank": 8,
+    "num_nextn_predict_layers": 0, "num_mtp_layers": 0, "rotary_dim": 8, "query_pre_attn_scalar": 16,
+    "backbone_hidden_size": 64, "num_centroids": 16, "centroid_intermediate_top_k": 4,
+    # vision / audio towers (built, not run: the check feeds text only)
+    "depth": 1, "num_heads": 4, "out_hidden_size": 64, "num_position_embeddings": 64, "conf_num_hidden_layers": 1,
+    "conf_num_attention_heads": 4, "projector_input_dim": 64, "projector_output_dim": 64,
+    "vision_output_dim": 64, "mm_tokens_per_image": 4,
+}
+#: Fields set even where the default is ``None`` (models read them without a fallback).
+ALWAYS_SET = frozenset({"head_dim", "num_key_value_heads"})
+_MISSING = object()
+#: Special-token ids that must stay outside the ids the check feeds (moved to VOCAB - 16 + i).
+MULTIMODAL_TOKENS = ("image_token_id", "image_token_index", "video_token_id", "audio_token_id",
+                     "audio_token_index", "boi_token_id", "eoi_token_id", "boi_token_index", "eoi_token_index",
+                     "boa_token_id", "eoa_token_id", "eoa_token_index", "vision_start_token_id",
+                     "vision_end_token_id", "image_start_token_id", "image_end_token_id")
+TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "eod_token_id", "sep_token_id")
+#: Per model type: ``{sub-config name or "": {field: value}}`` applied after the generic shrink.
+OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    # Mamba heads x head dim must equal mamba_expand x hidden_size
+    "bamba": {"": {"mamba_n_heads": 8}},
+    # rotary tables are built per layer type, but the default rope_parameters is {}
+    "cohere_compass_text": {"": {"rope_parameters": {"full_attention": {"rope_type": "default",
+                                                                        "rope_theta": 10000.0}}}},
+    # the model reads attn_config.rope_theta, which the default attention config lacks
+    "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},
+    # routed-expert counts default to None
+    "deepseek_v2": {"": {"num_experts_per_tok": 2}},
+    "dots1": {"": {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1}},
+    "granitemoehybrid": {"": {"mamba_n_heads": 8}},
+    # the three layer groups must add up to num_hidden_layers
+    "dory": {"": {"n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 1, "num_hidden_layers": 3,
+                  "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}},
+    # SWA layers of Dots 3 are configured through swa_* arguments (MLA: as many KV heads as heads)
+    "dots3_note": {"text_config": {"swa_num_attention_heads": 4, "swa_num_key_value_heads": 4,
+                                   "swa_q_lora_rank": 32, "swa_kv_lora_rank": 32, "swa_head_dim": 16,
+                                   "swa_qk_nope_head_dim": 8, "swa_v_head_dim": 16}},
+    "dots3_note_text": {"": {"swa_num_attention_heads": 4, "swa_num_key_value_heads": 4, "swa_q_lora_rank": 32,
+                             "swa_kv_lora_rank": 32, "swa_head_dim": 16, "swa_qk_nope_head_dim": 8,
+                             "swa_v_head_dim": 16}},
+    # full-attention layers of Gemma 4 take their head dim from a separate argument
+    **{t: {"text_config": {"global_head_dim": 32}} for t in ("gemma4", "gemma4_unified", "gemma4_unified_assistant")},
+    **{t: {"": {"global_head_dim": 32}} for t in ("gemma4_text", "gemma4_unified_text")},
+    "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0,
+                                         "global_head_dim": 32}},
+    # the rotary part of the MLA query/key uses head_dim
+    "longcat_flash": {"": {"head_dim": 8}},
+    # the default layer_types is None, which the model cannot build
+    "lfm2_moe": {"": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1}},
+    # indexed-attention layers need the QSA indexer fields, which default to None
+    "qwen4_exp": {"text_config": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16,
+                                  "indexer_budget": 8, "indexer_compress_ratio": 2}},
+    "qwen4_exp_text": {"": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16,
+                            "indexer_budget": 8, "indexer_compress_ratio": 2}},
+}
+
+
+# --- enumeration -----------------------------------------------------------------------------------
+def _declares_plan(model_type: str, class_name: str) -> bool:
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_class = CONFIG_MAPPING[model_type]
+    classes = [config_class, *_sub_config_classes(config_class)]
+    if any(getattr(c, "base_model_tp_plan", None) for c in classes):
+        return True
+    try:
+        config = config_class()
+    except Exception:  # noqa: BLE001 - an invalid default config: the class attributes decide
+        config = None
+    if config is not None:
+        for sub in [config, *(getattr(config, name, None) for name in getattr(config, "sub_configs", {}))]:
+            if getattr(sub, "base_model_tp_plan", None):
+                return True
+    return bool(getattr(getattr(transformers, class_name, None), "_tp_plan", None))
+
+
+def _sub_config_classes(config_class: type) -> list[type]:
+    found = []
+    for spec in dict(getattr(config_class, "sub_configs", None) or {}).values():
+        cls = getattr(spec, "config_class", spec)
+        if isinstance(cls, type):
+            found.append(cls)
+    return found
+
+
+def model_types_with_tp_plan() -> list[str]:
+    """Causal-LM model types (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``) that declare a transformers TP plan."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return [t for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if _declares_plan(t, cls)]
+
+
+# --- tiny configs ----------------------------------------------------------------------------------
+def _get(config: Any, key: str) -> Any:
+    getter = getattr(config, "_getattr_without_heterogeneous_validation", None)
+    return getter(key, None) if getter else getattr(config, key, None)
+
+
+def _fields(config: Any) -> dict[str, Any]:
+    """The config's constructor fields and their current values (per-layer configs: the global value)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: _get(config, f.name) for f in dataclasses.fields(config) if f.init}
+    return dict(config.to_dict())
+
+
+def _layer_count_key(values: dict[str, Any]) -> str | None:
+    return next((k for k in ("num_hidden_layers", "n_layer", "n_layers", "num_layers") if values.get(k)), None)
+
+
+def _is_index_list(key: str, value: Any, layers: int) -> bool:
+    return (isinstance(value, list) and bool(value) and any(s in key for s in ("layer", "idx", "index", "indices"))
+            and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in value))
+
+
+def _kept_layers(values: dict[str, Any], old: int, wanted: int) -> list[int] | None:
+    """Old layer indices to keep: the first layer of each distinct kind (all per-layer lists and layer-index
+    lists together, at most 4 kinds), then more layers up to ``wanted``."""
+    per_layer = [v for v in values.values() if isinstance(v, list) and len(v) == old and old > 1]
+    index_lists = [v for k, v in values.items() if _is_index_list(k, v, old) and not (
+        isinstance(v, list) and len(v) == old)]
+    if not per_layer and not index_lists:
+        return None
+    kinds: dict[tuple, int] = {}
+    for i in range(old):
+        kind = tuple(str(v[i]) for v in per_layer) + tuple(i in v for v in index_lists)
+        kinds.setdefault(kind, i)
+    keep = sorted(list(kinds.values())[:4])
+    extra = (i for i in range(old) if i not in keep)
+    while len(keep) < min(wanted, old):
+        keep = sorted([*keep, next(extra)])
+    return keep
+
+
+def shrink_fields(config: Any, model_type: str = "", name: str = "") -> dict[str, Any]:
+    """Constructor keyword arguments that make ``config`` tiny (see :data:`SHRINK`); fields not named here
+    keep their class defaults, so values derived in ``__post_init__`` are derived again."""
+    values = _fields(config)
+    kwargs: dict[str, Any] = {}
+    for key, value in SHRINK.items():
+        current = values.get(key, _MISSING)
+        if current is None and key in ALWAYS_SET:
+            kwargs[key] = value
+        elif current is not _MISSING and current is not None and not isinstance(current, (bool, list, dict)):
+            kwargs[key] = type(current)(value) if isinstance(current, (int, float)) else value
+        elif isinstance(current, list) and current and all(isinstance(v, int) and v > 1 for v in current):
+            kwargs[key] = [value] * len(current)  # a per-layer size (e.g. Gemma 3n intermediate_size)
+    for key, value in values.items():
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key) and value:
+            kwargs[key] = 0.0
+    if values.get("kv_lora_rank") and "num_attention_heads" in kwargs:
+        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]  # multi-head latent attention: no GQA
+    layers_key = _layer_count_key(values)
+    if layers_key:
+        old, wanted = int(values[layers_key]), int(kwargs.get(layers_key, values[layers_key]))
+        keep = _kept_layers(values, old, wanted)
+        if keep is not None:
+            kwargs[layers_key] = len(keep)
+            for key, value in values.items():
+                if isinstance(value, list) and len(value) == old:
+                    kwargs[key] = [kwargs.get(key, value)[i] for i in keep]
+                elif _is_index_list(key, value, old):
+                    kwargs[key] = [keep.index(i) for i in value if i in keep]
+    vocab = kwargs.get("vocab_size", values.get("vocab_size"))
+    if vocab:
+        for i, key in enumerate(MULTIMODAL_TOKENS):
+            if isinstance(values.get(key), int) and not isinstance(values.get(key), bool):
+                kwargs[key] = vocab - 16 + i
+        for i, key in enumerate(TOKEN_IDS):
+            value = values.get(key)
+            if isinstance(value, int) and value >= vocab:
+                kwargs[key] = i
+            elif isinstance(value, list):
+                kwargs[key] = [v if v < vocab else i for v in value]
+    kwargs.update(OVERRIDES.get(model_type, {}).get(name, {}))
+    return kwargs
+
+
+def _sub_configs(config: Any) -> dict[str, Any]:
+    names = getattr(config, "sub_configs", None) or {}
+    return {n: c for n in names if (c := getattr(config, n, None)) is not None and hasattr(c, "to_dict")}
+
+
+def _tiny_kwargs(config: Any, model_type: str, name: str = "") -> dict[str, Any]:
+    kwargs = shrink_fields(config, model_type, name)
+    specs = getattr(type(config), "sub_configs_defaults", None) or {}
+    for sub, child in _sub_configs(config).items():
+        init = dict(getattr(specs.get(sub), "init_kwargs", None) or {})
+        kwargs[sub] = {**init, **_tiny_kwargs(child, model_type, sub), "model_type": child.model_type}
+    return kwargs
+
+
+def tiny_config(model_type: str) -> Any:
+    """A small config of ``model_type`` (see :data:`SHRINK` and :data:`OVERRIDES`), eager attention."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_class = CONFIG_MAPPING[model_type]
+    try:
+        default = config_class()
+    except Exception:  # noqa: BLE001 - invalid defaults: start from the overrides
+        default = config_class(**{k: v for k, v in OVERRIDES.get(model_type, {}).items() if k})
+    config = config_class(**_tiny_kwargs(default, model_type))
+    _eager(config)
+    return config
+
+
+def _eager(config: Any) -> None:
+    for sub in [config, *(getattr(config, n, None) for n in getattr(config, "sub_configs", None) or {})]:
+        if sub is not None and hasattr(sub, "_attn_implementation"):
+            try:
+                sub._attn_implementation = "eager"
+            except Exception:  # noqa: BLE001 - some sub-configs refuse; keep their default
+                pass
+
+
+def text_config(config: Any) -> Any:
+    """The sub-config that describes the language model."""
+    try:
+        return config.get_text_config()
+    except ValueError:
+        return getattr(config, "decoder", config)
+
+
+# --- models --------------------------------------------------------------------------------------
+def build_model(config: Any, seed: int = SEED) -> nn.Module:
+    """The causal LM for ``config`` in fp32 with random weights, every float parameter perturbed (norm
+    weights are not all ones, routers not all zeros), in train mode (dropout is off in the config)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return model.float().train()
+
+
+def make_batch(config: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    vocab = int(getattr(text_config(config), "vocab_size", None) or VOCAB)
+    generator = torch.Generator().manual_seed(SEED + 123)
+    ids = torch.randint(3, min(vocab, TOKEN_LIMIT), (BATCH, SEQ_LEN), generator=generator)
+    return ids, torch.randint(0, min(vocab, TOKEN_LIMIT), (BATCH, SEQ_LEN), generator=generator)
+
+
+def _logits(output: Any) -> torch.Tensor:
+    logits = output.logits if hasattr(output, "logits") else output[0]
+    from torch.distributed.tensor import DTensor
+
+    return logits.full_tensor() if isinstance(logits, DTensor) else logits
+
+
+def forward_backward(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Logits of ``model(input_ids=ids)`` and the gradients of their cross-entropy against ``labels``."""
+    torch.manual_seed(SEED + 7)
+    logits = _logits(model(input_ids=ids, use_cache=False))
+    loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    loss.backward()
+    return logits.detach()
+
+
+# --- the check (runs on every rank) ---------------------------------------------------------------
+def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
+    """max |actual - expected| / max(max |expected|, floor)."""
+    scale = max(float(expected.abs().max()) if expected.numel() else 0.0, floor, 1e-30)
+    diff = (actual.double() - expected.double()).abs()
+    return float(diff.max()) / scale if diff.numel() else 0.0
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
+
+
+def _gathered_grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    from meshplan.core.parallel_styles import unpack_full_state_dict
+
+    grads = {n: None if p.grad is None else _full(p.grad) for n, p in model.named_parameters()}
+    present = unpack_full_state_dict(model, {n: g for n, g in grads.items() if g is not None})
+    return {n: present.get(n) for n in grads}
+
+
+def _sharded_fraction(model: nn.Module) -> float:
+    from torch.distributed.tensor import DTensor, Shard
+
+    total = sharded = 0
+    for param in model.parameters():
+        total += param.numel()
+        if isinstance(param, DTensor) and any(isinstance(p, Shard) for p in param.placements):
+            sharded += param.numel()
+    return sharded / total if total else 0.0
+
+
+_MESH = None
+
+
+def tp_mesh():
+    """The 1-D ``("tp",)`` mesh over all ranks (built once per process)."""
+    global _MESH
+    if _MESH is None:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        _MESH = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    return _MESH
+
+
+def _tp_only_strategy():
+    from meshplan.core.mesh import submesh
+    from meshplan.core.strategy import Strategy
+    from meshplan.core.tensor_parallel import apply_tensor_parallel
+
+    class ConformanceTP(Strategy):
+        """Test-only strategy: apply the resolved, validated TP plan and nothing else."""
+
+        name = "conformance_tp"
+
+        def parallelize(self, model, device_mesh, plan, options):
+            if plan is not None:
+                apply_tensor_parallel(model, submesh(device_mesh, options.tp_mesh_name), plan)
+            return model
+
+    return ConformanceTP
+
+
+def _reason(stage: str, exc: BaseException) -> str:
+    message = " ".join(str(exc).split())
+    if len(message) > 240:
+        message = message[:237] + "..."
+    return f"{stage}: {type(exc).__name__}: {message}"
+
+
+def _compare(reference: nn.Module, model: nn.Module, ref_logits: torch.Tensor, logits: torch.Tensor,
+             rtol: float) -> tuple[list[str], dict[str, Any]]:
+    problems: list[str] = []
+    ref_names = [n for n, _ in reference.named_parameters()]
+    names = [n for n, _ in model.named_parameters()]
+    if names != ref_names:
+        extra, missing = sorted(set(names) - set(ref_names)), sorted(set(ref_names) - set(names))
+        problems.append(f"parameter names differ (extra {extra[:3]}, missing {missing[:3]})")
+    logit_error = relative_error(logits, ref_logits) if logits.shape == ref_logits.shape else math.inf
+    if logit_error > rtol:
+        problems.append(f"logits rel. error {logit_error:.2e}" if logit_error < math.inf else
+                        f"logits shape {tuple(logits.shape)} vs {tuple(ref_logits.shape)}")
+    ref_grads = {n: None if p.grad is None else p.grad.detach() for n, p in reference.named_parameters()}
+    grads = _gathered_grads(model)
+    largest = max((float(g.abs().max()) for g in ref_grads.values() if g is not None and g.numel()), default=0.0)
+    errors: dict[str, float] = {}
+    for name, want in ref_grads.items():
+        got = grads.get(name)
+        if want is None and got is None:
+            continue
+        want = torch.zeros_like(got) if want is None else want
+        got = torch.zeros_like(want) if got is None else got
+        errors[name] = relative_error(got, want, GRAD_FLOOR * largest) if got.shape == want.shape else math.inf
+    worst = max(errors, key=errors.get, default=None)
+    grad_error = errors[worst] if worst else 0.0
+    if grad_error > rtol:
+        problems.append(f"grad {worst} rel. error {grad_error:.2e}")
+    return problems, {"logits_error": logit_error, "grad_error": grad_error, "worst_grad": worst}
+
+
+def check_architecture(model_type: str, rtol: float = RTOL) -> dict[str, Any]:
+    """Runs on every rank: TP=2 forward + backward parity of ``model_type`` against the unsharded model.
+
+    Never raises for a model problem: the result's ``status`` is ``"pass"`` or ``"fail"`` with a short
+    ``reason`` (the failing stage, exception type and message head, or the worst tensor and its error).
+    """
+    import torch.distributed as dist
+
+    import meshplan
+
+    start = time.perf_counter()
+    seen: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, model_type)
+    if len(set(seen)) != 1:
+        raise RuntimeError(f"ranks are out of step: they are running {seen}")
+    result: dict[str, Any] = {"model_type": model_type, "status": "fail", "reason": "", "rank": dist.get_rank()}
+    stage = "config"
+    try:
+        config = tiny_config(model_type)
+        stage = "build"
+        reference = build_model(config)
+        model = copy.deepcopy(reference)
+        result["model_class"] = type(model).__name__
+        result["parameters"] = sum(p.numel() for p in reference.parameters())
+        ids, labels = make_batch(config)
+        stage = "reference forward/backward"
+        ref_logits = forward_backward(reference, ids, labels)
+        stage = "plan"
+        meshplan.register_strategy(_tp_only_strategy())
+        prepared = meshplan.prepare(model, tp_mesh(), strategy="conformance_tp")
+        result["plan_source"] = prepared.plan.source if prepared.plan else None
+        stage = "apply plan"
+        prepared.apply()
+        result["sharded_fraction"] = _sharded_fraction(model)
+        stage = "TP forward/backward"
+        logits = forward_backward(model, ids, labels)
+        stage = "compare"
+        problems, numbers = _compare(reference, model, ref_logits, logits, rtol)
+        result.update(numbers)
+        result["status"] = "fail" if problems else "pass"
+        result["reason"] = "; ".join(problems)
+    except Exception as exc:  # noqa: BLE001 - reported in the result
+        result["reason"] = _reason(stage, exc)
+        result["traceback"] = traceback.format_exc(limit=-6)
+    result["stage"] = stage
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def check_architectures(model_types: list[str], rtol: float = RTOL) -> dict[str, dict[str, Any]]:
+    """Runs on every rank: :func:`check_architecture` for each type, in order."""
+    return {t: check_architecture(t, rtol) for t in model_types}
+
+
+def merge_rank_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from every rank's: a failure on any rank wins (ranks must agree on the status)."""
+    failed = [r for r in results if r["status"] != "pass"]
+    merged = dict(failed[0] if failed else results[0])
+    merged["seconds"] = max(r.get("seconds", 0.0) for r in results)
+    if len({r["status"] for r in results}) > 1:
+        merged["reason"] = f"ranks disagree: {merged['reason']}"
+    return merged
