@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.errors import MeshplanError
+from ..core.errors import MeshplanError, OptionsError
 from ..core.fake_pg import fake_process_group
 from ..meshspec import build_mesh, mesh_name_options, parse_mesh_spec, world_size
-from ..modelsource import ModelSourceError, build_model, resolve_source
+from ..modelsource import build_model, resolve_source
 from .layout import fsdp_units, memory, param_layouts
 from .names import summarize_names
 
@@ -45,7 +45,7 @@ class _Phases:
     def __call__(self, name: str) -> Iterator[None]:
         self.current, start = name, time.perf_counter()
         yield
-        self.timings[name] = round(time.perf_counter() - start, 3)
+        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 3)
 
 
 def _error(exc: BaseException, phase: str) -> dict[str, Any]:
@@ -55,8 +55,6 @@ def _error(exc: BaseException, phase: str) -> dict[str, Any]:
 
 def _precision_options(strategy: Any, precision: str) -> dict[str, Any]:
     """``mp_policy`` for strategies that take one, when the precision asks for no casting."""
-    if precision not in PRECISIONS:
-        raise ModelSourceError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
     no_cast = PRECISIONS[precision][1]
     if not no_cast or "mp_policy" not in {o.name for o in strategy.describe_options()}:
         return {}
@@ -147,15 +145,19 @@ def explain(
                               "fsdp_units": [], "memory": None, "notes": [], "timings_s": phases.timings,
                               "error": None}
     try:
-        with phases("model"):
+        with phases("mesh"):
             dims = dict(mesh) if isinstance(mesh, Mapping) else parse_mesh_spec(mesh)
+        with phases("model"):
+            if precision not in PRECISIONS:
+                raise OptionsError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
             source = resolve_source(model)
-            dtype = PRECISIONS[precision][0] if precision in PRECISIONS else torch.float32
+            dtype = PRECISIONS[precision][0]
             built = build_model(source, overrides, device="meta", dtype=dtype)
             total = _count(built)
             report["model"] = {"name": model, "origin": source.origin, "model_type": source.model_type,
                                "class": type(built).__qualname__, "parameters": total,
                                "dtype": str(dtype).removeprefix("torch."), "overrides": dict(overrides or {})}
+        phases.current = "mesh"  # creating the fake world is part of building the mesh
         with fake_process_group(world_size(dims), rank):
             _explain_in_world(report, phases, built, dims, strategy, tp_plan, sequence_parallel, options or {},
                               precision, total)
