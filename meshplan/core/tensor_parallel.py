@@ -32,6 +32,16 @@ def _layout(param: nn.Parameter) -> str:
     return "unsharded"
 
 
+def tied_layout_error(layouts: dict[str, str]) -> TiedParameterError:
+    """The error for tied parameters that a plan lays out differently (``{parameter: layout}``)."""
+    listing = ", ".join(f"{name}: {layout}" for name, layout in layouts.items())
+    return TiedParameterError(
+        f"The TP plan splits tied parameters differently ({listing}); a tied lm_head is never sharded apart "
+        "from its embedding. Shard them the same way (vocab-parallel embedding `embedding_rowwise` with a "
+        "`colwise_rep` lm_head), leave all of them unsharded, or untie them (config.tie_word_embeddings=False)."
+    )
+
+
 def retie(model: nn.Module, groups: list[list[Owner]]) -> None:
     """Make each group share one parameter again; :class:`TiedParameterError` if their layouts differ.
 
@@ -44,12 +54,7 @@ def retie(model: nn.Module, groups: list[list[Owner]]) -> None:
             continue
         layouts = {f"{fqn}.{name}" if fqn else name: _layout(p) for (fqn, name), p in zip(group, params)}
         if len(set(layouts.values())) > 1 or len({tuple(p.shape) for p in params}) > 1:
-            listing = ", ".join(f"{k}: {v}" for k, v in layouts.items())
-            raise TiedParameterError(
-                f"The plan splits tied parameters differently ({listing}). Shard them the same way (e.g. a "
-                "vocab-parallel embedding `embedding_rowwise` with a `colwise_rep` lm_head), leave all of them "
-                "unsharded, or untie them (config.tie_word_embeddings=False) before parallelizing."
-            )
+            raise tied_layout_error(layouts)
         for fqn, name in group[1:]:
             model.get_submodule(fqn).register_parameter(name, params[0])
 

@@ -8,12 +8,12 @@ from typing import Any
 
 from torch import nn
 
-from .errors import TensorParallelSizeError, TiedParameterError, UnmatchedPlanKeyError
+from .errors import TensorParallelSizeError, UnmatchedPlanKeyError
 from .log import get_logger, log_rank0
 from .matching import match_plan, replicated_linears, suggest_keys
 from .parallel_styles import predicted_placement, shards_parameters
 from .plan import ResolvedPlan
-from .tensor_parallel import shared_parameters
+from .tensor_parallel import shared_parameters, tied_layout_error
 
 logger = get_logger(__name__)
 
@@ -85,9 +85,4 @@ def check_tied_parameters(model: nn.Module, styles: dict, matches: dict[str, lis
             for fqn, name in group
         }
         if None not in predicted.values() and len(set(predicted.values())) > 1:
-            listing = ", ".join(f"{k}: {v}" for k, v in predicted.items())
-            raise TiedParameterError(
-                f"The TP plan would split tied parameters differently ({listing}); a tied lm_head is never "
-                "sharded apart from its embedding. Shard both vocab-parallel (embedding `embedding_rowwise`, "
-                "lm_head `colwise_rep`), leave both unsharded, or untie them (config.tie_word_embeddings=False)."
-            )
+            raise tied_layout_error(predicted)

@@ -157,7 +157,8 @@ def get_hf_tp_shard_plan(model: nn.Module) -> dict[str, ParallelStyle]:
     """NeMo AutoModel's ``get_hf_tp_shard_plan`` semantics on top of :func:`translate_hf_plan`.
 
     Same merge and translation (untied embedding missing from the plan -> ``rowwise_rep``, i.e. vocab-parallel;
-    tied embeddings kept together), plus NeMo's speed-up: an untied ``lm_head`` declared ``colwise_rep`` keeps
+    tied embeddings kept together), plus NeMo's speed-up: an untied ``lm_head`` declared ``colwise_rep`` (spelled
+    ``colwise_gather_output`` by transformers 5.x) keeps
     vocab-sharded logits, ``ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)`` (train with
     ``torch.distributed.tensor.parallel.loss_parallel``). No plan -> :class:`PlanNotFoundError`
     (an ``AssertionError``, as in NeMo).
@@ -166,7 +167,8 @@ def get_hf_tp_shard_plan(model: nn.Module) -> dict[str, ParallelStyle]:
     styles = _checked(model, translate_hf_plan(model))
     embedding, head = embedding_modules(model)
     lm_head = module_name(model, head)
-    if lm_head in styles and merged.get(lm_head) == "colwise_rep" and not are_tied(embedding, head):
+    gathered = merged.get(lm_head) in ("colwise_rep", "colwise_gather_output")
+    if lm_head in styles and gathered and not are_tied(embedding, head):
         styles[lm_head] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
     return styles
 
