@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,10 +153,16 @@ def _local_param_bytes(model: nn.Module) -> int:
     return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
 
 
-def _say(*parts: object) -> None:
+def _print_line(line: str) -> None:
+    """One whole line in a single write, so lines of different ranks sharing a terminal do not interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _say(line: str) -> None:
     """User output of rank 0 (the demo is a command; its progress lines are its product)."""
     if dist.get_rank() == 0:
-        print(*parts, flush=True)
+        _print_line(line)
 
 
 def _setup() -> torch.device:
@@ -250,8 +257,8 @@ def _check(result: DemoResult, device: torch.device) -> None:
              f"({'decreased' if decreased else 'did NOT decrease'}); "
              f"{'ranks agree' if not disagree else f'ranks {disagree} disagree with rank 0'}; "
              f"time/step {1000 * sum(timed) / max(len(timed), 1):.1f} ms; parameter bytes per rank {per_rank}")
-    print(f"[rank {dist.get_rank()}/{dist.get_world_size()}] final loss "
-          f"{result.losses[-1] if result.losses else math.nan:.6f} checksum {result.checksum:.9e}", flush=True)
+    _print_line(f"[rank {dist.get_rank()}/{dist.get_world_size()}] final loss "
+                f"{result.losses[-1] if result.losses else math.nan:.6f} checksum {result.checksum:.9e}")
     if disagree:
         raise DemoCheckError(f"ranks {disagree} hold a different model or loss than rank 0 after training.")
     if not decreased:
