@@ -47,16 +47,8 @@ class ResolvedPlan:
 
 
 def describe_style(style: ParallelStyle) -> str:
-    """A short human-readable description such as ``ColwiseParallel(output_layouts=Replicate())``."""
-    params = []
-    for attr, label in (("input_layouts", "input_layouts"), ("output_layouts", "output_layouts"),
-                        ("use_local_output", "use_local_output")):
-        value = getattr(style, attr, None)
-        if isinstance(value, tuple) and len(value) == 1:
-            value = value[0]
-        if value is not None and attr != "use_local_output":
-            params.append(f"{label}={value}")
-    return f"{type(style).__name__}({', '.join(params)})"
+    """How a style is shown in reports: its ``repr`` (torch's and meshplan's styles list their layouts)."""
+    return repr(style)
 
 
 def call_plan_function(fn: Callable[..., Any], model: nn.Module, sequence_parallel: bool) -> Any:
