@@ -114,6 +114,7 @@ class SeeingStrategy(meshplan.Strategy):
         return model
 
 
+@pytest.mark.filterwarnings("ignore:Slicing a flattened dim:UserWarning")
 def test_mesh_dims_map_onto_the_strategys_mesh_name_options(fake_pg):
     strategy = SeeingStrategy()
     with fake_pg(16):
