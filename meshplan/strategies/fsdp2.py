@@ -128,11 +128,9 @@ class FSDP2Strategy(Strategy):
         """Type-check options, find the data-parallel dims, reject offload on CPU and bad AC settings."""
         require_fsdp2_options(options)
         _check_types(options)
-        dp = data_parallel_mesh(device_mesh, options)
+        data_parallel_mesh(device_mesh, options)  # raises MeshError naming the dims looked for
         if plan is not None and submesh(device_mesh, options.tp_mesh_name) is None:
             raise MeshError(f"A TP plan was resolved but the mesh has no {options.tp_mesh_name!r} dim.")
-        if dp.shard_name == options.tp_mesh_name:
-            raise MeshError(f"The data-parallel dim {dp.shard_name!r} is also the TP dim.")
         if isinstance(options.offload_policy, CPUOffloadPolicy) and device_mesh.device_type == "cpu":
             raise UnsupportedConfigurationError(
                 "offload_policy=CPUOffloadPolicy() needs an accelerator mesh (cuda, ...): on a CPU mesh torch's "
