@@ -1,0 +1,32 @@
+"""The CI subset of the conformance sweep (``bench/conformance.py``): the same TP=2 forward + backward parity
+check, for the built-in providers and a few architectures served by the Hugging Face fallback."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conformance_check import check_architecture, merge_rank_results, tiny_config
+
+pytestmark = pytest.mark.distributed
+
+#: model type -> the module of the provider that must serve it
+BUILTIN = {"llama": "meshplan.plans.llama", "mistral": "meshplan.plans.llama", "qwen2": "meshplan.plans.qwen",
+           "qwen3": "meshplan.plans.qwen", "gemma3_text": "meshplan.plans.gemma3", "phi3": "meshplan.plans.phi3"}
+#: without a built-in provider: tied embeddings + biases, softcapping, MoE experts, MLA + MoE
+FALLBACK = ("starcoder2", "gemma2", "mixtral", "deepseek_v3")
+
+
+@pytest.mark.parametrize("model_type", [*BUILTIN, *FALLBACK])
+def test_tp2_matches_single_process(ranks2, model_type):
+    result = merge_rank_results(ranks2.run(check_architecture, model_type, timeout=240))
+    assert result["status"] == "pass", f"{result['reason']}\n{result.get('traceback', '')}"
+    provider = BUILTIN.get(model_type, "meshplan.plans.hf")
+    assert f"builtin plugin '{provider}'" in result["plan_source"], result["plan_source"]
+    assert result["sharded_fraction"] > 0.2, "the plan shards (almost) nothing"
+
+
+def test_tiny_configs_divide_by_tp_size():
+    for model_type in [*BUILTIN, *FALLBACK]:
+        text = tiny_config(model_type).get_text_config()
+        assert text.num_attention_heads % 2 == 0 and text.num_key_value_heads % 2 == 0
+        assert text.num_hidden_layers <= 4 and text.vocab_size <= 256
