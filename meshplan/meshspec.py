@@ -31,8 +31,16 @@ FALLBACKS: dict[str, tuple[str, ...]] = {"dp": ("dp_replicate", "dp_shard"), "dp
 SUFFIX = "_mesh_name"
 
 
-def parse_mesh_spec(spec: str) -> dict[str, int]:
-    """``"dp_shard=4,tp=2"`` -> ``{"dp_shard": 4, "tp": 2}`` (order kept; sizes must be positive)."""
+def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
+    """``"dp_shard=4,tp=2"`` -> ``{"dp_shard": 4, "tp": 2}`` (order kept; sizes must be positive).
+
+    A mapping is checked and returned as a dict.
+    """
+    if isinstance(spec, Mapping):
+        bad = {k: v for k, v in spec.items() if not isinstance(k, str) or not k or not isinstance(v, int) or v < 1}
+        if bad or not spec:
+            raise MeshError(f"Bad mesh {dict(spec)!r}: expected {{dim name: positive size}}, e.g. {{'dp_shard': 8}}.")
+        return dict(spec)
     dims: dict[str, int] = {}
     for part in (p.strip() for p in spec.split(",")):
         name, sep, size = part.partition("=")

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..core.errors import MeshplanError, OptionsError
 from ..core.fake_pg import fake_process_group
+from ..core.strategy import Strategy
 from ..meshspec import build_mesh, mesh_name_options, parse_mesh_spec, world_size
 from ..modelsource import build_model, resolve_source
 from .layout import fsdp_units, memory, param_layouts
@@ -113,7 +114,7 @@ def _count(model: nn.Module) -> int:
 def explain(
     model: str,
     mesh: str | Mapping[str, int],
-    strategy: str = "fsdp2",
+    strategy: str | Strategy = "fsdp2",
     *,
     tp_plan: Any = None,
     sequence_parallel: bool = False,
@@ -128,7 +129,7 @@ def explain(
     Args:
         model: a config.json path (or folder), a preset name (``meshplan presets``) or a model_type.
         mesh: ``"dp_replicate=8,dp_shard=256,tp=8"`` or ``{"dp_shard": 256, "tp": 8}``, outermost first.
-        strategy: registered strategy name.
+        strategy: registered strategy name (or a :class:`~meshplan.Strategy` instance).
         tp_plan: as for :func:`meshplan.parallelize` (dict, dotted path or callable).
         sequence_parallel: ask the plan provider for its sequence-parallel variant.
         overrides: config overrides (dotted keys reach nested configs).
@@ -146,7 +147,7 @@ def explain(
                               "error": None}
     try:
         with phases("mesh"):
-            dims = dict(mesh) if isinstance(mesh, Mapping) else parse_mesh_spec(mesh)
+            dims = parse_mesh_spec(mesh)
         with phases("model"):
             if precision not in PRECISIONS:
                 raise OptionsError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
@@ -169,7 +170,7 @@ def explain(
 
 
 def _explain_in_world(
-    report: dict[str, Any], phases: _Phases, model: nn.Module, dims: dict[str, int], strategy_name: str,
+    report: dict[str, Any], phases: _Phases, model: nn.Module, dims: dict[str, int], strategy_arg: str | Strategy,
     tp_plan: Any, sequence_parallel: bool, options: Mapping[str, Any], precision: str, total: int,
 ) -> None:
     """The part of :func:`explain` that runs inside the fake world (fills ``report`` as it goes)."""
@@ -181,7 +182,7 @@ def _explain_in_world(
                           "coordinate": dict(zip(dims, device_mesh.get_coordinate() or ())),
                           "derived_options": {}}
     with phases("strategy"):
-        strategy = get_strategy(strategy_name)
+        strategy = strategy_arg if isinstance(strategy_arg, Strategy) else get_strategy(strategy_arg)
         report["strategy"] = _strategy_section(strategy)
         derived = mesh_name_options(strategy, device_mesh, options)
         report["mesh"]["derived_options"] = derived
