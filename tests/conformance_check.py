@@ -124,23 +124,25 @@ OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 # --- enumeration -----------------------------------------------------------------------------------
-def _declares_plan(model_type: str, class_name: str) -> bool:
+def plan_declaration(model_type: str) -> str | None:
+    """Where ``model_type`` declares its transformers TP plan: ``"config"`` (``base_model_tp_plan`` on the config
+    or a sub-config, class or default instance), ``"class"`` (only the model class ``_tp_plan``) or ``None``."""
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     config_class = CONFIG_MAPPING[model_type]
-    classes = [config_class, *_sub_config_classes(config_class)]
-    if any(getattr(c, "base_model_tp_plan", None) for c in classes):
-        return True
+    if any(getattr(c, "base_model_tp_plan", None) for c in [config_class, *_sub_config_classes(config_class)]):
+        return "config"
     try:
         config = config_class()
     except Exception:  # noqa: BLE001 - an invalid default config: the class attributes decide
         config = None
-    if config is not None:
-        for sub in [config, *(getattr(config, name, None) for name in getattr(config, "sub_configs", {}))]:
-            if getattr(sub, "base_model_tp_plan", None):
-                return True
-    return bool(getattr(getattr(transformers, class_name, None), "_tp_plan", None))
+    if config is not None and any(getattr(c, "base_model_tp_plan", None)
+                                  for c in [config, *_sub_configs(config).values()]):
+        return "config"
+    model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type], None)
+    return "class" if getattr(model_class, "_tp_plan", None) else None
 
 
 def _sub_config_classes(config_class: type) -> list[type]:
@@ -156,7 +158,7 @@ def model_types_with_tp_plan() -> list[str]:
     """Causal-LM model types (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``) that declare a transformers TP plan."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return [t for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if _declares_plan(t, cls)]
+    return [t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if plan_declaration(t)]
 
 
 # --- tiny configs ----------------------------------------------------------------------------------
@@ -469,6 +471,10 @@ def check_architecture(model_type: str, rtol: float = RTOL, tp_plan: Any = None)
         ref_logits = forward_backward(reference, ids, labels)
         stage = "plan"
         meshplan.register_strategy(_tp_only_strategy())
+        from meshplan.plugins.manager import get_registry
+
+        found = None if tp_plan is not None else get_registry().find_tp_plan(type(model))
+        result["plan_source"] = f"provider {found[1].target_name()}" if found else None
         try:
             prepared = meshplan.prepare(model, tp_mesh(), strategy="conformance_tp", tp_plan=tp_plan)
         except UnmatchedPlanKeyError as exc:  # diagnose further: does the rest of the plan work?
