@@ -57,8 +57,9 @@ def _bare(model: str, mesh_spec: str) -> dict:
             plan[f"{prefix}.{name}"] = ColwiseParallel(**colwise)
         for name in ("self_attn.o_proj", "mlp.down_proj"):
             plan[f"{prefix}.{name}"] = RowwiseParallel(input_layouts=Shard(-1), output_layouts=Replicate())
+    tp_mesh = mesh["tp"]
     for fqn, style in plan.items():
-        parallelize_module(net.get_submodule(fqn), mesh["tp"], style)
+        parallelize_module(net.get_submodule(fqn), tp_mesh, style)
     tp_done = time.perf_counter()
     dp_mesh = mesh["dp_replicate", "dp_shard"] if "dp_replicate" in dims else mesh["dp_shard"]
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
