@@ -177,7 +177,7 @@ def run_sweep(types: list[str], timeout: float, log=print) -> list[dict[str, Any
             results.append(result)
             log(f"[{index}/{len(types)}] {model_type:28s} {result['status']:4s} {result['seconds']:6.1f}s  "
                 f"{result['reason']}", flush=True)
-            if restart:
+            if restart and index < len(types):
                 pool.close(force=True)
                 pool = RankPool(WORLD_SIZE)
     finally:

@@ -363,18 +363,12 @@ def _sharded_fraction(model: nn.Module) -> float:
     return sharded / total if total else 0.0
 
 
-_MESH = None
-
-
 def tp_mesh():
-    """The 1-D ``("tp",)`` mesh over all ranks (built once per process)."""
-    global _MESH
-    if _MESH is None:
-        import torch.distributed as dist
-        from torch.distributed.device_mesh import init_device_mesh
+    """The 1-D ``("tp",)`` mesh over all ranks."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
 
-        _MESH = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
-    return _MESH
+    return init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
 
 
 def _tp_only_strategy():
