@@ -6,7 +6,7 @@
 Each repetition runs two child processes, alternating: ``bare`` builds the model on the meta device,
 a fake process group and the mesh, then calls ``parallelize_module`` with a hand-written Llama plan
 and ``fully_shard`` on every decoder layer and the root; ``explain`` calls
-``meshplan.explain.explain`` (model build, mesh, strategy lookup, plan resolution and validation,
+``meshplan.dryrun.explain`` (model build, mesh, strategy lookup, plan resolution and validation,
 the fsdp2 strategy, and the report). Imports (torch, transformers, the model class) are done before
 the clock starts in both. Prints medians, the ratio (goal: explain <= 3x bare) and whether both
 count the same parameter elements on rank 0.
@@ -76,7 +76,7 @@ def _bare(model: str, mesh_spec: str) -> dict:
 def _explain(model: str, mesh_spec: str) -> dict:
     import transformers  # noqa: F401 - imported before the clock, like the bare child
 
-    from meshplan.explain import explain
+    from meshplan.dryrun import explain
     from meshplan.modelsource import resolve_source
 
     getattr(transformers, resolve_source(model).config["architectures"][0])

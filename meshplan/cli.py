@@ -130,7 +130,7 @@ def _add_explain_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    from .explain import explain, render_text
+    from .dryrun import explain, render_text
 
     report = explain(
         args.model, args.mesh, args.strategy, tp_plan=load_tp_plan(args.tp_plan),

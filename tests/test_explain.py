@@ -11,8 +11,8 @@ from torch.distributed.device_mesh import init_device_mesh
 import meshplan
 from meshplan.cli import main
 from meshplan.core.errors import MeshError, TensorParallelSizeError
-from meshplan.explain import explain, render_text
-from meshplan.explain.names import expand_pattern, summarize_names
+from meshplan.dryrun import explain, render_text
+from meshplan.dryrun.names import expand_pattern, summarize_names
 from meshplan.meshspec import mesh_name_options, parse_mesh_spec
 from meshplan.modelsource import ModelSourceError, build_model, resolve_source
 

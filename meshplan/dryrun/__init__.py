@@ -1,4 +1,4 @@
-"""``meshplan explain``: a dry run of the real parallelize path for any world size, on one CPU.
+"""The dry run behind ``meshplan explain``: the real parallelize path for any world size, on one CPU.
 
 >>> report = explain("llama3-8b", "dp_shard=8,tp=8")      # a JSON-ready dict, see docs/explain.md
 >>> print(render_text(report))
