@@ -1,12 +1,14 @@
 """Train-step time of a model parallelized by ``meshplan.parallelize`` vs the same layout written by hand.
 
 Two gloo ranks on CPU. Each rank builds two copies of a small HF Llama with the same weights: one through
-``meshplan.parallelize`` (fsdp2 defaults: bf16 parameters, fp32 reduction, fp32 output at the root), one
-with the equivalent bare torch calls. It checks that both layouts are identical (parameter names,
+``meshplan.parallelize`` (fsdp2), one with the equivalent bare torch calls. ``--precision fp32`` (default)
+passes ``mp_policy=MixedPrecisionPolicy()`` to both; ``bf16`` uses fsdp2's default policy (bf16 parameters,
+fp32 reduction, fp32 output at the root) and its hand-written equivalent, but bf16 matmuls are ~20x slower
+than fp32 on this CPU (8 s per step), so it needs few pairs. It checks that both layouts are identical (parameter names,
 placements, local shapes), then times AdamW train steps in pairs, alternating which copy goes first, and
 prints the median of the per-pair time ratios (goal <= 1.01: meshplan adds nothing to the step itself).
 
-    .venv/bin/python bench/overhead.py [--layout fsdp|tp] [--pairs 40]
+    .venv/bin/python bench/overhead.py [--layout fsdp|tp] [--precision fp32|bf16] [--pairs 40]
 
 ``fsdp``: FSDP2 over 2 ranks. ``tp``: tensor parallel over 2 ranks (registered Llama plan vs
 ``parallelize_module``) with FSDP2 over a data-parallel dim of size 1.
@@ -35,9 +37,18 @@ def build() -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def by_hand(model: torch.nn.Module, mesh, layout: str) -> torch.nn.Module:
+def policies(precision: str):  # noqa: ANN201 - (block policy, root policy)
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "fp32":
+        return MixedPrecisionPolicy(), MixedPrecisionPolicy()
+    return (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32))
+
+
+def by_hand(model: torch.nn.Module, mesh, layout: str, precision: str) -> torch.nn.Module:
     """The layout ``meshplan.parallelize(model, mesh)`` builds, with torch calls only."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -49,8 +60,7 @@ def by_hand(model: torch.nn.Module, mesh, layout: str) -> torch.nn.Module:
         plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
         parallelize_module(model, mesh["tp"], plan)
     dp_mesh = mesh["dp_shard_cp"]
-    block = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    root = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32)
+    block, root = policies(precision)
     layers = model.model.layers
     for index, layer in enumerate(layers):
         fully_shard(layer, mesh=dp_mesh, mp_policy=block, reshard_after_forward=index < len(layers) - 1)
@@ -77,7 +87,7 @@ def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: to
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def run(layout: str, pairs: int, warmup: int, batch: int, seq_len: int) -> dict:
+def run(layout: str, precision: str, pairs: int, warmup: int, batch: int, seq_len: int) -> dict:
     """Runs on every rank; returns rank-local timings."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -85,7 +95,9 @@ def run(layout: str, pairs: int, warmup: int, batch: int, seq_len: int) -> dict:
 
     shape = MESHES[layout]
     mesh = init_device_mesh("cpu", tuple(shape.values()), mesh_dim_names=tuple(shape))
-    models = {"meshplan": meshplan.parallelize(build(), mesh), "torch": by_hand(build(), mesh, layout)}
+    options = {"mp_policy": policies(precision)[1]} if precision == "fp32" else {}
+    models = {"meshplan": meshplan.parallelize(build(), mesh, **options),
+              "torch": by_hand(build(), mesh, layout, precision)}
     same_layout = layout_of(models["meshplan"]) == layout_of(models["torch"])
     optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in models.items()}
     generator = torch.Generator().manual_seed(dist.get_rank())
@@ -106,14 +118,16 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layout", choices=sorted(MESHES), default="fsdp")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--pairs", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2, help="sequences per rank")
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=128)
     args = parser.parse_args()
-    results = run_on_ranks(run, 2, args.layout, args.pairs, args.warmup, args.batch, args.seq_len, timeout=1800)
+    results = run_on_ranks(run, 2, args.layout, args.precision, args.pairs, args.warmup, args.batch, args.seq_len,
+                           timeout=3600)
     times = results[0]["times"]
-    print(f"layout {args.layout} on 2 gloo ranks, mesh {MESHES[args.layout]}, model {CONFIG}, "
+    print(f"layout {args.layout}, {args.precision}, on 2 gloo ranks, mesh {MESHES[args.layout]}, model {CONFIG}, "
           f"batch {args.batch} x {args.seq_len} per rank, {args.pairs} pairs")
     print(f"identical layout on every rank: {all(r['same_layout'] for r in results)}")
     for column, label in ((0, "wall"), (1, "CPU (rank 0)")):
