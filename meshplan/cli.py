@@ -166,6 +166,8 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data (default 0)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto (default): CUDA with NCCL when GPUs exist, else CPU with gloo")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -177,7 +179,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         sequence_parallel=args.sequence_parallel, activation_checkpointing=args.activation_checkpointing,
         steps=args.steps, model=args.model, overrides=parse_assignments(args.set, "--set"),
         options=parse_assignments(args.option, "--option"), batch_size=args.batch_size, seq_len=args.seq_len,
-        lr=args.lr, seed=args.seed,
+        lr=args.lr, seed=args.seed, device=args.device,
     )
     return demo_main(config)
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .core.errors import MeshError, MeshplanError
+from .core.errors import MeshError, MeshplanError, OptionsError, UnsupportedConfigurationError
 from .launch import in_launched_job, launch_local
 
 #: Relative tolerance for "the ranks hold the same model" (checksums of gathered parameters).
@@ -54,12 +54,18 @@ class DemoConfig:
     seq_len: int = 64
     lr: float = 3e-3
     seed: int = 0
+    device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu" or "cuda"
+
+    def use_cuda(self) -> bool:
+        """Whether the ranks run on CUDA with NCCL (else on CPU with gloo)."""
+        return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
 
     def to_argv(self) -> list[str]:
         """Command-line arguments of ``meshplan demo`` that reproduce this config (for launched ranks)."""
         argv = ["--strategy", self.strategy, "--tp", str(self.tp), "--dp-replicate", str(self.dp_replicate),
                 "--steps", str(self.steps), "--model", self.model, "--batch-size", str(self.batch_size),
-                "--seq-len", str(self.seq_len), "--lr", repr(self.lr), "--seed", str(self.seed)]
+                "--seq-len", str(self.seq_len), "--lr", repr(self.lr), "--seed", str(self.seed),
+                "--device", self.device]
         if self.sequence_parallel:
             argv.append("--sequence-parallel")
         if self.activation_checkpointing:
@@ -99,6 +105,12 @@ def _check_before_launch(config: DemoConfig) -> None:
     from .modelsource import resolve_source
 
     mesh_dims(config, config.nproc)
+    if config.device not in ("auto", "cpu", "cuda"):
+        raise OptionsError(f"--device must be auto, cpu or cuda, got {config.device!r}.")
+    if config.use_cuda() and config.nproc > torch.cuda.device_count():
+        raise UnsupportedConfigurationError(
+            f"--nproc {config.nproc} needs {config.nproc} GPUs but {torch.cuda.device_count()} are visible; "
+            "pass a smaller --nproc, or --device cpu.")
     get_strategy(config.strategy)
     resolve_source(config.model)
     if config.steps < 2:
@@ -165,10 +177,10 @@ def _say(line: str) -> None:
         _print_line(line)
 
 
-def _setup() -> torch.device:
+def _setup(use_cuda: bool) -> torch.device:
     """Initialize the default process group from the launcher's environment; gloo on CPU, NCCL on CUDA."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if use_cuda:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
@@ -183,7 +195,7 @@ def _setup() -> torch.device:
 
 def run_worker(config: DemoConfig) -> DemoResult:
     """This rank's part of the demo (inside a launched job); raises :class:`DemoCheckError` on a bad result."""
-    device = _setup()
+    device = _setup(config.use_cuda())
     try:
         return _train(config, device)
     finally:
