@@ -4,6 +4,11 @@
   ``[gate; up]``): every rank keeps its slice of *each* packed part.
 * :class:`ReplicatedWithGradAllReduce` — replicated parameters whose gradients are partial sums (a per-head
   norm that only sees this rank's heads), summed across the TP mesh.
+* :class:`LocalShardedParameters` — per-head parameters of a module whose heads are sharded by its child
+  projections (attention sinks, per-head biases): sharded along their head dim, the module computes on the
+  local shard (transformers' ``local_params`` owner plus the parameters' own ``colwise`` entries).
+* :class:`MlaKvAProjParallel` — multi-head latent attention's ``kv_a_proj_with_mqa``: the gradient of the rotary
+  slice of its output, which bypasses the column-wise ``kv_b_proj``, is summed across the TP mesh.
 * :class:`KeepReplicated` — states explicitly that a module stays replicated (no effect).
 * :class:`PrepareHiddenStates` — redistributes a module's hidden-states input whether it is passed
   positionally or as ``hidden_states=``; torch's ``PrepareModuleInput`` needs the exact call shape.
@@ -18,7 +23,7 @@ restores the original order.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -126,24 +131,33 @@ class PackedRowwiseParallel(_Packed, RowwiseParallel):
         return super()._apply(module, device_mesh)
 
 
-# --- replicated parameters -----------------------------------------------------------------------
-class ReplicatedWithGradAllReduce(ParallelStyle):
-    """Parameters become replicated DTensors; the module computes on local views whose gradients are
-    declared partial, so each rank's contribution is summed across the mesh (transformers'
-    ``replicated_with_grad_allreduce``). Works for any input layout, e.g. Qwen3 / Gemma3 ``q_norm``."""
+# --- parameters computed on as local tensors ----------------------------------------------------
+def all_reduce_backward(tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """Identity in forward; in backward the gradient is summed across ``mesh``.
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        for name, param in list(module.named_parameters(recurse=False)):
-            if not isinstance(param, DTensor):
-                replicated = distribute_tensor(param.detach(), device_mesh, [Replicate()])
-                module.register_parameter(name, nn.Parameter(replicated, requires_grad=param.requires_grad))
+    For a replicated tensor consumed by rank-local computation (each rank's gradient is a partial sum).
+    Expressed with DTensor: a ``Replicate`` view whose local gradient is declared ``Partial``.
+    """
+    replicated = DTensor.from_local(tensor, mesh, [Replicate()], run_check=False)
+    return replicated.to_local(grad_placements=[Partial()])
+
+
+class _LocalParameterForward(ParallelStyle):
+    """Shared part of the styles whose module runs its forward on local tensors of its DTensor parameters
+    (its own parameters only, not its children's); gradients reach the DTensor parameters through
+    :meth:`_local`."""
+
+    def _local(self, param: DTensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _run_on_local_parameters(self, module: nn.Module) -> nn.Module:
         forward = module.forward
 
         @functools.wraps(forward)
         def local_forward(*args: Any, **kwargs: Any) -> Any:
             originals = {n: p for n, p in module._parameters.items() if isinstance(p, DTensor)}
             for name, param in originals.items():
-                module._parameters[name] = param.to_local(grad_placements=[Partial()])
+                module._parameters[name] = self._local(param)
             try:
                 return forward(*args, **kwargs)
             finally:
@@ -151,6 +165,99 @@ class ReplicatedWithGradAllReduce(ParallelStyle):
 
         module.forward = local_forward
         return module
+
+
+class ReplicatedWithGradAllReduce(_LocalParameterForward):
+    """Parameters become replicated DTensors; the module computes on local views whose gradients are
+    declared partial, so each rank's contribution is summed across the mesh (transformers'
+    ``replicated_with_grad_allreduce``). Works for any input layout, e.g. Qwen3 / Gemma3 ``q_norm``."""
+
+    def _local(self, param: DTensor) -> torch.Tensor:
+        return param.to_local(grad_placements=[Partial()])
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for name, param in list(module.named_parameters(recurse=False)):
+            if not isinstance(param, DTensor):
+                replicated = distribute_tensor(param.detach(), device_mesh, [Replicate()])
+                module.register_parameter(name, nn.Parameter(replicated, requires_grad=param.requires_grad))
+        return self._run_on_local_parameters(module)
+
+
+class LocalShardedParameters(_LocalParameterForward):
+    """The named parameters of the module (``{name: dim}``) are sharded along ``dim`` (``Shard(dim)``
+    DTensors) and the module's forward sees this rank's shard as a plain tensor, whose gradient is this
+    rank's shard of the full gradient.
+
+    For per-head parameters of an attention module whose q/k/v projections are column-wise (each rank computes
+    its own heads): attention sinks, per-head gate biases. transformers spells it ``local_params`` on the
+    module plus ``colwise`` on each parameter. Every sharded dim must divide by the TP size, so that the
+    shards line up with the heads."""
+
+    def __init__(self, params: Mapping[str, int]) -> None:
+        super().__init__()
+        if not params:
+            raise PlanError(f"{type(self).__name__} needs at least one parameter name to shard.")
+        self.params = dict(params)
+
+    def _local(self, param: DTensor) -> torch.Tensor:
+        return param.to_local()
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        own = dict(module.named_parameters(recurse=False))
+        for name, dim in self.params.items():
+            param = own.get(name)
+            if param is None:
+                raise PlanError(f"{type(self).__name__}: {type(module).__name__} has no parameter {name!r} of its "
+                                f"own (it has {sorted(own) or 'none'}).")
+            if isinstance(param, DTensor):
+                continue
+            if param.ndim == 0 or param.shape[dim] % device_mesh.size():
+                raise PlanError(f"{type(self).__name__}: parameter {name!r} of {type(module).__name__} with shape "
+                                f"{tuple(param.shape)} cannot be split in {device_mesh.size()} equal parts along "
+                                f"dim {dim}; per-head parameters must divide by the TP size like the heads.")
+            sharded = distribute_tensor(param.detach(), device_mesh, [Shard(dim)])
+            module.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        return self._run_on_local_parameters(module)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params})"
+
+
+class MlaKvAProjParallel(ParallelStyle):
+    """Multi-head latent attention's ``kv_a_proj_with_mqa`` (transformers' ``mla_kv_a_proj``).
+
+    The projection stays replicated. Its output is ``[compressed kv (kv_lora_rank); rotary key
+    (rope_dim)]``: the compressed part feeds the column-wise ``kv_b_proj``, whose input gradient DTensor
+    already sums, but the rotary part goes straight into this rank's heads, so its gradient is partial. A
+    forward hook passes the last ``rope_dim`` output features through :func:`all_reduce_backward`.
+    ``rope_dim`` is the model config's ``qk_rope_head_dim`` (the Hugging Face fallback fills it in); a DTensor
+    output is left alone (DTensor sums its gradients itself)."""
+
+    def __init__(self, rope_dim: int | None = None) -> None:
+        super().__init__()
+        self.rope_dim = rope_dim
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        rope_dim = self.rope_dim
+        if rope_dim is None or rope_dim <= 0:
+            raise PlanError(f"{type(self).__name__} needs the rotary width: use MlaKvAProjParallel(rope_dim="
+                            "config.qk_rope_head_dim) instead of the bare style name 'mla_kv_a_proj' in the plan.")
+
+        def hook(mod: nn.Module, args: tuple, output: Any) -> Any:
+            if not isinstance(output, torch.Tensor) or isinstance(output, DTensor):
+                return output
+            width = output.shape[-1]
+            if width <= rope_dim:
+                raise PlanError(f"{type(self).__name__}: {type(mod).__name__} returned {width} features, not more "
+                                f"than the rotary width {rope_dim}.")
+            compressed, rotary = output.split([width - rope_dim, rope_dim], dim=-1)
+            return torch.cat([compressed, all_reduce_backward(rotary, device_mesh)], dim=-1)
+
+        module.register_forward_hook(hook)
+        return module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rope_dim={self.rope_dim})"
 
 
 class KeepReplicated(ParallelStyle):
@@ -228,8 +335,10 @@ def predicted_placement(style: ParallelStyle | None, module: nn.Module, param_na
     ``"unsharded"`` when the style leaves it alone (or there is no style); ``None`` when it cannot be known
     without applying the style. Used to refuse tied parameters that would be split differently.
     """
-    if style is None or isinstance(style, (KeepReplicated, PrepareHiddenStates)):
+    if style is None or isinstance(style, (KeepReplicated, PrepareHiddenStates, MlaKvAProjParallel)):
         return "unsharded"
+    if isinstance(style, LocalShardedParameters):
+        return str(Shard(style.params[param_name])) if param_name in style.params else "unsharded"
     if isinstance(style, ChainedStyles):
         known = [predicted_placement(s, module, param_name) for s in style.styles]
         changed = [p for p in known if p != "unsharded"]

@@ -20,11 +20,16 @@ Meanings follow NeMo AutoModel for its five names and transformers 5.x for the r
 ``replicated_with_grad_allreduce``  parameters replicated, gradients summed across TP ranks (per-head norms
                                 such as Qwen3 / Gemma3 ``q_norm`` that only see this rank's heads)
 ``all_reduce``                  the module's output is a partial sum: all-reduce it
+``mla_kv_a_proj``               multi-head latent attention's ``kv_a_proj_with_mqa``: the gradient of its
+                                rotary output slice is summed across TP ranks (``MlaKvAProjParallel``; the
+                                rotary width is needed: pass ``MlaKvAProjParallel(rope_dim=...)``, the Hugging
+                                Face fallback fills it in from ``config.qk_rope_head_dim``)
 ==============================  =====================================================================
 
-transformers styles that DTensor styles cannot express (``mla_kv_a_proj``, ``moe_tp_experts``,
-``moe_identity_expert``, ``local_params``, expert-parallel styles) are not in the vocabulary; the Hugging Face
-fallback (``meshplan.plans.hf``) reports plan entries that use them by name.
+transformers styles that DTensor styles cannot express (``moe_tp_experts``, ``moe_identity_expert``, expert-parallel
+styles) are not in the vocabulary, nor is ``local_params``, whose meaning depends on the plan entries of the
+module's parameters; the Hugging Face fallback (``meshplan.plans.hf``) translates ``local_params`` with those
+entries into ``LocalShardedParameters`` and reports the others by name.
 """
 
 from __future__ import annotations
@@ -44,7 +49,13 @@ from torch.distributed.tensor.parallel import (
 from ..plugins.hookspecs import hookimpl
 from .errors import UnknownStyleError
 from .names import did_you_mean
-from .parallel_styles import KeepReplicated, PackedColwiseParallel, PackedRowwiseParallel, ReplicatedWithGradAllReduce
+from .parallel_styles import (
+    KeepReplicated,
+    MlaKvAProjParallel,
+    PackedColwiseParallel,
+    PackedRowwiseParallel,
+    ReplicatedWithGradAllReduce,
+)
 from .registry import Registry
 
 StyleFactory = Callable[[], ParallelStyle]
@@ -93,6 +104,7 @@ BUILTIN_STYLES: dict[str, StyleFactory] = {
     "replicate": KeepReplicated,
     "replicated_with_grad_allreduce": ReplicatedWithGradAllReduce,
     "all_reduce": all_reduce,
+    "mla_kv_a_proj": MlaKvAProjParallel,
 }
 
 
