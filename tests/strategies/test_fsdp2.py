@@ -251,3 +251,20 @@ def test_plain_module_stack_gets_one_unit_per_block(fake_pg):
         units = sorted(name for name, m in model.named_modules() if isinstance(m, FSDPModule))
         assert units == ["", "layers.0", "layers.1", "layers.2"]
         assert set(model.state_dict()) == set(TinyStack(depth=3).state_dict())  # no wrapper prefixes
+
+
+def test_hsdp_x_tp_layout_on_a_fake_world(fake_pg):
+    """dp_replicate 2 x dp_shard_cp 2 x tp 2 (8 ranks, on the meta device): HSDP over TP shards."""
+    import meshplan
+
+    with torch.device("meta"):
+        model = LLAMA.build()
+    with fake_pg(8):
+        mesh = init_device_mesh("cpu", (2, 2, 2), mesh_dim_names=("dp_replicate", "dp_shard_cp", "tp"))
+        model = meshplan.parallelize(model, mesh)
+        q = model.model.layers[0].self_attn.q_proj.weight
+        norm = model.model.norm.weight
+        assert (q.device_mesh.mesh_dim_names, tuple(map(repr, q.placements))) == (
+            ("dp_replicate", "dp_shard_cp", "tp"), ("Replicate()", "_StridedShard(dim=0, sf=2)", "Shard(dim=0)"))
+        assert tuple(q.to_local().shape) == (16, 64)  # 64 rows / tp 2 / dp_shard 2
+        assert tuple(map(repr, norm.placements)) == ("Replicate()", "Shard(dim=0)")
