@@ -3,55 +3,73 @@ architecture, validate both against the model and the mesh, and compose them.
 
 >>> model = meshplan.parallelize(model, mesh, strategy="fsdp2")
 
-Importing meshplan loads no plugin, no ``transformers`` and no ``megatron_fsdp``; plugins are
-discovered on the first lookup.
+``import meshplan`` is light: public names are imported on first use (PEP 562), plugins are discovered
+on the first lookup, and neither ``transformers`` nor ``megatron_fsdp`` is imported until needed.
 """
 
 from __future__ import annotations
 
-from .core.dispatch import Prepared, get_report, get_strategy, parallelize, prepare
-from .core.errors import (
-    ConflictError,
-    ImportPathError,
-    MeshError,
-    MeshplanError,
-    OptionsError,
-    PlanError,
-    PlanNotFoundError,
-    PlanSourceError,
-    PluginLoadError,
-    RegistrationError,
-    StrategyUnavailableError,
-    TensorParallelSizeError,
-    UnknownNameError,
-    UnknownStrategyError,
-    UnknownStyleError,
-    UnmatchedPlanKeyError,
-    UnsupportedConfigurationError,
-)
-from .core.imports import import_class_from_path
-from .core.plan import ResolvedPlan
-from .core.strategy import OptionInfo, Strategy, StrategyOptions
-from .plugins.api import (
-    get_tp_plan,
-    list_plugins,
-    list_strategies,
-    list_styles,
-    list_tp_plans,
-    register_strategy,
-    register_style,
-    register_tp_plan,
-)
-from .plugins.hookspecs import hookimpl
+import importlib
+from typing import Any
+
+from .plugins.hookspecs import hookimpl as hookimpl
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConflictError", "ImportPathError", "MeshError", "MeshplanError", "OptionInfo", "OptionsError",
-    "PlanError", "PlanNotFoundError", "PlanSourceError", "PluginLoadError", "Prepared", "RegistrationError",
-    "ResolvedPlan", "Strategy", "StrategyOptions", "StrategyUnavailableError", "TensorParallelSizeError",
-    "UnknownNameError", "UnknownStrategyError", "UnknownStyleError", "UnmatchedPlanKeyError",
-    "UnsupportedConfigurationError", "get_report", "get_strategy", "get_tp_plan", "hookimpl",
-    "import_class_from_path", "list_plugins", "list_strategies", "list_styles", "list_tp_plans",
-    "parallelize", "prepare", "register_strategy", "register_style", "register_tp_plan",
-]
+#: public name -> module it lives in (imported on first access)
+_LAZY: dict[str, str] = {
+    # errors (one hierarchy under MeshplanError)
+    "ConflictError": ".core.errors", "ImportPathError": ".core.errors", "MeshError": ".core.errors",
+    "MeshplanError": ".core.errors", "OptionsError": ".core.errors", "PlanError": ".core.errors",
+    "PlanNotFoundError": ".core.errors", "PlanSourceError": ".core.errors", "PluginLoadError": ".core.errors",
+    "RegistrationError": ".core.errors", "SequenceParallelUnsupportedError": ".core.errors",
+    "StrategyUnavailableError": ".core.errors", "TensorParallelSizeError": ".core.errors",
+    "TiedParameterError": ".core.errors", "UnknownNameError": ".core.errors",
+    "UnknownStrategyError": ".core.errors", "UnknownStyleError": ".core.errors",
+    "UnmatchedPlanKeyError": ".core.errors", "UnsupportedConfigurationError": ".core.errors",
+    "UntranslatableStyleError": ".core.errors",
+    # dispatcher and registry
+    "parallelize": ".core.dispatch", "prepare": ".core.dispatch", "Prepared": ".core.dispatch",
+    "get_report": ".core.dispatch", "get_strategy": ".core.dispatch",
+    "register_strategy": ".plugins.api", "register_tp_plan": ".plugins.api", "register_style": ".plugins.api",
+    "get_tp_plan": ".plugins.api", "list_strategies": ".plugins.api", "list_tp_plans": ".plugins.api",
+    "list_styles": ".plugins.api", "list_plugins": ".plugins.api",
+    "import_class_from_path": ".core.imports",
+    # contracts
+    "Strategy": ".core.strategy", "StrategyOptions": ".core.strategy", "OptionInfo": ".core.strategy",
+    "ResolvedPlan": ".core.plan",
+    # built-in strategies
+    "FSDP2Strategy": ".strategies.fsdp2", "FSDP2Options": ".strategies.fsdp2",
+    "DDPStrategy": ".strategies.ddp", "DDPOptions": ".strategies.ddp",
+    "MegatronFSDPStrategy": ".strategies.megatron_fsdp", "MegatronFSDPOptions": ".strategies.megatron_fsdp",
+    "parallelize_megatron_fsdp": ".strategies.megatron_fsdp",
+    # model and checkpoint helpers
+    "materialize_meta_model": ".core.meta_init", "initialize_sharded": ".core.meta_init",
+    "unshard_fsdp2_model": ".core.unshard",
+    "gather_full_state_dict": ".core.distributed_checkpoint",
+    "save_distributed_checkpoint": ".core.distributed_checkpoint",
+    "load_distributed_checkpoint": ".core.distributed_checkpoint",
+    # custom parallel styles
+    "PackedColwiseParallel": ".core.parallel_styles", "PackedRowwiseParallel": ".core.parallel_styles",
+    "ReplicatedWithGradAllReduce": ".core.parallel_styles", "KeepReplicated": ".core.parallel_styles",
+    "PrepareHiddenStates": ".core.parallel_styles", "ChainedStyles": ".core.parallel_styles",
+    "unpack_full_state_dict": ".core.parallel_styles",
+    # planning at any scale
+    "explain": ".dryrun", "fake_process_group": ".core.fake_pg", "list_presets": ".modelsource",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'meshplan' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = sorted({"hookimpl", *_LAZY})

@@ -4,7 +4,7 @@ import sys
 
 def test_import_and_discovery_stay_light():
     code = (
-        "import sys, meshplan\n"
+        "import sys, meshplan, meshplan.plugins.manager\n"
         "assert 'pluggy' in sys.modules\n"
         "assert meshplan.plugins.manager._host is None, 'discovery must be lazy'\n"
         "names = [s['name'] for s in meshplan.list_strategies()]\n"
