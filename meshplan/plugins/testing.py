@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -57,6 +58,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _transportable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives a pickle round trip (as the parent will need), else a description of it."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - any failure means: send a description instead
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
 def _worker(rank: int, world_size: int, port: int, inbox: Any, outbox: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
@@ -71,10 +81,7 @@ def _worker(rank: int, world_size: int, port: int, inbox: Any, outbox: Any) -> N
         try:
             outbox.put((rank, True, fn(*args, **kwargs), None))
         except BaseException as exc:  # noqa: BLE001 - reported to the parent
-            try:
-                outbox.put((rank, False, exc, traceback.format_exc()))
-            except Exception:  # unpicklable exception: send its description
-                outbox.put((rank, False, RuntimeError(f"{type(exc).__name__}: {exc}"), traceback.format_exc()))
+            outbox.put((rank, False, _transportable(exc), traceback.format_exc()))
     dist.destroy_process_group()
 
 

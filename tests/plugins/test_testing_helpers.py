@@ -34,3 +34,19 @@ def test_fake_process_group_of_thousands_of_ranks(fake_pg):
     with fake_pg(4096, rank=17):
         mesh = init_device_mesh("cpu", (16, 256), mesh_dim_names=("dp", "tp"))
         assert mesh["tp"].size() == 256 and dist.get_world_size() == 4096
+
+
+class NeedsTwoArguments(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a} {b}")
+
+
+def raise_unpicklable():
+    raise NeedsTwoArguments("cannot", "unpickle")
+
+
+def test_unpicklable_errors_arrive_as_descriptions(ranks2):
+    with pytest.raises(RankError, match="NeedsTwoArguments: cannot unpickle") as info:
+        ranks2.run(raise_unpicklable)
+    assert set(info.value.errors) == {0, 1}
+    assert ranks2.run(all_reduce_rank) == [(0, 1.0), (1, 1.0)]  # no stale replies left behind
