@@ -228,13 +228,15 @@ def translate_hf_plan(model: nn.Module) -> HFPlan:
 
 
 def _checked(model: nn.Module, plan: HFPlan) -> dict[str, ParallelStyle]:
-    """The styles, after raising for unsafe gaps and warning (rank 0) about entries left replicated."""
+    """The styles, after raising for unsafe gaps and warning (rank 0) about skipped keys and entries left
+    replicated."""
     name = type(model).__qualname__
     if not plan.styles and not plan.untranslatable:
+        why = (f"none of its keys match a module or parameter ({', '.join(map(repr, plan.unmatched))})"
+               if plan.unmatched else "it declares no `_tp_plan` or `config.base_model_tp_plan`")
         raise PlanNotFoundError(
-            f"Hugging Face TP plan is not supported for {name}: it declares no `_tp_plan` or "
-            "`config.base_model_tp_plan`. Pass tp_plan=..., register one with meshplan.register_tp_plan(...), "
-            "or run without tensor parallelism."
+            f"Hugging Face TP plan is not supported for {name}: {why}. Pass tp_plan=..., register one with "
+            "meshplan.register_tp_plan(...), or run without tensor parallelism."
         )
     if plan.untranslatable:
         listing = ", ".join(f"{key!r}: {style!r}" for key, style in plan.untranslatable.items())
