@@ -25,7 +25,7 @@ from .core.plan import resolve_plan
 from .core.styles import make_style
 from .core.unshard import unshard_fsdp2_model
 from .core.validation import validate_tp_size
-from .plans.hf import get_hf_tp_shard_plan
+from .plans.hf_translation import get_hf_tp_shard_plan
 from .plugins.manager import get_registry
 from .strategies.megatron_fsdp import parallelize_megatron_fsdp
 

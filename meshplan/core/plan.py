@@ -10,15 +10,17 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
-from torch.distributed.tensor.parallel import ParallelStyle
 
 from .errors import PlanError, PlanNotFoundError, PlanSourceError
 from .imports import import_class_from_path
 from .registry import Registry
 from .styles import copy_style, make_style
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor.parallel import ParallelStyle
 
 PlanSpec = Mapping[str, "str | ParallelStyle"]
 
@@ -82,6 +84,8 @@ def materialize_plan_source(source: Any, model: nn.Module, sequence_parallel: bo
 
 def normalize_plan(plan: PlanSpec, registry: Registry) -> dict[str, ParallelStyle]:
     """Style names become new style objects; given style objects are copied; keys are checked."""
+    from torch.distributed.tensor.parallel import ParallelStyle  # heavy: imported when a plan is used
+
     normalized: dict[str, ParallelStyle] = {}
     for key, style in plan.items():
         if not isinstance(key, str):

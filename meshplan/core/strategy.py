@@ -8,7 +8,6 @@ activation checkpointing -> data-parallel wrapping) and never re-resolves plans.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,7 +71,8 @@ class Strategy(ABC):
 
     @classmethod
     def describe_options(cls) -> list[OptionInfo]:
-        hints = typing.get_type_hints(cls.options_class)
+        """The options with their declared types and defaults. Annotations are shown as written, never
+        evaluated, so listing a strategy does not import the libraries its option types come from."""
         infos = []
         for f in dataclasses.fields(cls.options_class):
             if f.default is not dataclasses.MISSING:
@@ -81,7 +81,7 @@ class Strategy(ABC):
                 default = f.default_factory()
             else:
                 default = None
-            type_name = getattr(hints.get(f.name), "__name__", None) or str(hints.get(f.name, f.type))
+            type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
             infos.append(OptionInfo(f.name, type_name.replace("typing.", ""), default))
         return infos
 

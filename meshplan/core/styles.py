@@ -35,77 +35,43 @@ entries into ``LocalShardedParameters`` and reports the others by name.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-
-from torch.distributed.tensor import Partial, Replicate
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    ParallelStyle,
-    PrepareModuleOutput,
-    RowwiseParallel,
-    SequenceParallel,
-)
+from typing import TYPE_CHECKING
 
 from ..plugins.hookspecs import hookimpl
 from .errors import UnknownStyleError
+from .imports import import_class_from_path
 from .names import did_you_mean
-from .parallel_styles import (
-    KeepReplicated,
-    MlaKvAProjParallel,
-    PackedColwiseParallel,
-    PackedRowwiseParallel,
-    ReplicatedWithGradAllReduce,
-)
 from .registry import Registry
 
-StyleFactory = Callable[[], ParallelStyle]
+if TYPE_CHECKING:
+    from torch.distributed.tensor.parallel import ParallelStyle
 
+_TORCH = "meshplan.core.style_factories"
+_CUSTOM = "meshplan.core.parallel_styles"
 
-def colwise() -> ParallelStyle:
-    return ColwiseParallel()
-
-
-def rowwise() -> ParallelStyle:
-    return RowwiseParallel()
-
-
-def colwise_gather_output() -> ParallelStyle:
-    return ColwiseParallel(output_layouts=Replicate())
-
-
-def rowwise_split_input() -> ParallelStyle:
-    return RowwiseParallel(input_layouts=Replicate())
-
-
-def sequence_parallel() -> ParallelStyle:
-    return SequenceParallel()
-
-
-def embedding_colwise() -> ParallelStyle:
-    return ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
-
-
-def all_reduce() -> ParallelStyle:
-    return PrepareModuleOutput(output_layouts=Partial(), desired_output_layouts=Replicate(), use_local_output=True)
-
-
-BUILTIN_STYLES: dict[str, StyleFactory] = {
-    "colwise": colwise,
-    "rowwise": rowwise,
-    "colwise_rep": colwise_gather_output,
-    "colwise_gather_output": colwise_gather_output,
-    "rowwise_rep": rowwise_split_input,
-    "rowwise_split_input": rowwise_split_input,
-    "sequence_parallel": sequence_parallel,
-    "embedding_rowwise": rowwise_split_input,
-    "embedding_colwise": embedding_colwise,
-    "packed_colwise": PackedColwiseParallel,
-    "packed_rowwise": PackedRowwiseParallel,
-    "replicate": KeepReplicated,
-    "replicated_with_grad_allreduce": ReplicatedWithGradAllReduce,
-    "all_reduce": all_reduce,
-    "mla_kv_a_proj": MlaKvAProjParallel,
+#: style name -> dotted path of its factory (imported on first use, so plugin discovery stays light)
+BUILTIN_STYLES: dict[str, str] = {
+    "colwise": f"{_TORCH}:colwise",
+    "rowwise": f"{_TORCH}:rowwise",
+    "colwise_rep": f"{_TORCH}:colwise_gather_output",
+    "colwise_gather_output": f"{_TORCH}:colwise_gather_output",
+    "rowwise_rep": f"{_TORCH}:rowwise_split_input",
+    "rowwise_split_input": f"{_TORCH}:rowwise_split_input",
+    "sequence_parallel": f"{_TORCH}:sequence_parallel",
+    "embedding_rowwise": f"{_TORCH}:rowwise_split_input",
+    "embedding_colwise": f"{_TORCH}:embedding_colwise",
+    "packed_colwise": f"{_CUSTOM}:PackedColwiseParallel",
+    "packed_rowwise": f"{_CUSTOM}:PackedRowwiseParallel",
+    "replicate": f"{_CUSTOM}:KeepReplicated",
+    "replicated_with_grad_allreduce": f"{_CUSTOM}:ReplicatedWithGradAllReduce",
+    "all_reduce": f"{_TORCH}:all_reduce",
+    "mla_kv_a_proj": f"{_CUSTOM}:MlaKvAProjParallel",
 }
+
+
+def builtin_style(name: str) -> ParallelStyle:
+    """A new style object for one of :data:`BUILTIN_STYLES` (no registry involved)."""
+    return import_class_from_path(BUILTIN_STYLES[name])()
 
 
 @hookimpl
@@ -124,6 +90,8 @@ def make_style(name: str, registry: Registry) -> ParallelStyle:
             f"Unknown parallel style {name!r}. Known styles: {', '.join(sorted(registry.styles.keys()))}."
             + did_you_mean(name, registry.styles.keys())
         )
+    from torch.distributed.tensor.parallel import ParallelStyle
+
     factory = registration.load()
     style = factory()
     if not isinstance(style, ParallelStyle):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import parallelize_module
 
 from .errors import TiedParameterError
 from .plan import ResolvedPlan
@@ -27,6 +25,8 @@ def shared_parameters(model: nn.Module) -> list[list[Owner]]:
 
 
 def _layout(param: nn.Parameter) -> str:
+    from torch.distributed.tensor import DTensor  # heavy: imported on use, not at start-up
+
     if isinstance(param, DTensor):
         return f"{param.placements} on a mesh of {param.device_mesh.size()}"
     return "unsharded"
@@ -64,6 +64,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: ResolvedP
 
     Parameters shared between modules before (tied embeddings) are shared again afterwards.
     """
+    from torch.distributed.tensor.parallel import parallelize_module
+
     groups = shared_parameters(model)
     for key, style in plan.styles.items():
         for fqn in plan.matches.get(key, ()):

@@ -11,7 +11,6 @@ from torch import nn
 from .errors import TensorParallelSizeError, UnmatchedPlanKeyError
 from .log import get_logger, log_rank0
 from .matching import match_plan, replicated_linears, suggest_keys
-from .parallel_styles import predicted_placement, shards_parameters
 from .plan import ResolvedPlan
 from .tensor_parallel import shared_parameters, tied_layout_error
 
@@ -53,6 +52,7 @@ def validate_tp_size(model: nn.Module, tp_size: int) -> None:
 
 def match_and_check(model: nn.Module, plan: ResolvedPlan, strict: bool = True) -> ResolvedPlan:
     """Match every plan key to modules; a key matching nothing is an error (or one warning if not strict)."""
+    from .parallel_styles import shards_parameters  # DTensor styles: imported when a plan is used
     matches = match_plan(model, plan.styles)
     unmatched = [key for key, found in matches.items() if not found]
     if unmatched:
@@ -78,6 +78,8 @@ def check_tied_parameters(model: nn.Module, styles: dict, matches: dict[str, lis
 
     (Layouts that cannot be predicted without applying the style are checked after applying it.)
     """
+    from .parallel_styles import predicted_placement
+
     style_of = {fqn: styles[key] for key, found in matches.items() for fqn in found}
     for group in shared_parameters(model):
         predicted = {

@@ -8,16 +8,21 @@ structurally by the sequence-parallel derivation.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
-from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..plugins.hookspecs import hookimpl
-from .decoder import decoder_plan
 from .qwen import qk_norm_layer_styles
+
+if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plugin discovery
+    from torch.distributed.tensor.parallel import ParallelStyle
 
 
 def gemma3_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
     """TP (or TP+SP) plan for Gemma3 text models and Gemma3's VLM (decoder found at ``model.language_model``)."""
+    from .decoder import decoder_plan
+
     return decoder_plan(model, qk_norm_layer_styles(), sequence_parallel)
 
 

@@ -3,11 +3,14 @@ vocab-parallel embedding and ``lm_head``; sequence parallel on request (see :mod
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from ..plugins.hookspecs import hookimpl
-from .decoder import decoder_plan
+
+if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plugin discovery
+    from torch.distributed.tensor.parallel import ParallelStyle
 
 ATTENTION_COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 MLP_COLWISE = ("mlp.gate_proj", "mlp.up_proj")
@@ -16,6 +19,8 @@ ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
 
 def llama_layer_styles() -> dict[str, ParallelStyle]:
     """Styles for one Llama-style layer (keys relative to the layer)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
     styles: dict[str, ParallelStyle] = {key: ColwiseParallel() for key in (*ATTENTION_COLWISE, *MLP_COLWISE)}
     styles.update({key: RowwiseParallel() for key in ROWWISE})
     return styles
@@ -23,6 +28,8 @@ def llama_layer_styles() -> dict[str, ParallelStyle]:
 
 def llama_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
     """TP (or TP+SP) plan for Llama-style decoders: Llama, Mistral, Qwen2."""
+    from .decoder import decoder_plan
+
     return decoder_plan(model, llama_layer_styles(), sequence_parallel)
 
 

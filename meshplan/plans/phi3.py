@@ -8,32 +8,24 @@ so each attention module gets a private config with per-rank head counts.
 
 from __future__ import annotations
 
-import copy
+from typing import TYPE_CHECKING
 
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import ParallelStyle, RowwiseParallel
 
-from ..core.parallel_styles import PackedColwiseParallel
 from ..plugins.hookspecs import hookimpl
-from .decoder import decoder_plan
 
-
-class Phi3LocalHeads(ParallelStyle):
-    """Give a Phi3 attention module a shallow copy of its config with this rank's head counts (no comms)."""
-
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        tp = device_mesh.size()
-        config = copy.copy(module.config)
-        config.num_attention_heads //= tp
-        config.num_key_value_heads //= tp
-        module.config = config
-        module.num_key_value_heads //= tp
-        return module
+if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plugin discovery
+    from torch.distributed.tensor.parallel import ParallelStyle
 
 
 def phi3_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
     """TP (or TP+SP) plan for Phi3: packed q/k/v and gate/up, row-wise o/down."""
+    from torch.distributed.tensor.parallel import RowwiseParallel
+
+    from ..core.parallel_styles import PackedColwiseParallel
+    from .decoder import decoder_plan
+    from .phi3_attention import Phi3LocalHeads
+
     config = model.config.get_text_config()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim

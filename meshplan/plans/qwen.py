@@ -7,24 +7,30 @@ partial).
 
 from __future__ import annotations
 
-from torch import nn
-from torch.distributed.tensor.parallel import ParallelStyle
+from typing import TYPE_CHECKING
 
-from ..core.parallel_styles import ReplicatedWithGradAllReduce
+from torch import nn
+
 from ..plugins.hookspecs import hookimpl
-from .decoder import decoder_plan
 from .llama import llama_layer_styles, llama_plan
+
+if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plugin discovery
+    from torch.distributed.tensor.parallel import ParallelStyle
 
 QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
 
 
 def qk_norm_layer_styles() -> dict[str, ParallelStyle]:
     """Llama-style layer styles plus head-sharded q/k norms (Qwen3, Gemma3)."""
+    from ..core.parallel_styles import ReplicatedWithGradAllReduce
+
     return {**llama_layer_styles(), **{key: ReplicatedWithGradAllReduce() for key in QK_NORMS}}
 
 
 def qwen3_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
     """TP (or TP+SP) plan for Qwen3."""
+    from .decoder import decoder_plan
+
     return decoder_plan(model, qk_norm_layer_styles(), sequence_parallel)
 
 

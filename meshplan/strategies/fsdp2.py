@@ -22,11 +22,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from ..core.blocks import find_blocks
 from ..core.checkpointing import apply_activation_checkpointing, checkpoint_targets
@@ -38,6 +38,9 @@ from ..core.strategy import Strategy, StrategyOptions
 from ..core.tensor_parallel import apply_tensor_parallel
 from ..plugins.hookspecs import hookimpl
 
+if TYPE_CHECKING:  # torch.distributed.fsdp is imported on use, so listing strategies stays fast
+    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy
+
 logger = get_logger(__name__)
 
 #: Sharding dims tried after ``dp_shard_cp_mesh_name``, in order.
@@ -48,6 +51,8 @@ REPLICATE_DIM_FALLBACKS = ("dp_replicate",)
 
 def default_mp_policy() -> MixedPrecisionPolicy:
     """bf16 parameters in forward/backward, fp32 gradient reduction, fp32 output (applied at the root)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                 output_dtype=torch.float32)
 
@@ -102,6 +107,8 @@ def block_and_root_policies(
 
 
 def _check_types(options: FSDP2Options) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy
+
     expected = {"dp_replicate_mesh_name": str, "dp_shard_cp_mesh_name": str, "tp_mesh_name": str,
                 "reshard_after_forward": bool}
     for name, kind in expected.items():
@@ -126,6 +133,8 @@ class FSDP2Strategy(Strategy):
         self, model: nn.Module, device_mesh: DeviceMesh, plan: ResolvedPlan | None, options: StrategyOptions
     ) -> None:
         """Type-check options, find the data-parallel dims, reject offload on CPU and bad AC settings."""
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
         require_fsdp2_options(options)
         _check_types(options)
         data_parallel_mesh(device_mesh, options)  # raises MeshError naming the dims looked for
@@ -142,6 +151,8 @@ class FSDP2Strategy(Strategy):
     def parallelize(
         self, model: nn.Module, device_mesh: DeviceMesh, plan: ResolvedPlan | None, options: StrategyOptions
     ) -> nn.Module:
+        from torch.distributed.fsdp import OffloadPolicy, fully_shard
+
         require_fsdp2_options(options)
         dp = data_parallel_mesh(device_mesh, options)
         blocks = find_blocks(model)

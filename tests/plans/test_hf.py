@@ -13,7 +13,13 @@ from meshplan import PlanNotFoundError
 from meshplan.core.errors import SequenceParallelUnsupportedError, UntranslatableStyleError
 from meshplan.core.parallel_styles import ReplicatedWithGradAllReduce
 from meshplan.core.styles import BUILTIN_STYLES
-from meshplan.plans.hf import REPLICABLE_STYLES, get_hf_tp_shard_plan, hf_tp_plan, merged_hf_plan, translate_hf_plan
+from meshplan.plans.hf_translation import (
+    REPLICABLE_STYLES,
+    get_hf_tp_shard_plan,
+    hf_tp_plan,
+    merged_hf_plan,
+    translate_hf_plan,
+)
 from tests.plans.helpers import SMALL, build
 
 

@@ -20,7 +20,7 @@ from meshplan.core.parallel_styles import (
     ReplicatedWithGradAllReduce,
     predicted_placement,
 )
-from meshplan.plans.hf import hf_tp_plan, translate_hf_plan
+from meshplan.plans.hf_translation import hf_tp_plan, translate_hf_plan
 
 HEADS, HIDDEN, LORA, ROPE, NOPE = 4, 8, 4, 2, 3
 

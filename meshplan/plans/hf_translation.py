@@ -1,0 +1,295 @@
+"""The Hugging Face fallback: a model's own transformers TP plan, translated to torch DTensor styles.
+
+Registered for ``transformers.modeling_utils.PreTrainedModel``, so the MRO walk reaches it only when no
+provider is registered for a more specific class. The plan is merged from (lowest precedence first)
+``config.base_model_tp_plan`` / ``text_config.base_model_tp_plan`` (prefixed by the base model they describe),
+every inner model's ``_tp_plan`` (prefixed by its attribute path, e.g. ``model.`` or
+``model.language_model.``), the class ``_tp_plan`` and the instance ``_tp_plan``.
+
+Translation follows transformers' meaning of each style string (see :mod:`meshplan.core.styles`), with
+these model-dependent cases:
+
+* Keys that match neither a module nor a parameter are dropped and named in a warning (rank 0), as transformers
+  itself only warns: its plans list keys for every variant of an architecture (dense MLP next to MoE experts,
+  ``q_proj`` of the no-q-LoRA variant, ...) and one config builds one variant. Strict matching still applies
+  to explicit and registered plans; :attr:`HFPlan.unmatched` keeps the dropped keys.
+* ``mla_kv_a_proj`` becomes :class:`MlaKvAProjParallel` with the rotary width ``qk_rope_head_dim`` of the
+  config of the module or its nearest configured ancestor.
+* A ``local_params`` module whose parameters have their own ``colwise`` entries (attention sinks, per-head
+  biases) becomes :class:`LocalShardedParameters`: those parameters are sharded on dim 0 like the heads.
+* Shard-local children (:data:`SHARD_LOCAL_CHILDREN`): a parameterized per-head QK norm or activation module
+  that the plan does not name, directly under a block whose projections are column-wise, runs on this rank's
+  column shard, so its replicated parameters get partial gradients; it gets ``replicated_with_grad_allreduce``
+  (:attr:`HFPlan.derived`).
+
+Entries torch styles cannot express are never dropped silently: the MoE / local-parameter styles, whose
+modules are correct when simply left replicated, are listed in a warning (rank 0); any other (whose omission
+could leave gradients partial) raises :class:`UntranslatableStyleError`.
+
+Embeddings: an untied input embedding missing from the plan is made vocab-parallel; a tied ``lm_head`` is
+never sharded apart from its embedding (whichever of the two the plan names, the other gets the matching
+vocab-parallel style, so both are ``Shard(0)`` and are re-tied after sharding).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle
+
+from ..core.errors import PlanError, PlanNotFoundError, SequenceParallelUnsupportedError, UntranslatableStyleError
+from ..core.log import get_logger, log_rank0
+from ..core.matching import generalize, match_key, match_parameter_key
+from ..core.parallel_styles import LocalShardedParameters, MlaKvAProjParallel, ReplicatedWithGradAllReduce
+from ..core.styles import BUILTIN_STYLES, builtin_style
+from .decoder import add_sequence_parallel, are_tied, embedding_modules, find_decoder_layout, module_name
+
+logger = get_logger(__name__)
+
+#: transformers styles whose module is still correct when left replicated (experts computed in full).
+REPLICABLE_STYLES = frozenset({"moe_tp_experts", "moe_identity_expert", "local_params"})
+VOCAB_EMBEDDING, VOCAB_HEAD = "embedding_rowwise", "colwise_rep"
+LOCAL_PARAMS, MLA_KV_A_PROJ = "local_params", "mla_kv_a_proj"
+#: Style of a parameter entry under a ``local_params`` module -> the parameter dim it shards (per head).
+LOCAL_PARAMETER_DIMS = {"colwise": 0}
+#: Child names that, directly under a block with column-wise projections and absent from the plan, run on this
+#: rank's column shard: per-head QK norms (after column-wise q/k projections) and activation modules (after
+#: column-wise gate/up projections). Names, not structure, decide: a norm on a replicated activation (MLA's
+#: ``kv_a_layernorm``, an indexer's ``k_norm``) or an MoE router sits in the same blocks and must not be summed.
+SHARD_LOCAL_CHILDREN = frozenset({"q_norm", "k_norm", "act_fn", "act", "activation_fn"})
+
+
+@dataclass
+class HFPlan:
+    """A translated Hugging Face plan: torch styles, plus the entries left out and why.
+
+    ``unmatched``: keys (and their styles) that match no module or parameter of this model, dropped;
+    ``derived``: keys the translation added (shard-local children), with the reason.
+    """
+
+    styles: dict[str, ParallelStyle] = field(default_factory=dict)
+    left_replicated: dict[str, str] = field(default_factory=dict)
+    untranslatable: dict[str, str] = field(default_factory=dict)
+    unmatched: dict[str, str] = field(default_factory=dict)
+    derived: dict[str, str] = field(default_factory=dict)
+
+
+def _prefixed(prefix: str, plan: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}.{key}" if prefix else key: style for key, style in plan.items()}
+
+
+def _base_model_name(model: nn.Module, config: Any) -> str | None:
+    """The shallowest base model (``m.base_model is m``) configured by ``config``."""
+    return next((name for name, module in model.named_modules()
+                 if getattr(module, "config", None) is config and getattr(module, "base_model", None) is module),
+                None)
+
+
+def merged_hf_plan(model: nn.Module) -> dict[str, Any]:
+    """The model's transformers TP plan with fully qualified keys (style strings, untranslated)."""
+    plan: dict[str, Any] = {}
+    config = getattr(model, "config", None)
+    for cfg in (config, getattr(config, "text_config", None)):
+        declared = getattr(cfg, "base_model_tp_plan", None)
+        prefix = _base_model_name(model, cfg) if declared else None
+        if prefix is not None:
+            plan.update(_prefixed(prefix, declared))
+    inner = [(name, module) for name, module in model.named_modules() if name]
+    for name, module in sorted(inner, key=lambda item: -item[0].count(".")):  # deepest first: outer plans win
+        if isinstance(getattr(module, "_tp_plan", None), Mapping):
+            plan.update(_prefixed(name, module._tp_plan))
+    for source in (getattr(type(model), "_tp_plan", None), getattr(model, "_tp_plan", None)):
+        if isinstance(source, Mapping):
+            plan.update(source)
+    return plan
+
+
+def _complete_embeddings(model: nn.Module, plan: dict[str, Any]) -> None:
+    """Vocab-parallel untied embedding; a tied pair is sharded together or not at all."""
+    embedding, head = embedding_modules(model)
+    embed, lm_head = module_name(model, embedding), module_name(model, head)
+    if embed is None:
+        return
+    if not are_tied(embedding, head):
+        plan.setdefault(embed, VOCAB_EMBEDDING)
+    elif lm_head is not None and (embed in plan) != (lm_head in plan):
+        plan.setdefault(embed, VOCAB_EMBEDDING)
+        plan.setdefault(lm_head, VOCAB_HEAD)
+
+
+def _config_value(model: nn.Module, fqn: str, attribute: str) -> Any:
+    """``config.<attribute>`` of the module ``fqn`` or of its nearest ancestor whose config has it."""
+    parts = fqn.split(".") if fqn else []
+    for depth in range(len(parts), -1, -1):
+        config = getattr(model.get_submodule(".".join(parts[:depth])), "config", None)
+        value = getattr(config, attribute, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _mla_kv_a_proj(model: nn.Module, key: str) -> MlaKvAProjParallel | str:
+    """The style for an ``mla_kv_a_proj`` entry, or why it cannot be built."""
+    widths = {_config_value(model, fqn, "qk_rope_head_dim") for fqn in match_key(model, key)}
+    if len(widths) != 1 or not isinstance(next(iter(widths)), int):
+        found = sorted(map(str, widths))
+        return f"{MLA_KV_A_PROJ} (needs one integer config.qk_rope_head_dim for its modules, found {found})"
+    return MlaKvAProjParallel(rope_dim=next(iter(widths)))
+
+
+def _shard_local_children(model: nn.Module, result: HFPlan) -> dict[str, ParallelStyle]:
+    """``replicated_with_grad_allreduce`` for the :data:`SHARD_LOCAL_CHILDREN` the plan misses (see the module
+    docstring); keys are generalized (``layers.*``) where the pattern selects exactly the qualifying modules."""
+    planned = {fqn for key in (*result.styles, *result.left_replicated) for fqn in match_key(model, key)}
+    blocks = {
+        fqn.rpartition(".")[0]
+        for key, style in result.styles.items()
+        if isinstance(style, ColwiseParallel) and style.output_layouts == (Shard(-1),)
+        for fqn in match_key(model, key) if isinstance(model.get_submodule(fqn), nn.Linear)
+    }
+    found: set[str] = set()
+    for block in blocks:
+        for name, child in model.get_submodule(block).named_children():
+            fqn = f"{block}.{name}" if block else name
+            has_parameters = next(child.parameters(recurse=False), None) is not None
+            if name in SHARD_LOCAL_CHILDREN and fqn not in planned and has_parameters:
+                found.add(fqn)
+    return {key: ReplicatedWithGradAllReduce() for key in _covering_keys(model, found)}
+
+
+def _covering_keys(model: nn.Module, fqns: set[str]) -> list[str]:
+    """Plan keys selecting exactly ``fqns``: the generalized pattern (``layers.*``) of each group of names where
+    it selects no other module, else the names themselves."""
+    groups: dict[str, set[str]] = {}
+    for fqn in fqns:
+        groups.setdefault(generalize(fqn), set()).add(fqn)
+    return [key for pattern, group in sorted(groups.items())
+            for key in ([pattern] if set(match_key(model, pattern)) == group else sorted(group))]
+
+
+def _local_parameter_styles(model: nn.Module, local: dict[str, dict[str, int]]) -> dict[str, ParallelStyle]:
+    """:class:`LocalShardedParameters` for each owner module (``{owner fqn: {parameter: dim}}``)."""
+    by_parameters: dict[tuple[tuple[str, int], ...], set[str]] = {}
+    for owner, params in local.items():
+        by_parameters.setdefault(tuple(sorted(params.items())), set()).add(owner)
+    return {key: LocalShardedParameters(dict(params))
+            for params, owners in by_parameters.items() for key in _covering_keys(model, owners)}
+
+
+def translate_hf_plan(model: nn.Module) -> HFPlan:
+    """Merge and translate the model's transformers plan (see the module docstring); no errors raised."""
+    merged = merged_hf_plan(model)
+    if not merged:
+        return HFPlan()
+    _complete_embeddings(model, merged)
+    result = HFPlan()
+    local_owners = {key for key, style in merged.items() if style == LOCAL_PARAMS}
+    local_params: dict[str, dict[str, int]] = {}  # owner module fqn -> {parameter: sharded dim}
+    for key, style in merged.items():
+        if not match_key(model, key):
+            owner, _, name = key.rpartition(".")
+            if not match_parameter_key(model, key):
+                result.unmatched[key] = str(style)
+            elif owner in local_owners and style in LOCAL_PARAMETER_DIMS:
+                for fqn in match_parameter_key(model, key):
+                    local_params.setdefault(fqn.rpartition(".")[0], {})[name] = LOCAL_PARAMETER_DIMS[style]
+            elif owner in local_owners:
+                result.untranslatable[key] = f"{style} (a parameter of a {LOCAL_PARAMS} module)"
+            else:
+                result.left_replicated[key] = f"{style} (names a parameter; torch styles shard modules)"
+        elif isinstance(style, ParallelStyle):
+            result.styles[key] = style
+        elif style == MLA_KV_A_PROJ:
+            translated = _mla_kv_a_proj(model, key)
+            if isinstance(translated, str):
+                result.untranslatable[key] = translated
+            else:
+                result.styles[key] = translated
+        elif style in REPLICABLE_STYLES:
+            result.left_replicated[key] = f"{style} (module left replicated)"
+        elif isinstance(style, str) and style in BUILTIN_STYLES:
+            result.styles[key] = builtin_style(style)
+        else:
+            result.untranslatable[key] = str(style)
+    for owner in local_owners:
+        if set(match_key(model, owner)) <= local_params.keys():
+            result.left_replicated.pop(owner, None)
+    result.styles.update(_local_parameter_styles(model, local_params))
+    derived = _shard_local_children(model, result)
+    result.styles.update(derived)
+    result.derived = {key: "replicated_with_grad_allreduce (runs on this rank's column shard)" for key in derived}
+    return result
+
+
+def _checked(model: nn.Module, plan: HFPlan) -> dict[str, ParallelStyle]:
+    """The styles, after raising for unsafe gaps and warning (rank 0) about skipped keys and entries left
+    replicated."""
+    name = type(model).__qualname__
+    if not plan.styles and not plan.untranslatable:
+        why = (f"none of its keys match a module or parameter ({', '.join(map(repr, plan.unmatched))})"
+               if plan.unmatched else "it declares no `_tp_plan` or `config.base_model_tp_plan`")
+        raise PlanNotFoundError(
+            f"Hugging Face TP plan is not supported for {name}: {why}. Pass tp_plan=..., register one with "
+            "meshplan.register_tp_plan(...), or run without tensor parallelism."
+        )
+    if plan.untranslatable:
+        listing = ", ".join(f"{key!r}: {style!r}" for key, style in plan.untranslatable.items())
+        raise UntranslatableStyleError(
+            f"The Hugging Face TP plan of {name} uses styles torch DTensor styles cannot express: {listing}. "
+            "Leaving them out could give wrong gradients; register a plan for this class with "
+            "meshplan.register_tp_plan(...) or pass tp_plan=..."
+        )
+    if plan.unmatched:
+        listing = ", ".join(f"{key!r}: {style!r}" for key, style in plan.unmatched.items())
+        log_rank0(logger, logging.WARNING, "Hugging Face TP plan of %s: %d keys match no module or parameter of this "
+                  "model (transformers plans cover every variant of an architecture) and are skipped: %s.",
+                  name, len(plan.unmatched), listing)
+    if plan.derived:
+        log_rank0(logger, logging.INFO, "Hugging Face TP plan of %s: added %s.", name,
+                  ", ".join(f"{key!r}: {why}" for key, why in plan.derived.items()))
+    if plan.left_replicated:
+        listing = ", ".join(f"{key!r}: {why}" for key, why in plan.left_replicated.items())
+        log_rank0(logger, logging.WARNING, "Hugging Face TP plan of %s: %d entries have no torch equivalent and "
+                  "stay replicated (correct, but not sharded): %s.", name, len(plan.left_replicated), listing)
+    return plan.styles
+
+
+def hf_tp_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
+    """The fallback provider: the translated transformers plan, with a derived sequence-parallel variant for
+    standard decoders (:class:`SequenceParallelUnsupportedError` otherwise)."""
+    styles = _checked(model, translate_hf_plan(model))
+    if not sequence_parallel:
+        return styles
+    try:
+        return add_sequence_parallel(styles, find_decoder_layout(model))
+    except PlanError as exc:
+        raise SequenceParallelUnsupportedError(
+            f"Cannot derive sequence parallel from the Hugging Face TP plan of {type(model).__qualname__}: {exc} "
+            "Register a sequence-parallel plan for this class with meshplan.register_tp_plan(...), pass "
+            "tp_plan=..., or run without sequence_parallel."
+        ) from exc
+
+
+def get_hf_tp_shard_plan(model: nn.Module) -> dict[str, ParallelStyle]:
+    """NeMo AutoModel's ``get_hf_tp_shard_plan`` semantics on top of :func:`translate_hf_plan`.
+
+    Same merge and translation (untied embedding missing from the plan -> ``rowwise_rep``, i.e. vocab-parallel;
+    tied embeddings kept together), plus NeMo's speed-up: an untied ``lm_head`` declared ``colwise_rep`` (spelled
+    ``colwise_gather_output`` by transformers 5.x) keeps
+    vocab-sharded logits, ``ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)`` (train with
+    ``torch.distributed.tensor.parallel.loss_parallel``). No plan -> :class:`PlanNotFoundError`
+    (an ``AssertionError``, as in NeMo).
+    """
+    merged = merged_hf_plan(model)
+    styles = _checked(model, translate_hf_plan(model))
+    embedding, head = embedding_modules(model)
+    lm_head = module_name(model, head)
+    gathered = merged.get(lm_head) in ("colwise_rep", "colwise_gather_output")
+    if lm_head in styles and gathered and not are_tied(embedding, head):
+        styles[lm_head] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    return styles

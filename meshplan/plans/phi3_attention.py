@@ -1,0 +1,22 @@
+"""The Phi3-specific attention style (kept apart so plugin discovery does not import DTensor)."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import ParallelStyle
+
+
+class Phi3LocalHeads(ParallelStyle):
+    """Give a Phi3 attention module a shallow copy of its config with this rank's head counts (no comms)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        tp = device_mesh.size()
+        config = copy.copy(module.config)
+        config.num_attention_heads //= tp
+        config.num_key_value_heads //= tp
+        module.config = config
+        module.num_key_value_heads //= tp
+        return module
