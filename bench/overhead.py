@@ -22,6 +22,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from handwritten import layout_of, shard_llama_by_hand
 
 CONFIG = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
               num_key_value_heads=4, head_dim=32, vocab_size=2048, max_position_embeddings=512)
@@ -48,32 +49,8 @@ def policies(precision: str):  # noqa: ANN201 - (block policy, root policy)
 
 def by_hand(model: torch.nn.Module, mesh, layout: str, precision: str) -> torch.nn.Module:
     """The layout ``meshplan.parallelize(model, mesh)`` builds, with torch calls only."""
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    if layout == "tp":
-        colwise = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-        plan = {f"model.layers.*.{name}": ColwiseParallel() for name in colwise}
-        plan |= {f"model.layers.*.{name}": RowwiseParallel() for name in ("self_attn.o_proj", "mlp.down_proj")}
-        plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate())
-        plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
-        parallelize_module(model, mesh["tp"], plan)
-    dp_mesh = mesh["dp_shard_cp"]
     block, root = policies(precision)
-    layers = model.model.layers
-    for index, layer in enumerate(layers):
-        fully_shard(layer, mesh=dp_mesh, mp_policy=block, reshard_after_forward=index < len(layers) - 1)
-    fully_shard(model, mesh=dp_mesh, mp_policy=root, reshard_after_forward=False)
-    return model
-
-
-def layout_of(model: torch.nn.Module) -> dict[str, tuple]:
-    from torch.distributed.tensor import DTensor
-
-    return {name: (tuple(map(str, p.placements)) if isinstance(p, DTensor) else (),
-                   tuple((p.to_local() if isinstance(p, DTensor) else p).shape))
-            for name, p in model.named_parameters()}
+    return shard_llama_by_hand(model, mesh["tp"] if layout == "tp" else None, mesh["dp_shard_cp"], block, root)
 
 
 def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> tuple[float, float]:

@@ -29,14 +29,14 @@ import statistics
 import time
 
 import torch
+import torch.distributed.fsdp
+import torch.distributed.tensor.parallel
+from handwritten import layout_of, shard_llama_by_hand
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
 
 import meshplan
-import meshplan.core.tensor_parallel
-import meshplan.strategies.fsdp2
 from meshplan.core.fake_pg import fake_process_group
 from meshplan.modelsource import build_model, resolve_source
 
@@ -49,28 +49,10 @@ def meta_model() -> torch.nn.Module:
 
 def by_hand(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:
     """The layout meshplan builds, written directly against torch."""
-    plan = {f"model.layers.*.{name}": ColwiseParallel()
-            for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")}
-    plan |= {f"model.layers.*.{name}": RowwiseParallel() for name in ("self_attn.o_proj", "mlp.down_proj")}
-    plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate())
-    plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
-    parallelize_module(model, mesh["tp"], plan)
-    dp_mesh = mesh["dp_replicate", "dp_shard_cp"]
     block_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     root_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                        output_dtype=torch.float32)
-    layers = model.model.layers
-    for index, layer in enumerate(layers):
-        fully_shard(layer, mesh=dp_mesh, mp_policy=block_policy, reshard_after_forward=index < len(layers) - 1)
-    fully_shard(model, mesh=dp_mesh, mp_policy=root_policy, reshard_after_forward=False)
-    return model
-
-
-def layout(model: torch.nn.Module) -> dict[str, tuple]:
-    """Per parameter: placements and this rank's local shape."""
-    return {name: (tuple(map(str, p.placements)) if isinstance(p, DTensor) else (),
-                   tuple((p.to_local() if isinstance(p, DTensor) else p).shape))
-            for name, p in model.named_parameters()}
+    return shard_llama_by_hand(model, mesh["tp"], mesh["dp_replicate", "dp_shard_cp"], block_policy, root_policy)
 
 
 def local_elements(model: torch.nn.Module) -> int:
@@ -78,9 +60,10 @@ def local_elements(model: torch.nn.Module) -> int:
 
 
 class TorchTime:
-    """Accumulates CPU time spent inside the torch calls meshplan makes (patched where meshplan looks them up)."""
+    """Accumulates CPU time spent inside the torch calls meshplan makes (patched in the torch packages that
+    meshplan imports them from when it applies a plan)."""
 
-    TARGETS = ((meshplan.core.tensor_parallel, "parallelize_module"), (meshplan.strategies.fsdp2, "fully_shard"))
+    TARGETS = ((torch.distributed.tensor.parallel, "parallelize_module"), (torch.distributed.fsdp, "fully_shard"))
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -148,7 +131,7 @@ def main() -> None:
             else:
                 bare, bare_wall, theirs = time_torch(mesh)
                 prep, apply, in_torch, our_wall, ours = time_meshplan(mesh)
-            same_layout &= layout(ours) == layout(theirs)
+            same_layout &= layout_of(ours) == layout_of(theirs)
             elements = (local_elements(ours), local_elements(theirs))
             ratios.append((prep + apply) / bare)
             own = prep + apply - in_torch
