@@ -18,6 +18,7 @@ from typing import Any
 import importlib_metadata
 import pluggy
 
+from .. import __version__
 from ..core.errors import PluginLoadError, RegistrationError
 from ..core.log import get_logger, log_rank0
 from ..core.registry import Provenance, Registration, Registry, Tier, class_key
@@ -122,7 +123,7 @@ class PluginHost:
 
     def _load_builtin(self, module_name: str) -> None:
         short = module_name.rsplit(".", 1)[-1]
-        record = PluginRecord(module_name, "builtin", distribution="meshplan", version=_version("meshplan"))
+        record = PluginRecord(module_name, "builtin", distribution="meshplan", version=__version__)
         self.records[module_name] = record
         if self.policy.is_disabled((module_name, short)):
             record.status = "disabled"
@@ -223,13 +224,6 @@ class PluginHost:
         names = "; ".join(f"{r.name!r} ({r.error})" for r in pool)
         verb = "provides it but failed" if exact else "failed to load and may provide it"
         return f" Plugin {names} {verb}; see `meshplan plugins`."
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib_metadata.version(dist)
-    except importlib_metadata.PackageNotFoundError:
-        return None
 
 
 def _unique_entry_points() -> list[importlib_metadata.EntryPoint]:
