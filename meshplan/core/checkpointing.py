@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -20,6 +21,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from .blocks import find_blocks
 from .errors import UnsupportedConfigurationError
 from .log import get_logger, log_rank0
+from .strategy import StrategyOptions
 
 logger = get_logger(__name__)
 
@@ -108,3 +110,26 @@ def apply_activation_checkpointing(
     for fqn in targets:
         _wrap(model, fqn)
     return targets
+
+
+@dataclass
+class CheckpointingOptions(StrategyOptions):
+    """Strategy options with activation checkpointing (the built-in strategies share these).
+
+    Attributes:
+        activation_checkpointing: ``False`` (default), ``True``/``"mlp"`` (each block's MLP), ``"full"``
+            (whole blocks) or ``"selective"`` (every ``activation_checkpointing_every``-th block).
+        activation_checkpointing_every: stride of ``"selective"`` checkpointing (default 2).
+    """
+
+    activation_checkpointing: bool | str = False
+    activation_checkpointing_every: int = 2
+
+    def check_checkpointing(self, blocks: Blocks) -> list[str]:
+        """Validate the settings against the model's blocks (no side effects); the names to wrap."""
+        return checkpoint_targets(blocks, self.activation_checkpointing, self.activation_checkpointing_every)
+
+    def apply_checkpointing(self, model: nn.Module, blocks: Blocks) -> list[str]:
+        """Wrap the selected modules of ``model``; the names wrapped."""
+        return apply_activation_checkpointing(
+            model, self.activation_checkpointing, self.activation_checkpointing_every, blocks)

@@ -31,7 +31,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..core.blocks import find_blocks
-from ..core.checkpointing import apply_activation_checkpointing, checkpoint_targets
+from ..core.checkpointing import CheckpointingOptions
 from ..core.errors import MeshError, StrategyUnavailableError, UnsupportedConfigurationError
 from ..core.log import get_logger, log_rank0
 from ..core.mesh import dim_names, dim_size, require_submesh, submesh
@@ -47,7 +47,7 @@ logger = get_logger(__name__)
 
 
 @dataclass
-class DDPOptions(StrategyOptions):
+class DDPOptions(CheckpointingOptions):
     """Options of the ``ddp`` strategy.
 
     Attributes:
@@ -57,17 +57,14 @@ class DDPOptions(StrategyOptions):
         find_unused_parameters: let DDP handle parameters that get no gradient in a step. With TP the
             replication tolerates them anyway.
         static_graph: tell DDP the set of used parameters never changes (enables its optimizations). Not with TP.
-        activation_checkpointing: ``False`` | ``True``/``"mlp"`` | ``"full"`` | ``"selective"``, as in ``fsdp2``
-            (:mod:`meshplan.core.checkpointing`).
-        activation_checkpointing_every: for ``"selective"``, checkpoint every n-th block.
+        activation_checkpointing / activation_checkpointing_every: see
+            :class:`meshplan.core.checkpointing.CheckpointingOptions`.
     """
 
     dp_mesh_name: str = "dp"
     bucket_cap_mb: float | None = None
     find_unused_parameters: bool = False
     static_graph: bool = False
-    activation_checkpointing: bool | str = False
-    activation_checkpointing_every: int = 2
 
 
 def data_parallel_mesh(device_mesh: DeviceMesh, dp_mesh_name: str, tp_mesh_name: str) -> DeviceMesh:
@@ -124,8 +121,7 @@ class DDPStrategy(Strategy):
     def validate(
         self, model: nn.Module, device_mesh: DeviceMesh, plan: ResolvedPlan | None, options: StrategyOptions
     ) -> None:
-        checkpoint_targets(find_blocks(model), options.activation_checkpointing,
-                           options.activation_checkpointing_every)
+        options.check_checkpointing(find_blocks(model))
         data_parallel_mesh(device_mesh, options.dp_mesh_name, options.tp_mesh_name)
         cap = options.bucket_cap_mb
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap <= 0):
@@ -152,8 +148,7 @@ class DDPStrategy(Strategy):
         blocks = find_blocks(model)
         if plan is not None:  # also re-ties parameters shared before TP (tied embeddings)
             apply_tensor_parallel(model, submesh(device_mesh, options.tp_mesh_name), plan)
-        wrapped = apply_activation_checkpointing(
-            model, options.activation_checkpointing, options.activation_checkpointing_every, blocks)
+        wrapped = options.apply_checkpointing(model, blocks)
         if plan is None:
             model.to(_mesh_device(device_mesh))
             _import_replicate(DDP_REPLICATE)(model, process_group=dp_mesh.get_group(), **ddp_kwargs(options))

@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..core.blocks import find_blocks
-from ..core.checkpointing import apply_activation_checkpointing, checkpoint_targets
+from ..core.checkpointing import CheckpointingOptions
 from ..core.errors import MeshError, OptionsError, UnsupportedConfigurationError
 from ..core.log import get_logger, log_rank0
 from ..core.mesh import DataParallelMesh, select_data_parallel_mesh, submesh
@@ -58,7 +58,7 @@ def default_mp_policy() -> MixedPrecisionPolicy:
 
 
 @dataclass
-class FSDP2Options(StrategyOptions):
+class FSDP2Options(CheckpointingOptions):
     """Options of the ``fsdp2`` strategy (plus ``tp_mesh_name``, ``sequence_parallel``, ``strict``).
 
     Attributes:
@@ -72,9 +72,6 @@ class FSDP2Options(StrategyOptions):
             Pass ``MixedPrecisionPolicy()`` to train in the parameters' own dtype (e.g. fp32).
         offload_policy: FSDP2 offload policy, passed through (``CPUOffloadPolicy()`` needs an accelerator
             mesh; on a CPU mesh it is rejected up front). ``None`` = no offload.
-        activation_checkpointing: ``False`` (default), ``True``/``"mlp"`` (each block's MLP), ``"full"``
-            (whole blocks) or ``"selective"`` (every ``activation_checkpointing_every``-th block).
-        activation_checkpointing_every: stride of ``"selective"`` checkpointing (default 2).
         reshard_after_forward: reshard block parameters after forward (ZeRO-3, default). ``False`` keeps
             them gathered until backward (ZeRO-2-like). The last block and the root never reshard.
     """
@@ -83,8 +80,6 @@ class FSDP2Options(StrategyOptions):
     dp_shard_cp_mesh_name: str = "dp_shard_cp"
     mp_policy: MixedPrecisionPolicy | None = None
     offload_policy: OffloadPolicy | None = None
-    activation_checkpointing: bool | str = False
-    activation_checkpointing_every: int = 2
     reshard_after_forward: bool = True
 
 
@@ -145,8 +140,7 @@ class FSDP2Strategy(Strategy):
                 "offload_policy=CPUOffloadPolicy() needs an accelerator mesh (cuda, ...): on a CPU mesh torch's "
                 "FSDP2 fails with 'Cannot access accelerator device'. Parameters already live on the CPU here; "
                 "drop offload_policy.")
-        checkpoint_targets(find_blocks(model), options.activation_checkpointing,
-                           options.activation_checkpointing_every)
+        options.check_checkpointing(find_blocks(model))
 
     def parallelize(
         self, model: nn.Module, device_mesh: DeviceMesh, plan: ResolvedPlan | None, options: StrategyOptions
@@ -158,8 +152,7 @@ class FSDP2Strategy(Strategy):
         blocks = find_blocks(model)
         if plan is not None:  # also re-ties parameters shared before TP (tied embeddings)
             apply_tensor_parallel(model, submesh(device_mesh, options.tp_mesh_name), plan)
-        wrapped = apply_activation_checkpointing(
-            model, options.activation_checkpointing, options.activation_checkpointing_every, blocks)
+        wrapped = options.apply_checkpointing(model, blocks)
         block_policy, root_policy = block_and_root_policies(options.mp_policy)
         offload = options.offload_policy or OffloadPolicy()
         for index, (fqn, _) in enumerate(blocks):

@@ -32,7 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
 from ..core.blocks import find_blocks
-from ..core.checkpointing import apply_activation_checkpointing, checkpoint_targets
+from ..core.checkpointing import CheckpointingOptions
 from ..core.errors import (
     ImportPathError,
     MeshError,
@@ -59,7 +59,7 @@ POLICY_PREFIX = "mixed_precision_policy."
 
 
 @dataclass
-class MegatronFSDPOptions(StrategyOptions):
+class MegatronFSDPOptions(CheckpointingOptions):
     """Options of the ``megatron_fsdp`` strategy (NeMo AutoModel's ``nvfsdp_strategy_parallelize`` names).
 
     Attributes:
@@ -85,8 +85,8 @@ class MegatronFSDPOptions(StrategyOptions):
             Megatron-FSDP parameters, with the optimizer's defaults). ``None``: only the model is wrapped;
             build the optimizer from the returned model's parameters, then call
             ``megatron_fsdp.fully_shard_optimizer(optimizer)``.
-        activation_checkpointing / activation_checkpointing_every: as in ``fsdp2``
-            (:mod:`meshplan.core.checkpointing`), applied after TP and before wrapping.
+        activation_checkpointing / activation_checkpointing_every: see
+            :class:`meshplan.core.checkpointing.CheckpointingOptions`; applied after TP and before wrapping.
     """
 
     nvfsdp_unit_modules: Sequence[str | type] | None = None
@@ -107,8 +107,6 @@ class MegatronFSDPOptions(StrategyOptions):
     dp_mesh_name: str = "dp"
     cp_mesh_name: str = "cp"
     optimizer: Optimizer | None = None
-    activation_checkpointing: bool | str = False
-    activation_checkpointing_every: int = 2
 
 
 # --------------------------------------------------------------------------------------- the mapping
@@ -332,7 +330,7 @@ def _check_values(model: nn.Module, options: MegatronFSDPOptions) -> None:
         )
     if options.optimizer is not None and not isinstance(options.optimizer, Optimizer):
         raise OptionsError(f"optimizer must be a torch.optim.Optimizer or None, got {type(options.optimizer)}.")
-    checkpoint_targets(find_blocks(model), options.activation_checkpointing, options.activation_checkpointing_every)
+    options.check_checkpointing(find_blocks(model))
 
 
 def _mesh_arguments(device_mesh: DeviceMesh, options: MegatronFSDPOptions) -> tuple[dict[str, Any], Any]:
@@ -499,8 +497,7 @@ class MegatronFSDPStrategy(Strategy):
         blocks = find_blocks(model)
         if plan is not None:  # also re-ties parameters shared before TP (tied embeddings)
             apply_tensor_parallel(model, submesh(device_mesh, options.tp_mesh_name), plan)
-        apply_activation_checkpointing(
-            model, options.activation_checkpointing, options.activation_checkpointing_every, blocks)
+        options.apply_checkpointing(model, blocks)
         for message in (*call.ignored, *call.notes):
             log_rank0(logger, logging.WARNING, "%s", message)
         if call.flatten is not None:
