@@ -33,10 +33,9 @@ def dim_size(mesh: DeviceMesh, name: str) -> int:
 
 def require_submesh(mesh: DeviceMesh, names: Sequence[str], purpose: str) -> tuple[str, DeviceMesh]:
     """The first of ``names`` that the mesh has, or a :class:`MeshError` saying what was looked for."""
-    for name in names:
-        sub = submesh(mesh, name)
-        if sub is not None:
-            return name, sub
+    found = find_submesh(mesh, names)
+    if found is not None:
+        return found
     raise MeshError(
         f"The device mesh has no dimension for {purpose}: looked for {list(names)}, "
         f"but the mesh has {list(dim_names(mesh)) or 'no named dimensions'} (shape {tuple(mesh.shape)}). "
