@@ -33,7 +33,7 @@ def _bare(model: str, mesh_spec: str) -> dict:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from meshplan.modelsource import resolve_source
+    from meshplan.cli.modelsource import resolve_source
 
     data = resolve_source(model).config
     config = transformers.CONFIG_MAPPING[data["model_type"]].from_dict(data)
@@ -76,8 +76,8 @@ def _bare(model: str, mesh_spec: str) -> dict:
 def _explain(model: str, mesh_spec: str) -> dict:
     import transformers  # noqa: F401 - imported before the clock, like the bare child
 
+    from meshplan.cli.modelsource import resolve_source
     from meshplan.dryrun import explain
-    from meshplan.modelsource import resolve_source
 
     getattr(transformers, resolve_source(model).config["architectures"][0])
     start = time.perf_counter()

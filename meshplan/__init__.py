@@ -12,9 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ._version import __version__ as __version__
 from .plugins.hookspecs import hookimpl as hookimpl
-
-__version__ = "0.1.0"
 
 #: public name -> module it lives in (imported on first access)
 _LAZY: dict[str, str] = {
@@ -29,33 +28,33 @@ _LAZY: dict[str, str] = {
     "UnmatchedPlanKeyError": ".core.errors", "UnsupportedConfigurationError": ".core.errors",
     "UntranslatableStyleError": ".core.errors",
     # dispatcher and registry
-    "parallelize": ".core.dispatch", "prepare": ".core.dispatch", "Prepared": ".core.dispatch",
-    "get_report": ".core.dispatch", "get_strategy": ".core.dispatch",
-    "register_strategy": ".plugins.api", "register_tp_plan": ".plugins.api", "register_style": ".plugins.api",
-    "get_tp_plan": ".plugins.api", "list_strategies": ".plugins.api", "list_tp_plans": ".plugins.api",
-    "list_styles": ".plugins.api", "list_plugins": ".plugins.api",
+    "parallelize": ".api", "prepare": ".api", "Prepared": ".api", "get_report": ".api", "get_strategy": ".api",
+    "register_strategy": ".api", "register_tp_plan": ".api", "register_style": ".api",
+    "get_tp_plan": ".api", "list_strategies": ".api", "list_tp_plans": ".api",
+    "list_styles": ".api", "list_plugins": ".api",
     "import_class_from_path": ".core.imports",
     # contracts
     "Strategy": ".core.strategy", "StrategyOptions": ".core.strategy", "OptionInfo": ".core.strategy",
-    "ResolvedPlan": ".core.plan",
+    "ResolvedPlan": ".tensor_parallel.plan",
     # built-in strategies
     "FSDP2Strategy": ".strategies.fsdp2", "FSDP2Options": ".strategies.fsdp2",
     "DDPStrategy": ".strategies.ddp", "DDPOptions": ".strategies.ddp",
     "MegatronFSDPStrategy": ".strategies.megatron_fsdp", "MegatronFSDPOptions": ".strategies.megatron_fsdp",
     "parallelize_megatron_fsdp": ".strategies.megatron_fsdp",
     # model and checkpoint helpers
-    "materialize_meta_model": ".core.meta_init", "initialize_sharded": ".core.meta_init",
-    "unshard_fsdp2_model": ".core.unshard",
-    "gather_full_state_dict": ".core.distributed_checkpoint",
-    "save_distributed_checkpoint": ".core.distributed_checkpoint",
-    "load_distributed_checkpoint": ".core.distributed_checkpoint",
+    "materialize_meta_model": ".state.meta_init", "initialize_sharded": ".state.meta_init",
+    "unshard_fsdp2_model": ".state.unshard",
+    "gather_full_state_dict": ".state.distributed_checkpoint",
+    "save_distributed_checkpoint": ".state.distributed_checkpoint",
+    "load_distributed_checkpoint": ".state.distributed_checkpoint",
     # custom parallel styles
-    "PackedColwiseParallel": ".core.parallel_styles", "PackedRowwiseParallel": ".core.parallel_styles",
-    "ReplicatedWithGradAllReduce": ".core.parallel_styles", "KeepReplicated": ".core.parallel_styles",
-    "PrepareHiddenStates": ".core.parallel_styles", "ChainedStyles": ".core.parallel_styles",
-    "unpack_full_state_dict": ".core.parallel_styles",
+    "PackedColwiseParallel": ".tensor_parallel.custom_styles",
+    "PackedRowwiseParallel": ".tensor_parallel.custom_styles",
+    "ReplicatedWithGradAllReduce": ".tensor_parallel.custom_styles", "KeepReplicated": ".tensor_parallel.custom_styles",
+    "PrepareHiddenStates": ".tensor_parallel.custom_styles", "ChainedStyles": ".tensor_parallel.custom_styles",
+    "unpack_full_state_dict": ".tensor_parallel.custom_styles",
     # planning at any scale
-    "explain": ".dryrun", "fake_process_group": ".core.fake_pg", "list_presets": ".modelsource",
+    "explain": ".dryrun", "fake_process_group": ".core.fake_pg", "list_presets": ".cli.modelsource",
 }
 
 

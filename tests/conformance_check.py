@@ -345,7 +345,7 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _gathered_grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
-    from meshplan.core.parallel_styles import unpack_full_state_dict
+    from meshplan.tensor_parallel.custom_styles import unpack_full_state_dict
 
     grads = {n: None if p.grad is None else _full(p.grad) for n, p in model.named_parameters()}
     present = unpack_full_state_dict(model, {n: g for n, g in grads.items() if g is not None})
@@ -374,7 +374,7 @@ def tp_mesh():
 def _tp_only_strategy():
     from meshplan.core.mesh import submesh
     from meshplan.core.strategy import Strategy
-    from meshplan.core.tensor_parallel import apply_tensor_parallel
+    from meshplan.tensor_parallel.apply import apply_tensor_parallel
 
     class ConformanceTP(Strategy):
         """Test-only strategy: apply the resolved, validated TP plan and nothing else."""

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from meshplan.cli import main
-from meshplan.demo import DemoCheckError, DemoConfig, DemoResult, _check, synthetic_batch
+from meshplan.cli.demo import DemoCheckError, DemoConfig, DemoResult, _check, synthetic_batch
+from meshplan.cli.main import main
 from meshplan.plugins.testing import free_port
 
 FINAL = re.compile(r"\[rank (\d+)/(\d+)\] final loss (\S+) checksum (\S+)")

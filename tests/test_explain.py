@@ -9,12 +9,12 @@ import pytest
 from torch.distributed.device_mesh import init_device_mesh
 
 import meshplan
-from meshplan.cli import main
+from meshplan.cli.main import main
+from meshplan.cli.meshspec import mesh_name_options, parse_mesh_spec
+from meshplan.cli.modelsource import ModelSourceError, build_model, resolve_source
 from meshplan.core.errors import MeshError, TensorParallelSizeError
 from meshplan.dryrun import explain, render_text
-from meshplan.dryrun.names import expand_pattern, summarize_names
-from meshplan.meshspec import mesh_name_options, parse_mesh_spec
-from meshplan.modelsource import ModelSourceError, build_model, resolve_source
+from meshplan.dryrun.name_summary import expand_pattern, summarize_names
 
 
 def ceil(n: int, k: int) -> int:

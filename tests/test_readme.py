@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meshplan.cli import build_parser
+from meshplan.cli.main import build_parser
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import ConflictError, RegistrationError, UnknownNameError
 from .imports import import_class_from_path
-from .names import did_you_mean, normalize_name
+from .naming import did_you_mean, normalize_name
 
 
 class Tier(enum.IntEnum):

@@ -16,9 +16,9 @@ from typing import Any, ClassVar
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from ..tensor_parallel.plan import ResolvedPlan
 from .errors import OptionsError
-from .names import did_you_mean
-from .plan import ResolvedPlan
+from .naming import did_you_mean
 
 
 @dataclass

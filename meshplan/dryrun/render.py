@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..tables import format_table, human_bytes, human_count
+from ..cli.tables import format_table, human_bytes, human_count
 
 
 def _patterns(summary: list[dict[str, Any]]) -> str:

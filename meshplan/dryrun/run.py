@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cli.meshspec import build_mesh, mesh_name_options, parse_mesh_spec, world_size
+from ..cli.modelsource import build_model, resolve_source
 from ..core.errors import MeshplanError, OptionsError
 from ..core.fake_pg import fake_process_group
 from ..core.strategy import Strategy
-from ..meshspec import build_mesh, mesh_name_options, parse_mesh_spec, world_size
-from ..modelsource import build_model, resolve_source
 from .layout import fsdp_units, memory, param_layouts
-from .names import summarize_names
+from .name_summary import summarize_names
 
 SCHEMA = "meshplan.explain/1"
 
@@ -174,7 +174,7 @@ def _explain_in_world(
     tp_plan: Any, sequence_parallel: bool, options: Mapping[str, Any], precision: str, total: int,
 ) -> None:
     """The part of :func:`explain` that runs inside the fake world (fills ``report`` as it goes)."""
-    from ..core.dispatch import get_report, get_strategy, prepare
+    from ..api import get_report, get_strategy, prepare
 
     with phases("mesh"):
         device_mesh = build_mesh(dims, "cpu")

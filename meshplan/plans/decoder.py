@@ -29,7 +29,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from ..core.errors import PlanError
-from ..core.parallel_styles import ChainedStyles, PrepareHiddenStates
+from ..tensor_parallel.custom_styles import ChainedStyles, PrepareHiddenStates
 
 SEQUENCE = Shard(1)
 

@@ -6,7 +6,7 @@ provider is registered for a more specific class. The plan is merged from (lowes
 every inner model's ``_tp_plan`` (prefixed by its attribute path, e.g. ``model.`` or
 ``model.language_model.``), the class ``_tp_plan`` and the instance ``_tp_plan``.
 
-Translation follows transformers' meaning of each style string (see :mod:`meshplan.core.styles`), with
+Translation follows transformers' meaning of each style string (see :mod:`meshplan.tensor_parallel.vocabulary`), with
 these model-dependent cases:
 
 * Keys that match neither a module nor a parameter are dropped and named in a warning (rank 0), as transformers
@@ -44,9 +44,9 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle
 
 from ..core.errors import PlanError, PlanNotFoundError, SequenceParallelUnsupportedError, UntranslatableStyleError
 from ..core.log import get_logger, log_rank0
-from ..core.matching import generalize, match_key, match_parameter_key
-from ..core.parallel_styles import LocalShardedParameters, MlaKvAProjParallel, ReplicatedWithGradAllReduce
-from ..core.styles import BUILTIN_STYLES, builtin_style
+from ..tensor_parallel.custom_styles import LocalShardedParameters, MlaKvAProjParallel, ReplicatedWithGradAllReduce
+from ..tensor_parallel.matching import generalize, match_key, match_parameter_key
+from ..tensor_parallel.vocabulary import BUILTIN_STYLES, builtin_style
 from .decoder import add_sequence_parallel, are_tied, embedding_modules, find_decoder_layout, module_name
 
 logger = get_logger(__name__)

@@ -18,7 +18,7 @@ from typing import Any
 import importlib_metadata
 import pluggy
 
-from .. import __version__
+from .._version import __version__
 from ..core.errors import PluginLoadError, RegistrationError
 from ..core.log import get_logger, log_rank0
 from ..core.registry import Provenance, Registration, Registry, Tier, class_key
@@ -32,7 +32,7 @@ ENTRY_POINT_GROUP = "meshplan"
 #: Built-in plugin modules, registered exactly like third-party plugins. ``hf`` comes last in the
 #: listing; plan precedence comes from the model's MRO, not from this order.
 BUILTIN_PLUGINS: tuple[str, ...] = (
-    "meshplan.core.styles",
+    "meshplan.plans.builtin_styles",
     "meshplan.strategies.fsdp2",
     "meshplan.strategies.ddp",
     "meshplan.strategies.megatron_fsdp",

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ..core.errors import PluginLoadError
-from ..core.names import normalize_name
+from ..core.naming import normalize_name
 
 LOAD_VAR = "MESHPLAN_LOAD_PLUGINS"
 DISABLE_VAR = "MESHPLAN_DISABLE_PLUGINS"

@@ -30,15 +30,15 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from ..core.activation_checkpointing import CheckpointingOptions
 from ..core.blocks import find_blocks
-from ..core.checkpointing import CheckpointingOptions
 from ..core.errors import MeshError, StrategyUnavailableError, UnsupportedConfigurationError
 from ..core.log import get_logger, log_rank0
 from ..core.mesh import dim_names, dim_size, require_submesh, submesh
-from ..core.plan import ResolvedPlan
 from ..core.strategy import Strategy, StrategyOptions
-from ..core.tensor_parallel import apply_tensor_parallel
 from ..plugins.hookspecs import hookimpl
+from ..tensor_parallel.apply import apply_tensor_parallel
+from ..tensor_parallel.plan import ResolvedPlan
 
 DDP_REPLICATE = "torch.distributed._composable.replicate"
 TP_REPLICATE = "torch.distributed._composable.replicate_with_fsdp"
@@ -58,7 +58,7 @@ class DDPOptions(CheckpointingOptions):
             replication tolerates them anyway.
         static_graph: tell DDP the set of used parameters never changes (enables its optimizations). Not with TP.
         activation_checkpointing / activation_checkpointing_every: see
-            :class:`meshplan.core.checkpointing.CheckpointingOptions`.
+            :class:`meshplan.core.activation_checkpointing.CheckpointingOptions`.
     """
 
     dp_mesh_name: str = "dp"

@@ -3,9 +3,9 @@
 The composition order is fixed:
 
 1. **Tensor parallel** on the ``tp`` mesh dim with the plan the dispatcher resolved and validated
-   (:func:`meshplan.core.tensor_parallel.apply_tensor_parallel`, which also keeps tied input/output
+   (:func:`meshplan.tensor_parallel.apply.apply_tensor_parallel`, which also keeps tied input/output
    embeddings tied).
-2. **Activation checkpointing** (:mod:`meshplan.core.checkpointing`) of the model's blocks.
+2. **Activation checkpointing** (:mod:`meshplan.core.activation_checkpointing`) of the model's blocks.
 3. **FSDP2** (``torch.distributed.fsdp.fully_shard``) of every block found structurally by
    :func:`meshplan.core.blocks.find_blocks`; the last block does not reshard after forward (backward
    needs it first).
@@ -28,15 +28,15 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from ..core.activation_checkpointing import CheckpointingOptions
 from ..core.blocks import find_blocks
-from ..core.checkpointing import CheckpointingOptions
 from ..core.errors import MeshError, OptionsError, UnsupportedConfigurationError
 from ..core.log import get_logger, log_rank0
 from ..core.mesh import DataParallelMesh, select_data_parallel_mesh, submesh
-from ..core.plan import ResolvedPlan
 from ..core.strategy import Strategy, StrategyOptions
-from ..core.tensor_parallel import apply_tensor_parallel
 from ..plugins.hookspecs import hookimpl
+from ..tensor_parallel.apply import apply_tensor_parallel
+from ..tensor_parallel.plan import ResolvedPlan
 
 if TYPE_CHECKING:  # torch.distributed.fsdp is imported on use, so listing strategies stays fast
     from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy

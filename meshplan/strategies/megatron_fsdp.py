@@ -31,8 +31,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
+from ..core.activation_checkpointing import CheckpointingOptions
 from ..core.blocks import find_blocks
-from ..core.checkpointing import CheckpointingOptions
 from ..core.errors import (
     ImportPathError,
     MeshError,
@@ -43,11 +43,11 @@ from ..core.errors import (
 from ..core.imports import import_class_from_path
 from ..core.log import get_logger, log_rank0
 from ..core.mesh import dim_names, dim_size, submesh
-from ..core.names import did_you_mean
-from ..core.plan import ResolvedPlan
+from ..core.naming import did_you_mean
 from ..core.strategy import Strategy, StrategyOptions
-from ..core.tensor_parallel import apply_tensor_parallel
 from ..plugins.hookspecs import hookimpl
+from ..tensor_parallel.apply import apply_tensor_parallel
+from ..tensor_parallel.plan import ResolvedPlan
 
 logger = get_logger(__name__)
 
@@ -86,7 +86,7 @@ class MegatronFSDPOptions(CheckpointingOptions):
             build the optimizer from the returned model's parameters, then call
             ``megatron_fsdp.fully_shard_optimizer(optimizer)``.
         activation_checkpointing / activation_checkpointing_every: see
-            :class:`meshplan.core.checkpointing.CheckpointingOptions`; applied after TP and before wrapping.
+            :class:`meshplan.core.activation_checkpointing.CheckpointingOptions`; applied after TP and before wrapping.
     """
 
     nvfsdp_unit_modules: Sequence[str | type] | None = None
@@ -163,8 +163,8 @@ STRUCTURAL_TARGETS: dict[str, str] = {
 MESHPLAN_OPTIONS: dict[str, str] = {
     "sequence_parallel": "meshplan: TP plan variant",
     "strict": "meshplan: TP plan key matching",
-    "activation_checkpointing": "meshplan: core.checkpointing before wrapping",
-    "activation_checkpointing_every": "meshplan: core.checkpointing before wrapping",
+    "activation_checkpointing": "meshplan: core.activation_checkpointing before wrapping",
+    "activation_checkpointing_every": "meshplan: core.activation_checkpointing before wrapping",
 }
 
 #: Keywords the strategy always passes; an installed version lacking one of them is unsupported.
@@ -520,7 +520,7 @@ def parallelize_megatron_fsdp(
     ``optimizer`` is wrapped in place (the same object is returned); ``None`` returns ``None``. The other
     keyword arguments are :class:`MegatronFSDPOptions` fields.
     """
-    from ..core.dispatch import prepare
+    from ..api import prepare
 
     prepared = prepare(model, device_mesh, "megatron_fsdp", tp_plan, optimizer=optimizer, **options)
     wrapped = prepared.apply()

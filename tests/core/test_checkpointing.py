@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from meshplan.core.activation_checkpointing import apply_activation_checkpointing, checkpoint_targets
 from meshplan.core.blocks import find_blocks
-from meshplan.core.checkpointing import apply_activation_checkpointing, checkpoint_targets
 from meshplan.core.errors import UnsupportedConfigurationError
 from tests.models import TinyStack, tiny_hf
 

@@ -10,7 +10,7 @@ from meshplan import (
     get_tp_plan,
     register_tp_plan,
 )
-from meshplan.core.matching import match_key, replicated_linears, suggest_keys
+from meshplan.tensor_parallel.matching import match_key, replicated_linears, suggest_keys
 from tests.models import TinyStack
 
 STACK_PLAN = {"layers.*.up": "colwise", "layers.*.down": "rowwise"}

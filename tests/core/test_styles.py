@@ -3,8 +3,8 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
 from meshplan import UnknownStyleError, register_style
-from meshplan.core.styles import make_style
 from meshplan.plugins.manager import get_registry
+from meshplan.tensor_parallel.vocabulary import make_style
 
 
 def test_nemo_meanings():
@@ -43,7 +43,7 @@ def test_runtime_style_registration():
 def test_transformers_styles_beyond_nemo():
     from torch.distributed.tensor.parallel import PrepareModuleOutput
 
-    from meshplan.core.parallel_styles import (
+    from meshplan.tensor_parallel.custom_styles import (
         KeepReplicated,
         PackedColwiseParallel,
         PackedRowwiseParallel,
@@ -61,7 +61,7 @@ def test_transformers_styles_beyond_nemo():
 def test_rank_major_packing_round_trips_and_groups_each_ranks_slices():
     import torch
 
-    from meshplan.core.parallel_styles import pack_rank_major, unpack_rank_major
+    from meshplan.tensor_parallel.custom_styles import pack_rank_major, unpack_rank_major
 
     full = torch.arange(16.0).reshape(8, 2)  # parts of 4 (q), 2 (k), 2 (v) rows
     packed = pack_rank_major(full, (4, 2, 2), world=2)
@@ -74,7 +74,7 @@ def test_rank_major_packing_round_trips_and_groups_each_ranks_slices():
 def test_predicted_placements_of_tied_parameters():
     from torch import nn
 
-    from meshplan.core.parallel_styles import ChainedStyles, KeepReplicated, predicted_placement
+    from meshplan.tensor_parallel.custom_styles import ChainedStyles, KeepReplicated, predicted_placement
 
     embedding, linear = nn.Embedding(8, 4), nn.Linear(4, 8)
     assert predicted_placement(RowwiseParallel(), embedding, "weight") == predicted_placement(

@@ -15,10 +15,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from meshplan.core.mesh import submesh
-from meshplan.core.parallel_styles import unpack_full_state_dict
-from meshplan.core.plan import ResolvedPlan
 from meshplan.core.strategy import Strategy, StrategyOptions
-from meshplan.core.tensor_parallel import apply_tensor_parallel
+from meshplan.tensor_parallel.apply import apply_tensor_parallel
+from meshplan.tensor_parallel.custom_styles import unpack_full_state_dict
+from meshplan.tensor_parallel.plan import ResolvedPlan
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)

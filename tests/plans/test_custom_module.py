@@ -64,7 +64,7 @@ class _RankScaled(torch.nn.Module):
 
 def _packed_and_all_reduce_styles() -> dict:
     import meshplan
-    from meshplan.core.parallel_styles import unpack_full_state_dict
+    from meshplan.tensor_parallel.custom_styles import unpack_full_state_dict
 
     meshplan.register_strategy(TensorParallelOnly)
     torch.manual_seed(0)

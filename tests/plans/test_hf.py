@@ -11,8 +11,6 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 import meshplan
 from meshplan import PlanNotFoundError
 from meshplan.core.errors import SequenceParallelUnsupportedError, UntranslatableStyleError
-from meshplan.core.parallel_styles import ReplicatedWithGradAllReduce
-from meshplan.core.styles import BUILTIN_STYLES
 from meshplan.plans.hf_translation import (
     REPLICABLE_STYLES,
     get_hf_tp_shard_plan,
@@ -20,6 +18,8 @@ from meshplan.plans.hf_translation import (
     merged_hf_plan,
     translate_hf_plan,
 )
+from meshplan.tensor_parallel.custom_styles import ReplicatedWithGradAllReduce
+from meshplan.tensor_parallel.vocabulary import BUILTIN_STYLES
 from tests.plans.helpers import SMALL, build
 
 

@@ -14,13 +14,13 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from meshplan.core.errors import PlanError
-from meshplan.core.parallel_styles import (
+from meshplan.plans.hf_translation import hf_tp_plan, translate_hf_plan
+from meshplan.tensor_parallel.custom_styles import (
     LocalShardedParameters,
     MlaKvAProjParallel,
     ReplicatedWithGradAllReduce,
     predicted_placement,
 )
-from meshplan.plans.hf_translation import hf_tp_plan, translate_hf_plan
 
 HEADS, HIDDEN, LORA, ROPE, NOPE = 4, 8, 4, 2, 3
 

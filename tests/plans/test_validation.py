@@ -13,10 +13,10 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 import meshplan
 from meshplan import TensorParallelSizeError, UnmatchedPlanKeyError
 from meshplan.core.errors import TiedParameterError
-from meshplan.core.parallel_styles import KeepReplicated
-from meshplan.core.plan import ResolvedPlan
-from meshplan.core.tensor_parallel import apply_tensor_parallel
 from meshplan.plugins.testing import RankError
+from meshplan.tensor_parallel.apply import apply_tensor_parallel
+from meshplan.tensor_parallel.custom_styles import KeepReplicated
+from meshplan.tensor_parallel.plan import ResolvedPlan
 from tests.plans.helpers import TensorParallelOnly, build, tp_mesh
 
 

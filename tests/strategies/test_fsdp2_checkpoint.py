@@ -16,15 +16,15 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
-from meshplan.core.distributed_checkpoint import (
+from meshplan.core.errors import UnsupportedConfigurationError
+from meshplan.plugins.testing import RankError
+from meshplan.state.distributed_checkpoint import (
     gather_full_state_dict,
     load_distributed_checkpoint,
     save_distributed_checkpoint,
 )
-from meshplan.core.errors import UnsupportedConfigurationError
-from meshplan.core.meta_init import materialize_meta_model
-from meshplan.core.unshard import unshard_fsdp2_model
-from meshplan.plugins.testing import RankError
+from meshplan.state.meta_init import materialize_meta_model
+from meshplan.state.unshard import unshard_fsdp2_model
 from tests.parity import ModelSpec, batches
 
 pytestmark = pytest.mark.distributed

@@ -13,7 +13,7 @@ import sys
 import uuid
 from collections.abc import Mapping, Sequence
 
-from .core.errors import MeshplanError
+from ..core.errors import MeshplanError
 
 #: Variables any torch launcher sets in its workers.
 LAUNCHED_ENV = ("RANK", "LOCAL_RANK")

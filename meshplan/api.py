@@ -1,15 +1,71 @@
-"""Runtime registration and listings (the functions behind ``meshplan.register_*`` / ``list_*``)."""
+"""The public facade: ``parallelize``, ``prepare``, strategy lookup, runtime registration and listings.
+
+Everything here works on the process-wide registry that the plugin layer fills on first use; the
+machinery itself lives in :mod:`meshplan.core` (dispatch, registry) and :mod:`meshplan.plugins` (discovery).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
-from ..core.errors import MeshplanError
-from ..core.plan import ResolvedPlan, resolve_plan
-from ..core.registry import Registration, Table
-from .manager import get_host, get_registry
+from .core import dispatch
+from .core.dispatch import Prepared, get_report
+from .core.errors import MeshplanError, UnknownStrategyError
+from .core.naming import did_you_mean
+from .core.registry import Registration, Table
+from .core.strategy import Strategy
+from .plugins.manager import get_host, get_registry
+from .tensor_parallel.plan import ResolvedPlan, resolve_plan
+
+__all__ = [
+    "Prepared", "get_report", "get_strategy", "get_tp_plan", "list_plugins", "list_strategies", "list_styles",
+    "list_tp_plans", "parallelize", "prepare", "register_strategy", "register_style", "register_tp_plan",
+]
+
+
+def get_strategy(name: str) -> Strategy:
+    """The strategy registered under ``name`` (aliases, case and ``-``/``_`` insensitive), as an instance."""
+    host = get_host()
+    registration = host.registry.strategies.find(name)
+    if registration is None:
+        known = ", ".join(sorted(host.registry.strategies.keys())) or "none"
+        raise UnknownStrategyError(
+            f"Unknown strategy {name!r}. Known strategies: {known}."
+            f"{did_you_mean(name, host.registry.strategies.keys())}{host.failure_hint('strategy', name)}"
+        )
+    target = registration.load()
+    strategy = target() if isinstance(target, type) else target
+    if not isinstance(strategy, Strategy):
+        raise UnknownStrategyError(
+            f"Strategy {name!r} from {registration.provenance.describe()} is a {type(strategy).__name__}, "
+            "not a meshplan.Strategy."
+        )
+    return strategy
+
+
+def prepare(
+    model: nn.Module, device_mesh: DeviceMesh, strategy: str | Strategy = "fsdp2", tp_plan: Any = None,
+    **options: Any,
+) -> Prepared:
+    """Resolve and validate everything; no collective runs and the model is not modified."""
+    chosen = strategy if isinstance(strategy, Strategy) else get_strategy(strategy)
+    return dispatch.prepare(model, device_mesh, chosen, get_registry(), tp_plan, **options)
+
+
+def parallelize(
+    model: nn.Module, device_mesh: DeviceMesh, strategy: str | Strategy = "fsdp2", tp_plan: Any = None,
+    **options: Any,
+) -> nn.Module:
+    """Parallelize ``model`` on ``device_mesh`` with the named strategy and the model's TP plan.
+
+    ``tp_plan`` overrides the registered plan: a dict ``{module pattern: style name | ParallelStyle}``,
+    a dotted path to such a dict or to a function returning one, or a callable
+    ``(model, sequence_parallel) -> dict``. Remaining keyword arguments are the strategy's options.
+    """
+    return prepare(model, device_mesh, strategy, tp_plan, **options).apply()
 
 
 def register_strategy(
@@ -62,8 +118,6 @@ def _entry(table: Table, reg: Registration) -> dict[str, Any]:
 
 def list_strategies() -> list[dict[str, Any]]:
     """Every registered strategy with aliases, provenance, options and availability here."""
-    from ..core.dispatch import get_strategy
-
     table = get_registry().strategies
     rows = []
     for reg in table.registrations():

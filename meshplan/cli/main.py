@@ -11,12 +11,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .core.errors import MeshplanError, OptionsError, PlanSourceError
+from ..core.errors import MeshplanError, OptionsError, PlanSourceError
 from .tables import format_table
 
 
 def _plugins_rows() -> list[dict[str, Any]]:
-    from .plugins.api import list_plugins
+    from ..api import list_plugins
 
     rows = list_plugins()
     for row in rows:
@@ -25,7 +25,7 @@ def _plugins_rows() -> list[dict[str, Any]]:
 
 
 def _strategies_rows() -> list[dict[str, Any]]:
-    from .plugins.api import list_strategies
+    from ..api import list_strategies
 
     rows = list_strategies()
     for row in rows:
@@ -36,7 +36,7 @@ def _strategies_rows() -> list[dict[str, Any]]:
 
 
 def _plans_rows() -> list[dict[str, Any]]:
-    from .plugins.api import list_tp_plans
+    from ..api import list_tp_plans
 
     return list_tp_plans()
 
@@ -48,7 +48,7 @@ def _presets_rows() -> list[dict[str, Any]]:
 
 
 def _styles_rows() -> list[dict[str, Any]]:
-    from .plugins.api import list_styles
+    from ..api import list_styles
 
     return list_styles()
 
@@ -130,7 +130,7 @@ def _add_explain_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    from .dryrun import explain, render_text
+    from ..dryrun import explain, render_text
 
     report = explain(
         args.model, args.mesh, args.strategy, tp_plan=load_tp_plan(args.tp_plan),

@@ -37,17 +37,16 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING
 
-from ..plugins.hookspecs import hookimpl
-from .errors import UnknownStyleError
-from .imports import import_class_from_path
-from .names import did_you_mean
-from .registry import Registry
+from ..core.errors import UnknownStyleError
+from ..core.imports import import_class_from_path
+from ..core.naming import did_you_mean
+from ..core.registry import Registry
 
 if TYPE_CHECKING:
     from torch.distributed.tensor.parallel import ParallelStyle
 
-_TORCH = "meshplan.core.style_factories"
-_CUSTOM = "meshplan.core.parallel_styles"
+_TORCH = "meshplan.tensor_parallel.torch_styles"
+_CUSTOM = "meshplan.tensor_parallel.custom_styles"
 
 #: style name -> dotted path of its factory (imported on first use, so plugin discovery stays light)
 BUILTIN_STYLES: dict[str, str] = {
@@ -72,12 +71,6 @@ BUILTIN_STYLES: dict[str, str] = {
 def builtin_style(name: str) -> ParallelStyle:
     """A new style object for one of :data:`BUILTIN_STYLES` (no registry involved)."""
     return import_class_from_path(BUILTIN_STYLES[name])()
-
-
-@hookimpl
-def meshplan_register_styles(register) -> None:  # noqa: ANN001 - the hook's callback
-    for name, factory in BUILTIN_STYLES.items():
-        register(name, factory)
 
 
 def make_style(name: str, registry: Registry) -> ParallelStyle:

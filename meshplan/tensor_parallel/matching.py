@@ -12,7 +12,7 @@ from fnmatch import fnmatch
 
 from torch import nn
 
-from .names import closest
+from ..core.naming import closest
 
 
 def match_key(model: nn.Module, key: str) -> list[str]:

@@ -20,8 +20,8 @@ from typing import Any
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from .core.errors import MeshError
-from .core.strategy import Strategy
+from ..core.errors import MeshError
+from ..core.strategy import Strategy
 
 #: Dims whose name has two underscore-separated parts; every other atom is one part.
 TWO_PART_DIMS = ("dp_replicate", "dp_shard")

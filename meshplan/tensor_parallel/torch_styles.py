@@ -1,4 +1,4 @@
-"""Factories of torch's built-in styles under meshplan's style names (see :mod:`meshplan.core.styles`).
+"""Factories of torch's built-in styles under meshplan's style names (see :mod:`meshplan.tensor_parallel.vocabulary`).
 
 Imported when a style is first made, not at plugin discovery: DTensor is a heavy import.
 """

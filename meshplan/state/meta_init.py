@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from .errors import UnsupportedConfigurationError
+from ..core.errors import UnsupportedConfigurationError
 
 ModuleInit = Callable[[nn.Module], None]
 

@@ -8,11 +8,11 @@ from typing import Any
 
 from torch import nn
 
-from .errors import TensorParallelSizeError, UnmatchedPlanKeyError
-from .log import get_logger, log_rank0
+from ..core.errors import TensorParallelSizeError, UnmatchedPlanKeyError
+from ..core.log import get_logger, log_rank0
+from .apply import shared_parameters, tied_layout_error
 from .matching import match_plan, replicated_linears, suggest_keys
 from .plan import ResolvedPlan
-from .tensor_parallel import shared_parameters, tied_layout_error
 
 logger = get_logger(__name__)
 
@@ -52,7 +52,7 @@ def validate_tp_size(model: nn.Module, tp_size: int) -> None:
 
 def match_and_check(model: nn.Module, plan: ResolvedPlan, strict: bool = True) -> ResolvedPlan:
     """Match every plan key to modules; a key matching nothing is an error (or one warning if not strict)."""
-    from .parallel_styles import shards_parameters  # DTensor styles: imported when a plan is used
+    from .custom_styles import shards_parameters  # DTensor styles: imported when a plan is used
     matches = match_plan(model, plan.styles)
     unmatched = [key for key, found in matches.items() if not found]
     if unmatched:
@@ -78,7 +78,7 @@ def check_tied_parameters(model: nn.Module, styles: dict, matches: dict[str, lis
 
     (Layouts that cannot be predicted without applying the style are checked after applying it.)
     """
-    from .parallel_styles import predicted_placement
+    from .custom_styles import predicted_placement
 
     style_of = {fqn: styles[key] for key, found in matches.items() for fqn in found}
     for group in shared_parameters(model):

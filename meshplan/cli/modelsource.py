@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core.errors import MeshplanError
-from .core.names import did_you_mean, normalize_name
+from ..core.errors import MeshplanError
+from ..core.naming import did_you_mean, normalize_name
 
 PRESETS_DIR = "presets"  # package data of ``meshplan`` (see pyproject.toml)
 

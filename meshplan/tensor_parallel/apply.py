@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from .errors import TiedParameterError
+from ..core.errors import TiedParameterError
 from .plan import ResolvedPlan
 
 #: ``(module fqn, parameter name)`` of one owner of a shared parameter.

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .errors import PlanError, PlanNotFoundError, PlanSourceError
-from .imports import import_class_from_path
-from .registry import Registry
-from .styles import copy_style, make_style
+from ..core.errors import PlanError, PlanNotFoundError, PlanSourceError
+from ..core.imports import import_class_from_path
+from ..core.registry import Registry
+from .vocabulary import copy_style, make_style
 
 if TYPE_CHECKING:
     from torch.distributed.tensor.parallel import ParallelStyle

@@ -1,6 +1,6 @@
 """``meshplan demo``: train a small built-in model with a meshplan strategy on a few ranks.
 
-Started by hand it launches ``--nproc`` local ranks itself (see :mod:`meshplan.launch`); under
+Started by hand it launches ``--nproc`` local ranks itself (see :mod:`meshplan.cli.launch`); under
 ``torchrun`` (one node or many) every process is a rank already. Each rank builds the same model
 from a config (fixed seed, random weights), ``meshplan.parallelize``s it on a
 ``dp_replicate x dp_shard x tp`` mesh, and trains on synthetic token sequences that can be learned
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .core.errors import MeshError, MeshplanError, OptionsError, UnsupportedConfigurationError
+from ..core.errors import MeshError, MeshplanError, OptionsError, UnsupportedConfigurationError
 from .launch import in_launched_job, launch_local
 
 #: Relative tolerance for "the ranks hold the same model" (checksums of gathered parameters).
@@ -89,7 +89,7 @@ def main(config: DemoConfig) -> int:
     """Launch local ranks, or (inside a launched job) run this rank; 0 on success.
 
     Raises:
-        MeshplanError: a rank failed (:class:`~meshplan.launch.LaunchError`), or the result check failed.
+        MeshplanError: a rank failed (:class:`~meshplan.cli.launch.LaunchError`), or the result check failed.
     """
     if not in_launched_job():
         _check_before_launch(config)
@@ -101,7 +101,7 @@ def main(config: DemoConfig) -> int:
 
 def _check_before_launch(config: DemoConfig) -> None:
     """Fail fast, in this process, on what every rank would reject: mesh shape, strategy, model, steps."""
-    from .core.dispatch import get_strategy
+    from ..api import get_strategy
     from .modelsource import resolve_source
 
     mesh_dims(config, config.nproc)
@@ -203,7 +203,7 @@ def run_worker(config: DemoConfig) -> DemoResult:
 
 
 def _parallel_model(config: DemoConfig, device: torch.device) -> tuple[nn.Module, Any, str]:
-    from .core.dispatch import get_strategy, parallelize
+    from ..api import get_strategy, parallelize
     from .meshspec import build_mesh, mesh_name_options
     from .modelsource import build_model, resolve_source
 

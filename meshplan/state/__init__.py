@@ -1,0 +1,1 @@
+"""Model state across layouts: meta-device materialization, distributed checkpoints, unsharding."""

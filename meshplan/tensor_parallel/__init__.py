@@ -1,0 +1,1 @@
+"""Tensor-parallel plans: resolution, the style vocabulary, custom styles, matching, validation, application."""
