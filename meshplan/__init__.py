@@ -35,7 +35,7 @@ _LAZY: dict[str, str] = {
     "import_class_from_path": ".core.imports",
     # contracts
     "Strategy": ".core.strategy", "StrategyOptions": ".core.strategy", "OptionInfo": ".core.strategy",
-    "ResolvedPlan": ".tensor_parallel.plan",
+    "ResolvedPlan": ".tensor_parallel.plan", "MeshRoles": ".core.roles", "RoleDims": ".core.roles",
     # built-in strategies
     "FSDP2Strategy": ".strategies.fsdp2", "FSDP2Options": ".strategies.fsdp2",
     "DDPStrategy": ".strategies.ddp", "DDPOptions": ".strategies.ddp",

@@ -372,7 +372,6 @@ def tp_mesh():
 
 
 def _tp_only_strategy():
-    from meshplan.core.mesh import submesh
     from meshplan.core.strategy import Strategy
     from meshplan.tensor_parallel.apply import apply_tensor_parallel
 
@@ -381,9 +380,9 @@ def _tp_only_strategy():
 
         name = "conformance_tp"
 
-        def parallelize(self, model, device_mesh, plan, options):
+        def parallelize(self, model, roles, plan, options):
             if plan is not None:
-                apply_tensor_parallel(model, submesh(device_mesh, options.tp_mesh_name), plan)
+                apply_tensor_parallel(model, roles.tp, plan)
             return model
 
     return ConformanceTP

@@ -110,7 +110,7 @@ class SeeingStrategy(meshplan.Strategy):
     name = "seeing"
     options_class = SeenOptions
 
-    def parallelize(self, model, device_mesh, plan, options):
+    def parallelize(self, model, roles, plan, options):
         return model
 
 

@@ -16,8 +16,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..tensor_parallel.plan import ResolvedPlan, resolve_plan
 from ..tensor_parallel.validation import match_and_check, validate_tp_size
 from .errors import StrategyUnavailableError
-from .mesh import dim_size
 from .registry import Registry
+from .roles import MeshRoles, resolve_roles
 from .strategy import Strategy, StrategyOptions
 
 REPORT_ATTRIBUTE = "_meshplan_report"
@@ -28,23 +28,31 @@ class Prepared:
     """Everything ``parallelize`` decided before touching the model; :meth:`apply` runs the strategy."""
 
     model: nn.Module
-    device_mesh: DeviceMesh
+    roles: MeshRoles
     strategy: Strategy
     options: StrategyOptions
     plan: ResolvedPlan | None
-    tp_size: int
+
+    @property
+    def device_mesh(self) -> DeviceMesh:
+        return self.roles.mesh
+
+    @property
+    def tp_size(self) -> int:
+        return self.roles.size("tp")
 
     def report(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy.name,
             "options": {k: repr(v) for k, v in vars(self.options).items()},
             "mesh": dict(zip(self.device_mesh.mesh_dim_names or (), self.device_mesh.shape)),
+            "roles": self.roles.describe(),
             "tp_size": self.tp_size,
             "plan": None if self.plan is None else self.plan.report(),
         }
 
     def apply(self) -> nn.Module:
-        model = self.strategy.parallelize(self.model, self.device_mesh, self.plan, self.options)
+        model = self.strategy.parallelize(self.model, self.roles, self.plan, self.options)
         object.__setattr__(model, REPORT_ATTRIBUTE, self.report())
         return model
 
@@ -61,14 +69,14 @@ def prepare(
     if reason:
         raise StrategyUnavailableError(f"Strategy {strategy.name!r} cannot run here: {reason}")
     opts = strategy.make_options(options)
-    tp_size = dim_size(device_mesh, opts.tp_mesh_name)
+    roles = resolve_roles(device_mesh, opts.mesh_roles(), strategy.name, ep_size=getattr(opts, "ep_size", 1))
     plan = None
-    if tp_size > 1:
-        validate_tp_size(model, tp_size)
+    if roles.size("tp") > 1:
+        validate_tp_size(model, roles.size("tp"))
         plan = resolve_plan(model, registry, tp_plan, opts.sequence_parallel)
         plan = match_and_check(model, plan, strict=opts.strict)
-    strategy.validate(model, device_mesh, plan, opts)
-    return Prepared(model, device_mesh, strategy, opts, plan, tp_size)
+    strategy.validate(model, roles, plan, opts)
+    return Prepared(model, roles, strategy, opts, plan)
 
 
 def get_report(model: nn.Module) -> Mapping[str, Any] | None:

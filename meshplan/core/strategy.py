@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 
 from ..tensor_parallel.plan import ResolvedPlan
 from .errors import OptionsError
 from .naming import did_you_mean
+from .roles import MeshRoles, RoleDims, role_dims
 
 
 @dataclass
@@ -35,6 +35,19 @@ class StrategyOptions:
     sequence_parallel: bool = False
     strict: bool = True
 
+    def mesh_roles(self) -> dict[str, RoleDims]:
+        """The parallel roles the strategy supports and the mesh dims each may use (first present wins).
+
+        Every mesh dim larger than 1 must fall in one of them (see :func:`meshplan.core.roles.resolve_roles`).
+        The base knows ``tp`` by its option and the data-parallel roles by their canonical dim names;
+        subclasses name their own (and add ``cp`` when they support context parallelism).
+        """
+        return {
+            "tp": role_dims("tp_mesh_name", self.tp_mesh_name),
+            "dp_replicate": role_dims(None, "dp_replicate"),
+            "dp_shard": role_dims(None, "dp_shard_cp", "dp_shard", "dp"),
+        }
+
 
 @dataclass(frozen=True)
 class OptionInfo:
@@ -50,6 +63,8 @@ class Strategy(ABC):
 
     Subclasses set ``name`` (and optionally ``aliases``, ``description``, ``options_class``) and implement
     :meth:`parallelize`. :meth:`validate` and :meth:`unavailable_reason` run before any collective.
+    Both receive the mesh as :class:`MeshRoles` (resolved from ``options.mesh_roles()``): ``roles.tp``,
+    ``roles.data_parallel``, ``roles.cp`` ... and ``roles.mesh`` for the whole mesh.
     """
 
     name: ClassVar[str]
@@ -90,12 +105,12 @@ class Strategy(ABC):
         return None
 
     def validate(
-        self, model: nn.Module, device_mesh: DeviceMesh, plan: ResolvedPlan | None, options: StrategyOptions
+        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
     ) -> None:
         """Raise a :class:`MeshplanError` for bad inputs. Must be deterministic and collective-free."""
 
     @abstractmethod
     def parallelize(
-        self, model: nn.Module, device_mesh: DeviceMesh, plan: ResolvedPlan | None, options: StrategyOptions
+        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
     ) -> nn.Module:
         """Apply the strategy and return the model (parallelized in place where possible)."""

@@ -34,7 +34,8 @@ from ..core.activation_checkpointing import CheckpointingOptions
 from ..core.blocks import find_blocks
 from ..core.errors import MeshError, StrategyUnavailableError, UnsupportedConfigurationError
 from ..core.log import get_logger, log_rank0
-from ..core.mesh import dim_names, dim_size, require_submesh, submesh
+from ..core.mesh import dim_names
+from ..core.roles import MeshRoles, RoleDims, role_dims
 from ..core.strategy import Strategy, StrategyOptions
 from ..plugins.hookspecs import hookimpl
 from ..tensor_parallel.apply import apply_tensor_parallel
@@ -51,8 +52,9 @@ class DDPOptions(CheckpointingOptions):
     """Options of the ``ddp`` strategy.
 
     Attributes:
-        dp_mesh_name: the data-parallel mesh dim (a real or flattened dim). Together with the TP dim it
-            must cover every rank of the mesh. A 1-D mesh without dim names is used whole.
+        dp_mesh_name: the data-parallel mesh dim (a real or flattened dim); without it, ``dp_replicate`` and
+            ``dp_shard`` are flattened into one. Together with the TP dim it must cover every rank of the
+            mesh. A 1-D mesh without dim names is used whole.
         bucket_cap_mb: DDP gradient bucket size in MiB (``None``: torch's default, 25). Not with TP.
         find_unused_parameters: let DDP handle parameters that get no gradient in a step. With TP the
             replication tolerates them anyway.
@@ -66,22 +68,24 @@ class DDPOptions(CheckpointingOptions):
     find_unused_parameters: bool = False
     static_graph: bool = False
 
+    def mesh_roles(self) -> dict[str, RoleDims]:
+        # a mesh with separate dp_replicate / dp_shard dims is replicated over both (flattened into one)
+        return {
+            "tp": super().mesh_roles()["tp"],
+            "dp_replicate": role_dims("dp_mesh_name", self.dp_mesh_name, ("dp_replicate", "dp_shard")),
+        }
 
-def data_parallel_mesh(device_mesh: DeviceMesh, dp_mesh_name: str, tp_mesh_name: str) -> DeviceMesh:
-    """The 1-D data-parallel sub-mesh; :class:`MeshError` if it is missing or leaves ranks uncovered."""
-    if not device_mesh.mesh_dim_names and device_mesh.ndim == 1:
-        return device_mesh
-    _, dp_mesh = require_submesh(device_mesh, (dp_mesh_name,), "data parallelism (dp_mesh_name)")
-    tp_size = dim_size(device_mesh, tp_mesh_name)
-    if dp_mesh.size() * tp_size != device_mesh.size():
+
+def data_parallel_mesh(roles: MeshRoles, options: DDPOptions) -> DeviceMesh:
+    """The 1-D data-parallel sub-mesh; :class:`MeshError` if the mesh has none."""
+    mesh = roles.submesh("dp_replicate")
+    if mesh is None:
         raise MeshError(
-            f"ddp replicates over {dp_mesh_name!r} (size {dp_mesh.size()}) and tensor-parallelizes over "
-            f"{tp_mesh_name!r} (size {tp_size}), which cover {dp_mesh.size() * tp_size} of the mesh's "
-            f"{device_mesh.size()} ranks (dims {dict(zip(dim_names(device_mesh), device_mesh.shape))}); the "
-            "others would train unsynchronized copies. Flatten the data-parallel dims into one "
-            "(mesh[('dp_replicate', 'dp_shard')]._flatten('dp')) and pass dp_mesh_name=..., or use fsdp2."
+            f"ddp replicates over a data-parallel dim: looked for {options.mesh_roles()['dp_replicate'].looked_for()}"
+            f", but the mesh has {list(dim_names(roles.mesh)) or 'no named dimensions'}. Name it 'dp' or pass "
+            "dp_mesh_name=...."
         )
-    return dp_mesh
+    return mesh
 
 
 def ddp_kwargs(options: DDPOptions) -> dict[str, Any]:
@@ -119,10 +123,11 @@ class DDPStrategy(Strategy):
     options_class = DDPOptions
 
     def validate(
-        self, model: nn.Module, device_mesh: DeviceMesh, plan: ResolvedPlan | None, options: StrategyOptions
+        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
     ) -> None:
         options.check_checkpointing(find_blocks(model))
-        data_parallel_mesh(device_mesh, options.dp_mesh_name, options.tp_mesh_name)
+        if "dp_replicate" not in roles.dims:
+            data_parallel_mesh(roles, options)  # raises the MeshError
         cap = options.bucket_cap_mb
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap <= 0):
             raise UnsupportedConfigurationError(f"bucket_cap_mb must be a positive number (MiB) or None, got {cap!r}.")
@@ -142,15 +147,15 @@ class DDPStrategy(Strategy):
         _import_replicate(TP_REPLICATE)
 
     def parallelize(
-        self, model: nn.Module, device_mesh: DeviceMesh, plan: ResolvedPlan | None, options: StrategyOptions
+        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
     ) -> nn.Module:
-        dp_mesh = data_parallel_mesh(device_mesh, options.dp_mesh_name, options.tp_mesh_name)
+        dp_mesh = data_parallel_mesh(roles, options)
         blocks = find_blocks(model)
         if plan is not None:  # also re-ties parameters shared before TP (tied embeddings)
-            apply_tensor_parallel(model, submesh(device_mesh, options.tp_mesh_name), plan)
+            apply_tensor_parallel(model, roles.tp, plan)
         wrapped = options.apply_checkpointing(model, blocks)
         if plan is None:
-            model.to(_mesh_device(device_mesh))
+            model.to(_mesh_device(roles.mesh))
             _import_replicate(DDP_REPLICATE)(model, process_group=dp_mesh.get_group(), **ddp_kwargs(options))
             how = f"DistributedDataParallel {ddp_kwargs(options)}"
         else:

@@ -12,9 +12,11 @@ The composition order is fixed:
 4. The **root unit** (embeddings, final norm, ``lm_head``: everything outside the blocks, so a tied
    embedding and ``lm_head`` share one unit), which never reshards after forward.
 
-The data-parallel mesh is looked up by name: ``dp_shard_cp_mesh_name`` (then ``dp_shard_cp``, ``dp_shard``,
-``dp``) for sharding and ``dp_replicate_mesh_name`` (then ``dp_replicate``) for replication. A replicate
-dim larger than 1 makes it HSDP on the 2-D (replicate, shard) mesh; otherwise FSDP gets the 1-D shard mesh.
+The mesh roles (:mod:`meshplan.core.roles`): ``tp`` (``tp_mesh_name``), ``cp`` (``cp_mesh_name``),
+``dp_shard`` (``dp_shard_cp_mesh_name``, then ``dp_shard_cp``, ``dp_shard``, ``dp``) and ``dp_replicate``
+(``dp_replicate_mesh_name``, then ``dp_replicate``). Parameters are sharded over ``dp_shard`` x ``cp``; a
+replicate dim larger than 1 makes it HSDP on the 2-D (replicate, shard) mesh. Every other dim larger than 1
+is an error, so no rank trains as an unsynchronised copy.
 """
 
 from __future__ import annotations
@@ -26,13 +28,12 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 
 from ..core.activation_checkpointing import CheckpointingOptions
 from ..core.blocks import find_blocks
 from ..core.errors import MeshError, OptionsError, UnsupportedConfigurationError
 from ..core.log import get_logger, log_rank0
-from ..core.mesh import DataParallelMesh, select_data_parallel_mesh, submesh
+from ..core.roles import MeshRoles, RoleDims, role_dims
 from ..core.strategy import Strategy, StrategyOptions
 from ..plugins.hookspecs import hookimpl
 from ..tensor_parallel.apply import apply_tensor_parallel
@@ -47,6 +48,8 @@ logger = get_logger(__name__)
 SHARD_DIM_FALLBACKS = ("dp_shard_cp", "dp_shard", "dp")
 #: Replication dims tried after ``dp_replicate_mesh_name``, in order.
 REPLICATE_DIM_FALLBACKS = ("dp_replicate",)
+#: Context-parallel dims tried after ``cp_mesh_name``.
+CP_DIM_FALLBACKS = ("cp",)
 
 
 def default_mp_policy() -> MixedPrecisionPolicy:
@@ -65,7 +68,8 @@ class FSDP2Options(CheckpointingOptions):
         dp_replicate_mesh_name: mesh dim to replicate across (HSDP when its size is > 1); ``"dp_replicate"``
             is also tried.
         dp_shard_cp_mesh_name: mesh dim to shard across; ``"dp_shard_cp"``, ``"dp_shard"`` and ``"dp"`` are
-            tried after it.
+            tried after it. A dim of size 1 is fine (TP-only training still needs one).
+        cp_mesh_name: context-parallel mesh dim (``"cp"``); parameters are sharded over shard x cp.
         mp_policy: FSDP2 mixed precision. ``None`` (default) = bf16 parameters, fp32 gradient reduction and
             fp32 output. ``output_dtype`` is applied at the root only: casting every block's output (as NeMo
             AutoModel does) feeds fp32 activations to a bf16 ``lm_head`` and fails on transformers 5.x.
@@ -78,18 +82,30 @@ class FSDP2Options(CheckpointingOptions):
 
     dp_replicate_mesh_name: str = "dp_replicate"
     dp_shard_cp_mesh_name: str = "dp_shard_cp"
+    cp_mesh_name: str = "cp"
     mp_policy: MixedPrecisionPolicy | None = None
     offload_policy: OffloadPolicy | None = None
     reshard_after_forward: bool = True
 
+    def mesh_roles(self) -> dict[str, RoleDims]:
+        return super().mesh_roles() | {
+            "cp": role_dims("cp_mesh_name", self.cp_mesh_name, *CP_DIM_FALLBACKS),
+            "dp_replicate": role_dims("dp_replicate_mesh_name", self.dp_replicate_mesh_name,
+                                      *REPLICATE_DIM_FALLBACKS),
+            "dp_shard": role_dims("dp_shard_cp_mesh_name", self.dp_shard_cp_mesh_name, *SHARD_DIM_FALLBACKS),
+        }
 
-def data_parallel_mesh(device_mesh: DeviceMesh, options: FSDP2Options) -> DataParallelMesh:
-    """The FSDP (1-D) or HSDP (2-D) mesh the options select from ``device_mesh``."""
-    return select_data_parallel_mesh(
-        device_mesh,
-        shard_names=(options.dp_shard_cp_mesh_name, *SHARD_DIM_FALLBACKS),
-        replicate_names=(options.dp_replicate_mesh_name, *REPLICATE_DIM_FALLBACKS),
-        exclude=(options.tp_mesh_name,),
+
+def require_shard_dim(roles: MeshRoles, options: FSDP2Options) -> None:
+    """:class:`MeshError` unless the mesh has a data-parallel shard dim (size 1 is fine)."""
+    if "dp_shard" in roles.dims:
+        return
+    looked_for = options.mesh_roles()["dp_shard"].looked_for()
+    raise MeshError(
+        f"fsdp2 needs a data-parallel shard dim: looked for {looked_for}, but the mesh has "
+        f"{list(roles.mesh.mesh_dim_names or ()) or 'no named dimensions'} (shape {tuple(roles.mesh.shape)}). "
+        "Add one (size 1 is fine), e.g. init_device_mesh(..., mesh_dim_names=('dp_shard', 'tp')), or pass "
+        "dp_shard_cp_mesh_name= to name yours."
     )
 
 
@@ -104,7 +120,7 @@ def block_and_root_policies(
 def _check_types(options: FSDP2Options) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy
 
-    expected = {"dp_replicate_mesh_name": str, "dp_shard_cp_mesh_name": str, "tp_mesh_name": str,
+    expected = {"dp_replicate_mesh_name": str, "dp_shard_cp_mesh_name": str, "tp_mesh_name": str, "cp_mesh_name": str,
                 "reshard_after_forward": bool}
     for name, kind in expected.items():
         if not isinstance(getattr(options, name), kind):
@@ -125,17 +141,15 @@ class FSDP2Strategy(Strategy):
     options_class = FSDP2Options
 
     def validate(
-        self, model: nn.Module, device_mesh: DeviceMesh, plan: ResolvedPlan | None, options: StrategyOptions
+        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
     ) -> None:
-        """Type-check options, find the data-parallel dims, reject offload on CPU and bad AC settings."""
+        """Type-check options, require a shard dim, reject offload on CPU and bad AC settings."""
         from torch.distributed.fsdp import CPUOffloadPolicy
 
         require_fsdp2_options(options)
         _check_types(options)
-        data_parallel_mesh(device_mesh, options)  # raises MeshError naming the dims looked for
-        if plan is not None and submesh(device_mesh, options.tp_mesh_name) is None:
-            raise MeshError(f"A TP plan was resolved but the mesh has no {options.tp_mesh_name!r} dim.")
-        if isinstance(options.offload_policy, CPUOffloadPolicy) and device_mesh.device_type == "cpu":
+        require_shard_dim(roles, options)
+        if isinstance(options.offload_policy, CPUOffloadPolicy) and roles.mesh.device_type == "cpu":
             raise UnsupportedConfigurationError(
                 "offload_policy=CPUOffloadPolicy() needs an accelerator mesh (cuda, ...): on a CPU mesh torch's "
                 "FSDP2 fails with 'Cannot access accelerator device'. Parameters already live on the CPU here; "
@@ -143,15 +157,15 @@ class FSDP2Strategy(Strategy):
         options.check_checkpointing(find_blocks(model))
 
     def parallelize(
-        self, model: nn.Module, device_mesh: DeviceMesh, plan: ResolvedPlan | None, options: StrategyOptions
+        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
     ) -> nn.Module:
         from torch.distributed.fsdp import OffloadPolicy, fully_shard
 
         require_fsdp2_options(options)
-        dp = data_parallel_mesh(device_mesh, options)
+        dp = roles.data_parallel
         blocks = find_blocks(model)
         if plan is not None:  # also re-ties parameters shared before TP (tied embeddings)
-            apply_tensor_parallel(model, submesh(device_mesh, options.tp_mesh_name), plan)
+            apply_tensor_parallel(model, roles.tp, plan)
         wrapped = options.apply_checkpointing(model, blocks)
         block_policy, root_policy = block_and_root_policies(options.mp_policy)
         offload = options.offload_policy or OffloadPolicy()

@@ -44,6 +44,7 @@ from ..core.imports import import_class_from_path
 from ..core.log import get_logger, log_rank0
 from ..core.mesh import dim_names, dim_size, submesh
 from ..core.naming import did_you_mean
+from ..core.roles import MeshRoles, RoleDims, role_dims
 from ..core.strategy import Strategy, StrategyOptions
 from ..plugins.hookspecs import hookimpl
 from ..tensor_parallel.apply import apply_tensor_parallel
@@ -107,6 +108,10 @@ class MegatronFSDPOptions(CheckpointingOptions):
     dp_mesh_name: str = "dp"
     cp_mesh_name: str = "cp"
     optimizer: Optimizer | None = None
+
+    def mesh_roles(self) -> dict[str, RoleDims]:
+        return {"tp": super().mesh_roles()["tp"], "cp": role_dims("cp_mesh_name", self.cp_mesh_name),
+                "dp_shard": role_dims("dp_mesh_name", self.dp_mesh_name)}
 
 
 # --------------------------------------------------------------------------------------- the mapping
@@ -483,20 +488,21 @@ class MegatronFSDPStrategy(Strategy):
         return f"needs {' and '.join(missing)}" if missing else None
 
     def validate(
-        self, model: nn.Module, device_mesh: DeviceMesh, plan: ResolvedPlan | None, options: StrategyOptions
+        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
     ) -> None:
-        build_call(model, device_mesh, options, MegatronFSDPAPI.load())
+        build_call(model, roles.mesh, options, MegatronFSDPAPI.load())
 
     def parallelize(
-        self, model: nn.Module, device_mesh: DeviceMesh, plan: ResolvedPlan | None, options: StrategyOptions
+        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
     ) -> nn.Module:
         """TP -> activation checkpointing -> Megatron-FSDP. Returns the wrapped model (a ``MegatronFSDP``
         whose ``.module`` is ``model``); ``options.optimizer``, if given, is wrapped in place."""
         api = MegatronFSDPAPI.load()
+        device_mesh = roles.mesh
         call = build_call(model, device_mesh, options, api)
         blocks = find_blocks(model)
         if plan is not None:  # also re-ties parameters shared before TP (tied embeddings)
-            apply_tensor_parallel(model, submesh(device_mesh, options.tp_mesh_name), plan)
+            apply_tensor_parallel(model, roles.tp, plan)
         options.apply_checkpointing(model, blocks)
         for message in (*call.ignored, *call.notes):
             log_rank0(logger, logging.WARNING, "%s", message)

@@ -27,7 +27,7 @@ class RecordingStrategy(Strategy):
     aliases = ("rec",)
     options_class = RecordingOptions
 
-    def parallelize(self, model, device_mesh, plan, options):
+    def parallelize(self, model, roles, plan, options):
         model.seen = (plan, options)
         return model
 

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from meshplan.core.mesh import submesh
 from meshplan.core.strategy import Strategy, StrategyOptions
 from meshplan.tensor_parallel.apply import apply_tensor_parallel
 from meshplan.tensor_parallel.custom_styles import unpack_full_state_dict
@@ -74,10 +73,10 @@ class TensorParallelOnly(Strategy):
 
     name = "tp_only"
 
-    def parallelize(self, model: nn.Module, device_mesh, plan: ResolvedPlan | None,
+    def parallelize(self, model: nn.Module, roles, plan: ResolvedPlan | None,
                     options: StrategyOptions) -> nn.Module:
         if plan is not None:
-            apply_tensor_parallel(model, submesh(device_mesh, options.tp_mesh_name), plan)
+            apply_tensor_parallel(model, roles.tp, plan)
         return model
 
 

@@ -23,7 +23,7 @@ class EchoStrategy(meshplan.Strategy):
     options_class = EchoOptions
     description = "returns the model unchanged"
 
-    def parallelize(self, model, device_mesh, plan, options):
+    def parallelize(self, model, roles, plan, options):
         model.echoed = options.loudness
         return model
 

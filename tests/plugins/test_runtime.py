@@ -8,7 +8,7 @@ from meshplan.plugins.manager import get_host
 class Dummy(meshplan.Strategy):
     name = "dummy"
 
-    def parallelize(self, model, device_mesh, plan, options):
+    def parallelize(self, model, roles, plan, options):
         return model
 
 

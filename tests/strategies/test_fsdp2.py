@@ -27,9 +27,9 @@ from meshplan.core.errors import (
     TensorParallelSizeError,
     UnsupportedConfigurationError,
 )
-from meshplan.core.mesh import select_data_parallel_mesh
+from meshplan.core.roles import resolve_roles
 from meshplan.plugins.testing import RankError
-from meshplan.strategies.fsdp2 import FSDP2Options, data_parallel_mesh
+from meshplan.strategies.fsdp2 import FSDP2Options, require_shard_dim
 from tests.models import TinyStack
 from tests.parity import ModelSpec, RunResult, assert_grad_parity, assert_parity, distributed, reference
 
@@ -174,8 +174,8 @@ def parallelize_only(mesh_shape: dict[str, int], overrides: dict, kwargs: dict) 
 
 
 BAD_INPUTS = {
-    "no-dp-dim": ({"foo": 2}, {}, {}, MeshError, "looked for a sharding dim among ['dp_shard_cp', 'dp_shard', 'dp']"),
-    "replicate-only": ({"dp_replicate": 2}, {}, {}, MeshError, "does not overlap the replicate dim 'dp_replicate'"),
+    "no-dp-dim": ({"foo": 2}, {}, {}, MeshError, "Mesh dim 'foo' (size 2) has no role in strategy 'fsdp2'"),
+    "replicate-only": ({"dp_replicate": 2}, {}, {}, MeshError, "needs a data-parallel shard dim: looked for"),
     "tp-vs-kv-heads": ({"dp_shard_cp": 1, "tp": 2}, {"num_key_value_heads": 1}, {}, TensorParallelSizeError,
                        "num_key_value_heads (1)"),
     "tp-vs-heads": ({"dp_shard_cp": 1, "tp": 2}, {"hidden_size": 48, "intermediate_size": 96,
@@ -204,9 +204,13 @@ def test_bad_inputs_raise_on_every_rank(ranks2, case):
 
 
 # --- mesh selection on a fake world (no ranks needed) -------------------------------------------------------
-def _dp(shape: dict[str, int], **options):
+def _roles(shape: dict[str, int], **options):
     mesh = init_device_mesh("cpu", tuple(shape.values()), mesh_dim_names=tuple(shape))
-    return data_parallel_mesh(mesh, FSDP2Options(**options))
+    return resolve_roles(mesh, FSDP2Options(**options).mesh_roles(), "fsdp2")
+
+
+def _dp(shape: dict[str, int], **options):
+    return _roles(shape, **options).data_parallel
 
 
 def test_mesh_selection_by_name_with_fallbacks(fake_pg):
@@ -228,17 +232,18 @@ def test_mesh_selection_skips_a_shard_dim_overlapping_the_replicate_dim(fake_pg)
     with fake_pg(8):
         mesh = init_device_mesh("cpu", (2, 4), mesh_dim_names=("dp_replicate", "dp_shard"))
         mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        dp = select_data_parallel_mesh(mesh, ("dp", "dp_shard"), ("dp_replicate",))
+        dp = resolve_roles(mesh, FSDP2Options(dp_shard_cp_mesh_name="dp").mesh_roles(), "fsdp2").data_parallel
         assert (dp.replicate_name, dp.shard_name, tuple(dp.mesh.shape)) == ("dp_replicate", "dp_shard", (2, 4))
 
 
 def test_mesh_selection_error_names_what_was_looked_for(fake_pg):
     with fake_pg(4):
+        mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
+        roles = resolve_roles(mesh, FSDP2Options().mesh_roles(), "fsdp2")
         with pytest.raises(MeshError) as info:
-            _dp({"tp": 4})
+            require_shard_dim(roles, FSDP2Options())
     message = str(info.value)
-    assert "['dp_shard_cp', 'dp_shard', 'dp']" in message and "never using ['tp']" in message
-    assert "the mesh has ['tp']" in message
+    assert "['dp_shard_cp', 'dp_shard', 'dp']" in message and "the mesh has ['tp']" in message
 
 
 def test_plain_module_stack_gets_one_unit_per_block(fake_pg):

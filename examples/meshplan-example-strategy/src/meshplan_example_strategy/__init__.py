@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import parallelize_module
 
 import meshplan
@@ -34,21 +33,21 @@ class TensorParallelOnly(meshplan.Strategy):
     description = "tensor-parallel plan only, no data-parallel wrapping (inference, or your own DP)"
     options_class = TPOnlyOptions
 
-    def validate(self, model: nn.Module, device_mesh: DeviceMesh, plan: meshplan.ResolvedPlan | None,
+    def validate(self, model: nn.Module, roles: meshplan.MeshRoles, plan: meshplan.ResolvedPlan | None,
                  options: TPOnlyOptions) -> None:
         """Runs before any collective, with the same answer on every rank."""
         if plan is None and options.require_tp:
-            dims = dict(zip(device_mesh.mesh_dim_names or (), device_mesh.shape))
+            dims = dict(zip(roles.mesh.mesh_dim_names or (), roles.mesh.shape))
             raise meshplan.MeshError(
                 f"tp_only needs a mesh dim {options.tp_mesh_name!r} larger than 1, but the mesh is {dims}; "
                 "pass tp_mesh_name=... or require_tp=False."
             )
 
-    def parallelize(self, model: nn.Module, device_mesh: DeviceMesh, plan: meshplan.ResolvedPlan | None,
+    def parallelize(self, model: nn.Module, roles: meshplan.MeshRoles, plan: meshplan.ResolvedPlan | None,
                     options: TPOnlyOptions) -> nn.Module:
         if plan is None:
             return model
-        tp_mesh = device_mesh[options.tp_mesh_name]
+        tp_mesh = roles.tp  # the sub-mesh meshplan resolved for the tp role
         for key, style in plan.styles.items():  # fresh style objects, in plan order
             for fqn in plan.matches[key]:  # the modules validation matched to the key
                 parallelize_module(model.get_submodule(fqn), tp_mesh, style)

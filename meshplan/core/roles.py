@@ -1,0 +1,246 @@
+"""Mesh roles: which dims of a device mesh each parallel role uses, resolved once by ``prepare()``.
+
+A strategy's options declare, per role, the dims it may use (:class:`RoleDims`: the ``*_mesh_name`` option
+first, then fallbacks). :func:`resolve_roles` picks the first candidate present in the mesh for every role,
+then checks, without any collective, that
+
+* no two roles share ranks (the data-parallel shard dim may already contain ``cp``, as ``dp_shard_cp`` does);
+* every mesh dim larger than 1 belongs to a role, so no rank is silently left an unsynchronised copy.
+
+The result, :class:`MeshRoles`, hands strategies their sub-meshes. Sub-meshes that need new process groups
+(flattened dims) are built on first access, i.e. when the strategy applies, never during validation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from torch.distributed.device_mesh import DeviceMesh
+
+from .errors import MeshError, UnsupportedConfigurationError
+from .mesh import DataParallelMesh, dim_names, mesh_ranks, submesh
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+#: Roles in resolution order: the shard dim is resolved last so it can be told apart from cp / replicate.
+ROLE_ORDER = ("tp", "cp", "dp_replicate", "dp_shard")
+#: Roles whose sub-meshes are used whole by an unnamed 1-D mesh.
+DATA_ROLES = ("dp_shard", "dp_replicate")
+
+#: One candidate: a dim name (real or flattened), or several dims to be flattened into one.
+DimSpec = str | tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RoleDims:
+    """Where a role may live in the mesh: ``option`` (an ``*_mesh_name`` option, for messages) and the
+    candidate dims tried in order. A tuple candidate matches when any of its dims exists; the present ones
+    are flattened together."""
+
+    option: str | None
+    candidates: tuple[DimSpec, ...]
+
+    def looked_for(self) -> list[str]:
+        return ["+".join(c) if isinstance(c, tuple) else c for c in self.candidates]
+
+
+@dataclass
+class MeshRoles:
+    """The sub-meshes of each parallel role of ``mesh``; see :func:`resolve_roles`.
+
+    ``dims`` maps each present role to the mesh dims it uses (one name, or several that are flattened).
+    Roles absent from ``dims`` have size 1. ``shard_includes_cp`` is true when the data-parallel shard dim
+    already spans the context-parallel ranks (a flattened ``dp_shard_cp``).
+    """
+
+    mesh: DeviceMesh
+    dims: Mapping[str, tuple[str, ...]]
+    shard_includes_cp: bool = False
+    ep_size: int = 1
+    _cache: dict[str, DeviceMesh] = field(default_factory=dict, repr=False, compare=False)
+
+    def size(self, role: str) -> int:
+        """How many ranks the role spans (1 when absent)."""
+        if role == "ep":
+            return self.ep_size
+        names = self.dims.get(role)
+        if names is None:
+            return 1
+        if names == ("<whole>",):
+            return self.mesh.size()
+        return math.prod(_dim_size(self.mesh, n) for n in names)
+
+    def submesh(self, role: str) -> DeviceMesh | None:
+        """The 1-D sub-mesh of ``role`` (flattening its dims on first access), or ``None`` if absent."""
+        names = self.dims.get(role)
+        if names is None:
+            return None
+        if names == ("<whole>",):
+            return self.mesh
+        return self._flat(names)
+
+    @property
+    def tp(self) -> DeviceMesh | None:
+        """The tensor-parallel sub-mesh, ``None`` without TP (absent or size 1)."""
+        return self.submesh("tp") if self.size("tp") > 1 else None
+
+    @property
+    def cp(self) -> DeviceMesh | None:
+        """The context-parallel sub-mesh, ``None`` without CP (absent or size 1)."""
+        return self.submesh("cp") if self.size("cp") > 1 else None
+
+    @property
+    def data_parallel(self) -> DataParallelMesh | None:
+        """The FSDP (1-D) or HSDP (2-D) mesh for dense parameters: shards over ``dp_shard`` x ``cp``."""
+        if "dp_shard" not in self.dims and "dp_replicate" not in self.dims:
+            return None
+        if "dp_shard" not in self.dims:
+            name = _flat_name(self.dims["dp_replicate"])
+            return DataParallelMesh(self.submesh("dp_replicate"), name, self.size("dp_replicate"))
+        shard_dims = self.dims["dp_shard"]
+        if self.size("cp") > 1 and not self.shard_includes_cp:
+            shard_dims = (*shard_dims, *self.dims["cp"])
+        shard_name = _flat_name(shard_dims)
+        shard = self._flat(shard_dims)
+        if self.size("dp_replicate") == 1:
+            return DataParallelMesh(shard, shard_name, shard.size())
+        replicate_name = _flat_name(self.dims["dp_replicate"])
+        self._flat(self.dims["dp_replicate"])
+        try:
+            hybrid = self.mesh[(replicate_name, shard_name)]
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise MeshError(
+                f"Cannot build the HSDP mesh ({replicate_name!r}, {shard_name!r}) from a mesh with dims "
+                f"{list(dim_names(self.mesh))}: {exc}. The replicate dim must come before the shard dim."
+            ) from exc
+        return DataParallelMesh(hybrid, shard_name, shard.size(), replicate_name, self.size("dp_replicate"))
+
+    @property
+    def ep(self) -> DeviceMesh | None:
+        """The expert-parallel sub-mesh (``None`` without EP)."""
+        return None
+
+    @property
+    def expert_data_parallel(self) -> DataParallelMesh | None:
+        """The FSDP/HSDP mesh for expert parameters: the ranks that hold the same experts."""
+        return self.data_parallel
+
+    def describe(self) -> dict[str, dict[str, object]]:
+        """``{role: {"dims": [...], "size": n}}`` for every present role (reports, ``explain``)."""
+        report = {role: {"dims": list(names), "size": self.size(role)} for role, names in self.dims.items()}
+        if self.ep_size > 1:
+            report["ep"] = {"dims": [], "size": self.ep_size}
+        return report
+
+    def _flat(self, names: tuple[str, ...]) -> DeviceMesh:
+        name = _flat_name(names)
+        if name not in self._cache:
+            existing = submesh(self.mesh, name)
+            self._cache[name] = existing if existing is not None else self.mesh[names]._flatten(name)
+        return self._cache[name]
+
+
+def _flat_name(names: tuple[str, ...]) -> str:
+    return names[0] if len(names) == 1 else "_".join(names)
+
+
+def _dim_size(mesh: DeviceMesh, name: str) -> int:
+    sub = submesh(mesh, name)
+    return 1 if sub is None else sub.size()
+
+
+def _ranks(mesh: DeviceMesh, names: tuple[str, ...]) -> frozenset[int]:
+    """Ranks the dims ``names`` span through this rank (collective-free: slicing only)."""
+    if len(names) == 1:
+        return mesh_ranks(mesh[names[0]])
+    return mesh_ranks(mesh[names])
+
+
+def _present(mesh: DeviceMesh, spec: DimSpec) -> tuple[str, ...] | None:
+    names = spec if isinstance(spec, tuple) else (spec,)
+    found = tuple(n for n in names if n and submesh(mesh, n) is not None)
+    return found or None
+
+
+def _candidates(mesh: DeviceMesh, wanted: RoleDims) -> Iterator[tuple[str, ...]]:
+    seen: set[tuple[str, ...]] = set()
+    for spec in wanted.candidates:
+        found = _present(mesh, spec)
+        if found is not None and found not in seen:
+            seen.add(found)
+            yield found
+
+
+def resolve_roles(
+    mesh: DeviceMesh, wanted: Mapping[str, RoleDims], strategy: str, ep_size: int = 1
+) -> MeshRoles:
+    """Assign mesh dims to the roles a strategy supports; collective-free and identical on every rank.
+
+    Raises:
+        MeshError: a mesh dim larger than 1 has no role (named, with the options that would give it one),
+            or two roles would share ranks.
+    """
+    if ep_size != 1:
+        raise UnsupportedConfigurationError(f"ep_size={ep_size}: expert parallelism is not available yet.")
+    if not mesh.mesh_dim_names:
+        if mesh.ndim != 1:
+            raise MeshError(f"A {mesh.ndim}-D device mesh needs mesh_dim_names so meshplan can tell its roles apart.")
+        role = next((r for r in DATA_ROLES if r in wanted), None)
+        if role is None:
+            raise MeshError(f"Strategy {strategy!r} has no data-parallel role for an unnamed 1-D mesh.")
+        return MeshRoles(mesh, {role: ("<whole>",)})
+    dims: dict[str, tuple[str, ...]] = {}
+    ranks: dict[str, frozenset[int]] = {}
+    me = frozenset({mesh.get_rank()})
+    shard_includes_cp = False
+    for role in (r for r in ROLE_ORDER if r in wanted):
+        for names in _candidates(mesh, wanted[role]):
+            span = _ranks(mesh, names)
+            overlaps = [r for r, s in ranks.items() if s & span != me]
+            contains_cp = role == "dp_shard" and overlaps == ["cp"] and ranks["cp"] <= span
+            if overlaps and not contains_cp:
+                continue  # e.g. a flattened dp = dp_replicate x dp_shard when replicate is its own role
+            dims[role], ranks[role] = names, span
+            shard_includes_cp = shard_includes_cp or contains_cp
+            break
+    _check_coverage(mesh, ranks, wanted, strategy)
+    return MeshRoles(mesh, dims, shard_includes_cp, ep_size)
+
+
+def _check_coverage(
+    mesh: DeviceMesh, ranks: Mapping[str, frozenset[int]], wanted: Mapping[str, RoleDims], strategy: str
+) -> None:
+    """Every real dim larger than 1 lies inside some role's ranks."""
+    for name, size in zip(dim_names(mesh), mesh.shape):
+        if size == 1 or any(mesh_ranks(mesh[name]) <= span for span in ranks.values()):
+            continue
+        raise MeshError(
+            f"Mesh dim {name!r} (size {size}) has no role in strategy {strategy!r}, so its ranks would train as "
+            f"unsynchronised copies. The strategy's roles and the dims they look for: {_role_listing(wanted)}. "
+            f"Rename the dim{_option_hint(wanted)}, or use a strategy that supports it."
+        )
+
+
+def _role_listing(wanted: Mapping[str, RoleDims]) -> str:
+    return "; ".join(f"{role}: {spec.looked_for()}" for role, spec in wanted.items())
+
+
+def _option_hint(wanted: Mapping[str, RoleDims]) -> str:
+    options = [spec.option for spec in wanted.values() if spec.option]
+    return f" or name it with one of the options {options}" if options else ""
+
+
+def role_dims(option: str | None, *candidates: DimSpec) -> RoleDims:
+    """``RoleDims(option, candidates)`` without empty or repeated candidates."""
+    unique: list[DimSpec] = []
+    for c in candidates:
+        if c and c not in unique:
+            unique.append(c)
+    return RoleDims(option, tuple(unique))
+
+
+__all__: Sequence[str] = ("MeshRoles", "RoleDims", "resolve_roles", "role_dims", "ROLE_ORDER")
