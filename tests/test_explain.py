@@ -10,7 +10,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import meshplan
 from meshplan.cli.main import main
-from meshplan.cli.meshspec import mesh_name_options, parse_mesh_spec
+from meshplan.cli.meshspec import parse_mesh_spec
 from meshplan.cli.modelsource import ModelSourceError, build_model, resolve_source
 from meshplan.core.errors import MeshError, TensorParallelSizeError
 from meshplan.dryrun import explain, render_text
@@ -114,18 +114,14 @@ class SeeingStrategy(meshplan.Strategy):
         return model
 
 
-@pytest.mark.filterwarnings("ignore:Slicing a flattened dim:UserWarning")
-def test_mesh_dims_map_onto_the_strategys_mesh_name_options(fake_pg):
-    strategy = SeeingStrategy()
-    with fake_pg(16):
-        mesh = init_device_mesh("cpu", (2, 2, 2, 2), mesh_dim_names=("dp_replicate", "dp_shard", "cp", "tp"))
-        options = mesh_name_options(strategy, mesh)
-        assert options == {"dp_mesh_name": "dp", "dp_shard_cp_mesh_name": "dp_shard_cp"}  # tp: default exists
-        assert mesh["dp"].size() == 4 and mesh["dp_shard_cp"].size() == 4
-    with fake_pg(8):
-        mesh = init_device_mesh("cpu", (4, 2), mesh_dim_names=("dp", "tp"))
-        assert mesh_name_options(strategy, mesh) == {"dp_shard_cp_mesh_name": "dp"}
-        assert mesh_name_options(strategy, mesh, {"dp_shard_cp_mesh_name": "x"}) == {}
+@pytest.mark.parametrize("strategy, mesh, roles", [
+    ("fsdp2", "dp_replicate=2,dp_shard=2,cp=2,tp=2",
+     {"tp": (["tp"], 2), "cp": (["cp"], 2), "dp_replicate": (["dp_replicate"], 2), "dp_shard": (["dp_shard"], 2)}),
+    ("ddp", "dp_replicate=2,dp_shard=2,tp=2", {"tp": (["tp"], 2), "dp_replicate": (["dp_replicate", "dp_shard"], 4)}),
+])
+def test_explain_reports_the_roles_each_strategy_resolves(strategy, mesh, roles):
+    report = explain("tiny-llama", mesh, strategy=strategy)
+    assert {r: (v["dims"], v["size"]) for r, v in report["mesh"]["roles"].items()} == roles
 
 
 def test_explain_with_a_runtime_strategy_and_no_fsdp_units():

@@ -204,13 +204,13 @@ def run_worker(config: DemoConfig) -> DemoResult:
 
 def _parallel_model(config: DemoConfig, device: torch.device) -> tuple[nn.Module, Any, str]:
     from ..api import get_strategy, parallelize
-    from .meshspec import build_mesh, mesh_name_options
+    from .meshspec import build_mesh
     from .modelsource import build_model, resolve_source
 
     dims = mesh_dims(config, dist.get_world_size())
     mesh = build_mesh(dims, device.type)
     strategy = get_strategy(config.strategy)
-    options = {**mesh_name_options(strategy, mesh, config.options), **config.options}
+    options = dict(config.options)
     if config.sequence_parallel:
         options["sequence_parallel"] = True
     if config.activation_checkpointing:

@@ -22,9 +22,9 @@ def _mesh(mesh: Mapping[str, Any]) -> list[str]:
     dims = " x ".join(f"{k}={v}" for k, v in mesh["dims"].items())
     where = ", ".join(f"{k}={v}" for k, v in mesh["coordinate"].items())
     lines = [f"mesh      {dims} = {mesh['world_size']:,} ranks; shards shown for rank {mesh['rank']} ({where})"]
-    if mesh["derived_options"]:
-        lines.append("          mesh dims passed as " + ", ".join(f"{k}={v!r}" for k, v in
-                                                                  mesh["derived_options"].items()))
+    if mesh["roles"]:
+        lines.append("          roles " + ", ".join(f"{role}={'+'.join(r['dims']) or '-'} ({r['size']})"
+                                                    for role, r in mesh["roles"].items()))
     return lines
 
 

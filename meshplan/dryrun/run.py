@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cli.meshspec import build_mesh, mesh_name_options, parse_mesh_spec, world_size
+from ..cli.meshspec import build_mesh, parse_mesh_spec, world_size
 from ..cli.modelsource import build_model, resolve_source
 from ..core.errors import MeshplanError, OptionsError
 from ..core.fake_pg import fake_process_group
@@ -180,17 +180,16 @@ def _explain_in_world(
         device_mesh = build_mesh(dims, "cpu")
         report["mesh"] = {"dims": dims, "world_size": device_mesh.size(), "rank": torch.distributed.get_rank(),
                           "coordinate": dict(zip(dims, device_mesh.get_coordinate() or ())),
-                          "derived_options": {}}
+                          "roles": {}}
     with phases("strategy"):
         strategy = strategy_arg if isinstance(strategy_arg, Strategy) else get_strategy(strategy_arg)
         report["strategy"] = _strategy_section(strategy)
-        derived = mesh_name_options(strategy, device_mesh, options)
-        report["mesh"]["derived_options"] = derived
-        chosen = {**_precision_options(strategy, precision), **derived, **options}
+        chosen = {**_precision_options(strategy, precision), **options}
         if sequence_parallel:
             chosen["sequence_parallel"] = True
     with phases("prepare"):
         prepared = prepare(model, device_mesh, strategy, tp_plan, **chosen)
+        report["mesh"]["roles"] = prepared.roles.describe()
         report["strategy"]["options"] = prepared.report()["options"]
     with phases("apply"):
         model = prepared.apply()

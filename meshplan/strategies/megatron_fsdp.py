@@ -42,7 +42,7 @@ from ..core.errors import (
 )
 from ..core.imports import import_class_from_path
 from ..core.log import get_logger, log_rank0
-from ..core.mesh import dim_names, dim_size, submesh
+from ..core.mesh import dim_names, submesh
 from ..core.naming import did_you_mean
 from ..core.roles import MeshRoles, RoleDims, role_dims
 from ..core.strategy import Strategy, StrategyOptions
@@ -110,8 +110,9 @@ class MegatronFSDPOptions(CheckpointingOptions):
     optimizer: Optimizer | None = None
 
     def mesh_roles(self) -> dict[str, RoleDims]:
+        # without a dp dim, dp_replicate and dp_shard are flattened into one shard dim (no HSDP here)
         return {"tp": super().mesh_roles()["tp"], "cp": role_dims("cp_mesh_name", self.cp_mesh_name),
-                "dp_shard": role_dims("dp_mesh_name", self.dp_mesh_name)}
+                "dp_shard": role_dims("dp_mesh_name", self.dp_mesh_name, ("dp_replicate", "dp_shard"))}
 
 
 # --------------------------------------------------------------------------------------- the mapping
@@ -338,37 +339,27 @@ def _check_values(model: nn.Module, options: MegatronFSDPOptions) -> None:
     options.check_checkpointing(find_blocks(model))
 
 
-def _mesh_arguments(device_mesh: DeviceMesh, options: MegatronFSDPOptions) -> tuple[dict[str, Any], Any]:
-    """``device_mesh``/``dp_shard_dim``/``tp_dim`` and the flattening needed; raises :class:`MeshError`."""
-    names = dim_names(device_mesh)
-    dp, cp, tp = options.dp_mesh_name, options.cp_mesh_name, options.tp_mesh_name
-    if submesh(device_mesh, dp) is None:
+def _mesh_arguments(roles: MeshRoles) -> tuple[dict[str, Any], Any]:
+    """``device_mesh``/``dp_shard_dim``/``tp_dim`` and the flattening needed; raises :class:`MeshError`.
+
+    Coverage of every rank is checked by the roles; Megatron-FSDP also wants the dims named.
+    """
+    names = list(dim_names(roles.mesh)) or "no named dims"
+    if "dp_shard" not in roles.dims:
         raise MeshError(
-            f"Megatron-FSDP shards over the data-parallel mesh dim {dp!r}, but the mesh has "
-            f"{list(names) or 'no named dims'}. Build it with init_device_mesh('cuda', (dp, cp, tp), "
-            "mesh_dim_names=('dp', 'cp', 'tp')) or pass dp_mesh_name=...."
+            f"Megatron-FSDP shards over a data-parallel mesh dim (dp_mesh_name, default 'dp'), but the mesh has "
+            f"{names}. Build it with init_device_mesh('cuda', (dp, cp, tp), mesh_dim_names=('dp', 'cp', 'tp')) "
+            "or pass dp_mesh_name=...."
         )
-    if submesh(device_mesh, tp) is None:
+    if "tp" not in roles.dims:
         raise MeshError(
-            f"Megatron-FSDP needs a tensor-parallel mesh dim (tp_mesh_name={tp!r}) even without TP; the mesh "
-            f"has {list(names)}. Add a dim of size 1, e.g. init_device_mesh('cuda', (dp, 1), "
-            "mesh_dim_names=('dp', 'tp'))."
+            f"Megatron-FSDP needs a tensor-parallel mesh dim (tp_mesh_name) even without TP; the mesh has {names}. "
+            "Add a dim of size 1, e.g. init_device_mesh('cuda', (dp, 1), mesh_dim_names=('dp', 'tp'))."
         )
-    dp_size, cp_size, tp_size = dim_size(device_mesh, dp), dim_size(device_mesh, cp), dim_size(device_mesh, tp)
-    if dp_size * cp_size * tp_size != device_mesh.size():
-        raise MeshError(
-            f"The mesh has {device_mesh.size()} ranks (dims {dict(zip(names, device_mesh.shape))}), but "
-            f"{dp!r} x {cp!r} x {tp!r} cover {dp_size * cp_size * tp_size}: Megatron-FSDP would leave the "
-            "other dims unsynchronized. Name the mesh dims dp/cp/tp (or pass *_mesh_name options); "
-            "hybrid sharding (HSDP) is not offered by this strategy."
-        )
-    flatten = None
-    shard_dim = dp
-    if cp_size > 1:
-        shard_dim = f"{dp}_{cp}"
-        if submesh(device_mesh, shard_dim) is None:
-            flatten = ((dp, cp), shard_dim)
-    return {"device_mesh": device_mesh, "dp_shard_dim": shard_dim, "tp_dim": tp}, flatten
+    shard_dims = roles.dims["dp_shard"] + (roles.dims["cp"] if roles.size("cp") > 1 else ())
+    shard_dim = "_".join(shard_dims)
+    flatten = None if submesh(roles.mesh, shard_dim) is not None else (shard_dims, shard_dim)
+    return {"device_mesh": roles.mesh, "dp_shard_dim": shard_dim, "tp_dim": roles.dims["tp"][0]}, flatten
 
 
 def _optimizer_notes(optimizer: Optimizer | None) -> tuple[str, ...]:
@@ -390,7 +381,7 @@ def _optimizer_notes(optimizer: Optimizer | None) -> tuple[str, ...]:
 
 
 def build_call(
-    model: nn.Module, device_mesh: DeviceMesh, options: MegatronFSDPOptions, api: MegatronFSDPAPI
+    model: nn.Module, roles: MeshRoles, options: MegatronFSDPOptions, api: MegatronFSDPAPI
 ) -> MegatronFSDPCall:
     """Map ``options`` onto the installed ``fully_shard`` API. Pure: no collective, the model is untouched.
 
@@ -405,7 +396,7 @@ def build_call(
             f"The installed megatron-fsdp {api.version} has no {missing} in {function}(); meshplan needs "
             f"megatron-fsdp >= 0.6: pip install -U '{EXTRA}'."
         )
-    kwargs, flatten = _mesh_arguments(device_mesh, options)
+    kwargs, flatten = _mesh_arguments(roles)
     units = resolve_unit_modules(model, options.nvfsdp_unit_modules)
     kwargs["fsdp_unit_modules"] = units or None
 
@@ -490,7 +481,7 @@ class MegatronFSDPStrategy(Strategy):
     def validate(
         self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
     ) -> None:
-        build_call(model, roles.mesh, options, MegatronFSDPAPI.load())
+        build_call(model, roles, options, MegatronFSDPAPI.load())
 
     def parallelize(
         self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
@@ -498,8 +489,7 @@ class MegatronFSDPStrategy(Strategy):
         """TP -> activation checkpointing -> Megatron-FSDP. Returns the wrapped model (a ``MegatronFSDP``
         whose ``.module`` is ``model``); ``options.optimizer``, if given, is wrapped in place."""
         api = MegatronFSDPAPI.load()
-        device_mesh = roles.mesh
-        call = build_call(model, device_mesh, options, api)
+        call = build_call(model, roles, options, api)
         blocks = find_blocks(model)
         if plan is not None:  # also re-ties parameters shared before TP (tied embeddings)
             apply_tensor_parallel(model, roles.tp, plan)
@@ -508,7 +498,7 @@ class MegatronFSDPStrategy(Strategy):
             log_rank0(logger, logging.WARNING, "%s", message)
         if call.flatten is not None:
             dims, flat_name = call.flatten
-            device_mesh[dims]._flatten(flat_name)
+            roles.mesh[dims]._flatten(flat_name)
         units = call.kwargs["fsdp_unit_modules"] or []
         log_rank0(logger, logging.INFO, "Megatron-FSDP %s: %s(units=%s, dp_shard_dim=%r, zero_dp_strategy=%r)",
                   api.version, call.function, [c.__name__ for c in units], call.kwargs["dp_shard_dim"],
