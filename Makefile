@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: test lint demo venv clean
+.PHONY: test lint demo venv clean gpu-check
 
 venv: $(STAMP)
 
@@ -23,6 +23,12 @@ test: lint
 
 demo: $(STAMP)
 	$(VENV)/bin/meshplan demo
+
+# Every GPU path on a CUDA machine in <= 8 min (bench/gpu_check.py); exits 0 at once without a CUDA device.
+# Not on $(STAMP) on purpose: that recipe pins the CPU torch, which would replace a machine's CUDA build. The
+# script runs under python3 and finds the python whose torch sees CUDA (GPU_CHECK_PYTHON, .venv, python3).
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV)
