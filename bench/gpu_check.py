@@ -575,8 +575,8 @@ def run_check(check: Check, python: str, info: dict[str, Any], env: dict[str, st
     if remaining_s < MIN_CHECK_S:
         return CheckResult(check.name, "skip", error=f"not started: {remaining_s:.0f} s of the budget left")
     limit = min(check.limit_s, remaining_s)
-    values = {"result": str(scratch / f"{check.name}.json"), "junit": str(scratch / "pytest-gpu.xml")}
-    argv = [python, *(part.format(**values) for part in check.argv)]
+    values = {"{result}": str(scratch / f"{check.name}.json"), "{junit}": str(scratch / "pytest-gpu.xml")}
+    argv = [python, *(values.get(part, part) for part in check.argv)]
     done = run_limited(argv, limit, env, scratch / f"{check.name}.log")
     log(check.name, f"$ {' '.join(argv)}\n{done.output}")
     parse = check.parse or (lambda d, s: parse_body(d, s, check.name))
@@ -853,6 +853,7 @@ BODIES: dict[str, Callable[..., tuple[str, dict[str, Any], str]]] = {
 }
 #: ``--smoke``: the same bodies on CPU with gloo and small shapes (a test of the code, not of a GPU).
 SMOKE_ARGS: dict[str, dict[str, Any]] = {
+    "fsdp2_cpu_offload_bf16": {"steps": 4},
     "throughput_llama8b_4layers": {"preset": "tiny-llama", "layers": 2, "batch": 2, "seq_len": 32, "warmup": 1,
                                    "pairs": 2},
 }
