@@ -252,25 +252,28 @@ def cuda_device_visible(environ: dict[str, str] | None = None, dev: Path = Path(
 PROBE = r"""
 import importlib.util, json, sys
 info = {"python": sys.executable, "version": sys.version.split()[0], "modules": {}}
-for name in sys.argv[1:]:
+for name in sys.argv[2:]:
     try:
         info["modules"][name] = importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         info["modules"][name] = False
-try:
-    import torch
-    info.update(torch=torch.__version__, cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
-    info["gpus"] = torch.cuda.device_count() if info["cuda_available"] else 0
-    info["device_name"] = torch.cuda.get_device_name(0) if info["gpus"] else None
-except Exception as exc:
-    info.update(torch=None, cuda_available=False, gpus=0, error=f"{type(exc).__name__}: {exc}")
+if sys.argv[1] == "torch":
+    try:
+        import torch
+        info.update(torch=torch.__version__, cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
+        info["gpus"] = torch.cuda.device_count() if info["cuda_available"] else 0
+        info["device_name"] = torch.cuda.get_device_name(0) if info["gpus"] else None
+    except Exception as exc:
+        info.update(torch=None, cuda_available=False, gpus=0, error=f"{type(exc).__name__}: {exc}")
 print("PROBE " + json.dumps(info))
 """
 
 
-def probe(python: str, modules: Sequence[str], env: dict[str, str], limit_s: float = 90.0) -> dict[str, Any]:
-    """What ``python`` offers: its torch, whether it sees CUDA, the GPUs, which of ``modules`` it finds."""
-    done = run_limited([python, "-c", PROBE, *modules], limit_s, env)
+def probe(python: str, modules: Sequence[str], env: dict[str, str], limit_s: float = 90.0,
+          torch: bool = True) -> dict[str, Any]:
+    """What ``python`` offers: which of ``modules`` it finds and (``torch=True``) its torch, whether that
+    sees CUDA, and the GPUs."""
+    done = run_limited([python, "-c", PROBE, "torch" if torch else "modules-only", *modules], limit_s, env)
     match = re.search(r"^PROBE (.*)$", done.output, flags=re.M)
     if done.returncode != 0 or not match:
         why = "timed out" if done.returncode is None else tail(done.output, 3)
@@ -381,11 +384,11 @@ def setup(environ: dict[str, str], scratch: Path, say: Callable[[str], None]) ->
          f"{chosen['gpus']} x {chosen.get('device_name')}")
     site = _install_wheels(chosen, environ, scratch, note)
     if site:
-        chosen = probe(chosen["python"], modules, child_env(environ, site)) | {"python": chosen["python"]}
+        chosen["modules"] = probe(chosen["python"], modules, child_env(environ, site), torch=False)["modules"]
     missing = [m for m, found in chosen.get("modules", {}).items() if not found]
     if missing:
         _install_missing(chosen["python"], missing, environ, venv_python, note)
-        chosen = probe(chosen["python"], modules, child_env(environ, site)) | {"python": chosen["python"]}
+        chosen["modules"] = probe(chosen["python"], modules, child_env(environ, site), torch=False)["modules"]
         missing = [m for m, found in chosen.get("modules", {}).items() if not found]
     if missing:
         note(f"missing in {chosen['python']}: {', '.join(missing)} (the checks that need them are skipped)")
@@ -399,7 +402,7 @@ def _install_wheels(info: dict[str, Any], environ: dict[str, str], scratch: Path
     wheels = sorted(folder.glob("*.whl")) if folder.is_dir() else []
     if not wheels:
         return None
-    have = probe(info["python"], [_wheel_module(w) for w in wheels], child_env(environ, None))["modules"]
+    have = probe(info["python"], [_wheel_module(w) for w in wheels], child_env(environ, None), torch=False)["modules"]
     needed = [w for w in wheels if not have.get(_wheel_module(w))]
     if not needed:
         return None

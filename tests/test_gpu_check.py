@@ -241,3 +241,65 @@ def test_check_bodies_run_on_cpu(name, tmp_path):
         assert figures["same_layout"] is True, done.stdout + done.stderr
         assert figures["tokens_per_step"] == 64 and figures["meshplan_tokens_per_s"] > 0
         assert figures["torch_tokens_per_s"] > 0 and figures["meshplan_mfu"] is None and figures["ratio"] > 0
+
+
+def _pure_wheel(folder: Path, name: str) -> Path:
+    """A minimal pure-python wheel of a package ``name`` whose ``VALUE`` is 42."""
+    import zipfile
+
+    info = f"{name}-1.0.dist-info"
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    files = {f"{name}/__init__.py": "VALUE = 42\n",
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, text in files.items():
+            archive.writestr(member, text)
+    return path
+
+
+def test_missing_packages_come_offline_from_the_wheel_folder(gc, tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _pure_wheel(wheels, "gpu_check_fake_pkg")
+    environ = {**os.environ, "GPU_CHECK_WHEELS": str(wheels), "PIP_INDEX_URL": "http://127.0.0.1:9/simple"}
+    notes = []
+    site = gc._install_wheels({"python": sys.executable}, environ, tmp_path, notes.append)
+    assert site == str(tmp_path / "site") and notes[0].startswith(f"installed from {wheels} (offline)")
+    found = gc.probe(sys.executable, ["gpu_check_fake_pkg", "no_such_module"], gc.child_env(environ, site),
+                     torch=False)
+    assert found["modules"] == {"gpu_check_fake_pkg": True, "no_such_module": False} and "torch" not in found
+    assert gc._install_wheels({"python": sys.executable}, {**environ, "GPU_CHECK_WHEELS": str(tmp_path / "none")},
+                              tmp_path, notes.append) is None
+
+
+def test_setup_without_a_cuda_torch_or_an_index_installs_nothing(gc, tmp_path, monkeypatch):
+    probes = []
+    monkeypatch.setattr(gc, "candidate_pythons", lambda environ: ["/a/python3", "/b/python"])
+    monkeypatch.setattr(gc, "probe", lambda python, modules, env, limit_s=90, torch=True: probes.append(python) or {
+        "python": python, "torch": "2.13.0+cpu", "cuda_available": False, "gpus": 0, "modules": {}})
+    monkeypatch.setattr(gc, "index_reachable", lambda *a: (False, "pypi.org:443"))
+    monkeypatch.setattr(gc, "run_limited", lambda *a, **k: pytest.fail(f"started {a}"))
+    lines = []
+    found = gc.setup({"PATH": ""}, tmp_path, lines.append)
+    assert found.python is None and probes == ["/a/python3", "/b/python"]
+    assert lines == ["setup: no python here has a torch that sees CUDA (/a/python3 (torch 2.13.0+cpu, CUDA no); "
+                     "/b/python (torch 2.13.0+cpu, CUDA no)), and the package index (pypi.org:443) did not answer "
+                     "within 5 s: nothing installed, no check can run"]
+
+
+def test_setup_takes_the_first_cuda_python_and_never_installs_into_a_foreign_one(gc, tmp_path, monkeypatch):
+    def fake_probe(python, modules, env, limit_s=90, torch=True):
+        return {"python": python, "torch": "2.11.0+cu130", "cuda": "13.0", "cuda_available": python == "/gpu/python3",
+                "gpus": 1, "device_name": "NVIDIA H200", "modules": {m: m != "megatron_fsdp" for m in modules}}
+
+    monkeypatch.setattr(gc, "candidate_pythons", lambda environ: ["/cpu/python", "/gpu/python3", "/other/python"])
+    monkeypatch.setattr(gc, "probe", fake_probe)
+    monkeypatch.setattr(gc, "run_limited", lambda *a, **k: pytest.fail(f"started {a}"))
+    lines = []
+    found = gc.setup({"PATH": "", "GPU_CHECK_WHEELS": str(tmp_path / "none")}, tmp_path, lines.append)
+    assert found.python == "/gpu/python3" and found.site is None and found.info["gpus"] == 1
+    assert lines[0] == "setup: checks run under /gpu/python3: torch 2.11.0+cu130, CUDA 13.0, 1 x NVIDIA H200"
+    assert lines[1].startswith("setup: megatron_fsdp not found; not installing into /gpu/python3 (not this repo's")
+    assert lines[2] == "setup: missing in /gpu/python3: megatron_fsdp (the checks that need them are skipped)"
