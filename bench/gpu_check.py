@@ -390,6 +390,12 @@ def setup(environ: dict[str, str], scratch: Path, say: Callable[[str], None]) ->
         _install_missing(chosen["python"], missing, environ, venv_python, note)
         chosen["modules"] = probe(chosen["python"], modules, child_env(environ, site), torch=False)["modules"]
         missing = [m for m, found in chosen.get("modules", {}).items() if not found]
+    if "importlib_metadata" in missing:
+        site = _importlib_metadata_stand_in(scratch / "site")
+        note(f"importlib_metadata not found: {site}/importlib_metadata.py re-exports the standard library's "
+             "importlib.metadata (all meshplan's plugin discovery uses)")
+        chosen["modules"]["importlib_metadata"] = True
+        missing.remove("importlib_metadata")
     if missing:
         note(f"missing in {chosen['python']}: {', '.join(missing)} (the checks that need them are skipped)")
     return Setup(chosen["python"], chosen, site, notes)
@@ -413,6 +419,20 @@ def _install_wheels(info: dict[str, Any], environ: dict[str, str], scratch: Path
     names = ", ".join(w.name for w in needed)
     note(f"installed from {folder} (offline) into {site}: {names}" if ok else f"could not install {names}: {why}")
     return str(site) if ok else None
+
+
+STAND_IN = """\"\"\"Written by bench/gpu_check.py for a python without the importlib-metadata package: meshplan's plugin
+discovery needs only entry_points(group=...) and EntryPoint (with .dist), as in the standard library (3.10+).\"\"\"
+from importlib.metadata import *  # noqa: F403
+from importlib.metadata import EntryPoint, PackageNotFoundError, distribution, entry_points, version  # noqa: F401
+"""
+
+
+def _importlib_metadata_stand_in(site: Path) -> str:
+    """Write :data:`STAND_IN` as ``importlib_metadata.py`` into ``site``; returns ``site``."""
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "importlib_metadata.py").write_text(STAND_IN)
+    return str(site)
 
 
 def _install_missing(python: str, missing: Sequence[str], environ: dict[str, str], venv_python: str,
@@ -781,7 +801,7 @@ def flops_per_token(model: Any, seq_len: int) -> float:
 
 
 def body_throughput(device_type: str, preset: str = "llama3-8b", layers: int = 4, batch: int = 2,
-                    seq_len: int = 2048, warmup: int = 3, pairs: int = 20) -> tuple[str, dict[str, Any], str]:
+                    seq_len: int = 2048, warmup: int = 3, pairs: int = 30) -> tuple[str, dict[str, Any], str]:
     """Tokens/s and MFU of ``meshplan.parallelize`` (fsdp2, bf16) vs. the same layout by hand, paired steps."""
     import statistics
 

@@ -292,14 +292,27 @@ def test_setup_without_a_cuda_torch_or_an_index_installs_nothing(gc, tmp_path, m
 def test_setup_takes_the_first_cuda_python_and_never_installs_into_a_foreign_one(gc, tmp_path, monkeypatch):
     def fake_probe(python, modules, env, limit_s=90, torch=True):
         return {"python": python, "torch": "2.11.0+cu130", "cuda": "13.0", "cuda_available": python == "/gpu/python3",
-                "gpus": 1, "device_name": "NVIDIA H200", "modules": {m: m != "megatron_fsdp" for m in modules}}
+                "gpus": 1, "device_name": "NVIDIA H200",
+                "modules": {m: m not in ("megatron_fsdp", "importlib_metadata") for m in modules}}
 
     monkeypatch.setattr(gc, "candidate_pythons", lambda environ: ["/cpu/python", "/gpu/python3", "/other/python"])
     monkeypatch.setattr(gc, "probe", fake_probe)
     monkeypatch.setattr(gc, "run_limited", lambda *a, **k: pytest.fail(f"started {a}"))
     lines = []
     found = gc.setup({"PATH": "", "GPU_CHECK_WHEELS": str(tmp_path / "none")}, tmp_path, lines.append)
-    assert found.python == "/gpu/python3" and found.site is None and found.info["gpus"] == 1
+    assert found.python == "/gpu/python3" and found.site == str(tmp_path / "site") and found.info["gpus"] == 1
+    assert found.info["modules"]["importlib_metadata"] and not found.info["modules"]["megatron_fsdp"]
     assert lines[0] == "setup: checks run under /gpu/python3: torch 2.11.0+cu130, CUDA 13.0, 1 x NVIDIA H200"
-    assert lines[1].startswith("setup: megatron_fsdp not found; not installing into /gpu/python3 (not this repo's")
-    assert lines[2] == "setup: missing in /gpu/python3: megatron_fsdp (the checks that need them are skipped)"
+    assert lines[1].startswith("setup: importlib_metadata, megatron_fsdp not found; not installing into /gpu/python3")
+    assert lines[2].startswith(f"setup: importlib_metadata not found: {tmp_path}/site/importlib_metadata.py re-exports")
+    assert lines[3] == "setup: missing in /gpu/python3: megatron_fsdp (the checks that need them are skipped)"
+
+
+def test_plugin_discovery_works_on_the_importlib_metadata_stand_in(gc, tmp_path):
+    site = gc._importlib_metadata_stand_in(tmp_path / "site")
+    code = ("import importlib_metadata, meshplan; print(importlib_metadata.__file__); "
+            "print(sorted(r['name'] for r in meshplan.list_strategies()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=gc.child_env(dict(os.environ), site))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"{site}/importlib_metadata.py", "['ddp', 'fsdp2', 'megatron_fsdp']"]
