@@ -71,7 +71,7 @@ RATIO_GOAL = 0.99
 #: (python 3.12, CUDA torch, transformers, pluggy, pytest, einops, packaging, zipp) lacks. Pins come from
 #: requirements-dev.txt; ``lazy-importer`` is a dependency of importlib-metadata 10.
 GPU_IMAGE_WHEELS = ("megatron-fsdp", "importlib-metadata", "lazy-importer")
-#: Modules every check needs (besides torch), and what the package is called on the index.
+#: Modules the checks use (besides torch), and what each one's package is called on the index.
 REQUIRED_MODULES = {"transformers": "transformers", "pluggy": "pluggy", "importlib_metadata": "importlib-metadata",
                     "pytest": "pytest", "megatron_fsdp": "megatron-fsdp"}
 #: Environment variables of a launched torch job: the demo would take itself for a worker.
@@ -119,7 +119,10 @@ def _figures_text(figures: dict[str, Any], limit: int = 90) -> str:
     for key, value in figures.items():
         if isinstance(value, (list, dict)):
             continue
-        shown.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+        if isinstance(value, float):
+            shown.append(f"{key}={value:,.0f}" if abs(value) >= 1000 else f"{key}={value:.4g}")
+        else:
+            shown.append(f"{key}={value}")
     text = ", ".join(shown)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
@@ -128,9 +131,9 @@ def summary_rows(report: Report) -> list[dict[str, str]]:
     """One row per check, then one per test of a check that ran tests (``figures["tests"]``)."""
     rows = []
     for check in report.checks:
-        first_error = check.error.strip().splitlines()[-1] if check.error.strip() else ""
+        last_line = check.error.strip().splitlines()[-1] if check.error.strip() else ""
         rows.append({"check": check.name, "status": check.status, "seconds": f"{check.seconds:.1f}",
-                     "figures": _figures_text(check.figures), "error": first_error[:100]})
+                     "figures": _figures_text(check.figures), "error": last_line[:100]})
         for test in check.figures.get("tests", []):
             rows.append({"check": f"  {test['id']}", "status": test["outcome"], "seconds": f"{test['seconds']:.1f}",
                          "figures": "", "error": test.get("message", "")[:100]})
@@ -849,15 +852,17 @@ def body_throughput(device_type: str, preset: str = "llama3-8b", layers: int = 4
             times[name].append(step(name))
     tokens = batch * seq_len
     ratio = statistics.median(t / m for m, t in zip(times["meshplan"], times["torch"]))  # tokens/s ratio
-    figures: dict[str, Any] = {"parameters": parameters, "tokens_per_step": tokens, "pairs": pairs,
-                               "same_layout": same_layout, "ratio": round(ratio, 4)}
     peak = next((f for key, f in PEAK_BF16_FLOPS.items()
                  if device_type == "cuda" and key in torch.cuda.get_device_name(0)), None)
-    for name, series in times.items():
-        median = statistics.median(series)
-        figures[f"{name}_ms"] = round(median * 1e3, 2)
+    medians = {name: statistics.median(series) for name, series in times.items()}
+    figures: dict[str, Any] = {"ratio": round(ratio, 4)}  # the table shows the first figures: most telling first
+    for name, median in medians.items():
         figures[f"{name}_tokens_per_s"] = round(tokens / median, 1)
+    for name, median in medians.items():
         figures[f"{name}_mfu"] = round(tokens / median * per_token / peak, 4) if peak else None
+    figures |= {f"{name}_ms": round(median * 1e3, 2) for name, median in medians.items()}
+    figures |= {"same_layout": same_layout, "parameters": parameters, "tokens_per_step": tokens, "pairs": pairs,
+                "flops_per_token": per_token}
     if device_type == "cuda":
         figures["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     errors = []
