@@ -225,22 +225,25 @@ def test_pytest_demo_and_junit_parsing(gc, tmp_path):
     assert (demo.status, demo.figures) == ("pass", {"loss_first": 6.284, "loss_last": 2.539, "ms_per_step": 47.3})
 
 
-@pytest.mark.parametrize("name", ["fsdp2_cpu_offload_bf16", "throughput_llama8b_4layers"])
-def test_check_bodies_run_on_cpu(name, tmp_path):
-    """The bodies' code on CPU (gloo, small shapes, no offload): what a CUDA run executes, minus the device."""
-    result = tmp_path / "result.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--run", name, "--smoke", "--result", str(result)],
-                          capture_output=True, text=True, env=env, timeout=240)
-    data = json.loads(result.read_text())
-    figures = data["figures"]
-    if name == "fsdp2_cpu_offload_bf16":
-        assert data["status"] == "pass" and done.returncode == 0, done.stdout + done.stderr
-        assert figures["loss_last"] < figures["loss_first"] and figures["compute_dtype"] == "bfloat16"
-    else:  # the ratio of two CPU timings is noise here; the layouts and the figures are what is checked
-        assert figures["same_layout"] is True, done.stdout + done.stderr
-        assert figures["tokens_per_step"] == 64 and figures["meshplan_tokens_per_s"] > 0
-        assert figures["torch_tokens_per_s"] > 0 and figures["meshplan_mfu"] is None and figures["ratio"] > 0
+def test_check_bodies_run_on_cpu(tmp_path):
+    """The bodies' code on CPU (gloo, small shapes, no offload): what a CUDA run executes, minus the device.
+    Both run in one process (each destroys its process group), as ``--run NAME --smoke`` would run them."""
+    code = ("import sys, gpu_check; from pathlib import Path; "
+            "sys.exit(max(gpu_check.run_body(name, Path(sys.argv[1]) / f'{name}.json', True) for name in "
+            "('fsdp2_cpu_offload_bf16', 'throughput_llama8b_4layers')))")
+    path = [str(REPO), str(REPO / "bench"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    fsdp2 = json.loads((tmp_path / "fsdp2_cpu_offload_bf16.json").read_text())
+    assert fsdp2["status"] == "pass", done.stdout + done.stderr
+    assert fsdp2["figures"]["loss_last"] < fsdp2["figures"]["loss_first"]
+    assert fsdp2["figures"]["compute_dtype"] == "bfloat16" and fsdp2["figures"]["steps"] == 4
+    # The ratio of two CPU timings is noise here; the layouts and the figures are what is checked.
+    figures = json.loads((tmp_path / "throughput_llama8b_4layers.json").read_text())["figures"]
+    assert figures["same_layout"] is True, done.stdout + done.stderr
+    assert figures["tokens_per_step"] == 64 and figures["meshplan_tokens_per_s"] > 0 and figures["ratio"] > 0
+    assert figures["torch_tokens_per_s"] > 0 and figures["meshplan_mfu"] is None
 
 
 def _pure_wheel(folder: Path, name: str) -> Path:
