@@ -92,3 +92,9 @@ class StrategyUnavailableError(MeshplanError, AssertionError):
 
 class UnsupportedConfigurationError(MeshplanError, ValueError):
     """The requested combination of options cannot work (e.g. CPU offload on a CPU-only mesh)."""
+
+
+# --- mixture of experts -------------------------------------------------------------------------
+class ExpertParallelError(MeshplanError, ValueError):
+    """Expert parallelism cannot be laid out: ``ep_size`` does not divide the experts or the ranks it borrows,
+    or the model has no experts for an EP plan to split."""

@@ -1,0 +1,1 @@
+"""Mixture-of-experts support: expert parallelism (token dispatch, the expert-parallel style)."""

@@ -1,0 +1,148 @@
+"""The expert-parallel style: a fused experts module keeps only its own experts and gets its tokens by all-to-all.
+
+:class:`ExpertParallel` (``ep_dispatch_experts`` in transformers' plans) is a torch ``ParallelStyle`` applied
+with the EP mesh. It
+
+* splits the module's expert parameters (``[num_experts, ...]``; by default every parameter whose dim 0 is
+  the expert count, or the names the plan's ``grouped_gemm`` entries list) by expert: ``Shard(0)``
+  DTensors over the EP mesh, so rank ``r`` holds experts ``[r * local, (r + 1) * local)``;
+* wraps the module's forward, whose signature is transformers' experts call
+  ``(hidden_states [tokens, hidden], top_k_index [tokens, k], top_k_weights [tokens, k])``: tokens are
+  dispatched to the experts' owners (:mod:`meshplan.experts.dispatch`), the module's *own* forward runs on
+  the rows it received with local expert ids, unit weights and its local parameter shards (so any experts
+  implementation works unchanged), and the results are combined back with the routing weights.
+
+A rank that receives no rows still joins both exchanges and gives its parameters a zero gradient, so the
+backward collectives (the reverse all-to-all, FSDP's reduce-scatter) run on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from ..core.errors import ExpertParallelError
+from .dispatch import combine, dispatch, gather_tokens, split_tokens
+
+#: Attribute that marks a module the style was applied to: ``(global experts, EP size)``.
+EP_ATTRIBUTE = "_meshplan_expert_parallel"
+
+
+def expert_count(module: nn.Module, params: Sequence[str] | None = None) -> int | None:
+    """The module's expert count: its ``num_experts`` attribute, else the common dim 0 of ``params``."""
+    declared = getattr(module, EP_ATTRIBUTE, None)
+    if declared is not None:
+        return declared[0]
+    count = getattr(module, "num_experts", None)
+    if isinstance(count, int):
+        return count
+    own = dict(module.named_parameters(recurse=False))
+    leading = {own[name].shape[0] for name in params or () if name in own and own[name].ndim}
+    return leading.pop() if len(leading) == 1 else None
+
+
+def expert_parameters(module: nn.Module, params: Sequence[str] | None = None) -> list[str]:
+    """Names of the module's own parameters split by expert: ``params`` if given, else those ``[num_experts, ...]``."""
+    if params:
+        return list(params)
+    count = expert_count(module)
+    return [name for name, p in module.named_parameters(recurse=False) if p.ndim >= 1 and p.shape[0] == count]
+
+
+class ExpertParallel(ParallelStyle):
+    """Experts split by expert over the EP mesh, tokens exchanged by all-to-all (see the module docstring).
+
+    Args:
+        params: the module's parameters to split (default: every own parameter whose dim 0 is the expert count).
+        token_mesh: ranks *inside* the EP group that hold the same tokens (TP ranks the EP group borrowed);
+            each dispatches a disjoint slice of them. Set by the strategy, not by plans.
+    """
+
+    def __init__(self, params: Sequence[str] | None = None, token_mesh: DeviceMesh | None = None) -> None:
+        super().__init__()
+        self.params = tuple(params) if params else None
+        self.token_mesh = token_mesh
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        ep_size = device_mesh.size()
+        count = expert_count(module, self.params)
+        names = expert_parameters(module, self.params)
+        own = dict(module.named_parameters(recurse=False))
+        if count is None or not names:
+            raise ExpertParallelError(
+                f"ExpertParallel: {type(module).__name__} has no expert parameters (no `num_experts` attribute "
+                f"and no parameter [num_experts, ...] among {sorted(own) or 'none'}); name them: "
+                "ExpertParallel(params=('gate_up_proj', 'down_proj')).")
+        if count % ep_size:
+            raise ExpertParallelError(f"ExpertParallel: {count} experts of {type(module).__name__} cannot be split "
+                                      f"evenly over {ep_size} expert-parallel ranks.")
+        for name in names:
+            param = own.get(name)
+            if param is None or param.ndim == 0 or param.shape[0] != count:
+                raise ExpertParallelError(
+                    f"ExpertParallel: {type(module).__name__}.{name} is not an expert parameter [{count}, ...] "
+                    f"(shape {None if param is None else tuple(param.shape)}).")
+            if not isinstance(param, DTensor):
+                sharded = distribute_tensor(param.detach(), device_mesh, [Shard(0)], src_data_rank=None)
+                module.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        setattr(module, EP_ATTRIBUTE, (count, ep_size))
+        module.forward = _dispatching_forward(module, module.forward, names, count // ep_size, device_mesh,
+                                              self.token_mesh)
+        return module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(params={self.params})"
+
+
+@contextlib.contextmanager
+def local_experts(module: nn.Module, names: Sequence[str], num_local: int) -> Iterator[list[torch.Tensor]]:
+    """Inside, the module's expert parameters are its local shards (plain tensors whose gradients reach the
+    DTensor parameters) and ``num_experts`` is the local count."""
+    originals = {name: module._parameters[name] for name in names}
+    had_count = "num_experts" in vars(module)
+    count = vars(module).get("num_experts")
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in originals.values()]
+    try:
+        module._parameters.update(zip(names, local))
+        if had_count:
+            module.num_experts = num_local
+        yield local
+    finally:
+        module._parameters.update(originals)
+        if had_count:
+            module.num_experts = count
+
+
+def _dispatching_forward(module: nn.Module, forward: Any, names: Sequence[str], num_local: int,
+                         ep_mesh: DeviceMesh, token_mesh: DeviceMesh | None) -> Any:
+    group = ep_mesh.get_group()
+    split = token_mesh is not None and token_mesh.size() > 1
+
+    @functools.wraps(forward)
+    def ep_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                   *args: Any, **kwargs: Any) -> torch.Tensor:
+        num_tokens = hidden_states.size(0)
+        if split:
+            hidden_states, top_k_index, top_k_weights = split_tokens(
+                (hidden_states, top_k_index, top_k_weights), token_mesh)
+        state = dispatch(hidden_states, top_k_index, top_k_weights, num_local, group)
+        with local_experts(module, names, num_local) as local:
+            if state.tokens.size(0):
+                ids = state.local_expert_ids.unsqueeze(-1)
+                ones = torch.ones(ids.shape, dtype=top_k_weights.dtype, device=ids.device)
+                output = forward(state.tokens, ids, ones, *args, **kwargs)
+            else:  # nothing to compute: keep the inputs and parameters in the graph (zero gradients)
+                anchor = sum(p.sum() for p in local if p.requires_grad) * 0
+                output = state.tokens * 0 + anchor
+        output = combine(output, state, group)
+        return gather_tokens(output, num_tokens, token_mesh) if split else output
+
+    return ep_forward
