@@ -199,8 +199,13 @@ class Registry:
 
     def find_tp_plan(self, model_class: type) -> tuple[type, Registration] | None:
         """The provider for the most specific class in ``model_class``'s MRO that has one."""
+        return next(self.tp_plan_providers(model_class), None)
+
+    def tp_plan_providers(self, model_class: type) -> Iterator[tuple[type, Registration]]:
+        """Every plan provider along ``model_class``'s MRO, most specific first (one per class)."""
+        seen: set[type] = set()
         for cls, key in mro_keys(model_class):
-            found = self.tp_plans.find(key)
+            found = self.tp_plans.find(key) if cls not in seen else None
             if found is not None:
-                return cls, found
-        return None
+                seen.add(cls)
+                yield cls, found

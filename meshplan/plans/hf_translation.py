@@ -90,20 +90,21 @@ def _base_model_name(model: nn.Module, config: Any) -> str | None:
                 None)
 
 
-def merged_hf_plan(model: nn.Module) -> dict[str, Any]:
-    """The model's transformers TP plan with fully qualified keys (style strings, untranslated)."""
+def merged_hf_plan(model: nn.Module, axis: str = "tp") -> dict[str, Any]:
+    """The model's transformers TP plan (``axis="ep"``: its EP plan, from ``base_model_ep_plan`` and ``_ep_plan``)
+    with fully qualified keys (style strings, untranslated)."""
     plan: dict[str, Any] = {}
     config = getattr(model, "config", None)
     for cfg in (config, getattr(config, "text_config", None)):
-        declared = getattr(cfg, "base_model_tp_plan", None)
+        declared = getattr(cfg, f"base_model_{axis}_plan", None)
         prefix = _base_model_name(model, cfg) if declared else None
         if prefix is not None:
             plan.update(_prefixed(prefix, declared))
     inner = [(name, module) for name, module in model.named_modules() if name]
     for name, module in sorted(inner, key=lambda item: -item[0].count(".")):  # deepest first: outer plans win
-        if isinstance(getattr(module, "_tp_plan", None), Mapping):
-            plan.update(_prefixed(name, module._tp_plan))
-    for source in (getattr(type(model), "_tp_plan", None), getattr(model, "_tp_plan", None)):
+        if isinstance(getattr(module, f"_{axis}_plan", None), Mapping):
+            plan.update(_prefixed(name, getattr(module, f"_{axis}_plan")))
+    for source in (getattr(type(model), f"_{axis}_plan", None), getattr(model, f"_{axis}_plan", None)):
         if isinstance(source, Mapping):
             plan.update(source)
     return plan

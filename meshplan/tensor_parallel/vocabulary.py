@@ -24,12 +24,15 @@ Meanings follow NeMo AutoModel for its five names and transformers 5.x for the r
                                 rotary output slice is summed across TP ranks (``MlaKvAProjParallel``; the
                                 rotary width is needed: pass ``MlaKvAProjParallel(rope_dim=...)``, the Hugging
                                 Face fallback fills it in from ``config.qk_rope_head_dim``)
+``ep_dispatch_experts``         expert parallel (the ``ep`` axis of a plan): the fused experts module keeps
+                                its own experts and gets its tokens by all-to-all (``ExpertParallel``; its
+                                ``grouped_gemm`` parameter entries name the parameters split by expert)
 ==============================  =====================================================================
 
-transformers styles that DTensor styles cannot express (``moe_tp_experts``, ``moe_identity_expert``, expert-parallel
-styles) are not in the vocabulary, nor is ``local_params``, whose meaning depends on the plan entries of the
-module's parameters; the Hugging Face fallback (``meshplan.plans.hf``) translates ``local_params`` with those
-entries into ``LocalShardedParameters`` and reports the others by name.
+transformers styles that DTensor styles cannot express (``moe_tp_experts``, ``moe_identity_expert``) are not in
+the vocabulary, nor is ``local_params``, whose meaning depends on the plan entries of the module's parameters;
+the Hugging Face fallback (``meshplan.plans.hf``) translates ``local_params`` with those entries into
+``LocalShardedParameters`` and reports the others by name.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ BUILTIN_STYLES: dict[str, str] = {
     "replicated_with_grad_allreduce": f"{_CUSTOM}:ReplicatedWithGradAllReduce",
     "all_reduce": f"{_TORCH}:all_reduce",
     "mla_kv_a_proj": f"{_CUSTOM}:MlaKvAProjParallel",
+    "ep_dispatch_experts": "meshplan.experts.expert_parallel:ExpertParallel",
 }
 
 
