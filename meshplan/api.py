@@ -48,24 +48,26 @@ def get_strategy(name: str) -> Strategy:
 
 def prepare(
     model: nn.Module, device_mesh: DeviceMesh, strategy: str | Strategy = "fsdp2", tp_plan: Any = None,
-    **options: Any,
+    ep_plan: Any = None, **options: Any,
 ) -> Prepared:
     """Resolve and validate everything; no collective runs and the model is not modified."""
     chosen = strategy if isinstance(strategy, Strategy) else get_strategy(strategy)
-    return dispatch.prepare(model, device_mesh, chosen, get_registry(), tp_plan, **options)
+    return dispatch.prepare(model, device_mesh, chosen, get_registry(), tp_plan, ep_plan, **options)
 
 
 def parallelize(
     model: nn.Module, device_mesh: DeviceMesh, strategy: str | Strategy = "fsdp2", tp_plan: Any = None,
-    **options: Any,
+    ep_plan: Any = None, **options: Any,
 ) -> nn.Module:
     """Parallelize ``model`` on ``device_mesh`` with the named strategy and the model's TP plan.
 
     ``tp_plan`` overrides the registered plan: a dict ``{module pattern: style name | ParallelStyle}``,
     a dotted path to such a dict or to a function returning one, or a callable
-    ``(model, sequence_parallel) -> dict``. Remaining keyword arguments are the strategy's options.
+    ``(model, sequence_parallel) -> dict``. ``ep_plan`` does the same for expert parallelism (used with the
+    ``ep_size`` option; e.g. ``{"layers.*.mlp.experts": "ep_dispatch_experts"}``). Remaining keyword arguments
+    are the strategy's options.
     """
-    return prepare(model, device_mesh, strategy, tp_plan, **options).apply()
+    return prepare(model, device_mesh, strategy, tp_plan, ep_plan, **options).apply()
 
 
 def register_strategy(

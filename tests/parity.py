@@ -67,9 +67,12 @@ def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
 def _train(model: nn.Module, data: list[torch.Tensor], lr: float, reduce_loss=None,
-           grads_out: dict | None = None) -> list[float]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+           grads_out: dict | None = None, optimizer: str = "adamw") -> list[float]:
+    optimizer = OPTIMIZERS[optimizer](model.parameters(), lr=lr)
     losses = []
     for step, input_ids in enumerate(data):
         loss = model(input_ids=input_ids, labels=input_ids).loss
@@ -84,11 +87,11 @@ def _train(model: nn.Module, data: list[torch.Tensor], lr: float, reduce_loss=No
 
 
 def reference(spec: ModelSpec, steps: int = 3, lr: float = 1e-3, global_batch: int = 4,
-              capture_grads: bool = False) -> RunResult:
+              capture_grads: bool = False, optimizer: str = "adamw") -> RunResult:
     model = spec.build()
     data = batches(model.config.get_text_config().vocab_size, steps, global_batch)
     grads: dict[str, torch.Tensor] = {}
-    losses = _train(model, data, lr, grads_out=grads if capture_grads else None)
+    losses = _train(model, data, lr, grads_out=grads if capture_grads else None, optimizer=optimizer)
     return RunResult(losses, full_params(model), grads)
 
 
@@ -109,7 +112,7 @@ def _mean_over_world(value: torch.Tensor) -> torch.Tensor:
 
 def distributed(
     spec: ModelSpec, mesh_shape: dict[str, int], parallelize_kwargs: dict[str, Any], steps: int = 3,
-    lr: float = 1e-3, global_batch: int = 4, capture_grads: bool = False,
+    lr: float = 1e-3, global_batch: int = 4, capture_grads: bool = False, optimizer: str = "adamw",
 ) -> RunResult:
     """Runs on every rank: parallelize with meshplan, train on this rank's data slice, gather params."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -123,7 +126,8 @@ def distributed(
     data = [b[dp_index * per_rank:(dp_index + 1) * per_rank]
             for b in batches(model.config.get_text_config().vocab_size, steps, global_batch)]
     grads: dict[str, torch.Tensor] = {}
-    losses = _train(model, data, lr, reduce_loss=_mean_over_world, grads_out=grads if capture_grads else None)
+    losses = _train(model, data, lr, reduce_loss=_mean_over_world, grads_out=grads if capture_grads else None,
+                    optimizer=optimizer)
     return RunResult(losses, full_params(model), grads)
 
 

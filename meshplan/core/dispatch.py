@@ -6,6 +6,7 @@ job of the public facade (:mod:`meshplan.api`), so ``core`` never imports the pl
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,9 +14,10 @@ from typing import Any
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from ..experts.plan import experts_tp_sharded, resolve_expert_plan
 from ..tensor_parallel.plan import ResolvedPlan, resolve_plan
 from ..tensor_parallel.validation import match_and_check, validate_tp_size
-from .errors import StrategyUnavailableError
+from .errors import OptionsError, StrategyUnavailableError
 from .registry import Registry
 from .roles import MeshRoles, resolve_roles
 from .strategy import Strategy, StrategyOptions
@@ -32,6 +34,7 @@ class Prepared:
     strategy: Strategy
     options: StrategyOptions
     plan: ResolvedPlan | None
+    ep_plan: ResolvedPlan | None = None
 
     @property
     def device_mesh(self) -> DeviceMesh:
@@ -49,21 +52,26 @@ class Prepared:
             "roles": self.roles.describe(),
             "tp_size": self.tp_size,
             "plan": None if self.plan is None else self.plan.report(),
+            "ep_plan": None if self.ep_plan is None else self.ep_plan.report(),
         }
 
     def apply(self) -> nn.Module:
-        model = self.strategy.parallelize(self.model, self.roles, self.plan, self.options)
+        expert = {} if self.ep_plan is None else {"ep_plan": self.ep_plan}
+        model = self.strategy.parallelize(self.model, self.roles, self.plan, self.options, **expert)
         object.__setattr__(model, REPORT_ATTRIBUTE, self.report())
         return model
 
 
 def prepare(
     model: nn.Module, device_mesh: DeviceMesh, strategy: Strategy, registry: Registry, tp_plan: Any = None,
-    **options: Any,
+    ep_plan: Any = None, **options: Any,
 ) -> Prepared:
     """Resolve and validate everything for ``strategy``; no collective runs and the model is not modified.
 
     ``registry`` supplies plan providers and style names (:func:`meshplan.prepare` passes the loaded one).
+    With an ``ep_size`` option above 1 the EP plan is resolved too (``ep_plan`` overrides the providers), the
+    roles learn whether EP may borrow the TP ranks (not when the TP plan shards the experts), and the strategy's
+    ``validate`` and ``parallelize`` get the EP plan as the keyword ``ep_plan``.
     """
     reason = strategy.unavailable_reason(device_mesh.device_type)
     if reason:
@@ -75,8 +83,17 @@ def prepare(
         validate_tp_size(model, roles.size("tp"))
         plan = resolve_plan(model, registry, tp_plan, opts.sequence_parallel)
         plan = match_and_check(model, plan, strict=opts.strict)
-    strategy.validate(model, roles, plan, opts)
-    return Prepared(model, roles, strategy, opts, plan)
+    if ep_plan is not None and roles.ep_size == 1:
+        raise OptionsError(f"ep_plan was given but ep_size is 1: pass ep_size=N to strategy {strategy.name!r} "
+                           "for expert parallelism.")
+    if roles.ep_size == 1:
+        strategy.validate(model, roles, plan, opts)
+        return Prepared(model, roles, strategy, opts, plan)
+    expert_plan = resolve_expert_plan(model, registry, ep_plan, roles.ep_size, strict=opts.strict)
+    roles = dataclasses.replace(roles, ep_borrows_tp=not experts_tp_sharded(plan, expert_plan))
+    roles.check_expert_parallel()
+    strategy.validate(model, roles, plan, opts, ep_plan=expert_plan)
+    return Prepared(model, roles, strategy, opts, plan, expert_plan)
 
 
 def get_report(model: nn.Module) -> Mapping[str, Any] | None:

@@ -9,6 +9,19 @@ then checks, without any collective, that
 
 The result, :class:`MeshRoles`, hands strategies their sub-meshes. Sub-meshes that need new process groups
 (flattened dims) are built on first access, i.e. when the strategy applies, never during validation.
+
+Expert parallelism (``ep_size > 1``) has no dim of its own: its ranks are carved from the data-parallel shard
+ranks (``dp_shard x cp``) and, when the experts are not TP-sharded, from the TP ranks too (which hold the same
+tokens, so they can serve different experts instead of repeating the same computation). The borrowed ranks,
+flattened in that order (TP innermost), are unflattened into ``(expert data parallel, ep)`` with ``ep``
+innermost, as torchtitan and transformers do (:func:`carve_expert_meshes`):
+
+* ``ep``: ranks that split the experts (consecutive borrowed ranks, so whole TP groups);
+* ``expert_data_parallel``: the ranks that hold the *same* experts, over which FSDP2 shards and reduces the
+  expert parameters (with ``dp_replicate`` as its HSDP replicate dim when that is larger than 1).
+
+Only ``DeviceMesh`` layout operations are used (``_flatten``, ``_unflatten``, ``_concatenate``): no global rank
+list is built, so it runs on fake process groups of thousands of ranks.
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from torch.distributed.device_mesh import DeviceMesh
 
-from .errors import MeshError, UnsupportedConfigurationError
+from .errors import ExpertParallelError, MeshError
 from .mesh import DataParallelMesh, dim_names, mesh_ranks, submesh
 
 if TYPE_CHECKING:
@@ -61,7 +74,9 @@ class MeshRoles:
     dims: Mapping[str, tuple[str, ...]]
     shard_includes_cp: bool = False
     ep_size: int = 1
+    ep_borrows_tp: bool = True
     _cache: dict[str, DeviceMesh] = field(default_factory=dict, repr=False, compare=False)
+    _experts: ExpertMeshes | None = field(default=None, repr=False, compare=False)
 
     def size(self, role: str) -> int:
         """How many ranks the role spans (1 when absent)."""
@@ -120,20 +135,55 @@ class MeshRoles:
         return DataParallelMesh(hybrid, shard_name, shard.size(), replicate_name, self.size("dp_replicate"))
 
     @property
+    def ep_borrowed_dims(self) -> tuple[str, ...]:
+        """The mesh dims the EP ranks are carved from (empty without EP)."""
+        if self.ep_size == 1:
+            return ()
+        borrowed = [*self.dims.get("dp_shard", ())]
+        if self.size("cp") > 1 and not self.shard_includes_cp:
+            borrowed += self.dims["cp"]
+        if self.ep_borrows_tp and self.size("tp") > 1:
+            borrowed += self.dims["tp"]
+        return tuple(borrowed)
+
+    def check_expert_parallel(self) -> None:
+        """:class:`ExpertParallelError` unless ``ep_size`` fits the ranks it borrows; collective-free."""
+        if self.ep_size == 1:
+            return
+        shard = self.size("dp_shard") * (1 if self.shard_includes_cp else self.size("cp"))
+        tp = self.size("tp") if self.ep_borrows_tp else 1
+        check_expert_parallel_size(self.ep_size, shard, tp, " x ".join(self.ep_borrowed_dims) or "no dims")
+
+    def expert_meshes(self) -> ExpertMeshes | None:
+        """The carved EP meshes (built on first access), ``None`` without EP."""
+        if self.ep_size == 1:
+            return None
+        if self._experts is None:
+            dense = self.data_parallel
+            if dense is None or "dp_shard" not in self.dims:
+                raise ExpertParallelError(f"ep_size={self.ep_size} needs a data-parallel shard dim to carve the "
+                                          "expert-parallel ranks from.")
+            tp = self.tp if self.ep_borrows_tp else None
+            self._experts = carve_expert_meshes(dense, self.ep_size, tp, self.ep_borrowed_dims)
+        return self._experts
+
+    @property
     def ep(self) -> DeviceMesh | None:
         """The expert-parallel sub-mesh (``None`` without EP)."""
-        return None
+        meshes = self.expert_meshes()
+        return None if meshes is None else meshes.ep
 
     @property
     def expert_data_parallel(self) -> DataParallelMesh | None:
         """The FSDP/HSDP mesh for expert parameters: the ranks that hold the same experts."""
-        return self.data_parallel
+        meshes = self.expert_meshes()
+        return self.data_parallel if meshes is None else meshes.data_parallel
 
     def describe(self) -> dict[str, dict[str, object]]:
         """``{role: {"dims": [...], "size": n}}`` for every present role (reports, ``explain``)."""
         report = {role: {"dims": list(names), "size": self.size(role)} for role, names in self.dims.items()}
         if self.ep_size > 1:
-            report["ep"] = {"dims": [], "size": self.ep_size}
+            report["ep"] = {"dims": list(self.ep_borrowed_dims), "size": self.ep_size}
         return report
 
     def _flat(self, names: tuple[str, ...]) -> DeviceMesh:
@@ -184,8 +234,11 @@ def resolve_roles(
         MeshError: a mesh dim larger than 1 has no role (named, with the options that would give it one),
             or two roles would share ranks.
     """
-    if ep_size != 1:
-        raise UnsupportedConfigurationError(f"ep_size={ep_size}: expert parallelism is not available yet.")
+    if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
+        raise ExpertParallelError(f"ep_size must be a positive integer, got {ep_size!r}.")
+    if ep_size != 1 and not mesh.mesh_dim_names:
+        raise ExpertParallelError("Expert parallelism needs named mesh dims: init_device_mesh(..., "
+                                  "mesh_dim_names=('dp_shard', ...)).")
     if not mesh.mesh_dim_names:
         if mesh.ndim != 1:
             raise MeshError(f"A {mesh.ndim}-D device mesh needs mesh_dim_names so meshplan can tell its roles apart.")
@@ -243,4 +296,70 @@ def role_dims(option: str | None, *candidates: DimSpec) -> RoleDims:
     return RoleDims(option, tuple(unique))
 
 
-__all__: Sequence[str] = ("MeshRoles", "RoleDims", "resolve_roles", "role_dims", "ROLE_ORDER")
+# --- expert parallelism ---------------------------------------------------------------------------------
+EP_DIM, EXPERT_DP_DIM = "ep", "expert_dp_shard"
+
+
+@dataclass(frozen=True)
+class ExpertMeshes:
+    """The meshes of expert parallelism (see the module docstring).
+
+    ``token_mesh`` is the TP mesh when the EP group borrowed it (its ranks hold the same tokens and each
+    dispatches a slice of them), else ``None``. ``borrowed`` names the dims ``ep`` was carved from.
+    """
+
+    ep: DeviceMesh
+    data_parallel: DataParallelMesh
+    token_mesh: DeviceMesh | None
+    borrowed: tuple[str, ...]
+
+    def describe(self) -> str:
+        return (f"EP ep={self.ep.size()} from {' x '.join(self.borrowed)}; experts {self.data_parallel.describe()}"
+                + (", TP ranks dispatch disjoint token slices" if self.token_mesh is not None else ""))
+
+
+def check_expert_parallel_size(ep_size: int, shard_size: int, tp_size: int, origin: str) -> None:
+    """:class:`ExpertParallelError` unless ``ep_size`` divides the ``shard_size x tp_size`` ranks it borrows and,
+    borrowing TP ranks (``tp_size > 1``), is a multiple of the TP size (a TP group never straddles two EP
+    groups). ``origin`` names the borrowed dims in the message."""
+    pool = shard_size * tp_size
+    if pool % ep_size:
+        divisors = [d for d in range(1, pool + 1) if pool % d == 0 and d % tp_size == 0]
+        raise ExpertParallelError(
+            f"ep_size={ep_size} must divide the {pool} ranks expert parallelism borrows ({origin}); "
+            f"possible ep_size values: {divisors}.")
+    if ep_size % tp_size:
+        raise ExpertParallelError(
+            f"ep_size={ep_size} must be a multiple of the TP size {tp_size}: the experts are not TP-sharded, so the "
+            f"EP group takes whole TP groups ({origin}); use ep_size in "
+            f"{[d for d in range(tp_size, pool + 1, tp_size) if pool % d == 0]}, or shard the experts by TP.")
+
+
+def carve_expert_meshes(dense: DataParallelMesh, ep_size: int, tp: DeviceMesh | None,
+                        borrowed: tuple[str, ...]) -> ExpertMeshes:
+    """Split the dense data-parallel shard ranks (times ``tp``'s ranks when given: experts not TP-sharded) into
+    ``(expert data parallel, ep)``; see the module docstring. Sizes are checked by
+    :meth:`MeshRoles.check_expert_parallel` before any collective."""
+    shard = dense.mesh[dense.shard_name] if dense.is_hybrid else dense.mesh
+    if tp is not None and tp.size() > 1:
+        pool = DeviceMesh._concatenate([shard, tp])._flatten(f"{dense.shard_name}_{EP_DIM}_pool")
+    else:
+        pool, tp = shard, None
+    split = pool._unflatten(0, (pool.size() // ep_size, ep_size), (EXPERT_DP_DIM, EP_DIM))
+    ep, expert_dp = split[EP_DIM], split[EXPERT_DP_DIM]
+    if dense.is_hybrid:
+        hybrid = DeviceMesh._concatenate([dense.mesh[dense.replicate_name], expert_dp])
+        data_parallel = DataParallelMesh(hybrid, EXPERT_DP_DIM, expert_dp.size(), dense.replicate_name,
+                                         dense.replicate_size)
+    else:
+        data_parallel = DataParallelMesh(expert_dp, EXPERT_DP_DIM, expert_dp.size())
+    return ExpertMeshes(ep, data_parallel, tp, borrowed)
+
+
+def dense_data_parallel_size(dense: DataParallelMesh) -> int:
+    """How many ranks see different data: the divisor of every gradient average (the experts' too)."""
+    return dense.shard_size * dense.replicate_size
+
+
+__all__: Sequence[str] = ("ExpertMeshes", "MeshRoles", "RoleDims", "carve_expert_meshes", "resolve_roles", "role_dims",
+                          "ROLE_ORDER")

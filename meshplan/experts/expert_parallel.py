@@ -71,25 +71,36 @@ class ExpertParallel(ParallelStyle):
         self.params = tuple(params) if params else None
         self.token_mesh = token_mesh
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        ep_size = device_mesh.size()
+    def check(self, module: nn.Module, ep_size: int) -> None:
+        """:class:`ExpertParallelError` unless ``module`` has expert parameters whose expert count divides by
+        ``ep_size`` (collective-free, the same on every rank)."""
         count = expert_count(module, self.params)
-        names = expert_parameters(module, self.params)
+        names = expert_parameters(module, self.params) if count is not None else []
         own = dict(module.named_parameters(recurse=False))
         if count is None or not names:
             raise ExpertParallelError(
                 f"ExpertParallel: {type(module).__name__} has no expert parameters (no `num_experts` attribute "
                 f"and no parameter [num_experts, ...] among {sorted(own) or 'none'}); name them: "
                 "ExpertParallel(params=('gate_up_proj', 'down_proj')).")
-        if count % ep_size:
-            raise ExpertParallelError(f"ExpertParallel: {count} experts of {type(module).__name__} cannot be split "
-                                      f"evenly over {ep_size} expert-parallel ranks.")
         for name in names:
             param = own.get(name)
             if param is None or param.ndim == 0 or param.shape[0] != count:
                 raise ExpertParallelError(
                     f"ExpertParallel: {type(module).__name__}.{name} is not an expert parameter [{count}, ...] "
                     f"(shape {None if param is None else tuple(param.shape)}).")
+        if count % ep_size:
+            divisors = [d for d in range(1, count + 1) if count % d == 0]
+            raise ExpertParallelError(f"ep_size={ep_size} does not divide the {count} experts of "
+                                      f"{type(module).__name__}; ep_size must be one of {divisors}.")
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        ep_size = device_mesh.size()
+        self.check(module, ep_size)
+        count = expert_count(module, self.params)
+        names = expert_parameters(module, self.params)
+        own = dict(module.named_parameters(recurse=False))
+        for name in names:
+            param = own[name]
             if not isinstance(param, DTensor):
                 sharded = distribute_tensor(param.detach(), device_mesh, [Shard(0)], src_data_rank=None)
                 module.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))

@@ -8,10 +8,17 @@ the module's :class:`ExpertParallel`, so every remaining key names a module and 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..core.errors import PlanError
+from torch import nn
+
+from ..core.errors import ExpertParallelError, PlanError, PlanNotFoundError
+
+if TYPE_CHECKING:
+    from ..core.registry import Registry
+    from ..tensor_parallel.plan import ResolvedPlan
 
 #: transformers' style for a fused expert parameter split by expert (dim 0).
 GROUPED_GEMM = "grouped_gemm"
@@ -45,3 +52,61 @@ def fold_expert_parameters(spec: Mapping[str, Any]) -> dict[str, Any]:
                 f"{owner!r} has {'no entry' if style is None else repr(style)}; add {owner!r}: "
                 f"{DISPATCH_EXPERTS!r} so its tokens reach the experts.")
     return folded
+
+
+def has_experts(model: nn.Module) -> bool:
+    """Whether any module of ``model`` holds fused experts (an integer ``num_experts`` and own parameters
+    ``[num_experts, ...]`` of at least 3 dims)."""
+    for module in model.modules():
+        count = getattr(module, "num_experts", None)
+        if isinstance(count, int) and any(p.ndim >= 3 and p.shape[0] == count
+                                          for p in module.parameters(recurse=False)):
+            return True
+    return False
+
+
+def resolve_expert_plan(model: nn.Module, registry: Registry, ep_plan: Any, ep_size: int,
+                        strict: bool = True) -> ResolvedPlan:
+    """Resolve, match and check the EP plan for ``ep_size`` ranks; typed errors before any collective, the same
+    on every rank: :class:`ExpertParallelError` for a model without experts or an ``ep_size`` that does not
+    divide an experts module's expert count, :class:`UnmatchedPlanKeyError` for a key that matches nothing."""
+    from ..tensor_parallel.plan import resolve_plan
+    from ..tensor_parallel.validation import match_and_check
+    from .expert_parallel import ExpertParallel
+
+    name = type(model).__qualname__
+    try:
+        plan = resolve_plan(model, registry, ep_plan, axis="ep")
+    except PlanNotFoundError as exc:
+        if not has_experts(model):
+            raise ExpertParallelError(f"ep_size={ep_size} asks for expert parallelism, but {name} has no "
+                                      "mixture-of-experts layers; drop ep_size.") from exc
+        raise
+    plan = match_and_check(model, plan, strict=strict, axis="EP")
+    experts = [(key, fqn) for key, style in plan.styles.items() if isinstance(style, ExpertParallel)
+               for fqn in plan.matches.get(key, ())]
+    if not experts:
+        raise ExpertParallelError(f"ep_size={ep_size}: the EP plan of {name} ({plan.source}) splits no experts "
+                                  f"module; give an experts module the {DISPATCH_EXPERTS!r} style.")
+    for key, fqn in experts:
+        plan.styles[key].check(model.get_submodule(fqn), ep_size)
+    return dataclasses.replace(plan, replicated_linears=())
+
+
+def expert_modules(plan: ResolvedPlan) -> list[str]:
+    """Names of the modules an EP plan splits by expert."""
+    from .expert_parallel import ExpertParallel
+
+    return [fqn for key, style in plan.styles.items() if isinstance(style, ExpertParallel)
+            for fqn in plan.matches.get(key, ())]
+
+
+def experts_tp_sharded(tp_plan: ResolvedPlan | None, ep_plan: ResolvedPlan) -> bool:
+    """Whether the TP plan shards the experts modules of the EP plan (then EP cannot borrow the TP ranks)."""
+    if tp_plan is None:
+        return False
+    from ..tensor_parallel.custom_styles import KeepReplicated
+
+    sharded = {fqn for key, style in tp_plan.styles.items() if not isinstance(style, KeepReplicated)
+               for fqn in tp_plan.matches.get(key, ())}
+    return any(fqn in sharded for fqn in expert_modules(ep_plan))

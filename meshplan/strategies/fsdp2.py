@@ -33,8 +33,9 @@ from ..core.activation_checkpointing import CheckpointingOptions
 from ..core.blocks import find_blocks
 from ..core.errors import MeshError, OptionsError, UnsupportedConfigurationError
 from ..core.log import get_logger, log_rank0
-from ..core.roles import MeshRoles, RoleDims, role_dims
+from ..core.roles import MeshRoles, RoleDims, dense_data_parallel_size, role_dims
 from ..core.strategy import Strategy, StrategyOptions
+from ..experts.apply import apply_expert_parallel, shard_experts
 from ..plugins.hookspecs import hookimpl
 from ..tensor_parallel.apply import apply_tensor_parallel
 from ..tensor_parallel.plan import ResolvedPlan
@@ -78,6 +79,11 @@ class FSDP2Options(CheckpointingOptions):
             mesh; on a CPU mesh it is rejected up front). ``None`` = no offload.
         reshard_after_forward: reshard block parameters after forward (ZeRO-3, default). ``False`` keeps
             them gathered until backward (ZeRO-2-like). The last block and the root never reshard.
+        ep_size: expert parallelism (1 = off): the experts of every MoE layer are split over ``ep_size`` ranks
+            carved from the data-parallel shard ranks (and the TP ranks when the TP plan leaves the experts
+            whole; :mod:`meshplan.core.roles`), tokens reach them by all-to-all, and each experts module is
+            FSDP-sharded over the ranks holding the same experts. The EP plan comes from the model's plan
+            providers (the Hugging Face fallback reads ``config.base_model_ep_plan``) or ``ep_plan=...``.
     """
 
     dp_replicate_mesh_name: str = "dp_replicate"
@@ -86,6 +92,7 @@ class FSDP2Options(CheckpointingOptions):
     mp_policy: MixedPrecisionPolicy | None = None
     offload_policy: OffloadPolicy | None = None
     reshard_after_forward: bool = True
+    ep_size: int = 1
 
     def mesh_roles(self) -> dict[str, RoleDims]:
         return super().mesh_roles() | {
@@ -141,14 +148,20 @@ class FSDP2Strategy(Strategy):
     options_class = FSDP2Options
 
     def validate(
-        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
+        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions,
+        ep_plan: ResolvedPlan | None = None,
     ) -> None:
-        """Type-check options, require a shard dim, reject offload on CPU and bad AC settings."""
+        """Type-check options, require a shard dim, reject offload on CPU and bad AC settings (the EP sizes
+        were checked by ``prepare``)."""
         from torch.distributed.fsdp import CPUOffloadPolicy
 
         require_fsdp2_options(options)
         _check_types(options)
         require_shard_dim(roles, options)
+        if ep_plan is not None and not roles.ep_borrows_tp and roles.size("tp") > 1:
+            raise UnsupportedConfigurationError(
+                "ep_size > 1 with a TP plan that shards the experts is not supported yet: leave the experts out "
+                "of the TP plan (EP then borrows the TP ranks) or drop ep_size.")
         if isinstance(options.offload_policy, CPUOffloadPolicy) and roles.mesh.device_type == "cpu":
             raise UnsupportedConfigurationError(
                 "offload_policy=CPUOffloadPolicy() needs an accelerator mesh (cuda, ...): on a CPU mesh torch's "
@@ -157,7 +170,8 @@ class FSDP2Strategy(Strategy):
         options.check_checkpointing(find_blocks(model))
 
     def parallelize(
-        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
+        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions,
+        ep_plan: ResolvedPlan | None = None,
     ) -> nn.Module:
         from torch.distributed.fsdp import OffloadPolicy, fully_shard
 
@@ -166,9 +180,16 @@ class FSDP2Strategy(Strategy):
         blocks = find_blocks(model)
         if plan is not None:  # also re-ties parameters shared before TP (tied embeddings)
             apply_tensor_parallel(model, roles.tp, plan)
+        expert_meshes = roles.expert_meshes() if ep_plan is not None else None
+        experts = [] if expert_meshes is None else apply_expert_parallel(model, ep_plan, expert_meshes)
         wrapped = options.apply_checkpointing(model, blocks)
         block_policy, root_policy = block_and_root_policies(options.mp_policy)
         offload = options.offload_policy or OffloadPolicy()
+        if experts:  # their own units on the expert data-parallel mesh, before the blocks that contain them
+            shard_experts(experts, expert_meshes, dense_data_parallel_size(dp), mp_policy=block_policy,
+                          offload_policy=offload, reshard_after_forward=options.reshard_after_forward)
+            log_rank0(logger, logging.INFO, "fsdp2: %s; %d experts module(s)", expert_meshes.describe(),
+                      len(experts))
         for index, (fqn, _) in enumerate(blocks):
             last = index == len(blocks) - 1
             # Look the block up again: checkpointing may have replaced it with its wrapper.

@@ -50,8 +50,9 @@ def validate_tp_size(model: nn.Module, tp_size: int) -> None:
                   "for balanced memory.", vocab, tp_size)
 
 
-def match_and_check(model: nn.Module, plan: ResolvedPlan, strict: bool = True) -> ResolvedPlan:
-    """Match every plan key to modules; a key matching nothing is an error (or one warning if not strict)."""
+def match_and_check(model: nn.Module, plan: ResolvedPlan, strict: bool = True, axis: str = "TP") -> ResolvedPlan:
+    """Match every plan key to modules; a key matching nothing is an error (or one warning if not strict).
+    ``axis`` names the plan in messages (``"TP"``, ``"EP"``)."""
     from .custom_styles import shards_parameters  # DTensor styles: imported when a plan is used
     matches = match_plan(model, plan.styles)
     unmatched = [key for key, found in matches.items() if not found]
@@ -59,7 +60,7 @@ def match_and_check(model: nn.Module, plan: ResolvedPlan, strict: bool = True) -
         details = "; ".join(
             f"{key!r} (closest modules: {', '.join(suggest_keys(model, key)) or 'none'})" for key in unmatched
         )
-        message = (f"{len(unmatched)} TP plan key(s) from {plan.source} match no module of "
+        message = (f"{len(unmatched)} {axis} plan key(s) from {plan.source} match no module of "
                    f"{type(model).__qualname__}: {details}.")
         if strict:
             raise UnmatchedPlanKeyError(message + " Fix the keys, or pass strict=False to skip them.")
