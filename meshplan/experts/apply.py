@@ -44,6 +44,11 @@ def shard_experts(experts: list[nn.Module], meshes: ExpertMeshes, gradient_divid
     """``fully_shard`` each experts module over the expert data-parallel mesh (see the module docstring)."""
     from torch.distributed.fsdp import fully_shard
 
+    mesh = meshes.data_parallel.mesh
     for module in experts:
-        fully_shard(module, mesh=meshes.data_parallel.mesh, **fully_shard_kwargs)
+        fully_shard(module, mesh=mesh, **fully_shard_kwargs)
         module.set_gradient_divide_factor(float(gradient_divide_factor))
+        if mesh.device_type == "cpu" and meshes.data_parallel.shard_size > 1:
+            # gloo has no PREMUL_SUM: sum, then divide. (Not with one shard: torch 2.13 then divides the local
+            # copy by the factor and, forced to sum, divides the result again.)
+            module.set_force_sum_reduction_for_comms(True)

@@ -46,3 +46,25 @@ def _check(pool, name: str, mesh: dict[str, int], **kwargs) -> None:
 @pytest.mark.parametrize("name", list(MOE))
 def test_ep2(ranks2, name):
     _check(ranks2, name, {"dp_shard": 2}, ep_size=2)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
+def test_ep2_borrows_tp_ranks(ranks2, name):
+    """tp=2 with the experts left whole by the TP plan: EP takes the TP ranks, each dispatching half the tokens."""
+    _check(ranks2, name, {"dp_shard": 1, "tp": 2}, ep_size=2)
+
+
+FOUR_RANKS = {
+    "ep2-dp_shard4": ({"dp_shard": 4}, {"ep_size": 2}),
+    "ep2-hsdp2x2": ({"dp_replicate": 2, "dp_shard": 2}, {"ep_size": 2}),
+    "ep4-dp_shard2-tp2": ({"dp_shard": 2, "tp": 2}, {"ep_size": 4}),
+    "ep2-dp_shard2-tp2": ({"dp_shard": 2, "tp": 2}, {"ep_size": 2}),
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", list(FOUR_RANKS))
+def test_four_ranks(ranks4, case):
+    mesh, kwargs = FOUR_RANKS[case]
+    _check(ranks4, "qwen3_moe", mesh, **kwargs)
