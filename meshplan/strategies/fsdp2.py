@@ -35,7 +35,6 @@ from ..core.errors import MeshError, OptionsError, UnsupportedConfigurationError
 from ..core.log import get_logger, log_rank0
 from ..core.roles import MeshRoles, RoleDims, dense_data_parallel_size, role_dims
 from ..core.strategy import Strategy, StrategyOptions
-from ..experts.apply import apply_expert_parallel, shard_experts
 from ..plugins.hookspecs import hookimpl
 from ..tensor_parallel.apply import apply_tensor_parallel
 from ..tensor_parallel.plan import ResolvedPlan
@@ -174,6 +173,8 @@ class FSDP2Strategy(Strategy):
         ep_plan: ResolvedPlan | None = None,
     ) -> nn.Module:
         from torch.distributed.fsdp import OffloadPolicy, fully_shard
+
+        from ..experts.apply import apply_expert_parallel, shard_experts  # DTensor: imported on use
 
         require_fsdp2_options(options)
         dp = roles.data_parallel
