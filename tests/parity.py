@@ -51,20 +51,22 @@ def clean_name(name: str) -> str:
     return name
 
 
+def _gathered(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DTensors gathered, packed (rank-major) parameters put back in their original order, wrapper-free names."""
+    from meshplan.tensor_parallel.custom_styles import unpack_full_state_dict
+
+    full = {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().clone() for n, t in tensors.items()}
+    return {clean_name(n): t for n, t in unpack_full_state_dict(model, full).items()}
+
+
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter as a full plain tensor (DTensors gathered), keyed by its wrapper-free name."""
-    return {
-        clean_name(n): (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().clone()
-        for n, p in model.named_parameters()
-    }
+    return _gathered(model, dict(model.named_parameters()))
 
 
 def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter's gradient as a full plain tensor (DTensors gathered), keyed like :func:`full_params`."""
-    return {
-        clean_name(n): (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().float().clone()
-        for n, p in model.named_parameters()
-    }
+    return _gathered(model, {n: p.grad for n, p in model.named_parameters()})
 
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}

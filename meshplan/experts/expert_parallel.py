@@ -5,7 +5,9 @@ with the EP mesh. It
 
 * splits the module's expert parameters (``[num_experts, ...]``; by default every parameter whose dim 0 is
   the expert count, or the names the plan's ``grouped_gemm`` entries list) by expert: ``Shard(0)``
-  DTensors over the EP mesh, so rank ``r`` holds experts ``[r * local, (r + 1) * local)``;
+  DTensors over the EP mesh, so rank ``r`` holds experts ``[r * local, (r + 1) * local)``. Parameters a TP
+  style already split along the expert intermediate size become 2-D DTensors on ``(ep, tp)``; the TP style's
+  own forward (local shards, output all-reduced over TP) then runs inside the dispatch, on the received rows;
 * wraps the module's forward, whose signature is transformers' experts call
   ``(hidden_states [tokens, hidden], top_k_index [tokens, k], top_k_weights [tokens, k])``: tokens are
   dispatched to the experts' owners (:mod:`meshplan.experts.dispatch`), the module's *own* forward runs on
@@ -101,9 +103,8 @@ class ExpertParallel(ParallelStyle):
         own = dict(module.named_parameters(recurse=False))
         for name in names:
             param = own[name]
-            if not isinstance(param, DTensor):
-                sharded = distribute_tensor(param.detach(), device_mesh, [Shard(0)], src_data_rank=None)
-                module.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+            sharded = _split_by_expert(param.detach(), device_mesh, count // ep_size)
+            module.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         setattr(module, EP_ATTRIBUTE, (count, ep_size))
         module.forward = _dispatching_forward(module, module.forward, names, count // ep_size, device_mesh,
                                               self.token_mesh)
@@ -111,6 +112,24 @@ class ExpertParallel(ParallelStyle):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(params={self.params})"
+
+
+def _split_by_expert(param: torch.Tensor, ep_mesh: DeviceMesh, num_local: int) -> DTensor:
+    """``Shard(0)`` over ``ep_mesh``. A parameter a TP style already made a DTensor on the TP mesh (experts split
+    along their intermediate size) becomes a 2-D DTensor on ``(ep, tp)``: this rank's experts of its TP shard."""
+    if not isinstance(param, DTensor):
+        return distribute_tensor(param, ep_mesh, [Shard(0)], src_data_rank=None)
+    if param.device_mesh.ndim != 1 or any(isinstance(p, Shard) and p.dim == 0 for p in param.placements):
+        raise ExpertParallelError(
+            f"ExpertParallel: an expert parameter is already a DTensor with placements {param.placements} on a "
+            f"{param.device_mesh.ndim}-D mesh; only a 1-D TP layout that keeps the expert dim whole can be split "
+            "by expert as well.")
+    start = ep_mesh.get_local_rank() * num_local
+    local = param.to_local().narrow(0, start, num_local)
+    local = local if local.device.type == "meta" else local.clone()
+    mesh = DeviceMesh._concatenate([ep_mesh, param.device_mesh])
+    return DTensor.from_local(local, mesh, [Shard(0), *param.placements], run_check=False, shape=param.shape,
+                              stride=param.stride())
 
 
 @contextlib.contextmanager

@@ -150,17 +150,13 @@ class FSDP2Strategy(Strategy):
         self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions,
         ep_plan: ResolvedPlan | None = None,
     ) -> None:
-        """Type-check options, require a shard dim, reject offload on CPU and bad AC settings (the EP sizes
-        were checked by ``prepare``)."""
+        """Type-check options, require a shard dim, reject offload on CPU and bad AC settings (``prepare``
+        checked the EP plan and sizes; ``ep_plan`` is accepted so that EP strategies share one signature)."""
         from torch.distributed.fsdp import CPUOffloadPolicy
 
         require_fsdp2_options(options)
         _check_types(options)
         require_shard_dim(roles, options)
-        if ep_plan is not None and not roles.ep_borrows_tp and roles.size("tp") > 1:
-            raise UnsupportedConfigurationError(
-                "ep_size > 1 with a TP plan that shards the experts is not supported yet: leave the experts out "
-                "of the TP plan (EP then borrows the TP ranks) or drop ep_size.")
         if isinstance(options.offload_policy, CPUOffloadPolicy) and roles.mesh.device_type == "cpu":
             raise UnsupportedConfigurationError(
                 "offload_policy=CPUOffloadPolicy() needs an accelerator mesh (cuda, ...): on a CPU mesh torch's "

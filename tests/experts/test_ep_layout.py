@@ -17,6 +17,9 @@ from meshplan.core.errors import ExpertParallelError, PlanError, UnmatchedPlanKe
 from tests.models import tiny_hf
 
 MIXTRAL = {"num_local_experts": 8, "num_experts_per_tok": 2}
+#: A TP plan that leaves the experts whole, so EP borrows the TP ranks.
+ATTENTION_TP = {**{f"model.layers.*.self_attn.{name}": "colwise" for name in ("q_proj", "k_proj", "v_proj")},
+                "model.layers.*.self_attn.o_proj": "rowwise"}
 
 
 def _meta(model_type: str = "mixtral", **overrides) -> torch.nn.Module:
@@ -44,7 +47,7 @@ LAYOUTS = {
 def test_which_ranks_hold_which_experts(fake_pg, case):
     shape, ep_size, borrowed, ep_ranks, local_rows = LAYOUTS[case]
     with fake_pg(8, rank=5):
-        model = _parallelize(shape, ep_size=ep_size)
+        model = _parallelize(shape, ep_size=ep_size, **({"tp_plan": ATTENTION_TP} if "tp" in shape else {}))
         report = model._meshplan_report
         experts = model.model.layers[0].mlp.experts
         gate_up = experts.gate_up_proj
@@ -65,7 +68,7 @@ def test_thousands_of_ranks(fake_pg):
                   head_dim=8)
     with fake_pg(2048, rank=2047):
         start = time.perf_counter()
-        model = _parallelize({"dp_shard": 256, "tp": 8}, model, ep_size=64)
+        model = _parallelize({"dp_shard": 256, "tp": 8}, model, ep_size=64, tp_plan=ATTENTION_TP)
         elapsed = time.perf_counter() - start
         gate_up = model.model.layers[1].mlp.experts.gate_up_proj
         assert gate_up.device_mesh.mesh_dim_names == ("expert_dp_shard", "ep")
@@ -76,9 +79,10 @@ def test_thousands_of_ranks(fake_pg):
 
 BAD = {
     "ep-vs-experts": ({"dp_shard": 4}, {}, {"ep_size": 3}, ExpertParallelError, "does not divide the 8 experts"),
-    "ep-vs-ranks": ({"dp_shard": 2, "tp": 2}, {}, {"ep_size": 8}, ExpertParallelError,
+    "ep-vs-ranks": ({"dp_shard": 2, "tp": 2}, {}, {"ep_size": 8, "tp_plan": ATTENTION_TP}, ExpertParallelError,
                     "must divide the 4 ranks expert parallelism borrows (dp_shard x tp)"),
-    "ep-vs-tp": ({"dp_shard": 1, "tp": 4}, {"num_key_value_heads": 4}, {"ep_size": 2}, ExpertParallelError,
+    "ep-vs-tp": ({"dp_shard": 1, "tp": 4}, {"num_key_value_heads": 4}, {"ep_size": 2, "tp_plan": ATTENTION_TP},
+                 ExpertParallelError,
                  "must be a multiple of the TP size 4"),
     "no-experts": ({"dp_shard": 4}, {"model_type": "llama"}, {"ep_size": 2}, ExpertParallelError,
                    "has no mixture-of-experts layers"),

@@ -28,6 +28,18 @@ MOE = {
 }
 
 
+#: TP plans that leave the experts whole, so EP borrows the TP ranks whatever the built-in providers do with them.
+ATTENTION_TP = {**{f"model.layers.*.self_attn.{name}": "colwise" for name in ("q_proj", "k_proj", "v_proj")},
+                "model.layers.*.self_attn.o_proj": "rowwise"}
+QK_NORMS = {"model.layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+            "model.layers.*.self_attn.k_norm": "replicated_with_grad_allreduce"}
+DEEPSEEK_MLP_TP = {"model.layers.0.mlp.gate_proj": "colwise", "model.layers.0.mlp.up_proj": "colwise",
+                   "model.layers.0.mlp.down_proj": "rowwise", "model.layers.*.mlp.shared_experts.gate_proj": "colwise",
+                   "model.layers.*.mlp.shared_experts.up_proj": "colwise",
+                   "model.layers.*.mlp.shared_experts.down_proj": "rowwise"}
+EXPERTS_WHOLE_TP = {"mixtral": ATTENTION_TP, "qwen3_moe": ATTENTION_TP | QK_NORMS, "deepseek_v3": DEEPSEEK_MLP_TP}
+
+
 @functools.cache
 def _reference(name: str) -> RunResult:
     return reference(MOE[name], lr=LR, capture_grads=True, optimizer="sgd")
@@ -52,14 +64,14 @@ def test_ep2(ranks2, name):
 @pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
 def test_ep2_borrows_tp_ranks(ranks2, name):
     """tp=2 with the experts left whole by the TP plan: EP takes the TP ranks, each dispatching half the tokens."""
-    _check(ranks2, name, {"dp_shard": 1, "tp": 2}, ep_size=2)
+    _check(ranks2, name, {"dp_shard": 1, "tp": 2}, ep_size=2, tp_plan=EXPERTS_WHOLE_TP[name])
 
 
 FOUR_RANKS = {
     "ep2-dp_shard4": ({"dp_shard": 4}, {"ep_size": 2}),
     "ep2-hsdp2x2": ({"dp_replicate": 2, "dp_shard": 2}, {"ep_size": 2}),
-    "ep4-dp_shard2-tp2": ({"dp_shard": 2, "tp": 2}, {"ep_size": 4}),
-    "ep2-dp_shard2-tp2": ({"dp_shard": 2, "tp": 2}, {"ep_size": 2}),
+    "ep4-dp_shard2-tp2": ({"dp_shard": 2, "tp": 2}, {"ep_size": 4, "tp_plan": ATTENTION_TP | QK_NORMS}),
+    "ep2-dp_shard2-tp2": ({"dp_shard": 2, "tp": 2}, {"ep_size": 2, "tp_plan": ATTENTION_TP | QK_NORMS}),
 }
 
 
@@ -68,3 +80,27 @@ FOUR_RANKS = {
 def test_four_ranks(ranks4, case):
     mesh, kwargs = FOUR_RANKS[case]
     _check(ranks4, "qwen3_moe", mesh, **kwargs)
+
+
+def experts_layout(mesh_shape: dict[str, int], name: str, kwargs: dict) -> tuple:
+    """Runs on every rank: the mesh dims and placements of the first experts module's ``gate_up_proj``."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import meshplan
+
+    mesh = init_device_mesh("cpu", tuple(mesh_shape.values()), mesh_dim_names=tuple(mesh_shape))
+    model = meshplan.parallelize(MOE[name].build(), mesh, **kwargs)
+    param = model.model.layers[-1].mlp.experts.gate_up_proj
+    return param.device_mesh.mesh_dim_names, tuple(map(str, param.placements))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(MOE))
+def test_ep2_x_tp2_with_experts_split_by_tp(ranks4, name):
+    """ep=2 from dp_shard=2, and TP=2 splitting every expert along its intermediate size (the built-in TP plans
+    shard the experts), so each rank holds half of the experts' intermediate features of half of the experts."""
+    pytest.importorskip("meshplan.experts.tp_styles", reason="needs the expert TP styles (moe_tp_experts)")
+    mesh = {"dp_shard": 2, "tp": 2}
+    dims, placements = ranks4.run(experts_layout, mesh, name, {"ep_size": 2})[0]
+    assert dims == ("expert_dp_shard", "ep", "tp") and placements[1:] == ("Shard(dim=0)", "Shard(dim=1)"), placements
+    _check(ranks4, name, mesh, ep_size=2)
