@@ -91,7 +91,7 @@ def experts_layout(mesh_shape: dict[str, int], name: str, kwargs: dict) -> tuple
     mesh = init_device_mesh("cpu", tuple(mesh_shape.values()), mesh_dim_names=tuple(mesh_shape))
     model = meshplan.parallelize(MOE[name].build(), mesh, **kwargs)
     param = model.model.layers[-1].mlp.experts.gate_up_proj
-    return param.device_mesh.mesh_dim_names, tuple(map(str, param.placements))
+    return param.device_mesh.mesh_dim_names, tuple(map(repr, param.placements))
 
 
 @pytest.mark.distributed
