@@ -73,7 +73,7 @@ def test_thousands_of_ranks(fake_pg):
         gate_up = model.model.layers[1].mlp.experts.gate_up_proj
         assert gate_up.device_mesh.mesh_dim_names == ("expert_dp_shard", "ep")
         assert tuple(gate_up.device_mesh.shape) == (32, 64)
-        assert tuple(gate_up.to_local().shape) == (1, 32, 64) or gate_up.to_local().numel() == 0
+        assert gate_up.to_local().numel() <= 32 * 64  # at most the one expert of this EP rank (FSDP-sharded)
     assert elapsed < 30, elapsed
 
 
