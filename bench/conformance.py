@@ -1,5 +1,6 @@
 """Conformance sweep: TP=2 forward + backward parity of every causal-LM model type that declares a transformers
-TP plan, on 2 gloo ranks (CPU), against the same model in one process.
+TP plan, and EP=2 parity of every one that declares an EP plan, on 2 gloo ranks (CPU), against the same model in
+one process.
 
     .venv/bin/python bench/conformance.py --output docs/conformance.md --json conformance.json
     .venv/bin/python bench/conformance.py --only llama,mixtral
@@ -116,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="check only the first N model types")
     parser.add_argument("--output", type=Path, help="write the markdown report here (e.g. docs/conformance.md)")
     parser.add_argument("--json", type=Path, help="write the per-type results as JSON here")
+    parser.add_argument("--no-ep", action="store_true",
+                        help="skip the EP=2 sweep of the model types that declare base_model_ep_plan")
     parser.add_argument("--timeout", type=float, default=240.0,
                         help="seconds one model type may take before the ranks are restarted (default 240)")
     return parser.parse_args(argv)
@@ -126,21 +129,24 @@ def enumeration() -> dict[str, Any]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from tests.conformance_check import plan_declaration
+    from tests.conformance_ep_check import model_types_with_ep_plan
 
     where = {t: plan_declaration(t) for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES}
     return {"causal_lm_types": len(where), "types": [t for t, w in where.items() if w],
+            "ep_types": model_types_with_ep_plan(),
             "config": sum(w == "config" for w in where.values()),
             "class_only": [t for t, w in where.items() if w == "class"]}
 
 
-def select_types(args: argparse.Namespace, found: dict[str, Any]) -> list[str]:
-    types = found["types"]
+def select_types(args: argparse.Namespace, found: dict[str, Any], key: str = "types") -> list[str]:
+    types = found[key]
     if args.only:
         wanted = [t.strip() for t in args.only.split(",") if t.strip()]
-        unknown = [t for t in wanted if t not in types]
-        if unknown:
-            raise SystemExit(f"not causal-LM model types with a TP plan: {unknown}")
-        types = wanted
+        if key == "types":
+            unknown = [t for t in wanted if t not in types]
+            if unknown and not set(unknown) <= set(found.get("ep_types", ())):
+                raise SystemExit(f"not causal-LM model types with a TP or EP plan: {unknown}")
+        types = [t for t in wanted if t in types]
     return types[:args.limit] if args.limit else types
 
 
@@ -148,10 +154,13 @@ def _failure(model_type: str, reason: str, seconds: float) -> dict[str, Any]:
     return {"model_type": model_type, "status": "fail", "reason": reason, "stage": "harness", "seconds": seconds}
 
 
-def run_sweep(types: list[str], timeout: float, log=print) -> list[dict[str, Any]]:
-    """Check each model type on one persistent 2-rank pool; a hang or a crash restarts the pool."""
+def run_sweep(types: list[str], timeout: float, log=print, check=None) -> list[dict[str, Any]]:
+    """Check each model type on one persistent 2-rank pool; a hang or a crash restarts the pool. ``check`` is the
+    per-type rank function (default: the TP=2 check)."""
     from meshplan.plugins.testing import RankError, RankPool
     from tests.conformance_check import check_architecture, merge_rank_results
+
+    check = check or check_architecture
 
     pool = RankPool(WORLD_SIZE)
     results = []
@@ -163,7 +172,7 @@ def run_sweep(types: list[str], timeout: float, log=print) -> list[dict[str, Any
             start = time.perf_counter()
             restart = False
             try:
-                result = merge_rank_results(pool.run(check_architecture, model_type, timeout=timeout))
+                result = merge_rank_results(pool.run(check, model_type, timeout=timeout))
                 restart = result["reason"].startswith("ranks disagree")
             except TimeoutError:
                 result = _failure(model_type, f"harness: timed out after {timeout:.0f} s (ranks restarted)",
@@ -217,8 +226,53 @@ def _source(result: dict[str, Any]) -> str:
     return "built-in" if "meshplan.plans.hf" not in source else "HF fallback"
 
 
-def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def _ep_cell(result: dict[str, Any] | None) -> tuple[str, str]:
+    """(EP=2 result, EP sharded fraction) cells of the main table."""
+    if result is None:
+        return "", ""
+    return result["status"], (f"{result['sharded_fraction']:.0%}" if "sharded_fraction" in result else "")
+
+
+def render_ep_section(ep_results: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    """The EP=2 section: every causal-LM type that declares ``base_model_ep_plan``."""
+    passed = [r for r in ep_results if r["status"] == "pass"]
+    shares = sorted(r["sharded_fraction"] for r in passed if "sharded_fraction" in r)
+    spread = (f"the experts are {shares[0]:.0%}–{shares[-1]:.0%} of the tiny models' parameter elements "
+              f"(median {shares[len(shares) // 2]:.0%}; tiny vocabularies and 4 experts make them a smaller share "
+              "than at full size)") if shares else "no type passed"
+    lines = [
+        "## EP=2",
+        "",
+        f"Every causal-LM model type whose config (or a sub-config) declares `base_model_ep_plan` "
+        f"({len(ep_results)} types; `tests/conformance_ep_check.py`), with the same tiny config, batch, loss and "
+        "tolerances as above (Gemma 4 switched to its MoE variant, ZAYA to top-1 routing, which its config "
+        "requires), run once unsharded and once with expert parallelism of size 2 on 2 gloo ranks: "
+        "`meshplan.prepare(model, mesh, ep_size=2)` with a test-only strategy that applies only the EP plan "
+        "it resolves and validates (the Hugging Face fallback reads `base_model_ep_plan`: `ep_dispatch_experts` "
+        "modules, `grouped_gemm` parameters). Both ranks hold the same batch and each sends half of its tokens "
+        "to the experts' owners by all-to-all; every expert lives on one rank. `sharded` is the fraction of "
+        "parameter elements split over the ranks (the experts: EP alone shards nothing else).",
+        "",
+        "| model type | EP=2 | reason | sharded | seconds |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in ep_results:
+        sharded = f"{r['sharded_fraction']:.0%}" if "sharded_fraction" in r else ""
+        lines.append(f"| {r['model_type']} | {r['status']} | {_cell(_details(r))} | {sharded} | "
+                     f"{r.get('seconds', 0):.1f} |")
+    lines += [
+        "",
+        f"**Totals:** {len(passed)} pass, {len(ep_results) - len(passed)} fail of {len(ep_results)} model types "
+        f"({len(passed) / max(len(ep_results), 1):.1%} pass); {spread}.",
+        "",
+    ]
+    return lines
+
+
+def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any],
+                    ep_results: list[dict[str, Any]] | None = None) -> str:
     passed = sum(r["status"] == "pass" for r in results)
+    ep_by_type = {r["model_type"]: r for r in ep_results or ()}
     found = meta["enumeration"]
     lines = [
         "# TP plan conformance sweep",
@@ -245,13 +299,14 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "that TP shards (where it is only the embedding and `lm_head`, the transformers plan shards nothing else, "
         "e.g. MoE experts, which the fallback leaves replicated).",
         "",
-        "| model type | result | reason | plan | sharded | seconds |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model type | result | reason | plan | sharded | seconds | EP=2 | EP sharded |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         sharded = f"{r['sharded_fraction']:.0%}" if "sharded_fraction" in r else ""
+        ep_status, ep_sharded = _ep_cell(ep_by_type.get(r["model_type"]))
         lines.append(f"| {r['model_type']} | {r['status']} | {_cell(_details(r))} | {_source(r)} | {sharded} | "
-                     f"{r.get('seconds', 0):.1f} |")
+                     f"{r.get('seconds', 0):.1f} | {ep_status} | {ep_sharded} |")
     lines += [
         "",
         f"**Totals:** {passed} pass, {len(results) - passed} fail of {len(results)} model types "
@@ -263,6 +318,8 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines += ["## Failure causes", ""]
         for title, text, types in groups:
             lines += [f"- **{title}** ({len(types)}: {', '.join(types)}). {text}", ""]
+    if ep_results:
+        lines += render_ep_section(ep_results, meta)
     lines += [
         f"- Date: {meta['date']}",
         f"- Machine: {meta['machine']}; load average {meta['load_before']} before, {meta['load_after']} after "
@@ -290,22 +347,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checking {len(types)} model types on {WORLD_SIZE} gloo ranks", flush=True)
     load_before, start = _load(), time.perf_counter()
     results = run_sweep(types, args.timeout)
+    ep_results: list[dict[str, Any]] = []
+    if not args.no_ep:
+        from tests.conformance_ep_check import check_architecture_ep
+
+        ep_types = select_types(args, found, "ep_types")
+        print(f"checking {len(ep_types)} model types with an EP plan at EP=2", flush=True)
+        ep_results = run_sweep(ep_types, args.timeout, check=check_architecture_ep)
     wall = time.perf_counter() - start
     meta = {
         "date": datetime.date.today().isoformat(), "machine": machine_description(), "load_before": load_before,
         "load_after": _load(), "wall_seconds": wall, "rtol": RTOL, "grad_floor": GRAD_FLOOR, "enumeration": {
-            k: v for k, v in found.items() if k != "types"} | {"with_plan": len(found["types"])},
+            k: v for k, v in found.items() if k not in ("types", "ep_types")}
+        | {"with_plan": len(found["types"]), "with_ep_plan": len(found["ep_types"])},
         "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/conformance.py",
                                                       *(sys.argv[1:] if argv is None else argv)]),
     }
     passed = sum(r["status"] == "pass" for r in results)
-    print(f"{passed}/{len(results)} pass in {wall:.0f} s", flush=True)
+    ep_passed = sum(r["status"] == "pass" for r in ep_results)
+    print(f"{passed}/{len(results)} pass (TP=2), {ep_passed}/{len(ep_results)} pass (EP=2) in {wall:.0f} s", flush=True)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(render_markdown(results, meta))
+        args.output.write_text(render_markdown(results, meta, ep_results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+        args.json.write_text(json.dumps({"meta": meta, "results": results, "ep_results": ep_results}, indent=1,
+                                        default=str))
     return 0
 
 

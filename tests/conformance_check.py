@@ -113,6 +113,8 @@ OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
                                          "global_head_dim": 32}},
     # the rotary part of the MLA query/key uses head_dim
     "longcat_flash": {"": {"head_dim": 8}},
+    # ZAYA routes every token to one expert only
+    "zaya": {"": {"num_experts_per_tok": 1}},
     # the default layer_types is None, which the model cannot build
     "lfm2_moe": {"": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1}},
     # indexed-attention layers need the QSA indexer fields, which default to None

@@ -7,6 +7,7 @@ job of the public facade (:mod:`meshplan.api`), so ``core`` never imports the pl
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..experts.plan import experts_tp_sharded, resolve_expert_plan
 from ..tensor_parallel.plan import ResolvedPlan, resolve_plan
 from ..tensor_parallel.validation import match_and_check, validate_tp_size
-from .errors import OptionsError, StrategyUnavailableError
+from .errors import OptionsError, StrategyUnavailableError, UnsupportedConfigurationError
 from .registry import Registry
 from .roles import MeshRoles, resolve_roles
 from .strategy import Strategy, StrategyOptions
@@ -89,6 +90,10 @@ def prepare(
     if roles.ep_size == 1:
         strategy.validate(model, roles, plan, opts)
         return Prepared(model, roles, strategy, opts, plan)
+    if "ep_plan" not in inspect.signature(strategy.parallelize).parameters:
+        raise UnsupportedConfigurationError(
+            f"Strategy {strategy.name!r} has an ep_size option but its parallelize() takes no ep_plan keyword, so it "
+            "cannot apply expert parallelism; add `ep_plan: ResolvedPlan | None = None` to it.")
     expert_plan = resolve_expert_plan(model, registry, ep_plan, roles.ep_size, strict=opts.strict)
     roles = dataclasses.replace(roles, ep_borrows_tp=not experts_tp_sharded(plan, expert_plan))
     roles.check_expert_parallel()

@@ -105,9 +105,13 @@ class Strategy(ABC):
         return None
 
     def validate(
-        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
+        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions,
+        ep_plan: ResolvedPlan | None = None,
     ) -> None:
-        """Raise a :class:`MeshplanError` for bad inputs. Must be deterministic and collective-free."""
+        """Raise a :class:`MeshplanError` for bad inputs. Must be deterministic and collective-free.
+
+        ``ep_plan`` (expert parallelism) is passed only to strategies whose options have ``ep_size`` > 1;
+        their :meth:`parallelize` receives it as the same keyword."""
 
     @abstractmethod
     def parallelize(

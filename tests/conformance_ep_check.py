@@ -1,0 +1,145 @@
+"""EP=2 conformance check of one transformers causal-LM model type (used by ``bench/conformance.py``).
+
+* :func:`model_types_with_ep_plan` — causal-LM model types whose config (or a sub-config) declares
+  ``base_model_ep_plan``.
+* :func:`check_architecture_ep` — runs on every rank of a 2-rank gloo pool: the tiny model of
+  :mod:`tests.conformance_check` once unsharded and once after ``meshplan.prepare(..., ep_size=2).apply()`` with an
+  EP-only strategy (the EP plan ``meshplan.parallelize`` resolves and validates: the Hugging Face fallback reads
+  ``base_model_ep_plan``). Both ranks hold the same batch and each dispatches half of its tokens to the experts'
+  owners, so logits and every gathered gradient must match the reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+import traceback
+from typing import Any
+
+from tests.conformance_check import (
+    RTOL,
+    _compare,
+    _reason,
+    _sharded_fraction,
+    _sub_config_classes,
+    _unmatched_reason,
+    build_model,
+    forward_backward,
+    make_batch,
+    tiny_config,
+)
+
+EP_SIZE = 2
+#: Config fields that select the MoE variant of a model type whose default config is dense (set after the tiny
+#: config is built; ``{model type: {sub-config name or "": {field: value}}}``).
+MOE_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    **{t: {sub: {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32}}
+       for t, sub in (("gemma4", "text_config"), ("gemma4_text", ""))},
+}
+
+
+def moe_config(model_type: str) -> Any:
+    """:func:`tiny_config`, switched to the MoE variant where the default is dense (:data:`MOE_VARIANTS`)."""
+    config = tiny_config(model_type)
+    for sub, fields in MOE_VARIANTS.get(model_type, {}).items():
+        target = getattr(config, sub) if sub else config
+        for name, value in fields.items():
+            setattr(target, name, value)
+    return config
+
+
+def ep_plan_declared(model_type: str) -> bool:
+    """Whether the config class of ``model_type`` (or a sub-config class) declares ``base_model_ep_plan``."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_class = CONFIG_MAPPING[model_type]
+    return any(getattr(c, "base_model_ep_plan", None) for c in [config_class, *_sub_config_classes(config_class)])
+
+
+def model_types_with_ep_plan() -> list[str]:
+    """Causal-LM model types (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``) that declare a transformers EP plan."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return [t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if ep_plan_declared(t)]
+
+
+def _ep_only_strategy():
+    from meshplan.core.strategy import Strategy, StrategyOptions
+    from meshplan.experts.apply import apply_expert_parallel
+
+    @dataclasses.dataclass
+    class ConformanceEPOptions(StrategyOptions):
+        ep_size: int = EP_SIZE
+
+    class ConformanceEP(Strategy):
+        """Test-only strategy: apply the resolved, validated EP plan and nothing else; every rank holds the same
+        batch, so the EP ranks split its tokens (as TP ranks do when EP borrows them)."""
+
+        name = "conformance_ep"
+        options_class = ConformanceEPOptions
+
+        def parallelize(self, model, roles, plan, options, ep_plan=None):
+            meshes = roles.expert_meshes()
+            if ep_plan is not None:
+                apply_expert_parallel(model, ep_plan, dataclasses.replace(meshes, token_mesh=meshes.ep))
+            return model
+
+    return ConformanceEP
+
+
+def ep_mesh():
+    """The 1-D ``("dp_shard",)`` mesh over all ranks, from which EP carves its ranks."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp_shard",))
+
+
+def check_architecture_ep(model_type: str, rtol: float = RTOL) -> dict[str, Any]:
+    """Runs on every rank: EP=2 forward + backward parity of ``model_type`` against the unsharded model.
+
+    Never raises for a model problem: ``status`` is ``"pass"`` or ``"fail"`` with a short ``reason``.
+    """
+    import meshplan
+    from meshplan import UnmatchedPlanKeyError
+
+    start = time.perf_counter()
+    result: dict[str, Any] = {"model_type": model_type, "status": "fail", "reason": ""}
+    stage, strict_error = "config", ""
+    try:
+        config = moe_config(model_type)
+        stage = "build"
+        reference = build_model(config)
+        model = copy.deepcopy(reference)
+        ids, labels = make_batch(config)
+        stage = "reference forward/backward"
+        ref_logits = forward_backward(reference, ids, labels)
+        stage = "EP plan"
+        meshplan.register_strategy(_ep_only_strategy())
+        try:
+            prepared = meshplan.prepare(model, ep_mesh(), strategy="conformance_ep")
+        except UnmatchedPlanKeyError as exc:  # diagnose further: does the rest of the plan work?
+            strict_error = _unmatched_reason(exc)
+            prepared = meshplan.prepare(model, ep_mesh(), strategy="conformance_ep", strict=False)
+        result["plan_source"] = prepared.ep_plan.source if prepared.ep_plan else None
+        stage = "apply EP plan"
+        prepared.apply()
+        result["sharded_fraction"] = _sharded_fraction(model)
+        stage = "EP forward/backward"
+        logits = forward_backward(model, ids, labels)
+        stage = "compare"
+        problems, numbers = _compare(reference, model, ref_logits, logits, rtol)
+        result.update(numbers)
+        result["status"] = "fail" if problems or strict_error else "pass"
+        result["reason"] = "; ".join(problems)
+        if strict_error:
+            result["reason"] = f"{strict_error}; with strict=False: {result['reason'] or 'EP parity holds'}"
+    except Exception as exc:  # noqa: BLE001 - reported in the result
+        result["reason"] = _reason(stage, exc)
+        if strict_error:
+            result["reason"] = f"{strict_error}; with strict=False: {result['reason']}"
+        result["traceback"] = traceback.format_exc(limit=-6)
+    result["stage"] = stage
+    result["seconds"] = time.perf_counter() - start
+    return result
