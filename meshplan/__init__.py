@@ -30,6 +30,7 @@ _LAZY: dict[str, str] = {
     # dispatcher and registry
     "parallelize": ".api", "prepare": ".api", "Prepared": ".api", "get_report": ".api", "get_strategy": ".api",
     "register_strategy": ".api", "register_tp_plan": ".api", "register_style": ".api",
+    "unregister_tp_plan": ".api",
     "get_tp_plan": ".api", "list_strategies": ".api", "list_tp_plans": ".api",
     "list_styles": ".api", "list_plugins": ".api",
     "import_class_from_path": ".core.imports",

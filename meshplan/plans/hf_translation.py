@@ -109,17 +109,22 @@ def merged_hf_plan(model: nn.Module) -> dict[str, Any]:
     return plan
 
 
-def _complete_embeddings(model: nn.Module, plan: dict[str, Any]) -> None:
-    """Vocab-parallel untied embedding; a tied pair is sharded together or not at all."""
-    embedding, head = embedding_modules(model)
-    embed, lm_head = module_name(model, embedding), module_name(model, head)
-    if embed is None:
-        return
-    if not are_tied(embedding, head):
+def complete_embeddings(plan: dict[str, Any], embed: str, lm_head: str | None, tied: bool) -> None:
+    """Vocab-parallel untied input embedding ``embed`` when the plan lacks it; a tied pair is sharded together
+    or not at all (whichever of the two the plan names, the other gets the matching vocab-parallel style)."""
+    if not tied:
         plan.setdefault(embed, VOCAB_EMBEDDING)
     elif lm_head is not None and (embed in plan) != (lm_head in plan):
         plan.setdefault(embed, VOCAB_EMBEDDING)
         plan.setdefault(lm_head, VOCAB_HEAD)
+
+
+def _complete_embeddings(model: nn.Module, plan: dict[str, Any]) -> None:
+    """:func:`complete_embeddings` for the model's own input and output embedding modules."""
+    embedding, head = embedding_modules(model)
+    embed = module_name(model, embedding)
+    if embed is not None:
+        complete_embeddings(plan, embed, module_name(model, head), are_tied(embedding, head))
 
 
 def _config_value(model: nn.Module, fqn: str, attribute: str) -> Any:
@@ -274,22 +279,3 @@ def hf_tp_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, P
             "tp_plan=..., or run without sequence_parallel."
         ) from exc
 
-
-def get_hf_tp_shard_plan(model: nn.Module) -> dict[str, ParallelStyle]:
-    """NeMo AutoModel's ``get_hf_tp_shard_plan`` semantics on top of :func:`translate_hf_plan`.
-
-    Same merge and translation (untied embedding missing from the plan -> ``rowwise_rep``, i.e. vocab-parallel;
-    tied embeddings kept together), plus NeMo's speed-up: an untied ``lm_head`` declared ``colwise_rep`` (spelled
-    ``colwise_gather_output`` by transformers 5.x) keeps
-    vocab-sharded logits, ``ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)`` (train with
-    ``torch.distributed.tensor.parallel.loss_parallel``). No plan -> :class:`PlanNotFoundError`
-    (an ``AssertionError``, as in NeMo).
-    """
-    merged = merged_hf_plan(model)
-    styles = _checked(model, translate_hf_plan(model))
-    embedding, head = embedding_modules(model)
-    lm_head = module_name(model, head)
-    gathered = merged.get(lm_head) in ("colwise_rep", "colwise_gather_output")
-    if lm_head in styles and gathered and not are_tied(embedding, head):
-        styles[lm_head] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
-    return styles

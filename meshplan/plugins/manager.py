@@ -213,6 +213,16 @@ class PluginHost:
         record.contributions.append((reg.kind, reg.key))
         return reg
 
+    def unregister(self, kind: str, key: str) -> list[Registration]:
+        """Remove every registration of ``kind`` under ``key``, whatever its tier, until plugins are discovered
+        again (:func:`reset`); returns the removed registrations (empty if there were none)."""
+        removed = self.registry.table(kind).remove(key)
+        for reg in removed:
+            record = self.records.get(reg.provenance.plugin)
+            if record is not None and (reg.kind, reg.key) in record.contributions:
+                record.contributions.remove((reg.kind, reg.key))
+        return removed
+
     # ------------------------------------------------------------------------------ diagnostics
     def failure_hint(self, kind: str, key: str) -> str:
         """A sentence naming failed plugins that provide (or might provide) ``key``."""
