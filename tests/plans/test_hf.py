@@ -11,9 +11,9 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 import meshplan
 from meshplan import PlanNotFoundError
 from meshplan.core.errors import SequenceParallelUnsupportedError, UntranslatableStyleError
+from meshplan.parallelizer import get_hf_tp_shard_plan
 from meshplan.plans.hf_translation import (
     REPLICABLE_STYLES,
-    get_hf_tp_shard_plan,
     hf_tp_plan,
     merged_hf_plan,
     translate_hf_plan,
