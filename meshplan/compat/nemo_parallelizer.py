@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -75,7 +75,7 @@ PARALLELIZE_FUNCTIONS: ParallelizeFunctions = ParallelizeFunctions()
 HAVE_NVFSDP: bool = any(importlib.util.find_spec(name) is not None for name in ("megatron_fsdp", "nvfsdp"))
 
 #: The legacy ``nvfsdp.fully_shard`` keyword API, served by meshplan's ``megatron_fsdp`` strategy.
-nvfsdp_fully_shard: MegatronFSDPShim = megatron_fsdp_shim
+nvfsdp_fully_shard: Callable[..., tuple[nn.Module, Optimizer | None]] = megatron_fsdp_shim
 
 #: Plan values NeMo gives a non-tied ``lm_head`` whose logits it keeps vocab-sharded (transformers 5 spelling too).
 GATHERED_HEAD_STYLES = ("colwise_rep", "colwise_gather_output")
@@ -355,7 +355,7 @@ def nvfsdp_strategy_parallelize(
         shard.prepare(model, optimizer=optimizer, **settings)  # every check before anything is modified
     cp_mesh = _named_mesh(device_mesh, cp_mesh_name, "cp_mesh_name")
     tp_mesh = _named_mesh(device_mesh, tp_mesh_name, "tp_mesh_name")
-    _named_mesh(device_mesh, dp_mesh_name, "dp_mesh_name")
+    _named_mesh(device_mesh, dp_mesh_name, "dp_mesh_name")  # must exist (the reference looked it up too)
     if tp_mesh.size() > 1:
         parallelize_module(model, tp_mesh, tp_shard_plan)
     dp_cp_mesh_name = "dp_cp" if cp_mesh.size() > 1 else "dp"
