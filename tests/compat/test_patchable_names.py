@@ -102,7 +102,7 @@ def test_the_default_nvfsdp_fully_shard_maps_the_legacy_call_onto_megatron_fsdp(
     shim = MegatronFSDPShim(MegatronFSDPStrategy(device_types=("cpu",)))  # build the call only: no CUDA needed
     with fake_pg(4):
         mesh = init_device_mesh("cpu", (2, 2, 1), mesh_dim_names=("dp", "cp", "tp"))
-        call, _ = shim.prepare(
+        call, _, _ = shim.prepare(
             TinyStack(), device_mesh=mesh, fsdp_unit_modules=None, dp_mesh_name="dp", cp_mesh_name="cp",
             tp_mesh_name="tp", dp_cp_mesh_name="dp_cp", init_model_with_meta_device=False,
             data_parallel_sharding_strategy="optim_grads", sync_grads_each_step=False, nccl_ub=False)
