@@ -63,8 +63,8 @@ logger = get_logger(__name__)
 __all__ = [
     "HAVE_NVFSDP", "PARALLELIZE_FUNCTIONS", "_get_parallel_plan", "apply_fsdp2_sharding_recursively",
     "fsdp2_strategy_parallelize", "get_hf_tp_shard_plan", "get_lm_ac_layers", "import_class_from_path",
-    "import_classes_from_paths", "nvfsdp_strategy_parallelize", "translate_to_torch_parallel_style",
-    "unshard_fsdp2_model", "validate_tp_mesh",
+    "import_classes_from_paths", "nvfsdp_fully_shard", "nvfsdp_strategy_parallelize", "parallelize_module",
+    "translate_to_torch_parallel_style", "unshard_fsdp2_model", "validate_tp_mesh",
 ]
 
 #: ``{model class: plan function}`` of the optimized plans: a live view of meshplan's registry.
