@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..tensor_parallel.plan import ResolvedPlan, resolve_plan
-from ..tensor_parallel.validation import match_and_check, validate_tp_size
+from ..tensor_parallel.validation import check_style_fit, match_and_check, validate_tp_size
 from .errors import StrategyUnavailableError
 from .registry import Registry
 from .roles import MeshRoles, resolve_roles
@@ -75,6 +75,7 @@ def prepare(
         validate_tp_size(model, roles.size("tp"))
         plan = resolve_plan(model, registry, tp_plan, opts.sequence_parallel)
         plan = match_and_check(model, plan, strict=opts.strict)
+        check_style_fit(model, plan, roles.size("tp"))
     strategy.validate(model, roles, plan, opts)
     return Prepared(model, roles, strategy, opts, plan)
 

@@ -40,6 +40,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "meshplan.plans.qwen",
     "meshplan.plans.gemma3",
     "meshplan.plans.phi3",
+    "meshplan.plans.mixtral",
+    "meshplan.plans.qwen3_moe",
+    "meshplan.plans.deepseek",
     "meshplan.plans.hf",
 )
 

@@ -73,6 +73,17 @@ def match_and_check(model: nn.Module, plan: ResolvedPlan, strict: bool = True) -
     )
 
 
+def check_style_fit(model: nn.Module, plan: ResolvedPlan, tp_size: int) -> None:
+    """Ask every style that can tell in advance (a ``check(module, tp_size)`` method, e.g. the experts' style
+    for a TP size that does not divide the expert intermediate size) whether it fits each module it matched;
+    typed errors, before any collective and the same on every rank."""
+    for key, style in plan.styles.items():
+        check = getattr(style, "check", None)
+        if callable(check):
+            for fqn in plan.matches.get(key, ()):
+                check(model.get_submodule(fqn), tp_size)
+
+
 def check_tied_parameters(model: nn.Module, styles: dict, matches: dict[str, list[str]]) -> None:
     """Refuse, before any collective, a plan that would lay out tied parameters differently.
 

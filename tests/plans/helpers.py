@@ -38,6 +38,16 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "olmo2": ("olmo2", {}),
     "gpt_neox": ("gpt_neox", {}),
     "gemma2": ("gemma2", {"head_dim": 16}),
+    # mixture of experts: 4 experts, top-2 routing; a dense first layer where the family has one
+    "mixtral": ("mixtral", {"intermediate_size": 64, "head_dim": 16, "num_local_experts": 4,
+                            "num_experts_per_tok": 2}),
+    "qwen3_moe": ("qwen3_moe", {"head_dim": 16, "moe_intermediate_size": 32, "num_experts": 4,
+                                "num_experts_per_tok": 2, "norm_topk_prob": True, "mlp_only_layers": [0]}),
+    "deepseek_v3": ("deepseek_v3", {"num_key_value_heads": 4, "moe_intermediate_size": 32, "n_routed_experts": 4,
+                                    "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
+                                    "first_k_dense_replace": 1, "n_shared_experts": 1, "q_lora_rank": 32,
+                                    "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                                    "v_head_dim": 16}),
 }
 BUILTIN = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "gemma3_vlm")
 
