@@ -107,35 +107,67 @@ def is_transposed(module: nn.Module) -> bool:
     return False
 
 
-def infer_param_layouts(module: nn.Module) -> dict[str, ExpertParamLayout]:
-    """The TP layout of every own parameter of an experts module (see the table in the module docstring).
+#: transformers' style of a 3-D expert parameter -> (its sharded dim counted from the end, packed parts): ``colwise``
+#: shards the output features (``ndim - 2``), ``rowwise`` the input features (``ndim - 1``), as for a Linear weight.
+HF_PARAMETER_STYLES = {"colwise": (2, 1), "packed_colwise": (2, 2), "rowwise": (1, 1), "packed_rowwise": (1, 2)}
 
-    :class:`PlanError` for a parameter whose layout is unknown (name it in
-    ``ExpertsTensorParallel(params=...)``) and for a norm applied to each expert's output
-    (``has_post_expert_norm``), which cannot run on partial sums.
-    """
-    kind = type(module).__name__
+
+def _known_layouts(module: nn.Module) -> dict[str, ExpertParamLayout]:
+    """Layouts of the parameter names in :data:`KNOWN_PARAMETERS` for this module's orientation."""
     if getattr(module, "has_post_expert_norm", False):
-        raise PlanError(f"{kind} normalizes each expert's output (has_post_expert_norm): its experts cannot be "
-                        "split by tensor parallelism (a norm of partial sums is not the norm of the sum); use "
-                        "expert parallelism or leave the experts replicated.")
-    transposed = is_transposed(module)
+        raise PlanError(f"{type(module).__name__} normalizes each expert's output (has_post_expert_norm): its "
+                        "experts cannot be split by tensor parallelism (a norm of partial sums is not the norm of the "
+                        "sum); use expert parallelism or leave the experts replicated.")
     packed = 2 if getattr(module, "is_concatenated", True) else 1
-    in_dim, out_dim = (1, 2) if transposed else (2, 1)  # weight dims of the input and output features
-    known = {
+    in_dim, out_dim = (1, 2) if is_transposed(module) else (2, 1)  # weight dims of the input and output features
+    return {
         "gate_up_proj": ExpertParamLayout(out_dim, packed), "up_proj": ExpertParamLayout(out_dim),
         "gate_proj": ExpertParamLayout(out_dim), "down_proj": ExpertParamLayout(in_dim),
         "gate_up_proj_bias": ExpertParamLayout(1, packed), "up_proj_bias": ExpertParamLayout(1),
         "gate_proj_bias": ExpertParamLayout(1), "down_proj_bias": SUMMAND,
     }
+
+
+def infer_param_layouts(module: nn.Module, declared: Mapping[str, ExpertParamLayout] | None = None,
+                        ) -> dict[str, ExpertParamLayout]:
+    """The TP layout of every own parameter of an experts module: ``declared`` ones as given, the others read off
+    the module (see the table in the module docstring).
+
+    :class:`PlanError` for a parameter whose layout is neither declared nor known, and for a norm applied to each
+    expert's output (``has_post_expert_norm``), which cannot run on partial sums.
+    """
+    known = _known_layouts(module)
+    own = dict(module.named_parameters(recurse=False))
+    missing = sorted(set(declared or {}) - own.keys())
+    if missing:
+        raise PlanError(f"{type(module).__name__} has no parameter {missing[0]!r} of its own to split by tensor "
+                        f"parallelism (it has {sorted(own) or 'none'}).")
     layouts = {}
-    for name, param in module.named_parameters(recurse=False):
-        if name not in known:
-            raise PlanError(f"{kind} has parameter {name!r} of shape {tuple(param.shape)} whose tensor-parallel "
-                            f"layout is unknown (known: {', '.join(KNOWN_PARAMETERS)}); pass "
+    for name, param in own.items():
+        layout = (declared or {}).get(name) or known.get(name)
+        if layout is None:
+            raise PlanError(f"{type(module).__name__} has parameter {name!r} of shape {tuple(param.shape)} whose "
+                            f"tensor-parallel layout is unknown (known: {', '.join(KNOWN_PARAMETERS)}); pass "
                             "ExpertsTensorParallel(params={name: ExpertParamLayout(dim, parts)}).")
-        layouts[name] = known[name]
+        layouts[name] = layout
     return layouts
+
+
+def layouts_from_hf(module: nn.Module, entries: Mapping[str, str]) -> dict[str, ExpertParamLayout]:
+    """Layouts from a transformers plan's parameter entries (``{"gate_up_proj": "packed_colwise", ...}``) for the
+    module's 3-D parameters, the others as :func:`infer_param_layouts` reads them; :class:`PlanError` for a style
+    that does not split an expert parameter."""
+    own = dict(module.named_parameters(recurse=False))
+    declared = {}
+    for name, style in entries.items():
+        if style not in HF_PARAMETER_STYLES:
+            raise PlanError(f"{type(module).__name__}.{name}: style {style!r} does not split an expert parameter "
+                            f"(expected one of {sorted(HF_PARAMETER_STYLES)}).")
+        param = own.get(name)
+        if param is not None and param.ndim >= 3:
+            from_end, parts = HF_PARAMETER_STYLES[style]
+            declared[name] = ExpertParamLayout(param.ndim - from_end, parts)
+    return infer_param_layouts(module, declared)
 
 
 def check_param_layouts(module: nn.Module, layouts: Mapping[str, ExpertParamLayout], tp_size: int) -> None:

@@ -56,9 +56,9 @@ def _replicated_local(value: Any, mesh: DeviceMesh) -> Any:
 class ExpertsTensorParallel(_LocalParameterForward):
     """Every expert of a fused experts module split along its intermediate size (``moe_tp_experts``).
 
-    ``params`` maps parameter names to their :class:`ExpertParamLayout`; by default it is read off the module
-    (:func:`~meshplan.experts.modules.infer_param_layouts`). The Hugging Face fallback passes the layouts its
-    plan's ``packed_colwise`` / ``colwise`` / ``rowwise`` parameter entries declare.
+    ``params`` maps parameter names to their :class:`ExpertParamLayout`; the module's other parameters are read
+    off the module (:func:`~meshplan.experts.modules.infer_param_layouts`). The Hugging Face fallback passes the
+    layouts its plan's ``packed_colwise`` / ``colwise`` / ``rowwise`` parameter entries declare.
     """
 
     def __init__(self, params: Mapping[str, ExpertParamLayout] | None = None) -> None:
@@ -66,8 +66,8 @@ class ExpertsTensorParallel(_LocalParameterForward):
         self.params = dict(params) if params is not None else None
 
     def layouts(self, module: nn.Module) -> dict[str, ExpertParamLayout]:
-        """The layouts this style gives ``module``'s parameters (``params``, else inferred)."""
-        return dict(self.params) if self.params is not None else infer_param_layouts(module)
+        """The layouts this style gives ``module``'s parameters (``params``, the others inferred)."""
+        return infer_param_layouts(module, self.params)
 
     def check(self, module: nn.Module, tp_size: int) -> None:
         """Typed errors for a module this style cannot split in ``tp_size`` (no collective; same on every rank)."""
@@ -103,7 +103,8 @@ class ExpertsTensorParallel(_LocalParameterForward):
         if packed:
             setattr(module, PACKED_ATTRIBUTE, packed)
         module.register_forward_pre_hook(self._inputs(device_mesh), with_kwargs=True)
-        module.register_forward_hook(lambda mod, args, output: all_reduce_forward(output, device_mesh))
+        module.register_forward_hook(lambda mod, args, out: all_reduce_forward(out, device_mesh)
+                                     if isinstance(out, torch.Tensor) else out)
         return self._run_on_local_parameters(module)
 
     @staticmethod

@@ -17,14 +17,18 @@ these model-dependent cases:
   config of the module or its nearest configured ancestor.
 * A ``local_params`` module whose parameters have their own ``colwise`` entries (attention sinks, per-head
   biases) becomes :class:`LocalShardedParameters`: those parameters are sharded on dim 0 like the heads.
+* A ``moe_tp_experts`` module becomes :class:`ExpertsTensorParallel` with the layouts its parameters'
+  ``packed_colwise`` / ``colwise`` / ``rowwise`` entries declare (the others read off the module); a module it
+  cannot split (a parameter of unknown layout, a norm on each expert's output) stays replicated, as does a
+  ``moe_identity_expert`` inside it, and both are named in the warning.
 * Shard-local children (:data:`SHARD_LOCAL_CHILDREN`): a parameterized per-head QK norm or activation module
   that the plan does not name, directly under a block whose projections are column-wise, runs on this rank's
   column shard, so its replicated parameters get partial gradients; it gets ``replicated_with_grad_allreduce``
   (:attr:`HFPlan.derived`).
 
-Entries torch styles cannot express are never dropped silently: the MoE / local-parameter styles, whose
-modules are correct when simply left replicated, are listed in a warning (rank 0); any other (whose omission
-could leave gradients partial) raises :class:`UntranslatableStyleError`.
+Entries torch styles cannot express are never dropped silently: the local-parameter and MoE styles left out,
+whose modules are correct when simply left replicated, are listed in a warning (rank 0); any other (whose
+omission could leave gradients partial) raises :class:`UntranslatableStyleError`.
 
 Embeddings: an untied input embedding missing from the plan is made vocab-parallel; a tied ``lm_head`` is
 never sharded apart from its embedding (whichever of the two the plan names, the other gets the matching
@@ -44,6 +48,8 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle
 
 from ..core.errors import PlanError, PlanNotFoundError, SequenceParallelUnsupportedError, UntranslatableStyleError
 from ..core.log import get_logger, log_rank0
+from ..experts.modules import layouts_from_hf
+from ..experts.tp_styles import ExpertsTensorParallel, IdentityExpertParallel
 from ..tensor_parallel.custom_styles import LocalShardedParameters, MlaKvAProjParallel, ReplicatedWithGradAllReduce
 from ..tensor_parallel.matching import generalize, match_key, match_parameter_key
 from ..tensor_parallel.vocabulary import BUILTIN_STYLES, builtin_style
@@ -51,8 +57,9 @@ from .decoder import add_sequence_parallel, are_tied, embedding_modules, find_de
 
 logger = get_logger(__name__)
 
-#: transformers styles whose module is still correct when left replicated (experts computed in full).
-REPLICABLE_STYLES = frozenset({"moe_tp_experts", "moe_identity_expert", "local_params"})
+#: transformers styles whose module is still correct when left replicated.
+REPLICABLE_STYLES = frozenset({"local_params"})
+EXPERTS, IDENTITY_EXPERT = "moe_tp_experts", "moe_identity_expert"
 VOCAB_EMBEDDING, VOCAB_HEAD = "embedding_rowwise", "colwise_rep"
 LOCAL_PARAMS, MLA_KV_A_PROJ = "local_params", "mla_kv_a_proj"
 #: Style of a parameter entry under a ``local_params`` module -> the parameter dim it shards (per head).
@@ -186,6 +193,37 @@ def _local_parameter_styles(model: nn.Module, local: dict[str, dict[str, int]]) 
             for params, owners in by_parameters.items() for key in _covering_keys(model, owners)}
 
 
+def _experts_style(model: nn.Module, key: str, entries: dict[str, str]) -> ExpertsTensorParallel | str:
+    """The style for a ``moe_tp_experts`` entry and its parameters' ``entries``, or why it stays replicated."""
+    layouts = []
+    for fqn in match_key(model, key):
+        try:
+            layouts.append(layouts_from_hf(model.get_submodule(fqn), entries))
+        except PlanError as exc:
+            return f"{EXPERTS} (module left replicated: {exc})"
+    if any(layout != layouts[0] for layout in layouts):
+        return f"{EXPERTS} (module left replicated: the modules {key!r} selects have different parameters)"
+    return ExpertsTensorParallel(params=layouts[0])
+
+
+def _add_experts_styles(model: nn.Module, merged: Mapping[str, Any], entries: dict[str, dict[str, str]],
+                        result: HFPlan) -> None:
+    """``moe_tp_experts`` modules (with their parameter ``entries``), then the identity experts inside them."""
+    for key, style in merged.items():
+        if style == EXPERTS and match_key(model, key):
+            translated = _experts_style(model, key, entries.get(key, {}))
+            if isinstance(translated, str):
+                result.left_replicated[key] = translated
+            else:
+                result.styles[key] = translated
+    for key, style in merged.items():
+        if style == IDENTITY_EXPERT and match_key(model, key):
+            if isinstance(result.styles.get(key.rpartition(".")[0]), ExpertsTensorParallel):
+                result.styles[key] = IdentityExpertParallel()
+            else:
+                result.left_replicated[key] = f"{IDENTITY_EXPERT} (its experts module is not split by TP)"
+
+
 def translate_hf_plan(model: nn.Module) -> HFPlan:
     """Merge and translate the model's transformers plan (see the module docstring); no errors raised."""
     merged = merged_hf_plan(model)
@@ -195,11 +233,15 @@ def translate_hf_plan(model: nn.Module) -> HFPlan:
     result = HFPlan()
     local_owners = {key for key, style in merged.items() if style == LOCAL_PARAMS}
     local_params: dict[str, dict[str, int]] = {}  # owner module fqn -> {parameter: sharded dim}
+    experts_owners = {key for key, style in merged.items() if style == EXPERTS}
+    experts_entries: dict[str, dict[str, str]] = {}  # owner key -> {parameter: style}
     for key, style in merged.items():
         if not match_key(model, key):
             owner, _, name = key.rpartition(".")
             if not match_parameter_key(model, key):
                 result.unmatched[key] = str(style)
+            elif owner in experts_owners:
+                experts_entries.setdefault(owner, {})[name] = str(style)
             elif owner in local_owners and style in LOCAL_PARAMETER_DIMS:
                 for fqn in match_parameter_key(model, key):
                     local_params.setdefault(fqn.rpartition(".")[0], {})[name] = LOCAL_PARAMETER_DIMS[style]
@@ -215,6 +257,8 @@ def translate_hf_plan(model: nn.Module) -> HFPlan:
                 result.untranslatable[key] = translated
             else:
                 result.styles[key] = translated
+        elif style in (EXPERTS, IDENTITY_EXPERT):
+            continue  # after the loop, once every parameter entry is known
         elif style in REPLICABLE_STYLES:
             result.left_replicated[key] = f"{style} (module left replicated)"
         elif isinstance(style, str) and style in BUILTIN_STYLES:
@@ -225,6 +269,7 @@ def translate_hf_plan(model: nn.Module) -> HFPlan:
         if set(match_key(model, owner)) <= local_params.keys():
             result.left_replicated.pop(owner, None)
     result.styles.update(_local_parameter_styles(model, local_params))
+    _add_experts_styles(model, merged, experts_entries, result)
     derived = _shard_local_children(model, result)
     result.styles.update(derived)
     result.derived = {key: "replicated_with_grad_allreduce (runs on this rank's column shard)" for key in derived}

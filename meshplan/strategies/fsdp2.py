@@ -8,7 +8,8 @@ The composition order is fixed:
 2. **Activation checkpointing** (:mod:`meshplan.core.activation_checkpointing`) of the model's blocks.
 3. **FSDP2** (``torch.distributed.fsdp.fully_shard``) of every block found structurally by
    :func:`meshplan.core.blocks.find_blocks`; the last block does not reshard after forward (backward
-   needs it first).
+   needs it first). Fused expert parameters ``[num_experts, ...]`` are sharded on a dim that splits evenly
+   when dim 0 does not (more shards than experts; :mod:`meshplan.experts.sharding`).
 4. The **root unit** (embeddings, final norm, ``lm_head``: everything outside the blocks, so a tied
    embedding and ``lm_head`` share one unit), which never reshards after forward.
 
@@ -161,6 +162,8 @@ class FSDP2Strategy(Strategy):
     ) -> nn.Module:
         from torch.distributed.fsdp import OffloadPolicy, fully_shard
 
+        from ..experts.sharding import expert_shard_placement_fn
+
         require_fsdp2_options(options)
         dp = roles.data_parallel
         blocks = find_blocks(model)
@@ -169,13 +172,15 @@ class FSDP2Strategy(Strategy):
         wrapped = options.apply_checkpointing(model, blocks)
         block_policy, root_policy = block_and_root_policies(options.mp_policy)
         offload = options.offload_policy or OffloadPolicy()
+        placement = expert_shard_placement_fn(model, dp.shard_size)  # even expert shards; None for dense models
         for index, (fqn, _) in enumerate(blocks):
             last = index == len(blocks) - 1
             # Look the block up again: checkpointing may have replaced it with its wrapper.
             fully_shard(model.get_submodule(fqn), mesh=dp.mesh, mp_policy=block_policy, offload_policy=offload,
-                        reshard_after_forward=options.reshard_after_forward and not last)
+                        reshard_after_forward=options.reshard_after_forward and not last,
+                        shard_placement_fn=placement)
         fully_shard(model, mesh=dp.mesh, mp_policy=root_policy, offload_policy=offload,
-                    reshard_after_forward=False)
+                    reshard_after_forward=False, shard_placement_fn=placement)
         log_rank0(logger, logging.INFO, "fsdp2: %s; TP %s; activation checkpointing of %d module(s); "
                   "%d block unit(s) + root", dp.describe(),
                   f"on {options.tp_mesh_name!r} ({len(plan.styles)} plan keys)" if plan else "off",

@@ -42,17 +42,18 @@ def _worst(errors: dict[str, float]) -> tuple[float, str]:
     return errors[name], name
 
 
-def sgd_parity(name: str, mesh_shape: dict[str, int], options: dict[str, Any], steps: int = 3,
-               lr: float = 0.2) -> dict[str, Any]:
-    """Runs on every rank: ``steps`` SGD steps of ``name`` parallelized by meshplan (fp32) and in one process on
-    the same data; the worst relative errors of the losses, of every gathered gradient (each step) and of every
-    gathered parameter (after each step), each relative to the tensor's largest value."""
+def sgd_parity(name: str, mesh_shape: dict[str, int], options: dict[str, Any], overrides: dict[str, Any] | None = None,
+               steps: int = 3, lr: float = 0.2) -> dict[str, Any]:
+    """Runs on every rank: ``steps`` SGD steps of ``name`` (config ``overrides``) parallelized by meshplan (fp32)
+    and in one process, every rank on the same data (data-parallel ranks average identical gradients); the worst
+    relative errors of the losses, of every gathered gradient (each step) and of every gathered parameter (after
+    each step), each relative to the tensor's largest value."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     import meshplan
 
-    reference = build(name)
+    reference = build(name, **(overrides or {}))
     model = copy.deepcopy(reference)
     counters = _count_routing(reference)
     mesh = init_device_mesh("cpu", tuple(mesh_shape.values()), mesh_dim_names=tuple(mesh_shape))
@@ -78,12 +79,13 @@ def sgd_parity(name: str, mesh_shape: dict[str, int], options: dict[str, Any], s
                                                for n in ref_params}))
     return {"loss": loss_error, "grad": grad_error, "param": param_error,
             "tokens_per_expert": [c.tolist() for c in counters],
-            "source": meshplan.get_report(model)["plan"]["source"]}
+            "source": (meshplan.get_report(model)["plan"] or {}).get("source")}
 
 
-def sgd_parity_cases(cases: list[tuple[str, dict[str, int], dict[str, Any]]]) -> list[dict[str, Any] | str]:
-    """:func:`sgd_parity` for each ``(name, mesh, options)``; an error becomes its message, so one failing case
-    does not hide the others."""
+def sgd_parity_cases(cases: list[tuple[str, dict[str, int], dict[str, Any], dict[str, Any]]]
+                     ) -> list[dict[str, Any] | str]:
+    """:func:`sgd_parity` for each ``(name, mesh, options, config overrides)``; an error becomes its message, so
+    one failing case does not hide the others."""
     results: list[dict[str, Any] | str] = []
     for case in cases:
         try:
@@ -91,3 +93,51 @@ def sgd_parity_cases(cases: list[tuple[str, dict[str, int], dict[str, Any]]]) ->
         except Exception as exc:  # noqa: BLE001 - reported per case
             results.append(f"{type(exc).__name__}: {exc}")
     return results
+
+
+def experts_module_parity(model_types: list[str], tp_plan_style: str = "moe_tp_experts") -> dict[str, Any]:
+    """Runs on every rank: the first fused experts module of each tiny ``model_type`` (conformance configs), split
+    by ``moe_tp_experts`` over all ranks, against itself in one process: the output, the gradients of the hidden
+    states and routing weights, and every gathered parameter gradient (worst relative error, or the error text)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from meshplan.tensor_parallel.custom_styles import unpack_full_state_dict
+    from meshplan.tensor_parallel.vocabulary import builtin_style
+    from tests.conformance_check import build_model, tiny_config
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    results: dict[str, Any] = {}
+    for model_type in model_types:
+        try:
+            _, reference = next(find_expert_modules(build_model(tiny_config(model_type))))
+            module = parallelize_module(copy.deepcopy(reference), mesh, builtin_style(tp_plan_style))
+            generator = torch.Generator().manual_seed(7)
+            down = reference.down_proj  # [E, hidden, I], or [E, I, hidden] when transposed
+            tokens, hidden, k = 24, down.shape[2 if getattr(reference, "is_transposed", False) else 1], 2
+            hidden_states = torch.randn(tokens, hidden, generator=generator)
+            index = torch.stack([torch.randperm(reference.num_experts, generator=generator)[:k] for _ in range(tokens)])
+            weights = torch.rand(tokens, k, generator=generator)
+            outputs, input_grads = [], []
+            for m in (reference, module):
+                x, w = hidden_states.clone().requires_grad_(), weights.clone().requires_grad_()
+                out = m(x, index, w)
+                (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+                outputs.append(out.detach())
+                input_grads.append((x.grad, w.grad))
+            grads = unpack_full_state_dict(module, {n: _full_tensor(p.grad) for n, p in module.named_parameters()})
+            errors = {"output": relative_error(outputs[1], outputs[0]),
+                      "hidden_states.grad": relative_error(input_grads[1][0], input_grads[0][0]),
+                      "routing_weights.grad": relative_error(input_grads[1][1], input_grads[0][1])}
+            errors.update({f"{n}.grad": relative_error(grads[n], p.grad) for n, p in reference.named_parameters()})
+            results[model_type] = _worst(errors)
+        except Exception as exc:  # noqa: BLE001 - reported per model type
+            results[model_type] = f"{type(exc).__name__}: {exc}"
+    return results
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

@@ -1,6 +1,7 @@
 """Experts split by tensor parallelism: tiny Mixtral, Qwen3-MoE and DeepSeek-V3 (top-2 of 4 experts, uneven
 tokens per expert) with TP=2 against one process, 3 SGD steps in fp32: every loss, every gathered gradient and
-every gathered parameter within 1e-5 relative. Plans come from the built-in providers."""
+every gathered parameter within 1e-5 relative. Plans come from the built-in providers. Also FSDP2 with more
+data-parallel ranks than experts."""
 
 from __future__ import annotations
 
@@ -16,11 +17,15 @@ PROVIDERS = {"mixtral": "mixtral_plan", "qwen3_moe": "qwen3_moe_plan", "deepseek
 
 
 def test_builtin_moe_providers_match_single_process(ranks2):
-    cases = [(name, TP2, {}) for name in PROVIDERS]
+    """TP=2 for each family; and FSDP over 2 ranks of Mixtral with 3 experts, whose fused parameters are then
+    sharded on dim 1 (even shards) rather than on the expert dim."""
+    cases = [(name, TP2, {}, {}) for name in PROVIDERS]
+    cases.append(("mixtral", {"dp_shard_cp": 2}, {}, {"num_local_experts": 3}))
     results = ranks2.run(sgd_parity_cases, cases, timeout=600)[0]
-    for (name, _, _), result in zip(cases, results):
+    for (name, mesh, _, _), result in zip(cases, results):
         assert isinstance(result, dict), f"{name}: {result}"
-        assert PROVIDERS[name] in result["source"], f"{name}: planned by {result['source']}"
+        if "tp" in mesh:
+            assert PROVIDERS[name] in result["source"], f"{name}: planned by {result['source']}"
         assert result["loss"] <= RTOL, f"{name}: loss relative error {result['loss']:.2e}"
         (grad, grad_name), (param, param_name) = result["grad"], result["param"]
         assert grad <= RTOL, f"{name}: gradient of {grad_name} relative error {grad:.2e}"
