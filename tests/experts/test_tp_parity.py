@@ -17,9 +17,10 @@ PROVIDERS = {"mixtral": "mixtral_plan", "qwen3_moe": "qwen3_moe_plan", "deepseek
 
 
 def test_builtin_moe_providers_match_single_process(ranks2):
-    """TP=2 for each family; and FSDP over 2 ranks of Mixtral with 3 experts, whose fused parameters are then
+    """TP=2 for each family (DeepSeek with and without q-LoRA); and FSDP over 2 ranks of Mixtral with 3 experts, whose fused parameters are then
     sharded on dim 1 (even shards) rather than on the expert dim."""
     cases = [(name, TP2, {}, {}) for name in PROVIDERS]
+    cases.append(("deepseek_v3", TP2, {}, {"q_lora_rank": None}))  # MLA without q-LoRA: q_proj column-wise
     cases.append(("mixtral", {"dp_shard_cp": 2}, {}, {"num_local_experts": 3}))
     results = ranks2.run(sgd_parity_cases, cases, timeout=600)[0]
     for (name, mesh, _, _), result in zip(cases, results):
