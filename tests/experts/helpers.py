@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from meshplan.experts.modules import find_expert_modules
+from tests.parity import clean_name
 from tests.plans.helpers import _full_grads, _full_params, build, relative_error
 
 
@@ -67,14 +68,15 @@ def sgd_parity(name: str, mesh_shape: dict[str, int], options: dict[str, Any], o
             value.backward()
         loss_error = max(loss_error, abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()))
         ref_grads = {n: p.grad for n, p in reference.named_parameters()}
-        grads = _full_grads(model)
+        grads = {clean_name(n): g for n, g in _full_grads(model).items()}  # without checkpoint wrappers
         if grads.keys() != ref_grads.keys():
             raise AssertionError(f"parameters with gradients differ: {sorted(grads.keys() ^ ref_grads.keys())}")
         grad_error = max(grad_error, _worst({n: relative_error(grads[n], ref_grads[n]) for n in ref_grads}))
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
-        params, ref_params = _full_params(model), dict(reference.named_parameters())
+        params = {clean_name(n): p for n, p in _full_params(model).items()}
+        ref_params = dict(reference.named_parameters())
         param_error = max(param_error, _worst({n: relative_error(params[n], ref_params[n].detach())
                                                for n in ref_params}))
     return {"loss": loss_error, "grad": grad_error, "param": param_error,

@@ -17,8 +17,8 @@ PROVIDERS = {"mixtral": "mixtral_plan", "qwen3_moe": "qwen3_moe_plan", "deepseek
 
 
 def test_builtin_moe_providers_match_single_process(ranks2):
-    """TP=2 for each family (DeepSeek with and without q-LoRA); and FSDP over 2 ranks of Mixtral with 3 experts, whose fused parameters are then
-    sharded on dim 1 (even shards) rather than on the expert dim."""
+    """TP=2 for each family (DeepSeek with and without q-LoRA); and FSDP over 2 ranks of Mixtral with 3 experts,
+    whose fused parameters are then sharded on dim 1 (even shards) rather than on the expert dim."""
     cases = [(name, TP2, {}, {}) for name in PROVIDERS]
     cases.append(("deepseek_v3", TP2, {}, {"q_lora_rank": None}))  # MLA without q-LoRA: q_proj column-wise
     cases.append(("mixtral", {"dp_shard_cp": 2}, {}, {"num_local_experts": 3}))
@@ -33,3 +33,12 @@ def test_builtin_moe_providers_match_single_process(ranks2):
         assert param <= RTOL, f"{name}: parameter {param_name} relative error {param:.2e}"
         for counts in result["tokens_per_expert"]:  # the router is not degenerate: every expert, unevenly
             assert min(counts) > 0 and len(set(counts)) > 1, f"{name}: tokens per expert {counts}"
+
+
+def test_tp_experts_under_fsdp_and_activation_checkpointing(ranks4):
+    """DeepSeek-V3 on dp_shard=2 x tp=2 with full activation checkpointing: the experts' local forward runs on
+    the parameters FSDP2 all-gathers, also when the block is recomputed in backward."""
+    cases = [("deepseek_v3", {"dp_shard_cp": 2, "tp": 2}, {"activation_checkpointing": "full"}, {})]
+    result = ranks4.run(sgd_parity_cases, cases, timeout=600)[0][0]
+    assert isinstance(result, dict), result
+    assert max(result["loss"], result["grad"][0], result["param"][0]) <= RTOL, result
