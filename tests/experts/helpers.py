@@ -97,10 +97,12 @@ def sgd_parity_cases(cases: list[tuple[str, dict[str, int], dict[str, Any], dict
     return results
 
 
-def experts_module_parity(model_types: list[str], tp_plan_style: str = "moe_tp_experts") -> dict[str, Any]:
-    """Runs on every rank: the first fused experts module of each tiny ``model_type`` (conformance configs), split
-    by ``moe_tp_experts`` over all ranks, against itself in one process: the output, the gradients of the hidden
-    states and routing weights, and every gathered parameter gradient (worst relative error, or the error text)."""
+def experts_module_parity(cases: list[tuple[str, str]], tp_plan_style: str = "moe_tp_experts") -> dict[str, Any]:
+    """Runs on every rank: the first fused experts module of each tiny ``model_type`` (conformance configs) with
+    the given transformers experts implementation (``eager``, ``batched_mm``, ``grouped_mm``), split by
+    ``moe_tp_experts`` over all ranks, against itself in one process: the output, the gradients of the hidden
+    states and routing weights, and every gathered parameter gradient (worst relative error, or the error text),
+    keyed ``"model_type/implementation"``."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
@@ -111,9 +113,11 @@ def experts_module_parity(model_types: list[str], tp_plan_style: str = "moe_tp_e
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
     results: dict[str, Any] = {}
-    for model_type in model_types:
+    for model_type, implementation in cases:
+        key = f"{model_type}/{implementation}"
         try:
             _, reference = next(find_expert_modules(build_model(tiny_config(model_type))))
+            reference.config._experts_implementation = implementation
             module = parallelize_module(copy.deepcopy(reference), mesh, builtin_style(tp_plan_style))
             generator = torch.Generator().manual_seed(7)
             down = reference.down_proj  # [E, hidden, I], or [E, I, hidden] when transposed
@@ -133,9 +137,9 @@ def experts_module_parity(model_types: list[str], tp_plan_style: str = "moe_tp_e
                       "hidden_states.grad": relative_error(input_grads[1][0], input_grads[0][0]),
                       "routing_weights.grad": relative_error(input_grads[1][1], input_grads[0][1])}
             errors.update({f"{n}.grad": relative_error(grads[n], p.grad) for n, p in reference.named_parameters()})
-            results[model_type] = _worst(errors)
-        except Exception as exc:  # noqa: BLE001 - reported per model type
-            results[model_type] = f"{type(exc).__name__}: {exc}"
+            results[key] = _worst(errors)
+        except Exception as exc:  # noqa: BLE001 - reported per case
+            results[key] = f"{type(exc).__name__}: {exc}"
     return results
 
 

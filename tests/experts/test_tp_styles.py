@@ -34,12 +34,16 @@ def test_experts_modules_and_layouts_are_read_off_transformers_models():
 
 @pytest.mark.distributed
 def test_transposed_interleaved_biased_and_gateless_experts_match_single_process(ranks2):
-    """GPT-OSS (``[E, in, out]`` weights, interleaved gate/up, a ``down_proj_bias`` added once) and Nemotron-H
-    (``up_proj`` only): output, input and routing-weight gradients and every parameter gradient."""
-    results = ranks2.run(experts_module_parity, ["gpt_oss", "nemotron_h"], timeout=300)[0]
-    for model_type, result in results.items():
-        assert isinstance(result, tuple), f"{model_type}: {result}"
-        assert result[0] <= 1e-5, f"{model_type}: {result[1]} relative error {result[0]:.2e}"
+    """GPT-OSS (``[E, in, out]`` weights, interleaved gate/up, a ``down_proj_bias`` added once), Nemotron-H
+    (``up_proj`` only) and Mixtral, under each transformers experts implementation: output, input and
+    routing-weight gradients and every parameter gradient."""
+    cases = [(model_type, implementation) for model_type in ("gpt_oss", "nemotron_h", "mixtral")
+             for implementation in ("eager", "batched_mm", "grouped_mm")]
+    results = ranks2.run(experts_module_parity, cases, timeout=300)[0]
+    assert len(results) == len(cases)
+    for case, result in results.items():
+        assert isinstance(result, tuple), f"{case}: {result}"
+        assert result[0] <= 1e-5, f"{case}: {result[1]} relative error {result[0]:.2e}"
 
 
 def test_hugging_face_identity_experts_and_experts_it_cannot_split():
