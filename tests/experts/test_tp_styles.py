@@ -10,7 +10,7 @@ import meshplan
 from meshplan.core.errors import PlanError, SequenceParallelUnsupportedError, TensorParallelSizeError
 from meshplan.experts.modules import SUMMAND, ExpertParamLayout, find_expert_modules, infer_param_layouts
 from meshplan.experts.tp_styles import ExpertsTensorParallel, IdentityExpertParallel
-from meshplan.plans.hf_translation import translate_hf_plan
+from meshplan.plans.hf_translation import hf_tp_plan, translate_hf_plan
 from meshplan.plans.mixtral import mixtral_plan
 from tests.conformance_check import build_model, tiny_config
 from tests.experts.helpers import experts_module_parity
@@ -70,6 +70,10 @@ def test_tp_size_not_dividing_the_expert_intermediate_size_fails_in_prepare(fake
         ExpertsTensorParallel({"gate_proj": ExpertParamLayout(1)}).check(model.model.layers[0].mlp.experts, 2)
 
 
-def test_moe_providers_refuse_sequence_parallel():
+def test_moe_plans_refuse_sequence_parallel():
+    """Built-in providers, and the fallback even where a dense layer or shared expert ends the MLP block in a
+    row-wise projection (GLM-4-MoE-Lite)."""
     with pytest.raises(SequenceParallelUnsupportedError, match="MoE layers of MixtralForCausalLM"):
         mixtral_plan(build("mixtral"), sequence_parallel=True)
+    with pytest.raises(SequenceParallelUnsupportedError, match=r"experts 'model\.layers\.\*\.mlp\.experts'"):
+        hf_tp_plan(tiny("glm4_moe_lite"), sequence_parallel=True)
