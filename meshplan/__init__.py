@@ -54,6 +54,8 @@ _LAZY: dict[str, str] = {
     "ReplicatedWithGradAllReduce": ".tensor_parallel.custom_styles", "KeepReplicated": ".tensor_parallel.custom_styles",
     "PrepareHiddenStates": ".tensor_parallel.custom_styles", "ChainedStyles": ".tensor_parallel.custom_styles",
     "unpack_full_state_dict": ".tensor_parallel.custom_styles",
+    "ExpertsTensorParallel": ".experts.tp_styles", "ExpertParamLayout": ".experts.tp_styles",
+    "IdentityExpertParallel": ".experts.tp_styles",
     # planning at any scale
     "explain": ".dryrun", "fake_process_group": ".core.fake_pg", "list_presets": ".cli.modelsource",
 }
