@@ -23,7 +23,7 @@ _LAZY: dict[str, str] = {
     "PlanNotFoundError": ".core.errors", "PlanSourceError": ".core.errors", "PluginLoadError": ".core.errors",
     "RegistrationError": ".core.errors", "SequenceParallelUnsupportedError": ".core.errors",
     "StrategyUnavailableError": ".core.errors", "TensorParallelSizeError": ".core.errors",
-    "TiedParameterError": ".core.errors", "UnknownNameError": ".core.errors",
+    "StyleModuleTypeError": ".core.errors", "TiedParameterError": ".core.errors", "UnknownNameError": ".core.errors",
     "UnknownStrategyError": ".core.errors", "UnknownStyleError": ".core.errors",
     "UnmatchedPlanKeyError": ".core.errors", "UnsupportedConfigurationError": ".core.errors",
     "UntranslatableStyleError": ".core.errors",

@@ -32,7 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
 
-from ..core.errors import PlanError
+from ..core.errors import PlanError, StyleModuleTypeError
 
 
 # --- packed (fused) projections ---------------------------------------------------------------------
@@ -327,6 +327,33 @@ def shards_parameters(style: ParallelStyle) -> bool:
     if isinstance(style, ChainedStyles):
         return any(shards_parameters(s) for s in style.styles)
     return isinstance(style, (ColwiseParallel, RowwiseParallel))
+
+
+def supported_modules(style: ParallelStyle) -> tuple[type[nn.Module], ...] | None:
+    """The module types ``style`` can shard, or ``None`` when it does not say (any module).
+
+    torch's ``ColwiseParallel`` / ``RowwiseParallel`` (and subclasses that keep their ``_apply``) shard
+    ``nn.Linear`` and ``nn.Embedding`` only; the packed styles only ``nn.Linear``.
+    """
+    if isinstance(style, _Packed):
+        return (nn.Linear,)
+    for torch_style in (ColwiseParallel, RowwiseParallel):
+        if isinstance(style, torch_style) and type(style)._apply is torch_style._apply:
+            return (nn.Linear, nn.Embedding)
+    return None
+
+
+def check_module_type(style: ParallelStyle, module: nn.Module, fqn: str) -> None:
+    """Raise :class:`StyleModuleTypeError` naming ``fqn`` when ``style`` (or a chained part) cannot shard it."""
+    parts = style.styles if isinstance(style, ChainedStyles) else (style,)
+    for part in parts:
+        supported = supported_modules(part)
+        if supported is not None and not isinstance(module, supported):
+            kinds = " or ".join(f"nn.{t.__name__}" for t in supported)
+            raise StyleModuleTypeError(
+                f"{type(part).__name__} cannot shard module {fqn!r} of type {type(module).__qualname__}: it "
+                f"handles {kinds} (and their subclasses) only. Leave {fqn!r} out of the plan, convert the "
+                "module to nn.Linear, or register a style for its type with meshplan.register_style(...).")
 
 
 def predicted_placement(style: ParallelStyle | None, module: nn.Module, param_name: str) -> str | None:

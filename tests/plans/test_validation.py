@@ -11,7 +11,7 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 import meshplan
-from meshplan import TensorParallelSizeError, UnmatchedPlanKeyError
+from meshplan import StyleModuleTypeError, TensorParallelSizeError, UnmatchedPlanKeyError
 from meshplan.core.errors import TiedParameterError
 from meshplan.plugins.testing import RankError
 from meshplan.tensor_parallel.apply import apply_tensor_parallel
@@ -107,3 +107,14 @@ def test_heads_not_divisible_is_a_typed_error_on_every_rank(ranks2):
         assert isinstance(error, TensorParallelSizeError), error
         assert "num_attention_heads (3) must be divisible by TP size (2)" in str(error)
     assert ranks2.run(torch.distributed.get_world_size) == [2, 2]  # the pool is healthy: nobody hung
+
+
+@pytest.mark.parametrize("style", ["colwise", "rowwise", ColwiseParallel(), RowwiseParallel(), "packed_colwise"])
+def test_linear_styles_on_a_conv1d_are_refused_at_validation(mesh2, style):
+    """GPT-2's ``Conv1D`` is no ``nn.Linear``: torch's styles would fail inside with NotImplementedError."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16))
+    with pytest.raises(StyleModuleTypeError) as info:
+        meshplan.prepare(model, mesh2, strategy="tp_only", tp_plan={"transformer.h.*.attn.c_attn": style})
+    assert "'transformer.h.0.attn.c_attn'" in str(info.value) and "Conv1D" in str(info.value)
