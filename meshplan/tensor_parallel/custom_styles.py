@@ -82,6 +82,11 @@ class _Packed:
                             f"{sum(self.sizes)}, but {type(module).__name__} has {total} features.")
         return self.sizes
 
+    def __repr__(self) -> str:
+        layouts = super().__repr__()  # torch's "Name(input_layouts=..., ...)"
+        parts = f"sizes={list(self.sizes)}" if self.sizes is not None else f"parts={self.parts}"
+        return f"{layouts[:-1]}, {parts})"
+
     def _pack(self, module: nn.Module, mesh: DeviceMesh, dim: int, names: Sequence[str]) -> None:
         if not isinstance(module, nn.Linear):
             raise PlanError(f"{type(self).__name__} applies to nn.Linear, not {type(module).__name__}.")
@@ -175,6 +180,9 @@ class ReplicatedWithGradAllReduce(_LocalParameterForward):
     def _local(self, param: DTensor) -> torch.Tensor:
         return param.to_local(grad_placements=[Partial()])
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         for name, param in list(module.named_parameters(recurse=False)):
             if not isinstance(param, DTensor):
@@ -265,6 +273,9 @@ class KeepReplicated(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         return module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
 # --- inputs ------------------------------------------------------------------------------------------

@@ -49,7 +49,10 @@ class ResolvedPlan:
 
 
 def describe_style(style: ParallelStyle) -> str:
-    """How a style is shown in reports: its ``repr`` (torch's and meshplan's styles list their layouts)."""
+    """How a style is shown in reports: its ``repr`` (torch's and meshplan's styles list their layouts); a
+    style without its own ``__repr__`` shows its class name, never an object address."""
+    if type(style).__repr__ is object.__repr__:
+        return f"{type(style).__name__}()"
     return repr(style)
 
 

@@ -118,3 +118,13 @@ def test_linear_styles_on_a_conv1d_are_refused_at_validation(mesh2, style):
     with pytest.raises(StyleModuleTypeError) as info:
         meshplan.prepare(model, mesh2, strategy="tp_only", tp_plan={"transformer.h.*.attn.c_attn": style})
     assert "'transformer.h.0.attn.c_attn'" in str(info.value) and "Conv1D" in str(info.value)
+
+
+def test_qwen3_and_phi3_reports_are_deterministic(mesh2):
+    """Two preparations of the same model give equal reports, with no object addresses in them."""
+    reports = {}
+    for name in ("qwen3", "phi3"):
+        first, second = (str(meshplan.prepare(build(name), mesh2, strategy="tp_only").report()) for _ in range(2))
+        assert first == second and " at 0x" not in first
+        reports[name] = first
+    assert "ReplicatedWithGradAllReduce()" in reports["qwen3"] and "Phi3LocalHeads()" in reports["phi3"]
