@@ -48,6 +48,10 @@ class StrategyOptions:
             "dp_shard": role_dims(None, "dp_shard_cp", "dp_shard", "dp"),
         }
 
+    def report(self) -> dict[str, str]:
+        """The options as reports show them (``repr`` of each value); override to show what a default means."""
+        return {f.name: repr(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
 
 @dataclass(frozen=True)
 class OptionInfo:

@@ -95,6 +95,13 @@ class FSDP2Options(CheckpointingOptions):
             "dp_shard": role_dims("dp_shard_cp_mesh_name", self.dp_shard_cp_mesh_name, *SHARD_DIM_FALLBACKS),
         }
 
+    def report(self) -> dict[str, str]:
+        """``mp_policy`` is shown as the policy FSDP2 applies: ``None`` means bf16 compute."""
+        shown = super().report()
+        if self.mp_policy is None:
+            shown["mp_policy"] = f"{default_mp_policy()!r} (default: bf16 compute; MixedPrecisionPolicy() for fp32)"
+        return shown
+
 
 def require_shard_dim(roles: MeshRoles, options: FSDP2Options) -> None:
     """:class:`MeshError` unless the mesh has a data-parallel shard dim (size 1 is fine)."""
