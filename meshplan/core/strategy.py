@@ -18,6 +18,7 @@ from torch import nn
 from ..tensor_parallel.plan import ResolvedPlan
 from .errors import OptionsError
 from .naming import did_you_mean
+from .options import check_option_types
 from .roles import MeshRoles, RoleDims, role_dims
 
 
@@ -77,7 +78,8 @@ class Strategy(ABC):
     options_class: ClassVar[type[StrategyOptions]] = StrategyOptions
 
     def make_options(self, options: Mapping[str, Any]) -> StrategyOptions:
-        """Build the typed options object; unknown names raise :class:`OptionsError` listing valid ones."""
+        """Build the typed options object; unknown names, and values that do not have the field's declared
+        type (:mod:`meshplan.core.options`), raise :class:`OptionsError`."""
         valid = {f.name for f in dataclasses.fields(self.options_class)}
         unknown = sorted(set(options) - valid)
         if unknown:
@@ -86,7 +88,9 @@ class Strategy(ABC):
             raise OptionsError(
                 f"Unknown option(s) {unknown} for strategy {self.name!r}.{hint} Valid options: {listing}."
             )
-        return self.options_class(**options)
+        built = self.options_class(**options)
+        check_option_types(built, self.name)
+        return built
 
     @classmethod
     def describe_options(cls) -> list[OptionInfo]:

@@ -277,7 +277,7 @@ def test_not_installed_names_the_extra(fake_pg, monkeypatch):
      r"must be one of \['no_shard'.*Did you mean 'optim_grads'"),
     ({"data_parallel_sharding_strategy": "no_shard", "init_nvfsdp_with_meta_device": True},
      UnsupportedConfigurationError, "meta-device initialization"),
-    ({"optimizer": "adam"}, OptionsError, "torch.optim.Optimizer"),
+    ({"optimizer": "adam"}, OptionsError, r"'optimizer' of strategy 'megatron_fsdp' must be Optimizer \| None"),
     ({"activation_checkpointing": "sometimes"}, UnsupportedConfigurationError, "activation_checkpointing must be"),
 ])
 def test_bad_options_fail_before_any_work(fake_pg, megatron, options, error, message):
