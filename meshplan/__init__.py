@@ -97,6 +97,8 @@ if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plug
     from .core.errors import UntranslatableStyleError as UntranslatableStyleError
     from .core.fake_pg import fake_process_group as fake_process_group
     from .core.imports import import_class_from_path as import_class_from_path
+    from .core.roles import MeshRoles as MeshRoles
+    from .core.roles import RoleDims as RoleDims
     from .core.strategy import OptionInfo as OptionInfo
     from .core.strategy import Strategy as Strategy
     from .core.strategy import StrategyOptions as StrategyOptions
