@@ -30,8 +30,8 @@ from meshplan.core.errors import (
 from meshplan.core.roles import resolve_roles
 from meshplan.plugins.testing import RankError
 from meshplan.strategies.fsdp2 import FSDP2Options, require_shard_dim
-from tests.models import TinyStack
 from tests.parity import ModelSpec, RunResult, assert_grad_parity, assert_parity, distributed, reference
+from tests.support import TinyStack
 
 LR = 1e-4
 FP32 = MixedPrecisionPolicy()

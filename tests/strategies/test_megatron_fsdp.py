@@ -38,7 +38,7 @@ from meshplan.strategies.megatron_fsdp import (
     option_mapping,
     parallelize_megatron_fsdp,
 )
-from tests.models import Block, TinyStack, tiny_hf
+from tests.support import Block, TinyStack, tiny_hf
 
 LLAMA_LAYER = "transformers.models.llama.modeling_llama.LlamaDecoderLayer"
 
@@ -270,7 +270,7 @@ def test_not_installed_names_the_extra(fake_pg, monkeypatch):
 
 
 @pytest.mark.parametrize("options, error, message", [
-    ({"nvfsdp_unit_modules": ["tests.models.NoSuchBlock"]}, ImportPathError, r"'tests\.models\.NoSuchBlock'"),
+    ({"nvfsdp_unit_modules": ["tests.support.NoSuchBlock"]}, ImportPathError, r"'tests\.support\.NoSuchBlock'"),
     ({"nvfsdp_unit_modules": ["no_such_package.Block"]}, ImportPathError, r"'no_such_package\.Block'"),
     ({"nvfsdp_unit_modules": [42]}, OptionsError, r"nn\.Module classes or dotted paths"),
     ({"data_parallel_sharding_strategy": "optim_grad"}, UnsupportedConfigurationError,
