@@ -73,6 +73,7 @@ if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plug
     from .api import register_strategy as register_strategy
     from .api import register_style as register_style
     from .api import register_tp_plan as register_tp_plan
+    from .api import unregister_tp_plan as unregister_tp_plan
     from .cli.modelsource import list_presets as list_presets
     from .core.errors import ConflictError as ConflictError
     from .core.errors import ImportPathError as ImportPathError
