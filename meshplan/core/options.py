@@ -4,7 +4,8 @@ Annotations are usually strings (``from __future__ import annotations``) naming 
 only under ``TYPE_CHECKING`` (``MixedPrecisionPolicy``, ``Optimizer``), so they are never evaluated: each
 annotation is parsed (:mod:`ast`) into a check. Names are looked up in the module that declared the field
 (builtins included); a name that module does not bind at run time is matched against the class names of
-the value's type and its bases, so checking an option never imports torch.distributed.fsdp or megatron.
+the value's type and its bases (through ``import ... as`` aliases), so checking an option never imports
+torch.distributed.fsdp or megatron.
 
 Understood: ``X | Y``, ``Optional[X]``, ``Union[...]``, ``None``, ``Any``, ``Literal[...]``, classes (also
 dotted, ``torch.dtype``) and generic aliases (``Sequence[str]``, ``dict[str, int]``, ``type[X]``), whose
@@ -20,6 +21,7 @@ import builtins
 import collections.abc
 import dataclasses
 import functools
+import inspect
 import sys
 import types
 import typing
@@ -83,11 +85,27 @@ def _from_object(obj: Any) -> Predicate:
     return _any
 
 
-class _Parser:
-    """Turns one annotation string into a predicate, resolving names in ``namespace``."""
+@functools.cache
+def _import_aliases(module_name: str) -> dict[str, str]:
+    """``{alias: original class name}`` of the module's ``from x import Name as Alias`` statements (also those
+    under ``if TYPE_CHECKING:``), read from its source, so a name the module binds only for type checkers is
+    matched by the class's real name."""
+    module = sys.modules.get(module_name)
+    try:
+        tree = ast.parse(inspect.getsource(module)) if module is not None else None
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    return {alias.asname: alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            for alias in node.names if alias.asname and alias.asname != alias.name} if tree else {}
 
-    def __init__(self, namespace: Mapping[str, Any]) -> None:
-        self.namespace = namespace
+
+class _Parser:
+    """Turns one annotation string into a predicate, resolving names in the namespace of ``module_name``."""
+
+    def __init__(self, module_name: str) -> None:
+        module = sys.modules.get(module_name)
+        self.module_name = module_name
+        self.namespace: Mapping[str, Any] = vars(module) if module is not None else {}
 
     def parse(self, text: str) -> Predicate:
         try:
@@ -125,7 +143,7 @@ class _Parser:
 
     def name(self, node: ast.expr) -> Predicate:
         found, obj, name = self.resolve(node)
-        return _from_object(obj) if found else _by_name(name)
+        return _from_object(obj) if found else _by_name(_import_aliases(self.module_name).get(name, name))
 
     def subscript(self, node: ast.Subscript) -> Predicate:
         found, base, name = self.resolve(node.value)
@@ -144,13 +162,12 @@ class _Parser:
         return _from_object(base) if found else _by_name(name)
 
 
-def _declaring_module(options_class: type, field_name: str) -> Mapping[str, Any]:
-    """The globals of the module whose class in ``options_class``'s MRO declared ``field_name``."""
+def _declaring_module(options_class: type, field_name: str) -> str:
+    """The name of the module whose class in ``options_class``'s MRO declared ``field_name``."""
     for cls in options_class.__mro__:
         if field_name in cls.__dict__.get("__annotations__", {}):
-            module = sys.modules.get(cls.__module__)
-            return vars(module) if module is not None else {}
-    return {}
+            return cls.__module__
+    return options_class.__module__
 
 
 def _text(annotation: Any) -> str:

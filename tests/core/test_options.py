@@ -19,6 +19,7 @@ from meshplan.core.strategy import StrategyOptions
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.fsdp import OffloadPolicy as Offload
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp", "megatron_fsdp"])
@@ -43,6 +44,7 @@ class Declared(StrategyOptions):
     dtype: torch.dtype = torch.float32
     anything: Any = None
     kind: type[torch.nn.Module] | None = None
+    offload: Offload | None = None  # a name bound only for type checkers, under an alias
 
 
 @pytest.mark.parametrize(("name", "good", "bad"), [
@@ -54,12 +56,13 @@ class Declared(StrategyOptions):
     ("maybe", "x", 1),
     ("dtype", torch.bfloat16, "bf16"),
     ("kind", torch.nn.Linear, torch.nn.Linear(1, 1)),
+    ("offload", "CPUOffloadPolicy", "cpu"),
 ])
 def test_declared_types_accept_and_refuse(name, good, bad):
-    if good == "MixedPrecisionPolicy":
-        from torch.distributed.fsdp import MixedPrecisionPolicy
+    if good in ("MixedPrecisionPolicy", "CPUOffloadPolicy"):
+        import torch.distributed.fsdp
 
-        good = MixedPrecisionPolicy()
+        good = getattr(torch.distributed.fsdp, good)()
     check_option_types(Declared(**{name: good}), "test")
     with pytest.raises(OptionsError, match=rf"Option '{name}' of strategy 'test' must be "):
         check_option_types(Declared(**{name: bad}), "test")
