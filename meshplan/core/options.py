@@ -60,7 +60,14 @@ def _instance_of(cls: type) -> Predicate:
         return lambda value: value is None
     if cls is collections.abc.Sequence:
         return lambda value: isinstance(value, cls) and not isinstance(value, str)
-    return lambda value: isinstance(value, cls)
+
+    def accepts(value: Any) -> bool:
+        try:
+            return isinstance(value, cls)
+        except TypeError:  # e.g. a Protocol that is not runtime-checkable: cannot be checked, so accepted
+            return True
+
+    return accepts
 
 
 def _from_object(obj: Any) -> Predicate:

@@ -91,3 +91,19 @@ def test_checking_fsdp2_options_imports_no_fsdp():
             "print('torch.distributed.fsdp' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+class Sink(typing.Protocol):  # not runtime-checkable: isinstance() refuses it
+    def write(self, text: str) -> None: ...
+
+
+@dataclass
+class WithProtocols(StrategyOptions):
+    sink: Sink | None = None
+    number: typing.SupportsInt | None = None  # runtime-checkable: checked
+
+
+def test_a_protocol_that_cannot_be_checked_is_accepted():
+    check_option_types(WithProtocols(sink=object(), number=3), "test")
+    with pytest.raises(OptionsError, match="'number'"):
+        check_option_types(WithProtocols(number="x"), "test")
