@@ -111,19 +111,20 @@ HOOKS: tuple[tuple[str, Callable[..., Registration]], ...] = (
 
 
 class _Collector:
-    """The ``register`` callback of one hook call: builds registrations, each credited to the plugin whose
-    hook implementation made it (``collected``: ``{plugin: registrations}``)."""
+    """The ``register`` callback of one hook call: builds registrations, each credited to the plugin that
+    ``caller()`` names (``collected``: ``{plugin: registrations}``)."""
 
-    def __init__(self, hook_name: str, build: Callable[..., Registration], owners: HookOwners,
+    def __init__(self, hook_name: str, build: Callable[..., Registration], caller: Callable[[], str | None],
                  provenance: Callable[[str], Provenance]) -> None:
-        self.hook_name, self.build, self.owners, self.provenance = hook_name, build, owners, provenance
+        self.hook_name, self.build, self.caller, self.provenance = hook_name, build, caller, provenance
         self.collected: dict[str, list[Registration]] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
-        plugin = self.owners.calling_plugin()
+        plugin = self.caller()
         if plugin is None:
             raise RegistrationError(f"The register callback of {self.hook_name} was called outside a plugin's "
-                                    "hook implementation; call it while the hook runs.")
+                                    "hook implementation (or by code shared by several plugins); call it while "
+                                    "the hook runs.")
         self.collected.setdefault(plugin, []).append(self.build(self.provenance(plugin), *args, **kwargs))
 
 
@@ -193,22 +194,45 @@ class PluginHost:
 
         The ``register`` callback credits each registration to the plugin whose implementation made it. A
         plugin that raises is failed and unregistered, and the hook is called again without it, so one
-        broken plugin never costs the others their registrations.
+        broken plugin never costs the others their registrations. A failure that cannot be credited to one
+        plugin (code shared by several) falls back to :meth:`_call_hook_per_plugin`.
         """
         caller = getattr(self.pm.hook, hook_name)
         while True:
             owners = HookOwners(caller.get_hookimpls())
-            register = _Collector(hook_name, build, owners, lambda name: self._provenance(self.records[name]))
+            register = _Collector(hook_name, build, owners.calling_plugin, self._provenance_of)
             try:
                 caller(register=register)
                 return register.collected
             except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the others
                 culprit = owners.raising_plugin(exc)
                 if culprit is None:
-                    raise PluginLoadError(f"Calling the meshplan hook {hook_name} failed: {exc}") from exc
-                record = self.records[culprit]
-                record.contributions = [(r.kind, r.key) for r in register.collected.get(culprit, [])]
-                self._fail(record, exc, f"raised in {hook_name}")
+                    return self._call_hook_per_plugin(hook_name, build)
+                self._fail_in_hook(culprit, register, exc, hook_name)
+
+    def _call_hook_per_plugin(self, hook_name: str, build: Callable[..., Registration],
+                              ) -> dict[str, list[Registration]]:
+        """Call the hook's implementations plugin by plugin (``pm.subset_hook_caller``): every registration and
+        failure belongs to that plugin by construction; a plugin's hook wrappers wrap its own implementations."""
+        collected: dict[str, list[Registration]] = {}
+        names = dict.fromkeys(impl.plugin_name for impl in getattr(self.pm.hook, hook_name).get_hookimpls())
+        for name in names:
+            others = [plugin for other, plugin in self.pm.list_name_plugin() if other != name]
+            register = _Collector(hook_name, build, lambda _name=name: _name, self._provenance_of)
+            try:
+                self.pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
+                collected.update(register.collected)
+            except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the others
+                self._fail_in_hook(name, register, exc, hook_name)
+        return collected
+
+    def _fail_in_hook(self, name: str, register: _Collector, exc: BaseException, hook_name: str) -> None:
+        record = self.records[name]
+        record.contributions = [(r.kind, r.key) for r in register.collected.get(name, [])]
+        self._fail(record, exc, f"raised in {hook_name}")
+
+    def _provenance_of(self, name: str) -> Provenance:
+        return self._provenance(self.records[name])
 
     def _provenance(self, record: PluginRecord) -> Provenance:
         tier = {"builtin": Tier.BUILTIN, "entry_point": Tier.PLUGIN}.get(record.source, Tier.RUNTIME)

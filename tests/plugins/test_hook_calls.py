@@ -130,3 +130,27 @@ def test_register_kept_for_later_is_refused(monkeypatch):
     sys.modules.pop(name)
     with pytest.raises(RegistrationError, match="outside a plugin's hook implementation"):
         kept[0]("late", "x:y")
+
+
+@meshplan.hookimpl
+def _shared_styles(register):
+    register("shared_style", "torch.distributed.tensor.parallel:ColwiseParallel")
+
+
+def test_code_shared_by_two_plugins_falls_back_to_one_call_per_plugin():
+    """One function registered as the hook of two plugins cannot be told apart by its code: the hook is then
+    called plugin by plugin, each registration still credited to its own plugin."""
+    names = [_module("plug_shared_one", meshplan_register_styles=_shared_styles),
+             _module("plug_shared_two", meshplan_register_styles=_shared_styles),
+             _module("plug_alpha", meshplan_register_strategies=_alpha_strategies)]
+    try:
+        host = PluginHost(LoadPolicy(allow=frozenset()), builtins=tuple(names))
+        host.load()
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+    assert {name: host.records[name].contributions for name in names[:2]} == {
+        name: [("style", "shared_style")] for name in names[:2]}
+    assert host.records["plug_alpha"].contributions == [("strategy", "alpha")]
+    assert {r.provenance.plugin for r in host.registry.styles.registrations() if r.key == "shared_style"} == {
+        "plug_shared_one", "plug_shared_two"}
