@@ -5,18 +5,21 @@ wrappers (``wrapper=True`` / ``hookwrapper=True``) wrap every plugin's implement
 application. The one ``register`` callback then has to know who called it: :class:`HookOwners` maps the
 code of every implementation (decorated ones unwrapped too) to its plugin and finds the innermost such frame
 on the stack, or in an exception's traceback. Methods of several instances of one plugin class are told
-apart by their ``self``.
+apart by their ``self``. :class:`RegisterCallback` is that callback.
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import CodeType, FrameType, TracebackType
 from typing import Any
 
 from pluggy import HookImpl
+
+from ..core.errors import RegistrationError
+from ..core.registry import Provenance, Registration
 
 
 class HookOwners:
@@ -53,6 +56,24 @@ class HookOwners:
         """The plugin whose implementation raised ``exc`` (innermost in its traceback), else ``None``."""
         owners = [owner for owner in map(self._owner, _frames(exc.__traceback__)) if owner is not None]
         return owners[-1] if owners else None
+
+
+class RegisterCallback:
+    """The ``register`` callback of one hook call: builds registrations, each credited to the plugin that
+    ``caller()`` names (``collected``: ``{plugin: registrations}``)."""
+
+    def __init__(self, hook_name: str, build: Callable[..., Registration], caller: Callable[[], str | None],
+                 provenance: Callable[[str], Provenance]) -> None:
+        self.hook_name, self.build, self.caller, self.provenance = hook_name, build, caller, provenance
+        self.collected: dict[str, list[Registration]] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        plugin = self.caller()
+        if plugin is None:
+            raise RegistrationError(f"The register callback of {self.hook_name} was called outside a plugin's "
+                                    "hook implementation (or by code shared by several plugins); call it while "
+                                    "the hook runs.")
+        self.collected.setdefault(plugin, []).append(self.build(self.provenance(plugin), *args, **kwargs))
 
 
 def _frames(tb: TracebackType | None) -> Iterator[FrameType]:

@@ -4,8 +4,8 @@ Built-in plugins and third-party ones (entry-point group ``meshplan``) go throug
 hooks. Each hook is called once through pluggy, so hook wrappers work; the ``register`` callback credits
 every registration to the plugin whose implementation made it (:mod:`meshplan.plugins.attribution`), and a
 plugin that raises is skipped whole (its partial registrations are dropped). Registration is typed: one
-builder per hook kind, and one method per kind for runtime registration (``register_strategy``,
-``register_tp_plan``, ``register_style``).
+builder per hook kind (:mod:`meshplan.plugins.registrations`), and one method per kind for runtime
+registration (``register_strategy``, ``register_tp_plan``, ``register_style``).
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import pluggy
 from .._version import __version__
 from ..core.errors import PluginLoadError, RegistrationError
 from ..core.log import get_logger, log_rank0
-from ..core.registry import Provenance, Registration, Registry, Tier, class_key
+from ..core.registry import Provenance, Registration, Registry, Tier
 from . import hookspecs
-from .attribution import HookOwners
+from .attribution import HookOwners, RegisterCallback
 from .policy import LoadPolicy
+from .registrations import HOOKS, strategy_registration, style_registration, tp_plan_registration
 
 logger = get_logger(__name__)
 
@@ -70,62 +71,6 @@ class PluginRecord:
         }
 
 
-def strategy_registration(
-    provenance: Provenance, strategy: Any, name: str | None = None, *, aliases: Sequence[str] = (),
-    priority: int = 0, override: bool = False,
-) -> Registration:
-    """A strategy registration; ``name`` and ``aliases`` default to the strategy class's own."""
-    aliases = tuple(aliases or ())
-    if name is None:
-        if isinstance(strategy, str):
-            raise RegistrationError(f"Registering strategy {strategy!r} by path needs name=...")
-        name = getattr(strategy, "name", None)
-        aliases = aliases or tuple(getattr(strategy, "aliases", ()))
-    if not isinstance(name, str) or not name:
-        raise RegistrationError(f"Strategy {strategy!r} has no name; pass name=... to register().")
-    return Registration("strategy", name, strategy, provenance, int(priority), bool(override), aliases)
-
-
-def tp_plan_registration(
-    provenance: Provenance, model_class: type | str, provider: Any, *, priority: int = 0, override: bool = False,
-) -> Registration:
-    """A TP plan provider registration for a model class (class, qualified name or bare class name)."""
-    return Registration("tp_plan", class_key(model_class), provider, provenance, int(priority), bool(override))
-
-
-def style_registration(
-    provenance: Provenance, name: str, factory: Any, *, priority: int = 0, override: bool = False,
-) -> Registration:
-    """A parallel-style name registration; ``factory()`` returns a new torch ``ParallelStyle``."""
-    if not isinstance(name, str) or not name:
-        raise RegistrationError(f"A parallel style needs a non-empty name, got {name!r}.")
-    return Registration("style", name, factory, provenance, int(priority), bool(override))
-
-
-#: registration hook -> the typed builder behind the ``register`` callback it receives
-HOOKS: tuple[tuple[str, Callable[..., Registration]], ...] = (
-    ("meshplan_register_styles", style_registration),
-    ("meshplan_register_strategies", strategy_registration),
-    ("meshplan_register_tp_plans", tp_plan_registration),
-)
-
-
-class _Collector:
-    """The ``register`` callback of one hook call: builds registrations, each credited to the plugin that
-    ``caller()`` names (``collected``: ``{plugin: registrations}``)."""
-
-    def __init__(self, hook_name: str, build: Callable[..., Registration], caller: Callable[[], str | None],
-                 provenance: Callable[[str], Provenance]) -> None:
-        self.hook_name, self.build, self.caller, self.provenance = hook_name, build, caller, provenance
-        self.collected: dict[str, list[Registration]] = {}
-
-    def __call__(self, *args: Any, **kwargs: Any) -> None:
-        plugin = self.caller()
-        if plugin is None:
-            raise RegistrationError(f"The register callback of {self.hook_name} was called outside a plugin's "
-                                    "hook implementation (or by code shared by several plugins); call it while "
-                                    "the hook runs.")
-        self.collected.setdefault(plugin, []).append(self.build(self.provenance(plugin), *args, **kwargs))
 
 
 class PluginHost:
@@ -200,7 +145,7 @@ class PluginHost:
         caller = getattr(self.pm.hook, hook_name)
         while True:
             owners = HookOwners(caller.get_hookimpls())
-            register = _Collector(hook_name, build, owners.calling_plugin, self._provenance_of)
+            register = RegisterCallback(hook_name, build, owners.calling_plugin, self._provenance_of)
             try:
                 caller(register=register)
                 return register.collected
@@ -218,7 +163,7 @@ class PluginHost:
         names = dict.fromkeys(impl.plugin_name for impl in getattr(self.pm.hook, hook_name).get_hookimpls())
         for name in names:
             others = [plugin for other, plugin in self.pm.list_name_plugin() if other != name]
-            register = _Collector(hook_name, build, lambda _name=name: _name, self._provenance_of)
+            register = RegisterCallback(hook_name, build, lambda _name=name: _name, self._provenance_of)
             try:
                 self.pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
                 collected.update(register.collected)
@@ -226,7 +171,7 @@ class PluginHost:
                 self._fail_in_hook(name, register, exc, hook_name)
         return collected
 
-    def _fail_in_hook(self, name: str, register: _Collector, exc: BaseException, hook_name: str) -> None:
+    def _fail_in_hook(self, name: str, register: RegisterCallback, exc: BaseException, hook_name: str) -> None:
         record = self.records[name]
         record.contributions = [(r.kind, r.key) for r in register.collected.get(name, [])]
         self._fail(record, exc, f"raised in {hook_name}")
