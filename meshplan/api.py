@@ -74,8 +74,7 @@ def register_strategy(
     override: bool = False,
 ) -> None:
     """Register a strategy (class, instance or dotted path) at runtime, above every plugin."""
-    get_host().register_runtime("strategy", strategy, name=name, aliases=aliases, priority=priority,
-                                override=override)
+    get_host().register_strategy(strategy, name, aliases=aliases, priority=priority, override=override)
 
 
 def register_tp_plan(model_class: type | str, plan: Any, *, priority: int = 0, override: bool = False) -> None:
@@ -84,7 +83,7 @@ def register_tp_plan(model_class: type | str, plan: Any, *, priority: int = 0, o
     ``plan`` is a dict ``{module pattern: style}``, a callable ``(model, sequence_parallel) -> dict``,
     or a dotted path to either.
     """
-    get_host().register_runtime("tp_plan", model_class, plan, priority=priority, override=override)
+    get_host().register_tp_plan(model_class, plan, priority=priority, override=override)
 
 
 def unregister_tp_plan(model_class: type | str) -> bool:
@@ -98,7 +97,7 @@ def unregister_tp_plan(model_class: type | str) -> bool:
 
 def register_style(name: str, factory: Any, *, priority: int = 0, override: bool = False) -> None:
     """Register a parallel-style name; ``factory()`` must return a new torch ``ParallelStyle``."""
-    get_host().register_runtime("style", name, factory, priority=priority, override=override)
+    get_host().register_style(name, factory, priority=priority, override=override)
 
 
 def get_tp_plan(model: nn.Module, sequence_parallel: bool = False, tp_plan: Any = None) -> ResolvedPlan:

@@ -23,7 +23,7 @@ from meshplan.compat.nvfsdp import LEGACY_KEYWORDS
 from meshplan.core.errors import UnmatchedPlanKeyError
 from meshplan.strategies.megatron_fsdp import MegatronFSDPStrategy
 from tests.compat.fakes import FakeMesh
-from tests.models import Block, TinyStack, tiny_hf
+from tests.support import Block, TinyStack, tiny_hf
 
 STACK_PLAN = {"layers.*.up": ColwiseParallel(), "layers.*.down": RowwiseParallel()}
 NOT_A_PLAN = 42

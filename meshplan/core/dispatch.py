@@ -44,7 +44,7 @@ class Prepared:
     def report(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy.name,
-            "options": {k: repr(v) for k, v in vars(self.options).items()},
+            "options": self.options.report(),
             "mesh": dict(zip(self.device_mesh.mesh_dim_names or (), self.device_mesh.shape)),
             "roles": self.roles.describe(),
             "tp_size": self.tp_size,

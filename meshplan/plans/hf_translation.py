@@ -6,8 +6,9 @@ provider is registered for a more specific class. The plan is merged from (lowes
 every inner model's ``_tp_plan`` (prefixed by its attribute path, e.g. ``model.`` or
 ``model.language_model.``), the class ``_tp_plan`` and the instance ``_tp_plan``.
 
-Translation follows transformers' meaning of each style string (see :mod:`meshplan.tensor_parallel.vocabulary`), with
-these model-dependent cases:
+Translation follows transformers' meaning of each style string (see :mod:`meshplan.tensor_parallel.vocabulary`);
+names are made through the style registry like those of explicit plans, so a plugin's style name works in a
+``_tp_plan`` and ``register_style(..., override=True)`` reaches the fallback too. Model-dependent cases:
 
 * Keys that match neither a module nor a parameter are dropped and named in a warning (rank 0), as transformers
   itself only warns: its plans list keys for every variant of an architecture (dense MLP next to MoE experts,
@@ -40,7 +41,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from torch.distributed.tensor import Shard
@@ -52,8 +53,11 @@ from ..experts.modules import layouts_from_hf
 from ..experts.tp_styles import ExpertsTensorParallel, IdentityExpertParallel
 from ..tensor_parallel.custom_styles import LocalShardedParameters, MlaKvAProjParallel, ReplicatedWithGradAllReduce
 from ..tensor_parallel.matching import generalize, match_key, match_parameter_key
-from ..tensor_parallel.vocabulary import BUILTIN_STYLES, builtin_style
+from ..tensor_parallel.vocabulary import make_style
 from .decoder import add_sequence_parallel, are_tied, embedding_modules, find_decoder_layout, module_name
+
+if TYPE_CHECKING:
+    from ..core.registry import Registry
 
 logger = get_logger(__name__)
 
@@ -224,8 +228,19 @@ def _add_experts_styles(model: nn.Module, merged: Mapping[str, Any], entries: di
                 result.left_replicated[key] = f"{IDENTITY_EXPERT} (its experts module is not split by TP)"
 
 
-def translate_hf_plan(model: nn.Module) -> HFPlan:
-    """Merge and translate the model's transformers plan (see the module docstring); no errors raised."""
+def _style_registry(registry: Registry | None) -> Registry:
+    """``registry``, else the loaded one (plugins and ``meshplan.register_style`` included)."""
+    if registry is not None:
+        return registry
+    from ..plugins.manager import get_registry
+
+    return get_registry()
+
+
+def translate_hf_plan(model: nn.Module, registry: Registry | None = None) -> HFPlan:
+    """Merge and translate the model's transformers plan (see the module docstring); style names are made
+    through the style registry (default: the loaded one), so plugin styles and overrides apply."""
+    registry = _style_registry(registry)
     merged = merged_hf_plan(model)
     if not merged:
         return HFPlan()
@@ -261,8 +276,8 @@ def translate_hf_plan(model: nn.Module) -> HFPlan:
             continue  # after the loop, once every parameter entry is known
         elif style in REPLICABLE_STYLES:
             result.left_replicated[key] = f"{style} (module left replicated)"
-        elif isinstance(style, str) and style in BUILTIN_STYLES:
-            result.styles[key] = builtin_style(style)
+        elif isinstance(style, str) and registry.styles.find(style) is not None:
+            result.styles[key] = make_style(style, registry)
         else:
             result.untranslatable[key] = str(style)
     for owner in local_owners:
@@ -309,10 +324,11 @@ def _checked(model: nn.Module, plan: HFPlan) -> dict[str, ParallelStyle]:
     return plan.styles
 
 
-def hf_tp_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
+def hf_tp_plan(model: nn.Module, sequence_parallel: bool = False, registry: Registry | None = None,
+               ) -> dict[str, ParallelStyle]:
     """The fallback provider: the translated transformers plan, with a derived sequence-parallel variant for
     standard decoders (:class:`SequenceParallelUnsupportedError` otherwise)."""
-    styles = _checked(model, translate_hf_plan(model))
+    styles = _checked(model, translate_hf_plan(model, registry))
     if not sequence_parallel:
         return styles
     try:

@@ -8,22 +8,13 @@ from collections.abc import Iterator
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from .fsdp_state import reshard_settings, restore_reshard_settings
+
 
 def fsdp_units(model: nn.Module, unit_type: type = FSDPModule) -> list[FSDPModule]:
     """Every module of ``model`` that ``fully_shard`` was applied to (instances of ``unit_type``), in module
     order (root first)."""
     return [module for module in model.modules() if isinstance(module, unit_type)]
-
-
-def _reshard_settings(unit: FSDPModule) -> list[object]:
-    """The unit's current reshard-after-forward setting (torch keeps it per parameter group)."""
-    groups = getattr(unit._get_fsdp_state(), "_fsdp_param_groups", ())
-    return [getattr(group, "post_forward_mesh_info", None) for group in groups]
-
-
-def _restore_reshard_settings(unit: FSDPModule, settings: list[object]) -> None:
-    for group, setting in zip(getattr(unit._get_fsdp_state(), "_fsdp_param_groups", ()), settings):
-        group.post_forward_mesh_info = setting
 
 
 @contextlib.contextmanager
@@ -40,7 +31,7 @@ def unshard_fsdp2_model(model: nn.Module, unit_type: type = FSDPModule) -> Itera
     saved: list[tuple[FSDPModule, list[object] | None]] = []
     try:
         for unit in units:
-            settings = _reshard_settings(unit) if isinstance(unit, FSDPModule) else None
+            settings = reshard_settings(unit) if isinstance(unit, FSDPModule) else None
             saved.append((unit, settings))
             if settings is not None:
                 unit.set_reshard_after_forward(False, recurse=False)
@@ -50,4 +41,4 @@ def unshard_fsdp2_model(model: nn.Module, unit_type: type = FSDPModule) -> Itera
         for unit, settings in reversed(saved):
             unit.reshard()
             if settings is not None:
-                _restore_reshard_settings(unit, settings)
+                restore_reshard_settings(unit, settings)

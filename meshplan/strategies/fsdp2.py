@@ -96,6 +96,13 @@ class FSDP2Options(CheckpointingOptions):
             "dp_shard": role_dims("dp_shard_cp_mesh_name", self.dp_shard_cp_mesh_name, *SHARD_DIM_FALLBACKS),
         }
 
+    def report(self) -> dict[str, str]:
+        """``mp_policy`` is shown as the policy FSDP2 applies: ``None`` means bf16 compute."""
+        shown = super().report()
+        if self.mp_policy is None:
+            shown["mp_policy"] = f"{default_mp_policy()!r} (default: bf16 compute; MixedPrecisionPolicy() for fp32)"
+        return shown
+
 
 def require_shard_dim(roles: MeshRoles, options: FSDP2Options) -> None:
     """:class:`MeshError` unless the mesh has a data-parallel shard dim (size 1 is fine)."""
@@ -118,22 +125,6 @@ def block_and_root_policies(
     return dataclasses.replace(root, output_dtype=None), root
 
 
-def _check_types(options: FSDP2Options) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy
-
-    expected = {"dp_replicate_mesh_name": str, "dp_shard_cp_mesh_name": str, "tp_mesh_name": str, "cp_mesh_name": str,
-                "reshard_after_forward": bool}
-    for name, kind in expected.items():
-        if not isinstance(getattr(options, name), kind):
-            raise OptionsError(f"fsdp2 option {name} must be a {kind.__name__}, got {getattr(options, name)!r}.")
-    if options.mp_policy is not None and not isinstance(options.mp_policy, MixedPrecisionPolicy):
-        raise OptionsError("fsdp2 option mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy or None, "
-                           f"got {type(options.mp_policy).__name__}.")
-    if options.offload_policy is not None and not isinstance(options.offload_policy, OffloadPolicy):
-        raise OptionsError("fsdp2 option offload_policy must be a torch.distributed.fsdp.OffloadPolicy (e.g. "
-                           f"CPUOffloadPolicy()) or None, got {type(options.offload_policy).__name__}.")
-
-
 class FSDP2Strategy(Strategy):
     """PyTorch FSDP2 (``fully_shard``) over the data-parallel mesh, after tensor parallelism."""
 
@@ -144,11 +135,10 @@ class FSDP2Strategy(Strategy):
     def validate(
         self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
     ) -> None:
-        """Type-check options, require a shard dim, reject offload on CPU and bad AC settings."""
+        """Require a shard dim, reject offload on CPU and bad AC settings."""
         from torch.distributed.fsdp import CPUOffloadPolicy
 
         require_fsdp2_options(options)
-        _check_types(options)
         require_shard_dim(roles, options)
         if isinstance(options.offload_policy, CPUOffloadPolicy) and roles.mesh.device_type == "cpu":
             raise UnsupportedConfigurationError(

@@ -49,22 +49,31 @@ class ResolvedPlan:
 
 
 def describe_style(style: ParallelStyle) -> str:
-    """How a style is shown in reports: its ``repr`` (torch's and meshplan's styles list their layouts)."""
+    """How a style is shown in reports: its ``repr`` (torch's and meshplan's styles list their layouts); a
+    style without its own ``__repr__`` shows its class name, never an object address."""
+    if type(style).__repr__ is object.__repr__:
+        return f"{type(style).__name__}()"
     return repr(style)
 
 
-def call_plan_function(fn: Callable[..., Any], model: nn.Module, sequence_parallel: bool) -> Any:
-    """Call a plan function as ``fn(model, sequence_parallel)``, or ``fn()`` if it takes no arguments."""
+def call_plan_function(fn: Callable[..., Any], model: nn.Module, sequence_parallel: bool,
+                       registry: Registry | None = None) -> Any:
+    """Call a plan function as ``fn(model, sequence_parallel)``, or ``fn()`` if it takes no arguments; a
+    function with a ``registry`` parameter also gets the style registry (``registry=...``)."""
     try:
-        params = inspect.signature(fn).parameters.values()
+        params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return fn(model, sequence_parallel)
-    required = [p for p in params if p.default is inspect.Parameter.empty
+    required = [p for p in params.values() if p.default is inspect.Parameter.empty
                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return fn() if not required else fn(model, sequence_parallel)
+    if not required:
+        return fn()
+    extra = {"registry": registry} if registry is not None and "registry" in params else {}
+    return fn(model, sequence_parallel, **extra)
 
 
-def materialize_plan_source(source: Any, model: nn.Module, sequence_parallel: bool, what: str) -> PlanSpec:
+def materialize_plan_source(source: Any, model: nn.Module, sequence_parallel: bool, what: str,
+                            registry: Registry | None = None) -> PlanSpec:
     """Turn a dict, a dotted path to a dict or function, or a callable into a plan mapping."""
     if isinstance(source, str):
         source = import_class_from_path(source)
@@ -73,7 +82,7 @@ def materialize_plan_source(source: Any, model: nn.Module, sequence_parallel: bo
                 f"{what} points to a {type(source).__name__}; it must name a dict or a function returning one."
             )
     if callable(source) and not isinstance(source, Mapping):
-        source = call_plan_function(source, model, sequence_parallel)
+        source = call_plan_function(source, model, sequence_parallel, registry)
     if not isinstance(source, Mapping):
         raise PlanSourceError(
             f"{what} must be a dict of {{module pattern: style}}, a dotted path ('pkg.mod.PLAN') to a dict or "
@@ -106,7 +115,7 @@ def resolve_plan(
 ) -> ResolvedPlan:
     """Find the plan for ``model`` and normalize it (no matching or validation yet)."""
     if tp_plan is not None:
-        spec = materialize_plan_source(tp_plan, model, sequence_parallel, "tp_plan")
+        spec = materialize_plan_source(tp_plan, model, sequence_parallel, "tp_plan", registry)
         source = f"explicit tp_plan ({tp_plan if isinstance(tp_plan, str) else type(tp_plan).__name__})"
         return ResolvedPlan(normalize_plan(spec, registry), source, sequence_parallel)
     found = registry.find_tp_plan(type(model))
@@ -119,6 +128,6 @@ def resolve_plan(
     cls, registration = found
     provider = registration.load()
     what = f"TP plan provider for {cls.__qualname__} ({registration.target_name()})"
-    spec = materialize_plan_source(provider, model, sequence_parallel, what)
+    spec = materialize_plan_source(provider, model, sequence_parallel, what, registry)
     source = f"provider {registration.target_name()} for {cls.__qualname__} from {registration.provenance.describe()}"
     return ResolvedPlan(normalize_plan(spec, registry), source, sequence_parallel)

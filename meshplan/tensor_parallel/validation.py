@@ -66,6 +66,7 @@ def match_and_check(model: nn.Module, plan: ResolvedPlan, strict: bool = True) -
         log_rank0(logger, logging.WARNING, "%s Skipping them (strict=False).", message)
     styles = {key: style for key, style in plan.styles.items() if matches[key]}
     matches = {k: v for k, v in matches.items() if v}
+    check_module_types(model, styles, matches)
     check_tied_parameters(model, styles, matches)
     sharded = (fqn for key, found in matches.items() if shards_parameters(styles[key]) for fqn in found)
     return dataclasses.replace(
@@ -82,6 +83,15 @@ def check_style_fit(model: nn.Module, plan: ResolvedPlan, tp_size: int) -> None:
         if callable(check):
             for fqn in plan.matches.get(key, ()):
                 check(model.get_submodule(fqn), tp_size)
+
+
+def check_module_types(model: nn.Module, styles: dict, matches: dict[str, list[str]]) -> None:
+    """Refuse, before any collective, a style matched to a module type it cannot shard."""
+    from .custom_styles import check_module_type
+
+    for key, found in matches.items():
+        for fqn in found:
+            check_module_type(styles[key], model.get_submodule(fqn), fqn)
 
 
 def check_tied_parameters(model: nn.Module, styles: dict, matches: dict[str, list[str]]) -> None:

@@ -10,7 +10,7 @@ import meshplan
 from meshplan import parallelizer as P
 from meshplan.core.errors import PlanSourceError, SequenceParallelUnsupportedError
 from meshplan.plans.llama import llama_plan
-from tests.models import TinyStack, tiny_hf
+from tests.support import TinyStack, tiny_hf
 
 STACK = {"layers.*.up": "colwise", "layers.*.down": "rowwise"}
 
@@ -37,7 +37,7 @@ def test_reading_shows_the_builtin_providers_by_class_but_not_the_hf_fallback():
 def test_assignment_registers_a_runtime_provider_that_parallelize_uses():
     P.PARALLELIZE_FUNCTIONS[TinyStack] = stack_function
     assert P.PARALLELIZE_FUNCTIONS[TinyStack] is stack_function
-    row = {r["model_class"]: r for r in meshplan.list_tp_plans()}["tests.models.TinyStack"]
+    row = {r["model_class"]: r for r in meshplan.list_tp_plans()}["tests.support.TinyStack"]
     assert row["tier"] == "runtime" and row["status"] == "active"
     resolved = meshplan.get_tp_plan(TinyStack())
     assert list(resolved.styles) == list(STACK) and "stack_function" in resolved.source

@@ -19,7 +19,7 @@ from meshplan.compat.nvfsdp import MegatronFSDPShim
 from meshplan.core.errors import MeshError, StrategyUnavailableError, UnmatchedPlanKeyError
 from meshplan.strategies.megatron_fsdp import MegatronFSDPStrategy
 from tests.compat.fakes import FakeMesh, UnitDouble
-from tests.models import TinyStack
+from tests.support import TinyStack
 
 
 def test_the_alias_is_the_module_object():
@@ -83,7 +83,7 @@ def test_nvfsdp_steps_use_the_patched_names(nvfsdp_calls):
 
 
 def test_nvfsdp_without_tp_or_cp_skips_tensor_parallelism(nvfsdp_calls):
-    P.nvfsdp_strategy_parallelize(TinyStack(), FakeMesh(dp=4, cp=1, tp=1), nvfsdp_unit_modules=["tests.models.Block"])
+    P.nvfsdp_strategy_parallelize(TinyStack(), FakeMesh(dp=4, cp=1, tp=1), nvfsdp_unit_modules=["tests.support.Block"])
     assert nvfsdp_calls["tp"] == []
     (kwargs,) = nvfsdp_calls["shard"]
     assert kwargs["dp_cp_mesh_name"] == "dp" and [c.__name__ for c in kwargs["fsdp_unit_modules"]] == ["Block"]

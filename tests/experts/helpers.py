@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from meshplan.experts.modules import find_expert_modules
-from tests.parity import clean_name
-from tests.plans.helpers import _full_grads, _full_params, build, relative_error
+from tests.plans.helpers import build
+from tests.support import full_grads, full_params, relative_error
 
 
 def _inputs(step: int, vocab_size: int = 250) -> dict[str, torch.Tensor]:
@@ -68,14 +68,14 @@ def sgd_parity(name: str, mesh_shape: dict[str, int], options: dict[str, Any], o
             value.backward()
         loss_error = max(loss_error, abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()))
         ref_grads = {n: p.grad for n, p in reference.named_parameters()}
-        grads = {clean_name(n): g for n, g in _full_grads(model).items()}  # without checkpoint wrappers
+        grads = full_grads(model)  # keyed without checkpoint wrappers
         if grads.keys() != ref_grads.keys():
             raise AssertionError(f"parameters with gradients differ: {sorted(grads.keys() ^ ref_grads.keys())}")
         grad_error = max(grad_error, _worst({n: relative_error(grads[n], ref_grads[n]) for n in ref_grads}))
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
-        params = {clean_name(n): p for n, p in _full_params(model).items()}
+        params = full_params(model)
         ref_params = dict(reference.named_parameters())
         param_error = max(param_error, _worst({n: relative_error(params[n], ref_params[n].detach())
                                                for n in ref_params}))

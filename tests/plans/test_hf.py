@@ -133,3 +133,22 @@ def test_fallback_is_reached_last_through_the_mro():
     classes = {row["model_class"] for row in meshplan.list_tp_plans()}
     assert "transformers.modeling_utils.PreTrainedModel" in classes
     assert "transformers.models.phi3.modeling_phi3.Phi3ForCausalLM" in classes
+
+
+class GateColwise(ColwiseParallel):
+    """A plugin's style (registered by name in the tests below)."""
+
+
+def test_fallback_makes_style_names_through_the_style_registry():
+    """A plugin's style name in a model's ``_tp_plan`` works, and an override of a built-in name reaches the
+    fallback as it reaches explicit plans."""
+    meshplan.register_style("plugin_colwise", GateColwise)
+    model = build("starcoder2")
+    model._tp_plan = {**model._tp_plan, "model.layers.*.mlp.c_fc": "plugin_colwise"}
+    styles = meshplan.get_tp_plan(model).styles
+    assert type(styles["model.layers.*.mlp.c_fc"]) is GateColwise
+
+    meshplan.register_style("rowwise", lambda: RowwiseParallel(use_local_output=False), override=True)
+    assert meshplan.get_tp_plan(build("starcoder2")).styles["model.layers.*.mlp.c_proj"].use_local_output is False
+    explicit = meshplan.get_tp_plan(build("starcoder2"), tp_plan={"model.layers.*.mlp.c_proj": "rowwise"})
+    assert explicit.styles["model.layers.*.mlp.c_proj"].use_local_output is False

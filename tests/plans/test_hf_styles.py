@@ -78,7 +78,7 @@ def style_parity(case: str) -> dict[str, float]:
     the output and of every parameter gradient (gathered)."""
     from torch.distributed.tensor.parallel import parallelize_module
 
-    from tests.plans.helpers import tp_mesh
+    from tests.support import tp_mesh
 
     torch.manual_seed(0)
     module, plan = {

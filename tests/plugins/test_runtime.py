@@ -42,9 +42,9 @@ def test_unregister_tp_plan_removes_every_tier_until_rediscovery():
 
     from meshplan.plugins import manager
 
-    meshplan.register_tp_plan("tests.models.TinyStack", {"layers.*.up": "colwise"})
-    assert meshplan.unregister_tp_plan("tests.models.TinyStack") is True
-    assert meshplan.unregister_tp_plan("tests.models.TinyStack") is False  # nothing left to remove
+    meshplan.register_tp_plan("tests.support.TinyStack", {"layers.*.up": "colwise"})
+    assert meshplan.unregister_tp_plan("tests.support.TinyStack") is True
+    assert meshplan.unregister_tp_plan("tests.support.TinyStack") is False  # nothing left to remove
     assert meshplan.unregister_tp_plan(LlamaForCausalLM) is True  # a built-in provider
     rows = [r for r in meshplan.list_tp_plans() if r["model_class"].endswith("LlamaForCausalLM")]
     assert rows == []
