@@ -27,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # spawned ranks inherit sys.path, so they import tests.models too
+    sys.path.insert(0, str(ROOT))  # spawned ranks inherit sys.path, so they import tests.support too
 
 LAYOUTS = {
     "replicated": ({"dp_replicate": 2, "dp_shard": 1}, {}),
@@ -37,7 +37,7 @@ LAYOUTS = {
 
 
 def _model(layers: int, hidden: int) -> torch.nn.Module:
-    from tests.models import tiny_hf
+    from tests.support import tiny_hf
 
     return tiny_hf("mixtral", num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
                    num_attention_heads=8, num_key_value_heads=4, head_dim=hidden // 8, vocab_size=1024,

@@ -10,7 +10,7 @@ on the first lookup, and neither ``transformers`` nor ``megatron_fsdp`` is impor
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__ as __version__
 from .plugins.hookspecs import hookimpl as hookimpl
@@ -23,13 +23,14 @@ _LAZY: dict[str, str] = {
     "PlanNotFoundError": ".core.errors", "PlanSourceError": ".core.errors", "PluginLoadError": ".core.errors",
     "RegistrationError": ".core.errors", "SequenceParallelUnsupportedError": ".core.errors",
     "StrategyUnavailableError": ".core.errors", "TensorParallelSizeError": ".core.errors",
-    "TiedParameterError": ".core.errors", "UnknownNameError": ".core.errors",
+    "StyleModuleTypeError": ".core.errors", "TiedParameterError": ".core.errors", "UnknownNameError": ".core.errors",
     "UnknownStrategyError": ".core.errors", "UnknownStyleError": ".core.errors",
     "UnmatchedPlanKeyError": ".core.errors", "UnsupportedConfigurationError": ".core.errors",
     "UntranslatableStyleError": ".core.errors",
     # dispatcher and registry
     "parallelize": ".api", "prepare": ".api", "Prepared": ".api", "get_report": ".api", "get_strategy": ".api",
     "register_strategy": ".api", "register_tp_plan": ".api", "register_style": ".api",
+    "unregister_tp_plan": ".api",
     "get_tp_plan": ".api", "list_strategies": ".api", "list_tp_plans": ".api",
     "list_styles": ".api", "list_plugins": ".api",
     "import_class_from_path": ".core.imports",
@@ -53,9 +54,82 @@ _LAZY: dict[str, str] = {
     "ReplicatedWithGradAllReduce": ".tensor_parallel.custom_styles", "KeepReplicated": ".tensor_parallel.custom_styles",
     "PrepareHiddenStates": ".tensor_parallel.custom_styles", "ChainedStyles": ".tensor_parallel.custom_styles",
     "unpack_full_state_dict": ".tensor_parallel.custom_styles",
+    "ExpertsTensorParallel": ".experts.tp_styles", "ExpertParamLayout": ".experts.tp_styles",
+    "IdentityExpertParallel": ".experts.tp_styles",
     # planning at any scale
     "explain": ".dryrun", "fake_process_group": ".core.fake_pg", "list_presets": ".cli.modelsource",
 }
+
+
+if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plugins/test_public_api.py)
+    from .api import Prepared as Prepared
+    from .api import get_report as get_report
+    from .api import get_strategy as get_strategy
+    from .api import get_tp_plan as get_tp_plan
+    from .api import list_plugins as list_plugins
+    from .api import list_strategies as list_strategies
+    from .api import list_styles as list_styles
+    from .api import list_tp_plans as list_tp_plans
+    from .api import parallelize as parallelize
+    from .api import prepare as prepare
+    from .api import register_strategy as register_strategy
+    from .api import register_style as register_style
+    from .api import register_tp_plan as register_tp_plan
+    from .api import unregister_tp_plan as unregister_tp_plan
+    from .cli.modelsource import list_presets as list_presets
+    from .core.errors import ConflictError as ConflictError
+    from .core.errors import ImportPathError as ImportPathError
+    from .core.errors import MeshError as MeshError
+    from .core.errors import MeshplanError as MeshplanError
+    from .core.errors import OptionsError as OptionsError
+    from .core.errors import PlanError as PlanError
+    from .core.errors import PlanNotFoundError as PlanNotFoundError
+    from .core.errors import PlanSourceError as PlanSourceError
+    from .core.errors import PluginLoadError as PluginLoadError
+    from .core.errors import RegistrationError as RegistrationError
+    from .core.errors import SequenceParallelUnsupportedError as SequenceParallelUnsupportedError
+    from .core.errors import StrategyUnavailableError as StrategyUnavailableError
+    from .core.errors import StyleModuleTypeError as StyleModuleTypeError
+    from .core.errors import TensorParallelSizeError as TensorParallelSizeError
+    from .core.errors import TiedParameterError as TiedParameterError
+    from .core.errors import UnknownNameError as UnknownNameError
+    from .core.errors import UnknownStrategyError as UnknownStrategyError
+    from .core.errors import UnknownStyleError as UnknownStyleError
+    from .core.errors import UnmatchedPlanKeyError as UnmatchedPlanKeyError
+    from .core.errors import UnsupportedConfigurationError as UnsupportedConfigurationError
+    from .core.errors import UntranslatableStyleError as UntranslatableStyleError
+    from .core.fake_pg import fake_process_group as fake_process_group
+    from .core.imports import import_class_from_path as import_class_from_path
+    from .core.roles import MeshRoles as MeshRoles
+    from .core.roles import RoleDims as RoleDims
+    from .core.strategy import OptionInfo as OptionInfo
+    from .core.strategy import Strategy as Strategy
+    from .core.strategy import StrategyOptions as StrategyOptions
+    from .dryrun import explain as explain
+    from .experts.tp_styles import ExpertParamLayout as ExpertParamLayout
+    from .experts.tp_styles import ExpertsTensorParallel as ExpertsTensorParallel
+    from .experts.tp_styles import IdentityExpertParallel as IdentityExpertParallel
+    from .state.distributed_checkpoint import gather_full_state_dict as gather_full_state_dict
+    from .state.distributed_checkpoint import load_distributed_checkpoint as load_distributed_checkpoint
+    from .state.distributed_checkpoint import save_distributed_checkpoint as save_distributed_checkpoint
+    from .state.meta_init import initialize_sharded as initialize_sharded
+    from .state.meta_init import materialize_meta_model as materialize_meta_model
+    from .state.unshard import unshard_fsdp2_model as unshard_fsdp2_model
+    from .strategies.ddp import DDPOptions as DDPOptions
+    from .strategies.ddp import DDPStrategy as DDPStrategy
+    from .strategies.fsdp2 import FSDP2Options as FSDP2Options
+    from .strategies.fsdp2 import FSDP2Strategy as FSDP2Strategy
+    from .strategies.megatron_fsdp import MegatronFSDPOptions as MegatronFSDPOptions
+    from .strategies.megatron_fsdp import MegatronFSDPStrategy as MegatronFSDPStrategy
+    from .strategies.megatron_fsdp import parallelize_megatron_fsdp as parallelize_megatron_fsdp
+    from .tensor_parallel.custom_styles import ChainedStyles as ChainedStyles
+    from .tensor_parallel.custom_styles import KeepReplicated as KeepReplicated
+    from .tensor_parallel.custom_styles import PackedColwiseParallel as PackedColwiseParallel
+    from .tensor_parallel.custom_styles import PackedRowwiseParallel as PackedRowwiseParallel
+    from .tensor_parallel.custom_styles import PrepareHiddenStates as PrepareHiddenStates
+    from .tensor_parallel.custom_styles import ReplicatedWithGradAllReduce as ReplicatedWithGradAllReduce
+    from .tensor_parallel.custom_styles import unpack_full_state_dict as unpack_full_state_dict
+    from .tensor_parallel.plan import ResolvedPlan as ResolvedPlan
 
 
 def __getattr__(name: str) -> Any:

@@ -15,7 +15,7 @@ from .core import dispatch
 from .core.dispatch import Prepared, get_report
 from .core.errors import MeshplanError, UnknownStrategyError
 from .core.naming import did_you_mean
-from .core.registry import Registration, Table
+from .core.registry import Registration, Table, class_key
 from .core.strategy import Strategy
 from .plugins.manager import get_host, get_registry
 from .tensor_parallel.plan import ResolvedPlan, resolve_plan
@@ -23,6 +23,7 @@ from .tensor_parallel.plan import ResolvedPlan, resolve_plan
 __all__ = [
     "Prepared", "get_report", "get_strategy", "get_tp_plan", "list_plugins", "list_strategies", "list_styles",
     "list_tp_plans", "parallelize", "prepare", "register_strategy", "register_style", "register_tp_plan",
+    "unregister_tp_plan",
 ]
 
 
@@ -75,8 +76,7 @@ def register_strategy(
     override: bool = False,
 ) -> None:
     """Register a strategy (class, instance or dotted path) at runtime, above every plugin."""
-    get_host().register_runtime("strategy", strategy, name=name, aliases=aliases, priority=priority,
-                                override=override)
+    get_host().register_strategy(strategy, name, aliases=aliases, priority=priority, override=override)
 
 
 def register_tp_plan(model_class: type | str, plan: Any, *, priority: int = 0, override: bool = False) -> None:
@@ -85,12 +85,21 @@ def register_tp_plan(model_class: type | str, plan: Any, *, priority: int = 0, o
     ``plan`` is a dict ``{module pattern: style}``, a callable ``(model, sequence_parallel) -> dict``,
     or a dotted path to either.
     """
-    get_host().register_runtime("tp_plan", model_class, plan, priority=priority, override=override)
+    get_host().register_tp_plan(model_class, plan, priority=priority, override=override)
+
+
+def unregister_tp_plan(model_class: type | str) -> bool:
+    """Remove every TP plan provider registered for exactly ``model_class`` (class, qualified name, or bare
+    class name as it was registered), built-in and plugin ones included, until plugins are discovered again.
+
+    Returns whether anything was removed. Providers of the class's bases still apply (MRO lookup).
+    """
+    return bool(get_host().unregister("tp_plan", class_key(model_class)))
 
 
 def register_style(name: str, factory: Any, *, priority: int = 0, override: bool = False) -> None:
     """Register a parallel-style name; ``factory()`` must return a new torch ``ParallelStyle``."""
-    get_host().register_runtime("style", name, factory, priority=priority, override=override)
+    get_host().register_style(name, factory, priority=priority, override=override)
 
 
 def get_tp_plan(model: nn.Module, sequence_parallel: bool = False, tp_plan: Any = None) -> ResolvedPlan:

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tests.support import TensorParallelOnly, full_grads, perturb, relative_error, tp_mesh
+
 #: Relative tolerance (fp32), relative to the reference tensor's max |value|.
 RTOL = 1e-5
 #: Gradients are scaled by max(own max |g|, GRAD_FLOOR x the model's largest |g|): some gradients are
@@ -301,12 +303,7 @@ def build_model(config: Any, seed: int = SEED) -> nn.Module:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.is_floating_point():
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return model.float().train()
+    return perturb(model, seed + 1).float().train()
 
 
 def make_batch(config: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,27 +330,6 @@ def forward_backward(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) 
 
 
 # --- the check (runs on every rank) ---------------------------------------------------------------
-def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
-    """max |actual - expected| / max(max |expected|, floor)."""
-    scale = max(float(expected.abs().max()) if expected.numel() else 0.0, floor, 1e-30)
-    diff = (actual.double() - expected.double()).abs()
-    return float(diff.max()) / scale if diff.numel() else 0.0
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
-
-
-def _gathered_grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
-    from meshplan.tensor_parallel.custom_styles import unpack_full_state_dict
-
-    grads = {n: None if p.grad is None else _full(p.grad) for n, p in model.named_parameters()}
-    present = unpack_full_state_dict(model, {n: g for n, g in grads.items() if g is not None})
-    return {n: present.get(n) for n in grads}
-
-
 def _sharded_fraction(model: nn.Module) -> float:
     from torch.distributed.tensor import DTensor, Shard
 
@@ -363,31 +339,6 @@ def _sharded_fraction(model: nn.Module) -> float:
         if isinstance(param, DTensor) and any(isinstance(p, Shard) for p in param.placements):
             sharded += param.numel()
     return sharded / total if total else 0.0
-
-
-def tp_mesh():
-    """The 1-D ``("tp",)`` mesh over all ranks."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    return init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
-
-
-def _tp_only_strategy():
-    from meshplan.core.strategy import Strategy
-    from meshplan.tensor_parallel.apply import apply_tensor_parallel
-
-    class ConformanceTP(Strategy):
-        """Test-only strategy: apply the resolved, validated TP plan and nothing else."""
-
-        name = "conformance_tp"
-
-        def parallelize(self, model, roles, plan, options):
-            if plan is not None:
-                apply_tensor_parallel(model, roles.tp, plan)
-            return model
-
-    return ConformanceTP
 
 
 def _reason(stage: str, exc: BaseException) -> str:
@@ -416,7 +367,7 @@ def _compare(reference: nn.Module, model: nn.Module, ref_logits: torch.Tensor, l
         problems.append(f"logits rel. error {logit_error:.2e}" if logit_error < math.inf else
                         f"logits shape {tuple(logits.shape)} vs {tuple(ref_logits.shape)}")
     ref_grads = {n: None if p.grad is None else p.grad.detach() for n, p in reference.named_parameters()}
-    grads = _gathered_grads(model)
+    grads = full_grads(model)
     largest = max((float(g.abs().max()) for g in ref_grads.values() if g is not None and g.numel()), default=0.0)
     errors: dict[str, float] = {}
     for name, want in ref_grads.items():
@@ -465,16 +416,16 @@ def check_architecture(model_type: str, rtol: float = RTOL, tp_plan: Any = None)
         stage = "reference forward/backward"
         ref_logits = forward_backward(reference, ids, labels)
         stage = "plan"
-        meshplan.register_strategy(_tp_only_strategy())
+        meshplan.register_strategy(TensorParallelOnly)
         from meshplan.plugins.manager import get_registry
 
         found = None if tp_plan is not None else get_registry().find_tp_plan(type(model))
         result["plan_source"] = f"provider {found[1].target_name()}" if found else None
         try:
-            prepared = meshplan.prepare(model, tp_mesh(), strategy="conformance_tp", tp_plan=tp_plan)
+            prepared = meshplan.prepare(model, tp_mesh(), strategy="tp_test", tp_plan=tp_plan)
         except UnmatchedPlanKeyError as exc:  # diagnose further: does the rest of the plan work?
             strict_error = _unmatched_reason(exc)
-            prepared = meshplan.prepare(model, tp_mesh(), strategy="conformance_tp", tp_plan=tp_plan, strict=False)
+            prepared = meshplan.prepare(model, tp_mesh(), strategy="tp_test", tp_plan=tp_plan, strict=False)
         result["plan_source"] = prepared.plan.source if prepared.plan else None
         stage = "apply plan"
         prepared.apply()

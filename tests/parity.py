@@ -14,16 +14,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from tests.models import tiny_hf
-
-WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "module.")
+from tests.support import full_grads, full_params, relative_error, tiny_hf
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A picklable recipe for a tiny HF model (see ``tests.models.tiny_hf``)."""
+    """A picklable recipe for a tiny HF model (see ``tests.support.tiny_hf``)."""
 
     model_type: str = "llama"
     seed: int = 0
@@ -43,30 +40,6 @@ class RunResult:
 def batches(vocab_size: int, steps: int, global_batch: int = 4, seq_len: int = 16, seed: int = 1234):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab_size, (global_batch, seq_len), generator=generator) for _ in range(steps)]
-
-
-def clean_name(name: str) -> str:
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
-def _gathered(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """DTensors gathered, packed (rank-major) parameters put back in their original order, wrapper-free names."""
-    from meshplan.tensor_parallel.custom_styles import unpack_full_state_dict
-
-    full = {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().clone() for n, t in tensors.items()}
-    return {clean_name(n): t for n, t in unpack_full_state_dict(model, full).items()}
-
-
-def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter as a full plain tensor (DTensors gathered), keyed by its wrapper-free name."""
-    return _gathered(model, dict(model.named_parameters()))
-
-
-def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter's gradient as a full plain tensor (DTensors gathered), keyed like :func:`full_params`."""
-    return _gathered(model, {n: p.grad for n, p in model.named_parameters()})
 
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -134,8 +107,8 @@ def distributed(
 
 
 def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.abs().max().clamp_min(1e-12)
-    return float((actual - expected).abs().max() / scale)
+    """max |actual - expected| relative to the largest |expected| (at least 1e-12)."""
+    return relative_error(actual, expected, floor=1e-12)
 
 
 def assert_parity(result: RunResult, expected: RunResult, rtol: float = 1e-5) -> None:

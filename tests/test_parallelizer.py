@@ -6,6 +6,7 @@ import inspect
 import logging
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,8 +19,11 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 import meshplan
 from meshplan import parallelizer as P
+from meshplan.compat.nvfsdp import LEGACY_KEYWORDS
+from meshplan.core.errors import UnmatchedPlanKeyError
 from meshplan.strategies.megatron_fsdp import MegatronFSDPStrategy
-from tests.models import Block, TinyStack, tiny_hf
+from tests.compat.fakes import FakeMesh
+from tests.support import Block, TinyStack, tiny_hf
 
 STACK_PLAN = {"layers.*.up": ColwiseParallel(), "layers.*.down": RowwiseParallel()}
 NOT_A_PLAN = 42
@@ -99,8 +103,42 @@ def test_hf_plan_of_a_vlm_uses_the_language_model_prefix():
 
 
 def test_hf_plan_missing_is_an_assertion_error():
-    with pytest.raises(AssertionError, match="Hugging Face TP plan is not supported"):
+    with pytest.raises(AssertionError, match="Hugging Face tp plan is not supported"):  # the reference's text
         P.get_hf_tp_shard_plan(TinyStack())
+
+
+class Declared(nn.Module):
+    """A model that declares a plan but has no input/output embedding modules and none of the planned modules."""
+
+    def __init__(self, tie: bool) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(tie_word_embeddings=tie)
+        self.model = nn.Module()
+        self.model._tp_plan = {"layers.*.attn.q": "colwise"}
+        self._tp_plan = {"lm_head": "colwise_rep", "extra": "rowwise_rep"}
+
+
+def test_hf_plan_is_translated_without_matching_and_parallelize_still_matches_strictly(fake_pg):
+    untied = P.get_hf_tp_shard_plan(Declared(tie=False))
+    assert list(untied) == ["model.layers.*.attn.q", "lm_head", "extra", "model.embed_tokens"]
+    assert isinstance(untied["model.layers.*.attn.q"], ColwiseParallel)
+    assert untied["extra"].input_layouts == (Replicate(),)
+    assert untied["model.embed_tokens"].input_layouts == (Replicate(),)  # added by name: vocab-parallel
+    assert untied["lm_head"].output_layouts == (Shard(-1),) and untied["lm_head"].use_local_output is False
+    tied = P.get_hf_tp_shard_plan(Declared(tie=True))
+    assert "model.embed_tokens" not in tied and tied["lm_head"].output_layouts == (Replicate(),)
+    model = TinyStack()
+    with fake_pg(2):
+        mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp_shard_cp", "tp"))
+        with pytest.raises(UnmatchedPlanKeyError, match="model.layers.*attn.q"):
+            meshplan.prepare(model, mesh, tp_plan=P.get_hf_tp_shard_plan(Declared(tie=False)))
+
+
+def test_hf_plan_unknown_style_is_the_reference_value_error():
+    model = Declared(tie=True)
+    model._tp_plan = {"lm_head": "diagonal"}
+    with pytest.raises(ValueError, match="Unknown parallel style 'diagonal'"):
+        P.get_hf_tp_shard_plan(model)
 
 
 # --- import helpers ---------------------------------------------------------------------------------
@@ -142,12 +180,16 @@ def test_validate_tp_mesh(fake_pg):
 
 
 # --- get_lm_ac_layers -------------------------------------------------------------------------------
-def test_get_lm_ac_layers():
+def test_get_lm_ac_layers_returns_the_container_itself():
     llama = tiny_hf("llama")
-    assert P.get_lm_ac_layers(llama) == list(llama.model.layers)
+    assert P.get_lm_ac_layers(llama) is llama.model.layers
     vlm = tiny_vlm()
-    assert P.get_lm_ac_layers(vlm) == list(vlm.model.language_model.layers)
+    assert P.get_lm_ac_layers(vlm) is vlm.model.language_model.layers
     assert P.get_lm_ac_layers(TinyStack()) == []
+    plain = SimpleNamespace(model=SimpleNamespace(layers=["a", "b"]))  # duck-typed: a plain list counts
+    assert P.get_lm_ac_layers(plain) is plain.model.layers
+    vlm_like = SimpleNamespace(language_model=SimpleNamespace(layers=("x",)), model=SimpleNamespace(layers=[]))
+    assert P.get_lm_ac_layers(vlm_like) == ("x",)
 
 
 # --- _get_parallel_plan -----------------------------------------------------------------------------
@@ -187,19 +229,21 @@ def test_fsdp2_strategy_parallelize_signature_and_defaults(fake_pg):
 def test_nvfsdp_strategy_parallelize_forwards_every_option(monkeypatch):
     seen = {}
 
-    def record(model, device_mesh, optimizer=None, tp_plan=None, **options):
-        seen.update(options, tp_plan=tp_plan, optimizer=optimizer)
-        return model, optimizer
+    def record(**kwargs):
+        seen.update(kwargs)
+        return kwargs["module"], kwargs["optimizer"]
 
-    monkeypatch.setattr(P, "parallelize_megatron_fsdp", record)
+    monkeypatch.setattr(P, "nvfsdp_fully_shard", record)
     signature = inspect.signature(P.nvfsdp_strategy_parallelize)
-    model, optimizer = TinyStack(), object()
-    assert P.nvfsdp_strategy_parallelize(model, None, optimizer) == (model, optimizer)
-    forwarded = {k: v for k, v in seen.items() if k not in ("tp_plan", "optimizer")}
+    model, optimizer, mesh = TinyStack(), object(), FakeMesh(dp=2, cp=1, tp=1)
+    assert P.nvfsdp_strategy_parallelize(model, mesh, optimizer) == (model, optimizer)
+    assert seen.pop("module") is model and seen.pop("optimizer") is optimizer and seen.pop("device_mesh") is mesh
+    assert seen.pop("dp_cp_mesh_name") == "dp" and seen.pop("fsdp_unit_modules") is None
+    renamed = {LEGACY_KEYWORDS.get(k, k): v for k, v in seen.items()}
     expected = {k: p.default for k, p in signature.parameters.items()
-                if k not in ("model", "device_mesh", "optimizer", "tp_shard_plan")}
-    assert forwarded == expected
-    MegatronFSDPStrategy().make_options(forwarded)  # every compat name is a real strategy option
+                if k not in ("model", "device_mesh", "optimizer", "tp_shard_plan", "nvfsdp_unit_modules")}
+    assert renamed == expected
+    MegatronFSDPStrategy().make_options(renamed)  # every legacy keyword is a real strategy option
 
 
 def test_nvfsdp_on_cpu_is_an_assertion_error(fake_pg):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -12,11 +13,17 @@ from meshplan.cli.main import build_parser
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def python_blocks(heading: str) -> list[str]:
+    """The ```python blocks of the README section under ``heading`` (up to the next "## " heading)."""
+    text = README.read_text()
+    section = text[text.index(heading) + len(heading):]
+    section = section[:section.index("\n## ")] if "\n## " in section else section
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
 def quick_start() -> str:
     """The first ```python block after the "## Quick start" heading."""
-    text = README.read_text()
-    section = text[text.index("## Quick start"):]
-    return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    return python_blocks("## Quick start")[0]
 
 
 def run_snippet(code: str) -> dict:
@@ -45,3 +52,46 @@ def test_cli_commands_in_the_readme_exist():
     mentioned = set(re.findall(r"`meshplan (\w+)", README.read_text()))
     assert mentioned <= commands, mentioned - commands
     assert {"explain", "demo", "presets", "plugins", "strategies", "plans", "styles"} <= commands
+
+
+def run_checkpoints(blocks: list[str], folder: str) -> dict:
+    """Runs on every rank, in ``folder`` (which holds ``tiny-llama``): the README's "Checkpoints" blocks in
+    order, then what they wrote is read back and compared with the trained model, bitwise."""
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        namespace: dict = {"__name__": "__readme__"}
+        for block in blocks:
+            exec(compile(block, str(README), "exec"), namespace)
+        dist.barrier()  # rank 0 wrote the save_pretrained folder
+        gather = namespace["meshplan"].gather_full_state_dict
+        trained = gather(namespace["model"], rank0_only=False)
+        saved = AutoModelForCausalLM.from_pretrained("tiny-llama-trained", dtype=torch.float32).state_dict()
+        resumed = gather(namespace["resumed"], rank0_only=False)
+        original = AutoModelForCausalLM.from_pretrained("tiny-llama", dtype=torch.float32).state_dict()
+        return {
+            "saved_differs": sorted(k for k in trained if not torch.equal(trained[k], saved[k])),
+            "resumed_differs": sorted(k for k in trained if not torch.equal(trained[k], resumed[k])),
+            "trained_changed": not torch.equal(trained["model.norm.weight"], original["model.norm.weight"]),
+            "optimizer_steps": sorted({int(s["step"]) for s in namespace["resumed_optimizer"].state.values()}),
+        }
+    finally:
+        os.chdir(previous)
+
+
+@pytest.mark.distributed
+def test_checkpoints_section_runs_on_two_ranks(ranks2, tmp_path):
+    """meta init -> parallelize -> load a tied save_pretrained folder -> train -> gather -> save_pretrained, and
+    the DCP checkpoint loaded under another mesh with its optimizer state: all as the README says."""
+    from tests.support import tiny_hf
+
+    tiny_hf("llama", tie_word_embeddings=True).save_pretrained(tmp_path / "tiny-llama")
+    blocks = python_blocks("## Checkpoints")
+    assert len(blocks) == 2
+    results = ranks2.run(run_checkpoints, blocks, str(tmp_path))
+    assert results == [{"saved_differs": [], "resumed_differs": [], "trained_changed": True,
+                        "optimizer_steps": [1]}] * 2

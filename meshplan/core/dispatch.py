@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from ..experts.plan import experts_tp_sharded, resolve_expert_plan
 from ..tensor_parallel.plan import ResolvedPlan, resolve_plan
-from ..tensor_parallel.validation import match_and_check, validate_tp_size
+from ..tensor_parallel.validation import check_style_fit, match_and_check, validate_tp_size
 from .errors import OptionsError, StrategyUnavailableError, UnsupportedConfigurationError
 from .registry import Registry
 from .roles import MeshRoles, resolve_roles
@@ -48,7 +48,7 @@ class Prepared:
     def report(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy.name,
-            "options": {k: repr(v) for k, v in vars(self.options).items()},
+            "options": self.options.report(),
             "mesh": dict(zip(self.device_mesh.mesh_dim_names or (), self.device_mesh.shape)),
             "roles": self.roles.describe(),
             "tp_size": self.tp_size,
@@ -84,6 +84,7 @@ def prepare(
         validate_tp_size(model, roles.size("tp"))
         plan = resolve_plan(model, registry, tp_plan, opts.sequence_parallel)
         plan = match_and_check(model, plan, strict=opts.strict)
+        check_style_fit(model, plan, roles.size("tp"))
     if ep_plan is not None and roles.ep_size == 1:
         raise OptionsError(f"ep_plan was given but ep_size is 1: pass ep_size=N to strategy {strategy.name!r} "
                            "for expert parallelism.")

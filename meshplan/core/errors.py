@@ -77,6 +77,10 @@ class TiedParameterError(PlanError):
     """A plan would give parameters that the model shares (tied embeddings) different layouts."""
 
 
+class StyleModuleTypeError(PlanError, TypeError):
+    """A style was matched to a module type it cannot shard (e.g. ``colwise`` on GPT-2's ``Conv1D``)."""
+
+
 class UntranslatableStyleError(PlanError):
     """A Hugging Face plan entry uses a style that torch DTensor styles cannot express safely."""
 

@@ -95,6 +95,19 @@ class Table:
         normalized = self.normalize(key)
         self._by_key[normalized] = [r for r in self._by_key.get(normalized, []) if r.provenance.tier != tier]
 
+    def remove(self, key: str) -> list[Registration]:
+        """Drop every registration for ``key`` (any tier, aliases included); returns what was dropped."""
+        removed = self._by_key.pop(self.normalize(key), [])
+        for reg in removed:
+            for other in {reg.key, *reg.aliases} - {key}:
+                normalized = self.normalize(other)
+                kept = [r for r in self._by_key.get(normalized, []) if r is not reg]
+                if kept:
+                    self._by_key[normalized] = kept
+                else:
+                    self._by_key.pop(normalized, None)
+        return removed
+
     def candidates(self, key: str) -> list[Registration]:
         """Every registration for ``key``, identical duplicates folded into the highest-ranked one."""
         best: dict[Any, Registration] = {}

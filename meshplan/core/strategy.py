@@ -18,6 +18,7 @@ from torch import nn
 from ..tensor_parallel.plan import ResolvedPlan
 from .errors import OptionsError
 from .naming import did_you_mean
+from .options import check_option_types
 from .roles import MeshRoles, RoleDims, role_dims
 
 
@@ -48,6 +49,10 @@ class StrategyOptions:
             "dp_shard": role_dims(None, "dp_shard_cp", "dp_shard", "dp"),
         }
 
+    def report(self) -> dict[str, str]:
+        """The options as reports show them (``repr`` of each value); override to show what a default means."""
+        return {f.name: repr(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
 
 @dataclass(frozen=True)
 class OptionInfo:
@@ -73,7 +78,8 @@ class Strategy(ABC):
     options_class: ClassVar[type[StrategyOptions]] = StrategyOptions
 
     def make_options(self, options: Mapping[str, Any]) -> StrategyOptions:
-        """Build the typed options object; unknown names raise :class:`OptionsError` listing valid ones."""
+        """Build the typed options object; unknown names, and values that do not have the field's declared
+        type (:mod:`meshplan.core.options`), raise :class:`OptionsError`."""
         valid = {f.name for f in dataclasses.fields(self.options_class)}
         unknown = sorted(set(options) - valid)
         if unknown:
@@ -82,7 +88,9 @@ class Strategy(ABC):
             raise OptionsError(
                 f"Unknown option(s) {unknown} for strategy {self.name!r}.{hint} Valid options: {listing}."
             )
-        return self.options_class(**options)
+        built = self.options_class(**options)
+        check_option_types(built, self.name)
+        return built
 
     @classmethod
     def describe_options(cls) -> list[OptionInfo]:

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ..state.fsdp_state import mixed_precision_policy, reshards_after_forward
+
 #: AdamW keeps ``exp_avg`` and ``exp_avg_sq`` in the parameter's dtype plus a float32 ``step`` per tensor.
 ADAMW_STATES_PER_ELEMENT = 2
 ADAMW_STEP_BYTES = 4
@@ -57,18 +59,6 @@ def param_layouts(model: nn.Module, tp_dims: Iterable[str]) -> list[ParamLayout]
     return layouts
 
 
-def _fsdp_facts(module: nn.Module) -> tuple[Any, bool | None]:
-    """(mixed-precision policy, reshard after forward) of an FSDP unit; ``None`` where torch hides it."""
-    try:
-        state = module._get_fsdp_state()  # type: ignore[operator]
-        group = state._fsdp_param_group
-        policy = state._mp_policy
-        reshard = None if group is None else group.post_forward_mesh_info is not None
-        return policy, reshard
-    except AttributeError:
-        return None, None
-
-
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
@@ -88,7 +78,7 @@ def fsdp_units(model: nn.Module, layouts: list[ParamLayout]) -> list[dict[str, A
                 break
     units = []
     for fqn, module in modules.items():
-        policy, reshard = _fsdp_facts(module)
+        policy, reshard = mixed_precision_policy(module), reshards_after_forward(module)
         params = owned[fqn]
         storage = params[0].dtype if params else None
         compute = getattr(policy, "param_dtype", None) or storage

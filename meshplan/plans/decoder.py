@@ -29,6 +29,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from ..core.errors import PlanError
+from ..experts.tp_styles import ExpertsTensorParallel
 from ..tensor_parallel.custom_styles import ChainedStyles, PrepareHiddenStates
 
 SEQUENCE = Shard(1)
@@ -147,8 +148,13 @@ def add_sequence_parallel(plan: Mapping[str, ParallelStyle], layout: DecoderLayo
     """Turn a TP plan for ``layout`` into its sequence-parallel variant (see the module docstring).
 
     Every block must end in a row-wise projection under the block (its output becomes the sequence-sharded
-    residual); otherwise :class:`PlanError` says which block does not.
+    residual); otherwise :class:`PlanError` says which block does not. Fused experts split by TP compute on
+    flattened tokens and all-reduce their output, so a plan with them is refused too.
     """
+    experts = [key for key, style in plan.items() if isinstance(style, ExpertsTensorParallel)]
+    if experts:
+        raise PlanError(f"the experts {experts[0]!r} compute on flattened tokens and all-reduce their output: "
+                        "sequence parallel is not supported for MoE layers.")
     layer = f"{layout.layers}.*"
     result: dict[str, ParallelStyle] = {}
     for key, style in plan.items():

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -25,6 +25,9 @@ from ..core.log import get_logger, log_rank0
 from ..experts.plan import DISPATCH_EXPERTS, GROUPED_GEMM, fold_expert_parameters
 from ..tensor_parallel.matching import match_key, match_parameter_key
 from .hf_translation import hf_tp_plan, merged_hf_plan
+
+if TYPE_CHECKING:
+    from ..core.registry import Registry
 
 logger = get_logger(__name__)
 
@@ -52,9 +55,10 @@ def hf_ep_plan(model: nn.Module) -> dict[str, Any]:
     return fold_expert_parameters(kept)
 
 
-def hf_plans(model: nn.Module, sequence_parallel: bool = False) -> dict[str, Any]:
-    """The fallback provider: the translated TP plan and, when the model declares one, its EP plan."""
-    plans: dict[str, Any] = {"tp": functools.partial(hf_tp_plan, model, sequence_parallel)}
+def hf_plans(model: nn.Module, sequence_parallel: bool = False, registry: Registry | None = None) -> dict[str, Any]:
+    """The fallback provider: the translated TP plan (styles made through ``registry``) and, when the model
+    declares one, its EP plan."""
+    plans: dict[str, Any] = {"tp": functools.partial(hf_tp_plan, model, sequence_parallel, registry=registry)}
     if merged_hf_plan(model, "ep"):
         plans["ep"] = functools.partial(hf_ep_plan, model)
     return plans

@@ -6,8 +6,9 @@ provider is registered for a more specific class. The plan is merged from (lowes
 every inner model's ``_tp_plan`` (prefixed by its attribute path, e.g. ``model.`` or
 ``model.language_model.``), the class ``_tp_plan`` and the instance ``_tp_plan``.
 
-Translation follows transformers' meaning of each style string (see :mod:`meshplan.tensor_parallel.vocabulary`), with
-these model-dependent cases:
+Translation follows transformers' meaning of each style string (see :mod:`meshplan.tensor_parallel.vocabulary`);
+names are made through the style registry like those of explicit plans, so a plugin's style name works in a
+``_tp_plan`` and ``register_style(..., override=True)`` reaches the fallback too. Model-dependent cases:
 
 * Keys that match neither a module nor a parameter are dropped and named in a warning (rank 0), as transformers
   itself only warns: its plans list keys for every variant of an architecture (dense MLP next to MoE experts,
@@ -17,14 +18,18 @@ these model-dependent cases:
   config of the module or its nearest configured ancestor.
 * A ``local_params`` module whose parameters have their own ``colwise`` entries (attention sinks, per-head
   biases) becomes :class:`LocalShardedParameters`: those parameters are sharded on dim 0 like the heads.
+* A ``moe_tp_experts`` module becomes :class:`ExpertsTensorParallel` with the layouts its parameters'
+  ``packed_colwise`` / ``colwise`` / ``rowwise`` entries declare (the others read off the module); a module it
+  cannot split (a parameter of unknown layout, a norm on each expert's output) stays replicated, as does a
+  ``moe_identity_expert`` inside it, and both are named in the warning.
 * Shard-local children (:data:`SHARD_LOCAL_CHILDREN`): a parameterized per-head QK norm or activation module
   that the plan does not name, directly under a block whose projections are column-wise, runs on this rank's
   column shard, so its replicated parameters get partial gradients; it gets ``replicated_with_grad_allreduce``
   (:attr:`HFPlan.derived`).
 
-Entries torch styles cannot express are never dropped silently: the MoE / local-parameter styles, whose
-modules are correct when simply left replicated, are listed in a warning (rank 0); any other (whose omission
-could leave gradients partial) raises :class:`UntranslatableStyleError`.
+Entries torch styles cannot express are never dropped silently: the local-parameter and MoE styles left out,
+whose modules are correct when simply left replicated, are listed in a warning (rank 0); any other (whose
+omission could leave gradients partial) raises :class:`UntranslatableStyleError`.
 
 Embeddings: an untied input embedding missing from the plan is made vocab-parallel; a tied ``lm_head`` is
 never sharded apart from its embedding (whichever of the two the plan names, the other gets the matching
@@ -36,7 +41,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from torch.distributed.tensor import Shard
@@ -44,15 +49,21 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle
 
 from ..core.errors import PlanError, PlanNotFoundError, SequenceParallelUnsupportedError, UntranslatableStyleError
 from ..core.log import get_logger, log_rank0
+from ..experts.modules import layouts_from_hf
+from ..experts.tp_styles import ExpertsTensorParallel, IdentityExpertParallel
 from ..tensor_parallel.custom_styles import LocalShardedParameters, MlaKvAProjParallel, ReplicatedWithGradAllReduce
 from ..tensor_parallel.matching import generalize, match_key, match_parameter_key
-from ..tensor_parallel.vocabulary import BUILTIN_STYLES, builtin_style
+from ..tensor_parallel.vocabulary import make_style
 from .decoder import add_sequence_parallel, are_tied, embedding_modules, find_decoder_layout, module_name
+
+if TYPE_CHECKING:
+    from ..core.registry import Registry
 
 logger = get_logger(__name__)
 
-#: transformers styles whose module is still correct when left replicated (experts computed in full).
-REPLICABLE_STYLES = frozenset({"moe_tp_experts", "moe_identity_expert", "local_params"})
+#: transformers styles whose module is still correct when left replicated.
+REPLICABLE_STYLES = frozenset({"local_params"})
+EXPERTS, IDENTITY_EXPERT = "moe_tp_experts", "moe_identity_expert"
 VOCAB_EMBEDDING, VOCAB_HEAD = "embedding_rowwise", "colwise_rep"
 LOCAL_PARAMS, MLA_KV_A_PROJ = "local_params", "mla_kv_a_proj"
 #: Style of a parameter entry under a ``local_params`` module -> the parameter dim it shards (per head).
@@ -110,17 +121,22 @@ def merged_hf_plan(model: nn.Module, axis: str = "tp") -> dict[str, Any]:
     return plan
 
 
-def _complete_embeddings(model: nn.Module, plan: dict[str, Any]) -> None:
-    """Vocab-parallel untied embedding; a tied pair is sharded together or not at all."""
-    embedding, head = embedding_modules(model)
-    embed, lm_head = module_name(model, embedding), module_name(model, head)
-    if embed is None:
-        return
-    if not are_tied(embedding, head):
+def complete_embeddings(plan: dict[str, Any], embed: str, lm_head: str | None, tied: bool) -> None:
+    """Vocab-parallel untied input embedding ``embed`` when the plan lacks it; a tied pair is sharded together
+    or not at all (whichever of the two the plan names, the other gets the matching vocab-parallel style)."""
+    if not tied:
         plan.setdefault(embed, VOCAB_EMBEDDING)
     elif lm_head is not None and (embed in plan) != (lm_head in plan):
         plan.setdefault(embed, VOCAB_EMBEDDING)
         plan.setdefault(lm_head, VOCAB_HEAD)
+
+
+def _complete_embeddings(model: nn.Module, plan: dict[str, Any]) -> None:
+    """:func:`complete_embeddings` for the model's own input and output embedding modules."""
+    embedding, head = embedding_modules(model)
+    embed = module_name(model, embedding)
+    if embed is not None:
+        complete_embeddings(plan, embed, module_name(model, head), are_tied(embedding, head))
 
 
 def _config_value(model: nn.Module, fqn: str, attribute: str) -> Any:
@@ -182,8 +198,50 @@ def _local_parameter_styles(model: nn.Module, local: dict[str, dict[str, int]]) 
             for params, owners in by_parameters.items() for key in _covering_keys(model, owners)}
 
 
-def translate_hf_plan(model: nn.Module) -> HFPlan:
-    """Merge and translate the model's transformers plan (see the module docstring); no errors raised."""
+def _experts_style(model: nn.Module, key: str, entries: dict[str, str]) -> ExpertsTensorParallel | str:
+    """The style for a ``moe_tp_experts`` entry and its parameters' ``entries``, or why it stays replicated."""
+    layouts = []
+    for fqn in match_key(model, key):
+        try:
+            layouts.append(layouts_from_hf(model.get_submodule(fqn), entries))
+        except PlanError as exc:
+            return f"{EXPERTS} (module left replicated: {exc})"
+    if any(layout != layouts[0] for layout in layouts):
+        return f"{EXPERTS} (module left replicated: the modules {key!r} selects have different parameters)"
+    return ExpertsTensorParallel(params=layouts[0])
+
+
+def _add_experts_styles(model: nn.Module, merged: Mapping[str, Any], entries: dict[str, dict[str, str]],
+                        result: HFPlan) -> None:
+    """``moe_tp_experts`` modules (with their parameter ``entries``), then the identity experts inside them."""
+    for key, style in merged.items():
+        if style == EXPERTS and match_key(model, key):
+            translated = _experts_style(model, key, entries.get(key, {}))
+            if isinstance(translated, str):
+                result.left_replicated[key] = translated
+            else:
+                result.styles[key] = translated
+    for key, style in merged.items():
+        if style == IDENTITY_EXPERT and match_key(model, key):
+            if isinstance(result.styles.get(key.rpartition(".")[0]), ExpertsTensorParallel):
+                result.styles[key] = IdentityExpertParallel()
+            else:
+                result.left_replicated[key] = f"{IDENTITY_EXPERT} (its experts module is not split by TP)"
+
+
+def _style_registry(registry: Registry | None) -> Registry:
+    """``registry``, else the loaded one (plugins and ``meshplan.register_style`` included)."""
+    if registry is not None:
+        return registry
+    from ..plugins.manager import get_registry
+
+    return get_registry()
+
+
+def translate_hf_plan(model: nn.Module, registry: Registry | None = None) -> HFPlan:
+    """Merge and translate the model's transformers plan (see the module docstring); style names are made
+    through the style registry (default: the loaded one), so plugin styles and overrides apply."""
+    registry = _style_registry(registry)
     merged = merged_hf_plan(model)
     if not merged:
         return HFPlan()
@@ -191,11 +249,15 @@ def translate_hf_plan(model: nn.Module) -> HFPlan:
     result = HFPlan()
     local_owners = {key for key, style in merged.items() if style == LOCAL_PARAMS}
     local_params: dict[str, dict[str, int]] = {}  # owner module fqn -> {parameter: sharded dim}
+    experts_owners = {key for key, style in merged.items() if style == EXPERTS}
+    experts_entries: dict[str, dict[str, str]] = {}  # owner key -> {parameter: style}
     for key, style in merged.items():
         if not match_key(model, key):
             owner, _, name = key.rpartition(".")
             if not match_parameter_key(model, key):
                 result.unmatched[key] = str(style)
+            elif owner in experts_owners:
+                experts_entries.setdefault(owner, {})[name] = str(style)
             elif owner in local_owners and style in LOCAL_PARAMETER_DIMS:
                 for fqn in match_parameter_key(model, key):
                     local_params.setdefault(fqn.rpartition(".")[0], {})[name] = LOCAL_PARAMETER_DIMS[style]
@@ -211,16 +273,19 @@ def translate_hf_plan(model: nn.Module) -> HFPlan:
                 result.untranslatable[key] = translated
             else:
                 result.styles[key] = translated
+        elif style in (EXPERTS, IDENTITY_EXPERT):
+            continue  # after the loop, once every parameter entry is known
         elif style in REPLICABLE_STYLES:
             result.left_replicated[key] = f"{style} (module left replicated)"
-        elif isinstance(style, str) and style in BUILTIN_STYLES:
-            result.styles[key] = builtin_style(style)
+        elif isinstance(style, str) and registry.styles.find(style) is not None:
+            result.styles[key] = make_style(style, registry)
         else:
             result.untranslatable[key] = str(style)
     for owner in local_owners:
         if set(match_key(model, owner)) <= local_params.keys():
             result.left_replicated.pop(owner, None)
     result.styles.update(_local_parameter_styles(model, local_params))
+    _add_experts_styles(model, merged, experts_entries, result)
     derived = _shard_local_children(model, result)
     result.styles.update(derived)
     result.derived = {key: "replicated_with_grad_allreduce (runs on this rank's column shard)" for key in derived}
@@ -260,10 +325,11 @@ def _checked(model: nn.Module, plan: HFPlan) -> dict[str, ParallelStyle]:
     return plan.styles
 
 
-def hf_tp_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
+def hf_tp_plan(model: nn.Module, sequence_parallel: bool = False, registry: Registry | None = None,
+               ) -> dict[str, ParallelStyle]:
     """The fallback provider: the translated transformers plan, with a derived sequence-parallel variant for
     standard decoders (:class:`SequenceParallelUnsupportedError` otherwise)."""
-    styles = _checked(model, translate_hf_plan(model))
+    styles = _checked(model, translate_hf_plan(model, registry))
     if not sequence_parallel:
         return styles
     try:
@@ -275,22 +341,3 @@ def hf_tp_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, P
             "tp_plan=..., or run without sequence_parallel."
         ) from exc
 
-
-def get_hf_tp_shard_plan(model: nn.Module) -> dict[str, ParallelStyle]:
-    """NeMo AutoModel's ``get_hf_tp_shard_plan`` semantics on top of :func:`translate_hf_plan`.
-
-    Same merge and translation (untied embedding missing from the plan -> ``rowwise_rep``, i.e. vocab-parallel;
-    tied embeddings kept together), plus NeMo's speed-up: an untied ``lm_head`` declared ``colwise_rep`` (spelled
-    ``colwise_gather_output`` by transformers 5.x) keeps
-    vocab-sharded logits, ``ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)`` (train with
-    ``torch.distributed.tensor.parallel.loss_parallel``). No plan -> :class:`PlanNotFoundError`
-    (an ``AssertionError``, as in NeMo).
-    """
-    merged = merged_hf_plan(model)
-    styles = _checked(model, translate_hf_plan(model))
-    embedding, head = embedding_modules(model)
-    lm_head = module_name(model, head)
-    gathered = merged.get(lm_head) in ("colwise_rep", "colwise_gather_output")
-    if lm_head in styles and gathered and not are_tied(embedding, head):
-        styles[lm_head] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
-    return styles

@@ -20,3 +20,6 @@ class Phi3LocalHeads(ParallelStyle):
         module.config = config
         module.num_key_value_heads //= tp
         return module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

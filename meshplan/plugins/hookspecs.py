@@ -1,7 +1,9 @@
 """Hook specifications: what a meshplan plugin may implement.
 
-Every hook receives a ``register`` callback bound to the calling plugin, so meshplan records
-who contributed what, and new keyword arguments can be added without breaking old plugins.
+Every hook receives a ``register`` callback that credits each registration to the plugin whose
+implementation made it, so meshplan records who contributed what, and new keyword arguments can be added
+without breaking old plugins. meshplan calls each hook once through pluggy: hook wrappers
+(``@hookimpl(wrapper=True)``) wrap every plugin's implementation.
 """
 
 from __future__ import annotations

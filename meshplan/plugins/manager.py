@@ -1,8 +1,11 @@
 """The plugin manager: discovers plugins once, lazily, and fills the registry through the hooks.
 
 Built-in plugins and third-party ones (entry-point group ``meshplan``) go through exactly the same
-hooks. Each plugin's hooks are called one plugin at a time so every registration carries its
-provenance, and a plugin that raises is skipped whole (its partial registrations are dropped).
+hooks. Each hook is called once through pluggy, so hook wrappers work; the ``register`` callback credits
+every registration to the plugin whose implementation made it (:mod:`meshplan.plugins.attribution`), and a
+plugin that raises is skipped whole (its partial registrations are dropped). Registration is typed: one
+builder per hook kind (:mod:`meshplan.plugins.registrations`), and one method per kind for runtime
+registration (``register_strategy``, ``register_tp_plan``, ``register_style``).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import importlib
 import logging
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +24,11 @@ import pluggy
 from .._version import __version__
 from ..core.errors import PluginLoadError, RegistrationError
 from ..core.log import get_logger, log_rank0
-from ..core.registry import Provenance, Registration, Registry, Tier, class_key
+from ..core.registry import Provenance, Registration, Registry, Tier
 from . import hookspecs
+from .attribution import HookOwners, RegisterCallback
 from .policy import LoadPolicy
+from .registrations import HOOKS, strategy_registration, style_registration, tp_plan_registration
 
 logger = get_logger(__name__)
 
@@ -40,17 +45,13 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "meshplan.plans.qwen",
     "meshplan.plans.gemma3",
     "meshplan.plans.phi3",
+    "meshplan.plans.mixtral",
+    "meshplan.plans.qwen3_moe",
+    "meshplan.plans.deepseek",
     "meshplan.plans.hf",
 )
 
 RUNTIME_PLUGIN = "<runtime>"
-
-HOOKS: tuple[tuple[str, str], ...] = (
-    ("meshplan_register_styles", "style"),
-    ("meshplan_register_strategies", "strategy"),
-    ("meshplan_register_tp_plans", "tp_plan"),
-)
-
 
 @dataclass
 class PluginRecord:
@@ -73,33 +74,6 @@ class PluginRecord:
         }
 
 
-def _make_registration(kind: str, provenance: Provenance, *args: Any, **kwargs: Any) -> Registration:
-    """Build a registration from a ``register(...)`` call of the given kind."""
-    priority = int(kwargs.pop("priority", 0))
-    override = bool(kwargs.pop("override", False))
-    if kind == "strategy":
-        strategy, *rest = args
-        name = kwargs.pop("name", None) or (rest[0] if rest else None)
-        aliases = tuple(kwargs.pop("aliases", ()) or ())
-        if name is None:
-            if isinstance(strategy, str):
-                raise RegistrationError(f"Registering strategy {strategy!r} by path needs name=...")
-            name = getattr(strategy, "name", None)
-            aliases = aliases or tuple(getattr(strategy, "aliases", ()))
-        if not isinstance(name, str) or not name:
-            raise RegistrationError(f"Strategy {strategy!r} has no name; pass name=... to register().")
-        reg = Registration(kind, name, strategy, provenance, priority, override, aliases)
-    elif kind == "tp_plan":
-        model_class, provider = args
-        reg = Registration(kind, class_key(model_class), provider, provenance, priority, override)
-    else:
-        name, factory = args
-        if not isinstance(name, str) or not name:
-            raise RegistrationError(f"A parallel style needs a non-empty name, got {name!r}.")
-        reg = Registration(kind, name, factory, provenance, priority, override)
-    if kwargs:
-        raise RegistrationError(f"Unknown arguments to register a {kind}: {sorted(kwargs)}.")
-    return reg
 
 
 class PluginHost:
@@ -153,29 +127,60 @@ class PluginHost:
 
     def _collect_registrations(self) -> None:
         pending: dict[str, list[Registration]] = {}
-        for hook_name, kind in HOOKS:
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                record = self.records[impl.plugin_name]
-                if record.status != "loaded":
-                    continue
-                provenance = self._provenance(record)
-                collected = pending.setdefault(record.name, [])
-
-                def register(*args: Any, _kind: str = kind, _prov: Provenance = provenance,
-                             _into: list[Registration] = collected, **kwargs: Any) -> None:
-                    _into.append(_make_registration(_kind, _prov, *args, **kwargs))
-
-                try:
-                    impl.function(register) if impl.argnames else impl.function()
-                except Exception as exc:  # noqa: BLE001
-                    record.contributions = [(r.kind, r.key) for r in collected]
-                    self._fail(record, exc, f"raised in {hook_name}")
+        for hook_name, build in HOOKS:
+            for plugin, registrations in self._call_hook(hook_name, build).items():
+                pending.setdefault(plugin, []).extend(registrations)
         for name, registrations in pending.items():
             record = self.records[name]
             if record.status == "loaded":
                 for reg in registrations:
                     self.registry.table(reg.kind).add(reg)
                 record.contributions = [(r.kind, r.key) for r in registrations]
+
+    def _call_hook(self, hook_name: str, build: Callable[..., Registration]) -> dict[str, list[Registration]]:
+        """Call one registration hook through pluggy (hook wrappers included); ``{plugin: registrations}``.
+
+        The ``register`` callback credits each registration to the plugin whose implementation made it. A
+        plugin that raises is failed and unregistered, and the hook is called again without it, so one
+        broken plugin never costs the others their registrations. A failure that cannot be credited to one
+        plugin (code shared by several) falls back to :meth:`_call_hook_per_plugin`.
+        """
+        caller = getattr(self.pm.hook, hook_name)
+        while True:
+            owners = HookOwners(caller.get_hookimpls())
+            register = RegisterCallback(hook_name, build, owners.calling_plugin, self._provenance_of)
+            try:
+                caller(register=register)
+                return register.collected
+            except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the others
+                culprit = owners.raising_plugin(exc)
+                if culprit is None:
+                    return self._call_hook_per_plugin(hook_name, build)
+                self._fail_in_hook(culprit, register, exc, hook_name)
+
+    def _call_hook_per_plugin(self, hook_name: str, build: Callable[..., Registration],
+                              ) -> dict[str, list[Registration]]:
+        """Call the hook's implementations plugin by plugin (``pm.subset_hook_caller``): every registration and
+        failure belongs to that plugin by construction; a plugin's hook wrappers wrap its own implementations."""
+        collected: dict[str, list[Registration]] = {}
+        names = dict.fromkeys(impl.plugin_name for impl in getattr(self.pm.hook, hook_name).get_hookimpls())
+        for name in names:
+            others = [plugin for other, plugin in self.pm.list_name_plugin() if other != name]
+            register = RegisterCallback(hook_name, build, lambda _name=name: _name, self._provenance_of)
+            try:
+                self.pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
+                collected.update(register.collected)
+            except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the others
+                self._fail_in_hook(name, register, exc, hook_name)
+        return collected
+
+    def _fail_in_hook(self, name: str, register: RegisterCallback, exc: BaseException, hook_name: str) -> None:
+        record = self.records[name]
+        record.contributions = [(r.kind, r.key) for r in register.collected.get(name, [])]
+        self._fail(record, exc, f"raised in {hook_name}")
+
+    def _provenance_of(self, name: str) -> Provenance:
+        return self._provenance(self.records[name])
 
     def _provenance(self, record: PluginRecord) -> Provenance:
         tier = {"builtin": Tier.BUILTIN, "entry_point": Tier.PLUGIN}.get(record.source, Tier.RUNTIME)
@@ -195,11 +200,34 @@ class PluginHost:
                   message)
 
     # ------------------------------------------------------------------------- runtime registration
-    def register_runtime(self, kind: str, *args: Any, **kwargs: Any) -> Registration:
-        """``meshplan.register_*``: the highest tier; replacing an existing name needs override=True."""
-        record = self.records.setdefault(RUNTIME_PLUGIN, PluginRecord(RUNTIME_PLUGIN, "runtime"))
-        reg = _make_registration(kind, self._provenance(record), *args, **kwargs)
-        table = self.registry.table(kind)
+    def register_strategy(
+        self, strategy: Any, name: str | None = None, *, aliases: Sequence[str] = (), priority: int = 0,
+        override: bool = False,
+    ) -> Registration:
+        """``meshplan.register_strategy``: a strategy class, instance or dotted path, above every plugin."""
+        return self._add_runtime(strategy_registration(
+            self._runtime_provenance(), strategy, name, aliases=aliases, priority=priority, override=override))
+
+    def register_tp_plan(
+        self, model_class: type | str, provider: Any, *, priority: int = 0, override: bool = False,
+    ) -> Registration:
+        """``meshplan.register_tp_plan``: a TP plan provider for a model class, above every plugin."""
+        return self._add_runtime(tp_plan_registration(
+            self._runtime_provenance(), model_class, provider, priority=priority, override=override))
+
+    def register_style(
+        self, name: str, factory: Any, *, priority: int = 0, override: bool = False,
+    ) -> Registration:
+        """``meshplan.register_style``: a parallel-style name, above every plugin."""
+        return self._add_runtime(style_registration(
+            self._runtime_provenance(), name, factory, priority=priority, override=override))
+
+    def _runtime_provenance(self) -> Provenance:
+        return self._provenance(self.records.setdefault(RUNTIME_PLUGIN, PluginRecord(RUNTIME_PLUGIN, "runtime")))
+
+    def _add_runtime(self, reg: Registration) -> Registration:
+        """The highest tier; replacing an existing name needs ``override=True``."""
+        table = self.registry.table(reg.kind)
         for key in (reg.key, *reg.aliases):
             existing = [r for r in table.candidates(key) if r.target_id != reg.target_id]
             if existing and not reg.override:
@@ -210,8 +238,18 @@ class PluginHost:
             if reg.override:
                 table.discard(key, Tier.RUNTIME)
         table.add(reg)
-        record.contributions.append((reg.kind, reg.key))
+        self.records[RUNTIME_PLUGIN].contributions.append((reg.kind, reg.key))
         return reg
+
+    def unregister(self, kind: str, key: str) -> list[Registration]:
+        """Remove every registration of ``kind`` under ``key``, whatever its tier, until plugins are discovered
+        again (:func:`reset`); returns the removed registrations (empty if there were none)."""
+        removed = self.registry.table(kind).remove(key)
+        for reg in removed:
+            record = self.records.get(reg.provenance.plugin)
+            if record is not None and (reg.kind, reg.key) in record.contributions:
+                record.contributions.remove((reg.kind, reg.key))
+        return removed
 
     # ------------------------------------------------------------------------------ diagnostics
     def failure_hint(self, kind: str, key: str) -> str:

@@ -6,6 +6,12 @@
   imports and process group) between calls, so a test suite pays start-up once.
 * :func:`fake_process_group` — a ``backend="fake"`` process group of any size in this process, for
   meshes of thousands of ranks on the meta device (defined in :mod:`meshplan.core.fake_pg`).
+* :class:`TensorParallelOnly` (strategy ``"tp_test"``) and :func:`tp_mesh` — test a TP plan alone: the plan is
+  resolved and validated exactly as ``meshplan.parallelize`` does, then applied with no data-parallel
+  wrapping, so the TP model can be compared with the unsharded one::
+
+      meshplan.register_strategy(TensorParallelOnly)
+      model = meshplan.parallelize(model, tp_mesh(), strategy="tp_test", tp_plan=my_plan)
 """
 
 from __future__ import annotations
@@ -18,16 +24,24 @@ import socket
 import traceback
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 from ..core.fake_pg import fake_process_group
+from ..core.roles import MeshRoles
+from ..core.strategy import Strategy, StrategyOptions
+from ..tensor_parallel.plan import ResolvedPlan
 from . import manager
 
-__all__ = ["RankError", "RankPool", "fake_process_group", "free_port", "isolated_registry", "run_on_ranks"]
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+__all__ = ["RankError", "RankPool", "TensorParallelOnly", "fake_process_group", "free_port", "isolated_registry",
+           "run_on_ranks", "tp_mesh"]
 
 
 @contextlib.contextmanager
@@ -147,3 +161,26 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: f
         return pool.run(fn, *args, timeout=timeout, **kwargs)
     finally:
         pool.close(force=not pool.alive)
+
+
+class TensorParallelOnly(Strategy):
+    """Strategy ``"tp_test"``: apply the resolved, validated TP plan and nothing else (no data-parallel
+    wrapping), to test a plan on its own. Register it with ``meshplan.register_strategy(TensorParallelOnly)``."""
+
+    name = "tp_test"  # not "tp_only": the example strategy plugin uses that name
+    description = "tensor parallelism only (for testing TP plans)"
+
+    def parallelize(self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None,
+                    options: StrategyOptions) -> nn.Module:
+        from ..tensor_parallel.apply import apply_tensor_parallel
+
+        if plan is not None:
+            apply_tensor_parallel(model, roles.tp, plan)
+        return model
+
+
+def tp_mesh(device_type: str = "cpu") -> DeviceMesh:
+    """A 1-D mesh named ``"tp"`` over every rank of the default process group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("tp",))

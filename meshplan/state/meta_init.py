@@ -171,6 +171,25 @@ def _agree_on_state_dict(state_dict: Mapping | None, broadcast_from_rank0: bool)
     return any_has or broadcast_from_rank0
 
 
+def with_tied_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` plus the keys of tied parameters it leaves out, each aliasing its present twin.
+
+    ``save_pretrained`` stores a tied parameter once (``lm_head.weight`` is dropped when
+    ``tie_word_embeddings=True``); torch's state-dict loading wants every name. Keys are the model's
+    ``state_dict()`` names, which wrappers (activation checkpointing) keep plain.
+    """
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(tensor), []).append(name)
+    filled = dict(state_dict)
+    for names in names_of.values():
+        present = next((name for name in names if name in filled), None)
+        if present is not None and len(names) > 1:
+            for name in names:
+                filled.setdefault(name, filled[present])
+    return filled
+
+
 def materialize_meta_model(
     model: nn.Module,
     state_dict: Mapping[str, torch.Tensor] | None = None,
@@ -185,7 +204,8 @@ def materialize_meta_model(
     Args:
         state_dict: a full (unsharded) state dict keyed like the original model. ``None``: initialize
             from the model's own initializers instead. With ``broadcast_from_rank0=True`` only rank 0's
-            state dict is read (other ranks may pass ``None``).
+            state dict is read (other ranks may pass ``None``). Tied parameters may appear under one name
+            only, as ``save_pretrained`` writes them.
         device: where shards live; default: the device type of the model's mesh (``cpu`` for gloo).
         init_fn: ``init_fn(module)`` initializes one module's own parameters and buffers; default: Hugging
             Face ``_init_weights``, else ``reset_parameters``.
@@ -214,7 +234,7 @@ def materialize_meta_model(
     initialize_sharded(model, seed=seed, init_fn=init_fn, parameters=not loading)
     if loading:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        source = dict(state_dict or {}) if (not broadcast_from_rank0 or rank == 0) else {}
+        source = with_tied_keys(model, state_dict or {}) if (not broadcast_from_rank0 or rank == 0) else {}
         set_model_state_dict(model, source, options=StateDictOptions(
             full_state_dict=True, broadcast_from_rank0=broadcast_from_rank0, strict=True))
     return model

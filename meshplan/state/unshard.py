@@ -8,41 +8,37 @@ from collections.abc import Iterator
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-
-def fsdp_units(model: nn.Module) -> list[FSDPModule]:
-    """Every module of ``model`` that ``fully_shard`` was applied to, in module order (root first)."""
-    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+from .fsdp_state import reshard_settings, restore_reshard_settings
 
 
-def _reshard_settings(unit: FSDPModule) -> list[object]:
-    """The unit's current reshard-after-forward setting (torch keeps it per parameter group)."""
-    groups = getattr(unit._get_fsdp_state(), "_fsdp_param_groups", ())
-    return [getattr(group, "post_forward_mesh_info", None) for group in groups]
-
-
-def _restore_reshard_settings(unit: FSDPModule, settings: list[object]) -> None:
-    for group, setting in zip(getattr(unit._get_fsdp_state(), "_fsdp_param_groups", ()), settings):
-        group.post_forward_mesh_info = setting
+def fsdp_units(model: nn.Module, unit_type: type = FSDPModule) -> list[FSDPModule]:
+    """Every module of ``model`` that ``fully_shard`` was applied to (instances of ``unit_type``), in module
+    order (root first)."""
+    return [module for module in model.modules() if isinstance(module, unit_type)]
 
 
 @contextlib.contextmanager
-def unshard_fsdp2_model(model: nn.Module) -> Iterator[nn.Module]:
+def unshard_fsdp2_model(model: nn.Module, unit_type: type = FSDPModule) -> Iterator[nn.Module]:
     """All-gather the parameters of every FSDP2 unit of ``model`` for the duration of the block.
 
     Inside the block the units also stop resharding after forward, so repeated forwards (generation)
     do not gather again. On exit — also when the block raises — every unit that was gathered is resharded
     and its reshard-after-forward setting restored. Collective: every rank must enter and leave together.
-    A model without FSDP2 units passes through unchanged.
+    A model without FSDP2 units passes through unchanged. ``unit_type`` selects the units (a stand-in type
+    that is not an ``FSDPModule`` only needs ``unshard()`` and ``reshard()``).
     """
-    units = fsdp_units(model)
-    saved: list[tuple[FSDPModule, list[object]]] = []
+    units = fsdp_units(model, unit_type)
+    saved: list[tuple[FSDPModule, list[object] | None]] = []
     try:
         for unit in units:
-            saved.append((unit, _reshard_settings(unit)))
-            unit.set_reshard_after_forward(False, recurse=False)
+            settings = reshard_settings(unit) if isinstance(unit, FSDPModule) else None
+            saved.append((unit, settings))
+            if settings is not None:
+                unit.set_reshard_after_forward(False, recurse=False)
             unit.unshard()
         yield model
     finally:
         for unit, settings in reversed(saved):
             unit.reshard()
-            _restore_reshard_settings(unit, settings)
+            if settings is not None:
+                restore_reshard_settings(unit, settings)

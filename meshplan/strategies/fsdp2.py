@@ -8,7 +8,8 @@ The composition order is fixed:
 2. **Activation checkpointing** (:mod:`meshplan.core.activation_checkpointing`) of the model's blocks.
 3. **FSDP2** (``torch.distributed.fsdp.fully_shard``) of every block found structurally by
    :func:`meshplan.core.blocks.find_blocks`; the last block does not reshard after forward (backward
-   needs it first).
+   needs it first). Fused expert parameters ``[num_experts, ...]`` are sharded on a dim that splits evenly
+   when dim 0 does not (more shards than experts; :mod:`meshplan.experts.sharding`).
 4. The **root unit** (embeddings, final norm, ``lm_head``: everything outside the blocks, so a tied
    embedding and ``lm_head`` share one unit), which never reshards after forward.
 
@@ -101,6 +102,13 @@ class FSDP2Options(CheckpointingOptions):
             "dp_shard": role_dims("dp_shard_cp_mesh_name", self.dp_shard_cp_mesh_name, *SHARD_DIM_FALLBACKS),
         }
 
+    def report(self) -> dict[str, str]:
+        """``mp_policy`` is shown as the policy FSDP2 applies: ``None`` means bf16 compute."""
+        shown = super().report()
+        if self.mp_policy is None:
+            shown["mp_policy"] = f"{default_mp_policy()!r} (default: bf16 compute; MixedPrecisionPolicy() for fp32)"
+        return shown
+
 
 def require_shard_dim(roles: MeshRoles, options: FSDP2Options) -> None:
     """:class:`MeshError` unless the mesh has a data-parallel shard dim (size 1 is fine)."""
@@ -123,22 +131,6 @@ def block_and_root_policies(
     return dataclasses.replace(root, output_dtype=None), root
 
 
-def _check_types(options: FSDP2Options) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy
-
-    expected = {"dp_replicate_mesh_name": str, "dp_shard_cp_mesh_name": str, "tp_mesh_name": str, "cp_mesh_name": str,
-                "reshard_after_forward": bool}
-    for name, kind in expected.items():
-        if not isinstance(getattr(options, name), kind):
-            raise OptionsError(f"fsdp2 option {name} must be a {kind.__name__}, got {getattr(options, name)!r}.")
-    if options.mp_policy is not None and not isinstance(options.mp_policy, MixedPrecisionPolicy):
-        raise OptionsError("fsdp2 option mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy or None, "
-                           f"got {type(options.mp_policy).__name__}.")
-    if options.offload_policy is not None and not isinstance(options.offload_policy, OffloadPolicy):
-        raise OptionsError("fsdp2 option offload_policy must be a torch.distributed.fsdp.OffloadPolicy (e.g. "
-                           f"CPUOffloadPolicy()) or None, got {type(options.offload_policy).__name__}.")
-
-
 class FSDP2Strategy(Strategy):
     """PyTorch FSDP2 (``fully_shard``) over the data-parallel mesh, after tensor parallelism."""
 
@@ -150,12 +142,11 @@ class FSDP2Strategy(Strategy):
         self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions,
         ep_plan: ResolvedPlan | None = None,
     ) -> None:
-        """Type-check options, require a shard dim, reject offload on CPU and bad AC settings (``prepare``
-        checked the EP plan and sizes; ``ep_plan`` is accepted so that EP strategies share one signature)."""
+        """Require a shard dim, reject offload on CPU and bad AC settings (``prepare`` checked the EP plan and
+        sizes; ``ep_plan`` is accepted so that strategies with expert parallelism share one signature)."""
         from torch.distributed.fsdp import CPUOffloadPolicy
 
         require_fsdp2_options(options)
-        _check_types(options)
         require_shard_dim(roles, options)
         if isinstance(options.offload_policy, CPUOffloadPolicy) and roles.mesh.device_type == "cpu":
             raise UnsupportedConfigurationError(
@@ -171,6 +162,7 @@ class FSDP2Strategy(Strategy):
         from torch.distributed.fsdp import OffloadPolicy, fully_shard
 
         from ..experts.apply import apply_expert_parallel, shard_experts  # DTensor: imported on use
+        from ..experts.sharding import expert_shard_placement_fn
 
         require_fsdp2_options(options)
         dp = roles.data_parallel
@@ -182,18 +174,22 @@ class FSDP2Strategy(Strategy):
         wrapped = options.apply_checkpointing(model, blocks)
         block_policy, root_policy = block_and_root_policies(options.mp_policy)
         offload = options.offload_policy or OffloadPolicy()
+        placement = expert_shard_placement_fn(model, dp.shard_size)  # even expert shards; None for dense models
         if experts:  # their own units on the expert data-parallel mesh, before the blocks that contain them
+            expert_dp = expert_meshes.data_parallel
             shard_experts(experts, expert_meshes, dense_data_parallel_size(dp), mp_policy=block_policy,
-                          offload_policy=offload, reshard_after_forward=options.reshard_after_forward)
+                          offload_policy=offload, reshard_after_forward=options.reshard_after_forward,
+                          shard_placement_fn=expert_shard_placement_fn(model, expert_dp.shard_size))
             log_rank0(logger, logging.INFO, "fsdp2: %s; %d experts module(s)", expert_meshes.describe(),
                       len(experts))
         for index, (fqn, _) in enumerate(blocks):
             last = index == len(blocks) - 1
             # Look the block up again: checkpointing may have replaced it with its wrapper.
             fully_shard(model.get_submodule(fqn), mesh=dp.mesh, mp_policy=block_policy, offload_policy=offload,
-                        reshard_after_forward=options.reshard_after_forward and not last)
+                        reshard_after_forward=options.reshard_after_forward and not last,
+                        shard_placement_fn=placement)
         fully_shard(model, mesh=dp.mesh, mp_policy=root_policy, offload_policy=offload,
-                    reshard_after_forward=False)
+                    reshard_after_forward=False, shard_placement_fn=placement)
         log_rank0(logger, logging.INFO, "fsdp2: %s; TP %s; activation checkpointing of %d module(s); "
                   "%d block unit(s) + root", dp.describe(),
                   f"on {options.tp_mesh_name!r} ({len(plan.styles)} plan keys)" if plan else "off",

@@ -494,17 +494,25 @@ class MegatronFSDPStrategy(Strategy):
         if plan is not None:  # also re-ties parameters shared before TP (tied embeddings)
             apply_tensor_parallel(model, roles.tp, plan)
         options.apply_checkpointing(model, blocks)
-        for message in (*call.ignored, *call.notes):
-            log_rank0(logger, logging.WARNING, "%s", message)
-        if call.flatten is not None:
-            dims, flat_name = call.flatten
-            roles.mesh[dims]._flatten(flat_name)
-        units = call.kwargs["fsdp_unit_modules"] or []
-        log_rank0(logger, logging.INFO, "Megatron-FSDP %s: %s(units=%s, dp_shard_dim=%r, zero_dp_strategy=%r)",
-                  api.version, call.function, [c.__name__ for c in units], call.kwargs["dp_shard_dim"],
-                  call.kwargs.get("zero_dp_strategy"))
-        wrapped, _ = call.run(api, model)
+        wrapped, _ = shard(model, roles, call, api)
         return wrapped
+
+
+def shard(
+    model: nn.Module, roles: MeshRoles, call: MegatronFSDPCall, api: MegatronFSDPAPI
+) -> tuple[nn.Module, Optimizer | None]:
+    """Make a :func:`build_call` call: log its warnings, create the flattened ``<dp>_<cp>`` dim it needs, and
+    wrap ``model`` (already tensor-parallel and checkpointed) with Megatron-FSDP."""
+    for message in (*call.ignored, *call.notes):
+        log_rank0(logger, logging.WARNING, "%s", message)
+    if call.flatten is not None:
+        dims, flat_name = call.flatten
+        roles.mesh[dims]._flatten(flat_name)
+    units = call.kwargs["fsdp_unit_modules"] or []
+    log_rank0(logger, logging.INFO, "Megatron-FSDP %s: %s(units=%s, dp_shard_dim=%r, zero_dp_strategy=%r)",
+              api.version, call.function, [c.__name__ for c in units], call.kwargs["dp_shard_dim"],
+              call.kwargs.get("zero_dp_strategy"))
+    return call.run(api, model)
 
 
 def parallelize_megatron_fsdp(

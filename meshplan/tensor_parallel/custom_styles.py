@@ -32,7 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
 
-from ..core.errors import PlanError
+from ..core.errors import PlanError, StyleModuleTypeError
 
 
 # --- packed (fused) projections ---------------------------------------------------------------------
@@ -81,6 +81,11 @@ class _Packed:
             raise PlanError(f"{type(self).__name__}: packed part sizes {list(self.sizes)} add up to "
                             f"{sum(self.sizes)}, but {type(module).__name__} has {total} features.")
         return self.sizes
+
+    def __repr__(self) -> str:
+        layouts = super().__repr__()  # torch's "Name(input_layouts=..., ...)"
+        parts = f"sizes={list(self.sizes)}" if self.sizes is not None else f"parts={self.parts}"
+        return f"{layouts[:-1]}, {parts})"
 
     def _pack(self, module: nn.Module, mesh: DeviceMesh, dim: int, names: Sequence[str]) -> None:
         if not isinstance(module, nn.Linear):
@@ -175,6 +180,9 @@ class ReplicatedWithGradAllReduce(_LocalParameterForward):
     def _local(self, param: DTensor) -> torch.Tensor:
         return param.to_local(grad_placements=[Partial()])
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         for name, param in list(module.named_parameters(recurse=False)):
             if not isinstance(param, DTensor):
@@ -266,6 +274,9 @@ class KeepReplicated(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         return module
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
 
 # --- inputs ------------------------------------------------------------------------------------------
 class PrepareHiddenStates(ParallelStyle):
@@ -327,6 +338,33 @@ def shards_parameters(style: ParallelStyle) -> bool:
     if isinstance(style, ChainedStyles):
         return any(shards_parameters(s) for s in style.styles)
     return isinstance(style, (ColwiseParallel, RowwiseParallel))
+
+
+def supported_modules(style: ParallelStyle) -> tuple[type[nn.Module], ...] | None:
+    """The module types ``style`` can shard, or ``None`` when it does not say (any module).
+
+    torch's ``ColwiseParallel`` / ``RowwiseParallel`` (and subclasses that keep their ``_apply``) shard
+    ``nn.Linear`` and ``nn.Embedding`` only; the packed styles only ``nn.Linear``.
+    """
+    if isinstance(style, _Packed):
+        return (nn.Linear,)
+    for torch_style in (ColwiseParallel, RowwiseParallel):
+        if isinstance(style, torch_style) and type(style)._apply is torch_style._apply:
+            return (nn.Linear, nn.Embedding)
+    return None
+
+
+def check_module_type(style: ParallelStyle, module: nn.Module, fqn: str) -> None:
+    """Raise :class:`StyleModuleTypeError` naming ``fqn`` when ``style`` (or a chained part) cannot shard it."""
+    parts = style.styles if isinstance(style, ChainedStyles) else (style,)
+    for part in parts:
+        supported = supported_modules(part)
+        if supported is not None and not isinstance(module, supported):
+            kinds = " or ".join(f"nn.{t.__name__}" for t in supported)
+            raise StyleModuleTypeError(
+                f"{type(part).__name__} cannot shard module {fqn!r} of type {type(module).__qualname__}: it "
+                f"handles {kinds} (and their subclasses) only. Leave {fqn!r} out of the plan, convert the "
+                "module to nn.Linear, or register a style for its type with meshplan.register_style(...).")
 
 
 def predicted_placement(style: ParallelStyle | None, module: nn.Module, param_name: str) -> str | None:

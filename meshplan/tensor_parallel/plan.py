@@ -52,22 +52,31 @@ class ResolvedPlan:
 
 
 def describe_style(style: ParallelStyle) -> str:
-    """How a style is shown in reports: its ``repr`` (torch's and meshplan's styles list their layouts)."""
+    """How a style is shown in reports: its ``repr`` (torch's and meshplan's styles list their layouts); a
+    style without its own ``__repr__`` shows its class name, never an object address."""
+    if type(style).__repr__ is object.__repr__:
+        return f"{type(style).__name__}()"
     return repr(style)
 
 
-def call_plan_function(fn: Callable[..., Any], model: nn.Module, sequence_parallel: bool) -> Any:
-    """Call a plan function as ``fn(model, sequence_parallel)``, or ``fn()`` if it takes no arguments."""
+def call_plan_function(fn: Callable[..., Any], model: nn.Module, sequence_parallel: bool,
+                       registry: Registry | None = None) -> Any:
+    """Call a plan function as ``fn(model, sequence_parallel)``, or ``fn()`` if it takes no arguments; a
+    function with a ``registry`` parameter also gets the style registry (``registry=...``)."""
     try:
-        params = inspect.signature(fn).parameters.values()
+        params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return fn(model, sequence_parallel)
-    required = [p for p in params if p.default is inspect.Parameter.empty
+    required = [p for p in params.values() if p.default is inspect.Parameter.empty
                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return fn() if not required else fn(model, sequence_parallel)
+    if not required:
+        return fn()
+    extra = {"registry": registry} if registry is not None and "registry" in params else {}
+    return fn(model, sequence_parallel, **extra)
 
 
-def materialize_plan_source(source: Any, model: nn.Module, sequence_parallel: bool, what: str) -> PlanSpec:
+def materialize_plan_source(source: Any, model: nn.Module, sequence_parallel: bool, what: str,
+                            registry: Registry | None = None) -> PlanSpec:
     """Turn a dict, a dotted path to a dict or function, or a callable into a plan mapping."""
     if isinstance(source, str):
         source = import_class_from_path(source)
@@ -76,7 +85,7 @@ def materialize_plan_source(source: Any, model: nn.Module, sequence_parallel: bo
                 f"{what} points to a {type(source).__name__}; it must name a dict or a function returning one."
             )
     if callable(source) and not isinstance(source, Mapping):
-        source = call_plan_function(source, model, sequence_parallel)
+        source = call_plan_function(source, model, sequence_parallel, registry)
     if not isinstance(source, Mapping):
         raise PlanSourceError(
             f"{what} must be a dict of {{module pattern: style}}, a dotted path ('pkg.mod.PLAN') to a dict or "
@@ -116,8 +125,8 @@ def is_axis_keyed(spec: Any) -> bool:
     return isinstance(spec, Mapping) and bool(spec) and all(key in PLAN_AXES for key in spec)
 
 
-def axis_part(spec: PlanSpec, axis: str, model: nn.Module, sequence_parallel: bool,
-              what: str) -> tuple[PlanSpec, str] | None:
+def axis_part(spec: PlanSpec, axis: str, model: nn.Module, sequence_parallel: bool, what: str,
+              registry: Registry | None = None) -> tuple[PlanSpec, str] | None:
     """``(entries, label)`` of a materialized plan for ``axis``, ``label`` naming the function that gave them
     (empty for a mapping); ``None`` when the plan has no entries for ``axis``. A flat plan is a TP plan."""
     if not is_axis_keyed(spec):
@@ -127,7 +136,7 @@ def axis_part(spec: PlanSpec, axis: str, model: nn.Module, sequence_parallel: bo
     value = spec[axis]
     function = getattr(value, "func", value)  # functools.partial -> the function it calls
     label = "" if isinstance(value, Mapping) else f"[{axis}: {getattr(function, '__name__', type(value).__name__)}]"
-    return materialize_plan_source(value, model, sequence_parallel, f"{what}[{axis!r}]"), label
+    return materialize_plan_source(value, model, sequence_parallel, f"{what}[{axis!r}]", registry), label
 
 
 def normalize_axis_plan(model: nn.Module, spec: PlanSpec, registry: Registry, axis: str) -> dict[str, ParallelStyle]:
@@ -153,16 +162,16 @@ def resolve_plan(
     label = AXIS_NAMES[axis]
     if tp_plan is not None:
         what = f"{axis}_plan"
-        spec = materialize_plan_source(tp_plan, model, sequence_parallel, what)
+        spec = materialize_plan_source(tp_plan, model, sequence_parallel, what, registry)
         if is_axis_keyed(spec):
-            spec = (axis_part(spec, axis, model, sequence_parallel, what) or ({}, ""))[0]
+            spec = (axis_part(spec, axis, model, sequence_parallel, what, registry) or ({}, ""))[0]
         source = f"explicit {what} ({tp_plan if isinstance(tp_plan, str) else type(tp_plan).__name__})"
         return ResolvedPlan(normalize_axis_plan(model, spec, registry, axis), source, sequence_parallel)
     for cls, registration in registry.tp_plan_providers(type(model)):
         provider = registration.load()
         what = f"plan provider for {cls.__qualname__} ({registration.target_name()})"
-        part = axis_part(materialize_plan_source(provider, model, sequence_parallel, what), axis, model,
-                         sequence_parallel, what)
+        part = axis_part(materialize_plan_source(provider, model, sequence_parallel, what, registry), axis, model,
+                         sequence_parallel, what, registry)
         if part is not None:
             entries, label = part
             source = (f"provider {registration.target_name()}{label} for {cls.__qualname__} from "

@@ -67,11 +67,32 @@ def match_and_check(model: nn.Module, plan: ResolvedPlan, strict: bool = True, a
         log_rank0(logger, logging.WARNING, "%s Skipping them (strict=False).", message)
     styles = {key: style for key, style in plan.styles.items() if matches[key]}
     matches = {k: v for k, v in matches.items() if v}
+    check_module_types(model, styles, matches)
     check_tied_parameters(model, styles, matches)
     sharded = (fqn for key, found in matches.items() if shards_parameters(styles[key]) for fqn in found)
     return dataclasses.replace(
         plan, styles=styles, matches=matches, replicated_linears=replicated_linears(model, sharded),
     )
+
+
+def check_style_fit(model: nn.Module, plan: ResolvedPlan, tp_size: int) -> None:
+    """Ask every style that can tell in advance (a ``check(module, tp_size)`` method, e.g. the experts' style
+    for a TP size that does not divide the expert intermediate size) whether it fits each module it matched;
+    typed errors, before any collective and the same on every rank."""
+    for key, style in plan.styles.items():
+        check = getattr(style, "check", None)
+        if callable(check):
+            for fqn in plan.matches.get(key, ()):
+                check(model.get_submodule(fqn), tp_size)
+
+
+def check_module_types(model: nn.Module, styles: dict, matches: dict[str, list[str]]) -> None:
+    """Refuse, before any collective, a style matched to a module type it cannot shard."""
+    from .custom_styles import check_module_type
+
+    for key, found in matches.items():
+        for fqn in found:
+            check_module_type(styles[key], model.get_submodule(fqn), fqn)
 
 
 def check_tied_parameters(model: nn.Module, styles: dict, matches: dict[str, list[str]]) -> None:

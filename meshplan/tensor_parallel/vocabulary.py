@@ -24,15 +24,22 @@ Meanings follow NeMo AutoModel for its five names and transformers 5.x for the r
                                 rotary output slice is summed across TP ranks (``MlaKvAProjParallel``; the
                                 rotary width is needed: pass ``MlaKvAProjParallel(rope_dim=...)``, the Hugging
                                 Face fallback fills it in from ``config.qk_rope_head_dim``)
+``moe_tp_experts``              a fused experts module (parameters ``[num_experts, ...]``): every expert split along
+                                its intermediate size (packed ``gate_up_proj``, ``down_proj``), its output
+                                all-reduced once (``meshplan.experts.tp_styles.ExpertsTensorParallel``; layouts
+                                read off the module or passed as ``params=``)
+``moe_identity_expert``         an identity ("zero") expert inside such a module: input divided by the TP size
+                                (``IdentityExpertParallel``)
 ``ep_dispatch_experts``         expert parallel (the ``ep`` axis of a plan): the fused experts module keeps
                                 its own experts and gets its tokens by all-to-all (``ExpertParallel``; its
                                 ``grouped_gemm`` parameter entries name the parameters split by expert)
 ==============================  =====================================================================
 
-transformers styles that DTensor styles cannot express (``moe_tp_experts``, ``moe_identity_expert``) are not in
-the vocabulary, nor is ``local_params``, whose meaning depends on the plan entries of the module's parameters;
-the Hugging Face fallback (``meshplan.plans.hf``) translates ``local_params`` with those entries into
-``LocalShardedParameters`` and reports the others by name.
+Not in the vocabulary: ``grouped_gemm`` (parameter entries of an ``ep_dispatch_experts`` module, folded into its
+``ExpertParallel``), and ``local_params``, whose meaning depends on the plan entries of
+the module's parameters; the Hugging Face fallback (``meshplan.plans.hf``) translates ``local_params`` with those
+entries into ``LocalShardedParameters``, and the ``packed_colwise`` / ``rowwise`` entries of a ``moe_tp_experts``
+module's parameters into the layouts of its ``ExpertsTensorParallel``.
 """
 
 from __future__ import annotations
@@ -68,6 +75,8 @@ BUILTIN_STYLES: dict[str, str] = {
     "replicated_with_grad_allreduce": f"{_CUSTOM}:ReplicatedWithGradAllReduce",
     "all_reduce": f"{_TORCH}:all_reduce",
     "mla_kv_a_proj": f"{_CUSTOM}:MlaKvAProjParallel",
+    "moe_tp_experts": "meshplan.experts.tp_styles:ExpertsTensorParallel",
+    "moe_identity_expert": "meshplan.experts.tp_styles:IdentityExpertParallel",
     "ep_dispatch_experts": "meshplan.experts.expert_parallel:ExpertParallel",
 }
 

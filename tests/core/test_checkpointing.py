@@ -9,7 +9,7 @@ from torch import nn
 from meshplan.core.activation_checkpointing import apply_activation_checkpointing, checkpoint_targets
 from meshplan.core.blocks import find_blocks
 from meshplan.core.errors import UnsupportedConfigurationError
-from tests.models import TinyStack, tiny_hf
+from tests.support import TinyStack, tiny_hf
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from meshplan import (
     UnknownStrategyError,
     UnmatchedPlanKeyError,
 )
-from tests.models import TinyStack, tiny_hf
+from tests.support import TinyStack, tiny_hf
 
 
 @dataclass

@@ -11,7 +11,7 @@ from meshplan import (
     register_tp_plan,
 )
 from meshplan.tensor_parallel.matching import match_key, replicated_linears, suggest_keys
-from tests.models import TinyStack
+from tests.support import TinyStack
 
 STACK_PLAN = {"layers.*.up": "colwise", "layers.*.down": "rowwise"}
 

@@ -12,7 +12,7 @@ from meshplan.core.errors import MeshError
 from meshplan.core.roles import resolve_roles
 from meshplan.strategies.ddp import DDPOptions
 from meshplan.strategies.fsdp2 import FSDP2Options
-from tests.models import TinyStack
+from tests.support import TinyStack
 
 STACK_PLAN = {"layers.*.up": "colwise", "layers.*.down": "rowwise"}
 

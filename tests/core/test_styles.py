@@ -83,3 +83,34 @@ def test_predicted_placements_of_tied_parameters():
     assert predicted_placement(RowwiseParallel(), linear, "bias") == str(Replicate())
     assert predicted_placement(None, linear, "weight") == predicted_placement(KeepReplicated(), linear, "weight")
     assert predicted_placement(ChainedStyles(KeepReplicated(), ColwiseParallel()), linear, "weight") == str(Shard(0))
+
+
+def test_every_style_has_an_address_free_repr():
+    """Reports show styles by ``repr``: no ``<... object at 0x...>`` for any built-in or custom style."""
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    from meshplan.plans.phi3_attention import Phi3LocalHeads
+    from meshplan.tensor_parallel.custom_styles import (
+        ChainedStyles,
+        KeepReplicated,
+        LocalShardedParameters,
+        PackedColwiseParallel,
+        PrepareHiddenStates,
+        ReplicatedWithGradAllReduce,
+    )
+    from meshplan.tensor_parallel.plan import describe_style
+
+    class Bare(ParallelStyle):  # a plugin's style without __repr__
+        def _apply(self, module, device_mesh):
+            return module
+
+    reg = get_registry()
+    styles = [make_style(name, reg) for name in reg.styles.keys()] + [
+        Phi3LocalHeads(), KeepReplicated(), ReplicatedWithGradAllReduce(), LocalShardedParameters({"sinks": 0}),
+        PrepareHiddenStates(Replicate(), Shard(1)), ChainedStyles(KeepReplicated(), Phi3LocalHeads()),
+        PackedColwiseParallel((4, 2, 2)),
+    ]
+    shown = [describe_style(style) for style in styles]
+    assert not [text for text in shown if " at 0x" in text]
+    assert "ReplicatedWithGradAllReduce()" in shown and "Phi3LocalHeads()" in shown
+    assert "sizes=[4, 2, 2]" in shown[-1] and describe_style(Bare()) == "Bare()"

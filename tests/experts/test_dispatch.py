@@ -12,7 +12,7 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from tests.parity import max_relative_error
+from tests.support import relative_error
 
 TOKENS, HIDDEN, EXPERTS, TOP_K = 12, 16, 8, 2
 
@@ -66,10 +66,10 @@ def compare_on_ranks(routing: str, shared_tokens: bool) -> dict[str, float]:
     module = ExpertParallel(token_mesh=mesh if shared_tokens else None)._apply(_experts(), mesh)
     local_shapes = {name: tuple(p.to_local().shape) for name, p in module.named_parameters()}
     got = _run(module, hidden[rows], index[rows], weights[rows], target[rows])
-    errors = {"output": max_relative_error(got[0], expected[0][rows]),
-              "hidden.grad": max_relative_error(got[1], expected[1][rows]),
-              "weights.grad": max_relative_error(got[2], expected[2][rows])}
-    errors.update({f"{name}.grad": max_relative_error(got[3][name], expected[3][name]) for name in expected[3]})
+    errors = {"output": relative_error(got[0], expected[0][rows]),
+              "hidden.grad": relative_error(got[1], expected[1][rows]),
+              "weights.grad": relative_error(got[2], expected[2][rows])}
+    errors.update({f"{name}.grad": relative_error(got[3][name], expected[3][name]) for name in expected[3]})
     return {"errors": errors, "local_shapes": local_shapes}
 
 

@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from meshplan.core.errors import ExpertParallelError, PlanError, UnmatchedPlanKeyError
-from tests.models import tiny_hf
+from tests.support import tiny_hf
 
 MIXTRAL = {"num_local_experts": 8, "num_experts_per_tok": 2}
 #: A TP plan that leaves the experts whole, so EP borrows the TP ranks.

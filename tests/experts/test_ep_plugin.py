@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.parity import full_grads, full_params, max_relative_error
+from tests.support import full_grads, full_params, relative_error
 
 DIM, EXPERTS, TOP_K, TOKENS = 8, 4, 2, 16
 
@@ -97,8 +97,8 @@ def train_with_registered_plan() -> dict[str, float]:
         dist.all_reduce(loss)
     errors = {f"loss {i}": abs(float(got) / 2 - float(want)) / abs(float(want))
               for i, (got, want) in enumerate(zip(losses, expected_losses))}
-    errors.update({f"grad {n}": max_relative_error(grads[n], expected_grads[n]) for n in expected_grads})
-    errors.update({f"param {n}": max_relative_error(params[n], expected_params[n]) for n in expected_params})
+    errors.update({f"grad {n}": relative_error(grads[n], expected_grads[n]) for n in expected_grads})
+    errors.update({f"param {n}": relative_error(params[n], expected_params[n]) for n in expected_params})
     return {"errors": errors, "local_experts": local, "source": model._meshplan_report["ep_plan"]["source"]}
 
 

@@ -12,12 +12,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from meshplan.core.strategy import Strategy, StrategyOptions
-from meshplan.tensor_parallel.apply import apply_tensor_parallel
-from meshplan.tensor_parallel.custom_styles import unpack_full_state_dict
-from meshplan.tensor_parallel.plan import ResolvedPlan
+from tests.support import TensorParallelOnly, full_grads, full_params, perturb, relative_error, tp_mesh
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
@@ -38,6 +34,16 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "olmo2": ("olmo2", {}),
     "gpt_neox": ("gpt_neox", {}),
     "gemma2": ("gemma2", {"head_dim": 16}),
+    # mixture of experts: 4 experts, top-2 routing; a dense first layer where the family has one
+    "mixtral": ("mixtral", {"intermediate_size": 64, "head_dim": 16, "num_local_experts": 4,
+                            "num_experts_per_tok": 2}),
+    "qwen3_moe": ("qwen3_moe", {"head_dim": 16, "moe_intermediate_size": 32, "num_experts": 4,
+                                "num_experts_per_tok": 2, "norm_topk_prob": True, "mlp_only_layers": [0]}),
+    "deepseek_v3": ("deepseek_v3", {"num_key_value_heads": 4, "moe_intermediate_size": 32, "n_routed_experts": 4,
+                                    "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
+                                    "first_k_dense_replace": 1, "n_shared_experts": 1, "q_lora_rank": 32,
+                                    "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                                    "v_head_dim": 16}),
 }
 BUILTIN = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "gemma3_vlm")
 
@@ -60,50 +66,7 @@ def build(name: str, seed: int = 0, **overrides: Any) -> nn.Module:
         model_class = transformers.AutoModelForCausalLM._model_mapping[type(config)]
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = model_class(config).float()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return model.train()
-
-
-class TensorParallelOnly(Strategy):
-    """Test-local strategy: apply the resolved plan and nothing else (no data-parallel wrapping)."""
-
-    name = "tp_only"
-
-    def parallelize(self, model: nn.Module, roles, plan: ResolvedPlan | None,
-                    options: StrategyOptions) -> nn.Module:
-        if plan is not None:
-            apply_tensor_parallel(model, roles.tp, plan)
-        return model
-
-
-def tp_mesh():
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    return init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
-    """max |actual - expected| / max(max |expected|, floor)."""
-    scale = max(float(expected.abs().max()), floor, 1e-30)
-    return float((actual.double() - expected.double()).abs().max()) / scale
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
-
-
-def _full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    grads = {n: _full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
-    return unpack_full_state_dict(model, grads)
-
-
-def _full_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    return unpack_full_state_dict(model, {n: _full(p) for n, p in model.named_parameters()})
+    return perturb(model_class(config).float(), seed + 1).train()
 
 
 @dataclass
@@ -152,11 +115,11 @@ def parity(name: str, sequence_parallel: bool, lr: float = 0.5) -> Parity:
     names = [n for n, _ in reference.named_parameters()]
     inputs = _inputs(name)
     ref_logits = _step(reference, inputs)
-    meshplan.parallelize(model, tp_mesh(), strategy="tp_only", sequence_parallel=sequence_parallel)
+    meshplan.parallelize(model, tp_mesh(), strategy="tp_test", sequence_parallel=sequence_parallel)
     logits = _step(model, inputs)
 
     ref_grads = {n: p.grad.detach() for n, p in reference.named_parameters() if p.grad is not None}
-    grads = _full_grads(model)
+    grads = full_grads(model)
     if grads.keys() != ref_grads.keys():
         raise AssertionError(f"parameters with gradients differ: {sorted(grads.keys() ^ ref_grads.keys())}")
     floor = 1e-3 * max(float(g.abs().max()) for g in ref_grads.values())
@@ -166,7 +129,7 @@ def parity(name: str, sequence_parallel: bool, lr: float = 0.5) -> Parity:
     for m in (reference, model):
         torch.optim.SGD(m.parameters(), lr=lr).step()
         m.zero_grad()
-    params, ref_params = _full_params(model), dict(reference.named_parameters())
+    params, ref_params = full_params(model), dict(reference.named_parameters())
     inputs.pop("labels")
     with torch.no_grad():
         after, ref_after = model(**inputs).logits, reference(**inputs).logits

@@ -11,9 +11,12 @@ pytestmark = pytest.mark.distributed
 
 #: model type -> the plugin whose provider must serve it
 BUILTIN = {"llama": "meshplan.plans.llama", "mistral": "meshplan.plans.llama", "qwen2": "meshplan.plans.qwen",
-           "qwen3": "meshplan.plans.qwen", "gemma3_text": "meshplan.plans.gemma3", "phi3": "meshplan.plans.phi3"}
-#: without a built-in provider: tied embeddings + biases, softcapping, MoE experts, MLA + MoE
-FALLBACK = ("starcoder2", "gemma2", "mixtral", "deepseek_v3")
+           "qwen3": "meshplan.plans.qwen", "gemma3_text": "meshplan.plans.gemma3", "phi3": "meshplan.plans.phi3",
+           "mixtral": "meshplan.plans.mixtral", "qwen3_moe": "meshplan.plans.qwen3_moe",
+           "deepseek_v3": "meshplan.plans.deepseek"}
+#: without a built-in provider: tied embeddings + biases, softcapping, MoE experts + shared expert, MLA + MoE with
+#: identity experts
+FALLBACK = ("starcoder2", "gemma2", "qwen2_moe", "longcat_flash")
 
 
 @pytest.mark.parametrize("model_type", [*BUILTIN, *FALLBACK])

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from tests.models import TinyStack
-from tests.plans.helpers import TensorParallelOnly, relative_error, tp_mesh
+from tests.support import TensorParallelOnly, TinyStack, relative_error, tp_mesh
 
 pytestmark = pytest.mark.distributed
 
@@ -21,7 +20,7 @@ def _runtime_plan_for_custom_module() -> dict:
     meshplan.register_tp_plan(TinyStack, {"layers.*.up": "colwise", "layers.*.down": "rowwise"})
     torch.manual_seed(0)
     reference = TinyStack(dim=16, depth=2)
-    model = meshplan.parallelize(copy.deepcopy(reference), tp_mesh(), strategy="tp_only")
+    model = meshplan.parallelize(copy.deepcopy(reference), tp_mesh(), strategy="tp_test")
     x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
     expected, actual = reference(x), model(x)
     expected.square().sum().backward()
@@ -70,14 +69,14 @@ def _packed_and_all_reduce_styles() -> dict:
     torch.manual_seed(0)
     reference = _Fused()
     plan = {"gate_up": "packed_colwise", "down": "packed_rowwise"}
-    model = meshplan.parallelize(copy.deepcopy(reference), tp_mesh(), strategy="tp_only", tp_plan=plan)
+    model = meshplan.parallelize(copy.deepcopy(reference), tp_mesh(), strategy="tp_test", tp_plan=plan)
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
     expected, actual = reference(x), model(x)
     expected.square().sum().backward()
     actual.square().sum().backward()
     grads = unpack_full_state_dict(model, {n: p.grad.full_tensor() for n, p in model.named_parameters()})
     weights = unpack_full_state_dict(model, {n: p.full_tensor() for n, p in model.named_parameters()})
-    summed = meshplan.parallelize(_RankScaled(), tp_mesh(), strategy="tp_only", tp_plan={"": "all_reduce"})(x)
+    summed = meshplan.parallelize(_RankScaled(), tp_mesh(), strategy="tp_test", tp_plan={"": "all_reduce"})(x)
     return {
         "output": relative_error(actual.detach(), expected.detach()),
         "grads": max(relative_error(grads[n], p.grad) for n, p in reference.named_parameters()),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
@@ -11,9 +9,9 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 import meshplan
 from meshplan import PlanNotFoundError
 from meshplan.core.errors import SequenceParallelUnsupportedError, UntranslatableStyleError
+from meshplan.parallelizer import get_hf_tp_shard_plan
 from meshplan.plans.hf_translation import (
     REPLICABLE_STYLES,
-    get_hf_tp_shard_plan,
     hf_tp_plan,
     merged_hf_plan,
     translate_hf_plan,
@@ -81,17 +79,18 @@ def test_tied_embedding_and_lm_head_are_sharded_together(dropped):
     assert isinstance(styles["model.embed_tokens"], RowwiseParallel)  # ... like the vocab-parallel embedding
 
 
-def test_moe_entries_stay_replicated_and_are_named_in_one_warning(caplog):
+def test_moe_entries_become_the_experts_style_and_sequence_parallel_is_refused():
     from transformers import MixtralConfig, MixtralForCausalLM
 
+    from meshplan.experts.tp_styles import ExpertParamLayout, ExpertsTensorParallel
+
     model = MixtralForCausalLM(MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2))
-    with caplog.at_level(logging.WARNING, logger="meshplan"):
-        styles = hf_tp_plan(model)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1
-    for key in ("model.layers.*.mlp.experts", "model.layers.*.mlp.experts.gate_up_proj"):
-        assert repr(key) in warnings[0] and key not in styles
-    assert "model.layers.*.self_attn.q_proj" in styles
+    plan = translate_hf_plan(model)
+    experts = plan.styles["model.layers.*.mlp.experts"]
+    assert isinstance(experts, ExpertsTensorParallel)  # packed_colwise on dim 1, rowwise on the last dim
+    assert experts.params == {"gate_up_proj": ExpertParamLayout(1, 2), "down_proj": ExpertParamLayout(2)}
+    assert not plan.left_replicated and not plan.untranslatable
+    assert "model.layers.*.self_attn.q_proj" in plan.styles
     with pytest.raises(SequenceParallelUnsupportedError, match="register_tp_plan"):
         hf_tp_plan(model, sequence_parallel=True)
 
@@ -134,3 +133,22 @@ def test_fallback_is_reached_last_through_the_mro():
     classes = {row["model_class"] for row in meshplan.list_tp_plans()}
     assert "transformers.modeling_utils.PreTrainedModel" in classes
     assert "transformers.models.phi3.modeling_phi3.Phi3ForCausalLM" in classes
+
+
+class GateColwise(ColwiseParallel):
+    """A plugin's style (registered by name in the tests below)."""
+
+
+def test_fallback_makes_style_names_through_the_style_registry():
+    """A plugin's style name in a model's ``_tp_plan`` works, and an override of a built-in name reaches the
+    fallback as it reaches explicit plans."""
+    meshplan.register_style("plugin_colwise", GateColwise)
+    model = build("starcoder2")
+    model._tp_plan = {**model._tp_plan, "model.layers.*.mlp.c_fc": "plugin_colwise"}
+    styles = meshplan.get_tp_plan(model).styles
+    assert type(styles["model.layers.*.mlp.c_fc"]) is GateColwise
+
+    meshplan.register_style("rowwise", lambda: RowwiseParallel(use_local_output=False), override=True)
+    assert meshplan.get_tp_plan(build("starcoder2")).styles["model.layers.*.mlp.c_proj"].use_local_output is False
+    explicit = meshplan.get_tp_plan(build("starcoder2"), tp_plan={"model.layers.*.mlp.c_proj": "rowwise"})
+    assert explicit.styles["model.layers.*.mlp.c_proj"].use_local_output is False

@@ -11,18 +11,19 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 import meshplan
-from meshplan import TensorParallelSizeError, UnmatchedPlanKeyError
+from meshplan import StyleModuleTypeError, TensorParallelSizeError, UnmatchedPlanKeyError
 from meshplan.core.errors import TiedParameterError
 from meshplan.plugins.testing import RankError
 from meshplan.tensor_parallel.apply import apply_tensor_parallel
 from meshplan.tensor_parallel.custom_styles import KeepReplicated
 from meshplan.tensor_parallel.plan import ResolvedPlan
-from tests.plans.helpers import TensorParallelOnly, build, tp_mesh
+from tests.plans.helpers import build
+from tests.support import TensorParallelOnly, tp_mesh
 
 
 @pytest.fixture
 def mesh2(fake_pg):
-    """A 2-rank TP mesh on a fake process group, with the test-local ``tp_only`` strategy registered."""
+    """A 2-rank TP mesh on a fake process group, with the ``tp_test`` strategy registered."""
     meshplan.register_strategy(TensorParallelOnly)
     with fake_pg(2):
         yield tp_mesh()
@@ -31,7 +32,7 @@ def mesh2(fake_pg):
 def test_key_matching_nothing_names_the_key_and_closest_modules(mesh2):
     plan = {"model.layers.*.mlp.up_projj": "colwise", "model.layers.*.mlp.down_proj": "rowwise"}
     with pytest.raises(UnmatchedPlanKeyError) as info:
-        meshplan.prepare(build("llama"), mesh2, strategy="tp_only", tp_plan=plan)
+        meshplan.prepare(build("llama"), mesh2, strategy="tp_test", tp_plan=plan)
     message = str(info.value)
     assert "'model.layers.*.mlp.up_projj'" in message and "model.layers.*.mlp.up_proj" in message
     assert "strict=False" in message
@@ -40,14 +41,14 @@ def test_key_matching_nothing_names_the_key_and_closest_modules(mesh2):
 def test_not_strict_warns_once_and_skips_the_key(mesh2, caplog):
     plan = {"model.layers.*.mlp.nope": "colwise", "model.layers.*.mlp.up_proj": "colwise"}
     with caplog.at_level(logging.WARNING, logger="meshplan"):
-        prepared = meshplan.prepare(build("llama"), mesh2, strategy="tp_only", tp_plan=plan, strict=False)
+        prepared = meshplan.prepare(build("llama"), mesh2, strategy="tp_test", tp_plan=plan, strict=False)
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
     assert list(prepared.plan.styles) == ["model.layers.*.mlp.up_proj"]
 
 
 def test_report_lists_matches_styles_and_linears_left_replicated(mesh2):
     plan = {"model.layers.*.self_attn.q_proj": "colwise", "lm_head": KeepReplicated()}
-    report = meshplan.prepare(build("llama"), mesh2, strategy="tp_only", tp_plan=plan, strict=True).report()
+    report = meshplan.prepare(build("llama"), mesh2, strategy="tp_test", tp_plan=plan, strict=True).report()
     entry = report["plan"]["entries"][0]
     assert entry["modules"] == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     assert entry["style"].startswith("ColwiseParallel")
@@ -59,7 +60,7 @@ def test_report_lists_matches_styles_and_linears_left_replicated(mesh2):
 def test_tied_lm_head_sharded_alone_is_refused_before_any_collective(mesh2):
     model = build("gemma2")
     with pytest.raises(TiedParameterError, match="lm_head.weight"):
-        meshplan.prepare(model, mesh2, strategy="tp_only", tp_plan={"lm_head": "colwise_rep"})
+        meshplan.prepare(model, mesh2, strategy="tp_test", tp_plan={"lm_head": "colwise_rep"})
 
 
 class Tied(nn.Module):
@@ -94,7 +95,7 @@ def test_ties_survive_tensor_parallel_and_mismatches_after_applying_are_typed(me
 def _parallelize_three_heads() -> None:
     meshplan.register_strategy(TensorParallelOnly)
     model = build("llama", hidden_size=48, num_attention_heads=3, num_key_value_heads=3, head_dim=16)
-    meshplan.parallelize(model, tp_mesh(), strategy="tp_only")
+    meshplan.parallelize(model, tp_mesh(), strategy="tp_test")
 
 
 @pytest.mark.distributed
@@ -107,3 +108,24 @@ def test_heads_not_divisible_is_a_typed_error_on_every_rank(ranks2):
         assert isinstance(error, TensorParallelSizeError), error
         assert "num_attention_heads (3) must be divisible by TP size (2)" in str(error)
     assert ranks2.run(torch.distributed.get_world_size) == [2, 2]  # the pool is healthy: nobody hung
+
+
+@pytest.mark.parametrize("style", ["colwise", "rowwise", ColwiseParallel(), RowwiseParallel(), "packed_colwise"])
+def test_linear_styles_on_a_conv1d_are_refused_at_validation(mesh2, style):
+    """GPT-2's ``Conv1D`` is no ``nn.Linear``: torch's styles would fail inside with NotImplementedError."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16))
+    with pytest.raises(StyleModuleTypeError) as info:
+        meshplan.prepare(model, mesh2, strategy="tp_test", tp_plan={"transformer.h.*.attn.c_attn": style})
+    assert "'transformer.h.0.attn.c_attn'" in str(info.value) and "Conv1D" in str(info.value)
+
+
+def test_qwen3_and_phi3_reports_are_deterministic(mesh2):
+    """Two preparations of the same model give equal reports, with no object addresses in them."""
+    reports = {}
+    for name in ("qwen3", "phi3"):
+        first, second = (str(meshplan.prepare(build(name), mesh2, strategy="tp_test").report()) for _ in range(2))
+        assert first == second and " at 0x" not in first
+        reports[name] = first
+    assert "ReplicatedWithGradAllReduce()" in reports["qwen3"] and "Phi3LocalHeads()" in reports["phi3"]

@@ -50,3 +50,17 @@ def test_unpicklable_errors_arrive_as_descriptions(ranks2):
         ranks2.run(raise_unpicklable)
     assert set(info.value.errors) == {0, 1}
     assert ranks2.run(all_reduce_rank) == [(0, 1.0), (1, 1.0)]  # no stale replies left behind
+
+
+def test_tp_only_strategy_for_plan_authors(fake_pg):
+    """``meshplan.plugins.testing`` offers the TP-only strategy and TP mesh a plan author tests a plan with."""
+    import meshplan
+    from meshplan.plugins.testing import TensorParallelOnly, tp_mesh
+    from tests.support import TinyStack
+
+    meshplan.register_strategy(TensorParallelOnly)
+    with fake_pg(2):
+        model = meshplan.parallelize(TinyStack(), tp_mesh(), strategy="tp_test",
+                                     tp_plan={"layers.*.up": "colwise", "layers.*.down": "rowwise"})
+        assert tuple(model.layers[0].up.weight.to_local().shape) == (16, 16)  # 32 rows / tp 2
+        assert not hasattr(model, "_get_fsdp_state")  # no data-parallel wrapping

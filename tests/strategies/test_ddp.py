@@ -19,8 +19,8 @@ from torch.distributed.device_mesh import init_device_mesh
 import meshplan
 from meshplan import MeshError, UnsupportedConfigurationError
 from meshplan.strategies.ddp import DDPOptions, ddp_kwargs
-from tests.models import TinyStack
 from tests.parity import ModelSpec, RunResult, assert_grad_parity, assert_parity, distributed, reference
+from tests.support import TinyStack
 
 LR = 1e-4
 LLAMA = ModelSpec()

@@ -30,8 +30,8 @@ from meshplan.core.errors import (
 from meshplan.core.roles import resolve_roles
 from meshplan.plugins.testing import RankError
 from meshplan.strategies.fsdp2 import FSDP2Options, require_shard_dim
-from tests.models import TinyStack
 from tests.parity import ModelSpec, RunResult, assert_grad_parity, assert_parity, distributed, reference
+from tests.support import TinyStack
 
 LR = 1e-4
 FP32 = MixedPrecisionPolicy()
@@ -273,3 +273,15 @@ def test_hsdp_x_tp_layout_on_a_fake_world(fake_pg):
             ("dp_replicate", "dp_shard_cp", "tp"), ("Replicate()", "_StridedShard(dim=0, sf=2)", "Shard(dim=0)"))
         assert tuple(q.to_local().shape) == (16, 64)  # 64 rows / tp 2 / dp_shard 2
         assert tuple(map(repr, norm.placements)) == ("Replicate()", "Shard(dim=0)")
+
+
+def test_report_shows_the_effective_mixed_precision_policy(fake_pg):
+    """``mp_policy=None`` computes in bf16: the report says so, and names the fp32 spelling."""
+    import meshplan
+
+    with fake_pg(2):
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("dp",))
+        default = meshplan.prepare(TinyStack(), mesh).report()["options"]["mp_policy"]
+        fp32 = meshplan.prepare(TinyStack(), mesh, mp_policy=FP32).report()["options"]["mp_policy"]
+    assert "param_dtype=torch.bfloat16" in default and "MixedPrecisionPolicy() for fp32" in default
+    assert fp32 == repr(FP32) and "bfloat16" not in fp32

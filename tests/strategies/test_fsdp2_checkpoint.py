@@ -236,3 +236,27 @@ def test_unshard_fsdp2_model(ranks2):
     assert result == {"same_model": True, "gathered": True, "q_shape": (64, 64), "gathered_after_forward": True,
                       "logits_equal": True, "resharded_on_exit": True, "resharded_on_error": True,
                       "block0_reshards_after_forward_again": True}
+
+
+def tied_pretrained_broadcast(folder: str) -> dict:
+    """A ``save_pretrained`` folder of a tied model (no ``lm_head.weight`` in it): meta build + fsdp2 +
+    broadcast load from rank 0 gives the eagerly loaded model's bytes, and the tie survives."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    eager = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    full = load_file(f"{folder}/model.safetensors") if dist.get_rank() == 0 else None
+    with torch.device("meta"):
+        meta = ModelSpec(overrides={"tie_word_embeddings": True}).build()
+    meta = _parallelize(meta, {"dp_shard_cp": 2})
+    materialize_meta_model(meta, full, broadcast_from_rank0=True)
+    got = gather_full_state_dict(meta, rank0_only=False)
+    return {"lm_head_in_file": full is not None and "lm_head.weight" in full,
+            "differences": _differences(got, eager.state_dict()),
+            "tied": meta.lm_head.weight is meta.model.embed_tokens.weight}
+
+
+def test_meta_broadcast_load_of_tied_save_pretrained_folder(ranks2, tmp_path):
+    ModelSpec(overrides={"tie_word_embeddings": True}).build().save_pretrained(tmp_path)
+    results = ranks2.run(tied_pretrained_broadcast, str(tmp_path))
+    assert results == [{"lm_head_in_file": False, "differences": [], "tied": True}] * 2

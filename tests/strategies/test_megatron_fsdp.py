@@ -38,7 +38,7 @@ from meshplan.strategies.megatron_fsdp import (
     option_mapping,
     parallelize_megatron_fsdp,
 )
-from tests.models import Block, TinyStack, tiny_hf
+from tests.support import Block, TinyStack, tiny_hf
 
 LLAMA_LAYER = "transformers.models.llama.modeling_llama.LlamaDecoderLayer"
 
@@ -270,14 +270,14 @@ def test_not_installed_names_the_extra(fake_pg, monkeypatch):
 
 
 @pytest.mark.parametrize("options, error, message", [
-    ({"nvfsdp_unit_modules": ["tests.models.NoSuchBlock"]}, ImportPathError, r"'tests\.models\.NoSuchBlock'"),
+    ({"nvfsdp_unit_modules": ["tests.support.NoSuchBlock"]}, ImportPathError, r"'tests\.support\.NoSuchBlock'"),
     ({"nvfsdp_unit_modules": ["no_such_package.Block"]}, ImportPathError, r"'no_such_package\.Block'"),
     ({"nvfsdp_unit_modules": [42]}, OptionsError, r"nn\.Module classes or dotted paths"),
     ({"data_parallel_sharding_strategy": "optim_grad"}, UnsupportedConfigurationError,
      r"must be one of \['no_shard'.*Did you mean 'optim_grads'"),
     ({"data_parallel_sharding_strategy": "no_shard", "init_nvfsdp_with_meta_device": True},
      UnsupportedConfigurationError, "meta-device initialization"),
-    ({"optimizer": "adam"}, OptionsError, "torch.optim.Optimizer"),
+    ({"optimizer": "adam"}, OptionsError, r"'optimizer' of strategy 'megatron_fsdp' must be Optimizer \| None"),
     ({"activation_checkpointing": "sometimes"}, UnsupportedConfigurationError, "activation_checkpointing must be"),
 ])
 def test_bad_options_fail_before_any_work(fake_pg, megatron, options, error, message):

@@ -1,0 +1,46 @@
+"""Shared construction of TP plans for decoder LMs with mixture-of-experts layers (Mixtral, Qwen3-MoE, DeepSeek).
+
+A family names the styles of one decoder layer, for every kind of layer the family has (dense MLP, MoE block with
+fused experts, shared experts); :func:`moe_plan` keeps the keys that exist in at least one layer of this model
+(a config may make every layer sparse, or some dense) and hands them to :func:`meshplan.plans.decoder.decoder_plan`
+(vocab-parallel embedding and ``lm_head``). The router stays replicated: it sees the full hidden states on every
+rank and its gradient is complete because the experts' style sums the routing-weight gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from ..core.errors import SequenceParallelUnsupportedError
+from ..tensor_parallel.matching import match_key
+
+if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plugin discovery
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+#: Key of the fused experts module inside a decoder layer (transformers' MoE blocks live at ``mlp``).
+EXPERTS = "mlp.experts"
+
+
+def experts_layer_styles() -> dict[str, ParallelStyle]:
+    """The fused experts split along their intermediate size (``moe_tp_experts``)."""
+    from ..experts.tp_styles import ExpertsTensorParallel
+
+    return {EXPERTS: ExpertsTensorParallel()}
+
+
+def moe_plan(model: nn.Module, layer_styles: Mapping[str, ParallelStyle], sequence_parallel: bool
+             ) -> dict[str, ParallelStyle]:
+    """The decoder plan with the ``layer_styles`` keys that match a module in at least one layer."""
+    from .decoder import decoder_plan, find_decoder_layout
+
+    if sequence_parallel:
+        raise SequenceParallelUnsupportedError(
+            f"Sequence parallel is not supported for the MoE layers of {type(model).__qualname__}: the experts see "
+            "flattened tokens and all-reduce their output. Run without sequence_parallel (TP still shards "
+            "attention, shared and routed experts).")
+    layers = find_decoder_layout(model).layers
+    present = {key: style for key, style in layer_styles.items() if match_key(model, f"{layers}.*.{key}")}
+    return decoder_plan(model, present, sequence_parallel=False)

@@ -1,0 +1,79 @@
+"""The experts' tensor-parallel style: layouts read off transformers' experts, parity of the module alone for the
+layouts the built-in plans do not cover, the Hugging Face translation, and typed errors before any collective."""
+
+from __future__ import annotations
+
+import pytest
+from torch.distributed.device_mesh import init_device_mesh
+
+import meshplan
+from meshplan.core.errors import PlanError, SequenceParallelUnsupportedError, TensorParallelSizeError
+from meshplan.experts.modules import SUMMAND, ExpertParamLayout, find_expert_modules, infer_param_layouts
+from meshplan.experts.tp_styles import ExpertsTensorParallel, IdentityExpertParallel
+from meshplan.plans.hf_translation import hf_tp_plan, translate_hf_plan
+from meshplan.plans.mixtral import mixtral_plan
+from tests.conformance_check import build_model, tiny_config
+from tests.experts.helpers import experts_module_parity
+from tests.plans.helpers import build
+
+
+def tiny(model_type: str):
+    return build_model(tiny_config(model_type))
+
+
+def test_experts_modules_and_layouts_are_read_off_transformers_models():
+    mixtral = build("mixtral")
+    assert [name for name, _ in find_expert_modules(mixtral)] == ["model.layers.0.mlp.experts",
+                                                                  "model.layers.1.mlp.experts"]  # not the routers
+    assert infer_param_layouts(mixtral.model.layers[0].mlp.experts) == {
+        "gate_up_proj": ExpertParamLayout(1, 2), "down_proj": ExpertParamLayout(2)}
+    _, gpt_oss = next(find_expert_modules(tiny("gpt_oss")))  # [E, in, out], gate/up interleaved, biases
+    assert infer_param_layouts(gpt_oss) == {"gate_up_proj": ExpertParamLayout(2), "down_proj": ExpertParamLayout(1),
+                                            "gate_up_proj_bias": ExpertParamLayout(1), "down_proj_bias": SUMMAND}
+
+
+@pytest.mark.distributed
+def test_transposed_interleaved_biased_and_gateless_experts_match_single_process(ranks2):
+    """GPT-OSS (``[E, in, out]`` weights, interleaved gate/up, a ``down_proj_bias`` added once), Nemotron-H
+    (``up_proj`` only) and Mixtral, under each transformers experts implementation: output, input and
+    routing-weight gradients and every parameter gradient."""
+    cases = [(model_type, implementation) for model_type in ("gpt_oss", "nemotron_h", "mixtral")
+             for implementation in ("eager", "batched_mm", "grouped_mm")]
+    results = ranks2.run(experts_module_parity, cases, timeout=300)[0]
+    assert len(results) == len(cases)
+    for case, result in results.items():
+        assert isinstance(result, tuple), f"{case}: {result}"
+        assert result[0] <= 1e-5, f"{case}: {result[1]} relative error {result[0]:.2e}"
+
+
+def test_hugging_face_identity_experts_and_experts_it_cannot_split():
+    longcat = translate_hf_plan(tiny("longcat_flash")).styles
+    assert isinstance(longcat["model.layers.*.mlp.experts"], ExpertsTensorParallel)
+    assert isinstance(longcat["model.layers.*.mlp.experts.identity_expert"], IdentityExpertParallel)
+
+    model = build("mixtral")
+    for _, experts in find_expert_modules(model):
+        experts.has_post_expert_norm = True  # a norm of partial sums would be wrong: stays replicated
+    plan = translate_hf_plan(model)
+    assert "model.layers.*.mlp.experts" not in plan.styles
+    assert "has_post_expert_norm" in plan.left_replicated["model.layers.*.mlp.experts"]
+
+
+def test_tp_size_not_dividing_the_expert_intermediate_size_fails_in_prepare(fake_pg):
+    """``prepare`` runs no collective: the same typed error on every rank, naming the parameter."""
+    model = build("mixtral", intermediate_size=21)  # gate_up_proj [4, 42, 64]: 21 per packed part
+    with fake_pg(2):
+        mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp_shard_cp", "tp"))
+        with pytest.raises(TensorParallelSizeError, match=r"gate_up_proj .*intermediate size \(21 per packed part"):
+            meshplan.prepare(model, mesh)
+    with pytest.raises(PlanError, match="no parameter 'gate_proj'"):
+        ExpertsTensorParallel({"gate_proj": ExpertParamLayout(1)}).check(model.model.layers[0].mlp.experts, 2)
+
+
+def test_moe_plans_refuse_sequence_parallel():
+    """Built-in providers, and the fallback even where a dense layer or shared expert ends the MLP block in a
+    row-wise projection (GLM-4-MoE-Lite)."""
+    with pytest.raises(SequenceParallelUnsupportedError, match="MoE layers of MixtralForCausalLM"):
+        mixtral_plan(build("mixtral"), sequence_parallel=True)
+    with pytest.raises(SequenceParallelUnsupportedError, match=r"experts 'model\.layers\.\*\.mlp\.experts'"):
+        hf_tp_plan(tiny("glm4_moe_lite"), sequence_parallel=True)
