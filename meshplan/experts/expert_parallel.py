@@ -33,18 +33,20 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..core.errors import ExpertParallelError
 from .dispatch import combine, dispatch, gather_tokens, split_tokens
+from .modules import expert_count as fused_expert_count
 
 #: Attribute that marks a module the style was applied to: ``(global experts, EP size)``.
 EP_ATTRIBUTE = "_meshplan_expert_parallel"
 
 
-def expert_count(module: nn.Module, params: Sequence[str] | None = None) -> int | None:
-    """The module's expert count: its ``num_experts`` attribute, else the common dim 0 of ``params``."""
+def split_count(module: nn.Module, params: Sequence[str] | None = None) -> int | None:
+    """How many experts the style splits: a fused experts module's count (:func:`~.modules.expert_count`), else
+    its integer ``num_experts``, else the common dim 0 of ``params``."""
     declared = getattr(module, EP_ATTRIBUTE, None)
     if declared is not None:
         return declared[0]
-    count = getattr(module, "num_experts", None)
-    if isinstance(count, int):
+    count = fused_expert_count(module) or getattr(module, "num_experts", None)
+    if isinstance(count, int) and not isinstance(count, bool):
         return count
     own = dict(module.named_parameters(recurse=False))
     leading = {own[name].shape[0] for name in params or () if name in own and own[name].ndim}
@@ -55,7 +57,7 @@ def expert_parameters(module: nn.Module, params: Sequence[str] | None = None) ->
     """Names of the module's own parameters split by expert: ``params`` if given, else those ``[num_experts, ...]``."""
     if params:
         return list(params)
-    count = expert_count(module)
+    count = split_count(module)
     return [name for name, p in module.named_parameters(recurse=False) if p.ndim >= 1 and p.shape[0] == count]
 
 
@@ -76,7 +78,7 @@ class ExpertParallel(ParallelStyle):
     def check(self, module: nn.Module, ep_size: int) -> None:
         """:class:`ExpertParallelError` unless ``module`` has expert parameters whose expert count divides by
         ``ep_size`` (collective-free, the same on every rank)."""
-        count = expert_count(module, self.params)
+        count = split_count(module, self.params)
         names = expert_parameters(module, self.params) if count is not None else []
         own = dict(module.named_parameters(recurse=False))
         if count is None or not names:
@@ -98,16 +100,17 @@ class ExpertParallel(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         ep_size = device_mesh.size()
         self.check(module, ep_size)
-        count = expert_count(module, self.params)
+        count = split_count(module, self.params)
         names = expert_parameters(module, self.params)
         own = dict(module.named_parameters(recurse=False))
+        tp_meshes = {name: own[name].device_mesh for name in names if isinstance(own[name], DTensor)}
         for name in names:
             param = own[name]
             sharded = _split_by_expert(param.detach(), device_mesh, count // ep_size)
             module.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         setattr(module, EP_ATTRIBUTE, (count, ep_size))
         module.forward = _dispatching_forward(module, module.forward, names, count // ep_size, device_mesh,
-                                              self.token_mesh)
+                                              self.token_mesh, tp_meshes)
         return module
 
     def __repr__(self) -> str:
@@ -132,14 +135,25 @@ def _split_by_expert(param: torch.Tensor, ep_mesh: DeviceMesh, num_local: int) -
                               stride=param.stride())
 
 
+def local_shard(param: torch.Tensor, tp_mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """This rank's experts of ``param`` (gradients reach the parameter). A 2-D ``(ep, tp)`` parameter stays a
+    DTensor on ``tp_mesh``, so the TP style's own forward still sees its TP layout (and handles summands)."""
+    if not isinstance(param, DTensor):
+        return param
+    if tp_mesh is None or param.device_mesh.ndim == 1:
+        return param.to_local()
+    return DTensor.from_local(param.to_local(), tp_mesh, param.placements[1:], run_check=False)
+
+
 @contextlib.contextmanager
-def local_experts(module: nn.Module, names: Sequence[str], num_local: int) -> Iterator[list[torch.Tensor]]:
-    """Inside, the module's expert parameters are its local shards (plain tensors whose gradients reach the
-    DTensor parameters) and ``num_experts`` is the local count."""
+def local_experts(module: nn.Module, names: Sequence[str], num_local: int,
+                  tp_meshes: dict[str, DeviceMesh] | None = None) -> Iterator[list[torch.Tensor]]:
+    """Inside, the module's expert parameters are its local shards (:func:`local_shard`) and ``num_experts`` is
+    the local count."""
     originals = {name: module._parameters[name] for name in names}
     had_count = "num_experts" in vars(module)
     count = vars(module).get("num_experts")
-    local = [p.to_local() if isinstance(p, DTensor) else p for p in originals.values()]
+    local = [local_shard(p, (tp_meshes or {}).get(n)) for n, p in originals.items()]
     try:
         module._parameters.update(zip(names, local))
         if had_count:
@@ -152,7 +166,8 @@ def local_experts(module: nn.Module, names: Sequence[str], num_local: int) -> It
 
 
 def _dispatching_forward(module: nn.Module, forward: Any, names: Sequence[str], num_local: int,
-                         ep_mesh: DeviceMesh, token_mesh: DeviceMesh | None) -> Any:
+                         ep_mesh: DeviceMesh, token_mesh: DeviceMesh | None,
+                         tp_meshes: dict[str, DeviceMesh]) -> Any:
     group = ep_mesh.get_group()
     split = token_mesh is not None and token_mesh.size() > 1
 
@@ -164,13 +179,14 @@ def _dispatching_forward(module: nn.Module, forward: Any, names: Sequence[str], 
             hidden_states, top_k_index, top_k_weights = split_tokens(
                 (hidden_states, top_k_index, top_k_weights), token_mesh)
         state = dispatch(hidden_states, top_k_index, top_k_weights, num_local, group)
-        with local_experts(module, names, num_local) as local:
+        with local_experts(module, names, num_local, tp_meshes) as local:
             if state.tokens.size(0):
                 ids = state.local_expert_ids.unsqueeze(-1)
                 ones = torch.ones(ids.shape, dtype=top_k_weights.dtype, device=ids.device)
                 output = forward(state.tokens, ids, ones, *args, **kwargs)
             else:  # nothing to compute: keep the inputs and parameters in the graph (zero gradients)
-                anchor = sum(p.sum() for p in local if p.requires_grad) * 0
+                anchor = sum((p.to_local() if isinstance(p, DTensor) else p).sum() for p in local
+                             if p.requires_grad) * 0
                 output = state.tokens * 0 + anchor
         output = combine(output, state, group)
         return gather_tokens(output, num_tokens, token_mesh) if split else output

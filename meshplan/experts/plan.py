@@ -54,17 +54,6 @@ def fold_expert_parameters(spec: Mapping[str, Any]) -> dict[str, Any]:
     return folded
 
 
-def has_experts(model: nn.Module) -> bool:
-    """Whether any module of ``model`` holds fused experts (an integer ``num_experts`` and own parameters
-    ``[num_experts, ...]`` of at least 3 dims)."""
-    for module in model.modules():
-        count = getattr(module, "num_experts", None)
-        if isinstance(count, int) and any(p.ndim >= 3 and p.shape[0] == count
-                                          for p in module.parameters(recurse=False)):
-            return True
-    return False
-
-
 def resolve_expert_plan(model: nn.Module, registry: Registry, ep_plan: Any, ep_size: int,
                         strict: bool = True) -> ResolvedPlan:
     """Resolve, match and check the EP plan for ``ep_size`` ranks; typed errors before any collective, the same
@@ -73,12 +62,13 @@ def resolve_expert_plan(model: nn.Module, registry: Registry, ep_plan: Any, ep_s
     from ..tensor_parallel.plan import resolve_plan
     from ..tensor_parallel.validation import match_and_check
     from .expert_parallel import ExpertParallel
+    from .modules import find_expert_modules
 
     name = type(model).__qualname__
     try:
         plan = resolve_plan(model, registry, ep_plan, axis="ep")
     except PlanNotFoundError as exc:
-        if not has_experts(model):
+        if next(find_expert_modules(model), None) is None:
             raise ExpertParallelError(f"ep_size={ep_size} asks for expert parallelism, but {name} has no "
                                       "mixture-of-experts layers; drop ep_size.") from exc
         raise

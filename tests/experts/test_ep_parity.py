@@ -25,6 +25,9 @@ MOE = {
         "moe_intermediate_size": 32, "first_k_dense_replace": 1, "q_lora_rank": None, "kv_lora_rank": 16,
         "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "num_key_value_heads": 4,
         "head_dim": 8}),
+    # expert biases; the down-projection bias is a summand under TP (each TP rank adds half)
+    "gpt_oss": ModelSpec("gpt_oss", overrides={"num_local_experts": 4, "num_experts_per_tok": 2,
+                                               "layer_types": ["sliding_attention", "full_attention"]}),
 }
 
 
@@ -38,6 +41,10 @@ DEEPSEEK_MLP_TP = {"model.layers.0.mlp.gate_proj": "colwise", "model.layers.0.ml
                    "model.layers.*.mlp.shared_experts.up_proj": "colwise",
                    "model.layers.*.mlp.shared_experts.down_proj": "rowwise"}
 EXPERTS_WHOLE_TP = {"mixtral": ATTENTION_TP, "qwen3_moe": ATTENTION_TP | QK_NORMS, "deepseek_v3": DEEPSEEK_MLP_TP}
+
+
+#: GPT-OSS's transformers TP plan leaves its (transposed, biased) experts whole: split them explicitly.
+EXPERTS_SPLIT_TP = {"gpt_oss": {"tp_plan": {"model.layers.*.mlp.experts": "moe_tp_experts"}}}
 
 
 @functools.cache
@@ -101,6 +108,8 @@ def test_ep2_x_tp2_with_experts_split_by_tp(ranks4, name):
     shard the experts), so each rank holds half of the experts' intermediate features of half of the experts."""
     pytest.importorskip("meshplan.experts.tp_styles", reason="needs the expert TP styles (moe_tp_experts)")
     mesh = {"dp_shard": 2, "tp": 2}
-    dims, placements = ranks4.run(experts_layout, mesh, name, {"ep_size": 2})[0]
-    assert dims == ("expert_dp_shard", "ep", "tp") and placements[1:] == ("Shard(dim=0)", "Shard(dim=1)"), placements
-    _check(ranks4, name, mesh, ep_size=2)
+    options = {"ep_size": 2, **EXPERTS_SPLIT_TP.get(name, {})}
+    dims, placements = ranks4.run(experts_layout, mesh, name, options)[0]
+    assert dims == ("expert_dp_shard", "ep", "tp") and placements[1] == "Shard(dim=0)", (dims, placements)
+    assert placements[2] in ("Shard(dim=1)", "Shard(dim=2)"), placements  # the intermediate dim
+    _check(ranks4, name, mesh, **options)
