@@ -13,4 +13,4 @@ from ..plugins.hookspecs import hookimpl
 
 @hookimpl
 def meshplan_register_tp_plans(register) -> None:  # noqa: ANN001 - the hook's callback
-    register("transformers.modeling_utils.PreTrainedModel", "meshplan.plans.hf_expert_plan:hf_plans")
+    register("transformers.modeling_utils.PreTrainedModel", "meshplan.plans.hf_translation:hf_plans")

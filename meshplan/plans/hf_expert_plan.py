@@ -1,8 +1,8 @@
 """The Hugging Face fallback's expert-parallel plan: ``config.base_model_ep_plan`` read exactly as the TP plan.
 
-:func:`hf_plans` is the provider registered for ``PreTrainedModel``: ``{"tp": ..., "ep": ...}``, each computed
-only when its axis is used. The EP plan is merged like the TP plan (:func:`merged_hf_plan` with ``axis="ep"``)
-and translated:
+:func:`meshplan.plans.hf_translation.hf_plans`, the provider registered for ``PreTrainedModel``, returns
+``{"tp": ..., "ep": ...}``, each computed only when its axis is used. The EP plan is merged like the TP plan
+(:func:`merged_hf_plan` with ``axis="ep"``) and translated:
 
 * ``ep_dispatch_experts`` on a module and ``grouped_gemm`` on its parameters become one :class:`ExpertParallel`
   (:func:`meshplan.experts.plan.fold_expert_parameters`);
@@ -14,9 +14,8 @@ and translated:
 
 from __future__ import annotations
 
-import functools
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
@@ -24,10 +23,7 @@ from ..core.errors import PlanNotFoundError
 from ..core.log import get_logger, log_rank0
 from ..experts.plan import DISPATCH_EXPERTS, GROUPED_GEMM, fold_expert_parameters
 from ..tensor_parallel.matching import match_key, match_parameter_key
-from .hf_translation import hf_tp_plan, merged_hf_plan
-
-if TYPE_CHECKING:
-    from ..core.registry import Registry
+from .hf_translation import merged_hf_plan
 
 logger = get_logger(__name__)
 
@@ -53,12 +49,3 @@ def hf_ep_plan(model: nn.Module) -> dict[str, Any]:
         log_rank0(logger, logging.WARNING, "Hugging Face EP plan of %s: %d entries skipped: %s.", name, len(skipped),
                   ", ".join(f"{key!r}: {why}" for key, why in skipped.items()))
     return fold_expert_parameters(kept)
-
-
-def hf_plans(model: nn.Module, sequence_parallel: bool = False, registry: Registry | None = None) -> dict[str, Any]:
-    """The fallback provider: the translated TP plan (styles made through ``registry``) and, when the model
-    declares one, its EP plan."""
-    plans: dict[str, Any] = {"tp": functools.partial(hf_tp_plan, model, sequence_parallel, registry=registry)}
-    if merged_hf_plan(model, "ep"):
-        plans["ep"] = functools.partial(hf_ep_plan, model)
-    return plans

@@ -38,6 +38,7 @@ vocab-parallel style, so both are ``Shard(0)`` and are re-tied after sharding).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -341,3 +342,14 @@ def hf_tp_plan(model: nn.Module, sequence_parallel: bool = False, registry: Regi
             "tp_plan=..., or run without sequence_parallel."
         ) from exc
 
+
+def hf_plans(model: nn.Module, sequence_parallel: bool = False, registry: Registry | None = None) -> dict[str, Any]:
+    """The fallback provider: the translated TP plan (styles made through ``registry``) and, when the model
+    declares one, its EP plan (:func:`meshplan.plans.hf_expert_plan.hf_ep_plan`), each built only when its axis
+    is used."""
+    from .hf_expert_plan import hf_ep_plan
+
+    plans: dict[str, Any] = {"tp": functools.partial(hf_tp_plan, model, sequence_parallel, registry=registry)}
+    if merged_hf_plan(model, "ep"):
+        plans["ep"] = functools.partial(hf_ep_plan, model)
+    return plans
