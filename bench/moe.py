@@ -12,7 +12,7 @@ Per layout: median step time (forward, backward, optimizer step) over the measur
 resident per rank (local shards), and parameter bytes a rank computes with in a step (experts: the ones it
 runs). Ratios are printed against ``replicated``.
 
-    .venv/bin/python bench/moe.py [--steps 8] [--layers 4] [--hidden 256]
+    .venv/bin/python bench/moe.py [--steps 16] [--layers 4] [--hidden 256]
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def run_layout(layout: str, steps: int, layers: int, hidden: int) -> dict[str, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     args = parser.parse_args()
