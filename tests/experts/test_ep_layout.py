@@ -104,3 +104,28 @@ def test_bad_inputs_raise_the_same_typed_error_on_every_rank(fake_pg, case):
             _parallelize(shape, _meta(**overrides), **kwargs)
         messages.append(str(info.value))
     assert text in messages[0] and messages[0] == messages[1], messages
+
+
+def test_a_strategy_with_ep_size_must_take_the_ep_plan(fake_pg):
+    """A strategy that declares ``ep_size`` but whose ``parallelize`` has no ``ep_plan`` keyword is refused up front."""
+    import dataclasses
+
+    import meshplan
+    from meshplan.core.errors import UnsupportedConfigurationError
+    from meshplan.core.strategy import Strategy, StrategyOptions
+
+    @dataclasses.dataclass
+    class Options(StrategyOptions):
+        ep_size: int = 1
+
+    class NoEP(Strategy):
+        name = "no_ep_keyword"
+        options_class = Options
+
+        def parallelize(self, model, roles, plan, options):
+            return model
+
+    with fake_pg(2):
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("dp_shard",))
+        with pytest.raises(UnsupportedConfigurationError, match="takes no ep_plan keyword"):
+            meshplan.prepare(_meta(), mesh, strategy=NoEP(), ep_size=2)
