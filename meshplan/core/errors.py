@@ -96,3 +96,16 @@ class StrategyUnavailableError(MeshplanError, AssertionError):
 
 class UnsupportedConfigurationError(MeshplanError, ValueError):
     """The requested combination of options cannot work (e.g. CPU offload on a CPU-only mesh)."""
+
+
+# --- context parallelism ---------------------------------------------------------------------------
+class ContextParallelError(MeshplanError, ValueError):
+    """Context parallelism cannot run with these inputs (base of the two errors below)."""
+
+
+class SequenceLengthError(ContextParallelError):
+    """The sequence length does not split into ``2 x cp`` equal chunks (the load-balanced CP layout)."""
+
+
+class UnsupportedAttentionError(ContextParallelError):
+    """The model's attention cannot be wrapped for context parallelism (it names the class)."""

@@ -1,0 +1,89 @@
+"""The context-parallel attention function registered in transformers' ``AttentionInterface``.
+
+Each CP rank keeps its queries; keys and values are all-gathered over the CP group (their gradients are
+reduce-scattered back), and the attention the model used before CP (``eager``, ``sdpa``, or any function
+registered with an SDPA- or eager-style mask) runs on them with the model's own mask evaluated for the
+local query positions (:mod:`meshplan.context_parallel.masks`). With ``cp_implementation="ring"`` the call
+goes to torch's ring attention instead (:mod:`meshplan.context_parallel.ring`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.errors import ContextParallelError, UnsupportedAttentionError
+from .collectives import all_gather_key_value
+from .masks import DeferredMask, deferred_mask
+from .state import ContextParallelState, state_of
+
+#: The name the model's ``config._attn_implementation`` is switched to.
+ATTENTION_NAME = "meshplan_context_parallel"
+SEQ_DIM = 2  # transformers attention functions take [batch, heads, seq, head_dim]
+
+
+def register() -> None:
+    """Register the CP attention and its mask function with transformers (idempotent)."""
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, context_parallel_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, deferred_mask)
+
+
+def inner_function(module: nn.Module, inner: str) -> Callable[..., tuple[torch.Tensor, Any]]:
+    """The attention function ``module`` would call for implementation ``inner`` without CP.
+
+    For ``"eager"`` that is the ``eager_attention_forward`` of the module's own modeling file (what
+    transformers passes as the default); other names come from the global ``AttentionInterface``.
+    """
+    if inner == "eager":
+        function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if function is None:
+            raise UnsupportedAttentionError(
+                f"{type(module).__qualname__} (in {type(module).__module__}) has no module-level "
+                "eager_attention_forward for context parallelism to wrap; use attn_implementation='sdpa'.")
+        return function
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[inner]
+
+
+def context_parallel_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: Any, **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """Attention of the local queries over the whole (gathered) sequence; same signature as transformers'."""
+    state = state_of(module)
+    if state.implementation == "ring":
+        from .ring import ring_attention
+
+        return ring_attention(state, module, query, key, value, **kwargs)
+    if not isinstance(attention_mask, DeferredMask):
+        raise ContextParallelError(
+            f"{type(module).__qualname__} received a {type(attention_mask).__name__} attention mask, not the mask "
+            "the context-parallel mask interface builds; pass a 2-D padding mask (or none) to the model, not a "
+            "prepared 4-D mask.")
+    key, value = all_gather_key_value(key, value, SEQ_DIM, state.group)
+    mask = attention_mask.materialize(state, query.shape[SEQ_DIM], query.dtype, query.device)
+    return inner_function(module, state.inner)(module, query, key, value, mask, **kwargs)
+
+
+def mask_kind(inner: str) -> str | None:
+    """How the wrapped implementation takes its mask: ``"bool"`` (SDPA style), ``"additive"`` (eager style),
+    or ``None`` when it takes no dense mask (flash, flex, paged, ...) and cannot be wrapped."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+
+    if inner == "eager":
+        return "additive"
+    function = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(inner)
+    return {sdpa_mask: "bool", eager_mask: "additive"}.get(function)
+
+
+def describe(state: ContextParallelState) -> str:
+    """One line for logs: ``allgather over cp=2 wrapping 'sdpa'``."""
+    return f"{state.implementation} over cp={state.size} wrapping {state.inner!r}"
