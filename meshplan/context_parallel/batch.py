@@ -71,7 +71,7 @@ def shard_batch(batch: Mapping[str, Any], cp_mesh: DeviceMesh, ignore_index: int
         shifted = out.get("shift_labels")
         if shifted is None:
             shifted = next_token_labels(out["labels"], ignore_index)
-        out["labels"] = out["shift_labels"] = shifted
+        out["labels"], out["shift_labels"] = None, shifted  # sharded once, below
         out["num_items_in_batch"] = (shifted != ignore_index).sum() / size
     for key in SEQUENCE_KEYS:
         value = out.get(key)
@@ -81,6 +81,8 @@ def shard_batch(batch: Mapping[str, Any], cp_mesh: DeviceMesh, ignore_index: int
             raise ContextParallelError(
                 f"shard_batch: {key} has shape {tuple(value.shape)}, expected [batch, {seq_len}, ...].")
         out[key] = layout.shard_sequence(value, rank, size, dim=1)
+    if out.get("shift_labels") is not None:
+        out["labels"] = out["shift_labels"]  # transformers computes the loss only when labels is not None
     return out
 
 

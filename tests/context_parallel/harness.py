@@ -87,3 +87,35 @@ def cp_parallelize(spec: ModelSpec, mesh_shape: dict[str, int], kwargs: dict[str
     model = meshplan.parallelize(spec.build(), mesh, mp_policy=MixedPrecisionPolicy(), **kwargs)
     data = _data_slice(mesh, model.config.vocab_size, global_batch, ("cp", "tp"))
     return _train(model, data, lambda b: shard_batch(b, mesh["cp"]), lambda: None, _mean_over_world)
+
+
+def padded_batch(vocab_size: int) -> dict[str, torch.Tensor]:
+    """Two sequences of 16 tokens, the second right-padded after 11 (padding not attended, not scored)."""
+    ids = batches(vocab_size, 1, 2, SEQ_LEN, seed=7)[0]
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def padded_reference(spec: ModelSpec) -> dict[str, torch.Tensor]:
+    model = spec.build()
+    out = model(**padded_batch(model.config.vocab_size))
+    out.loss.backward()
+    return {"loss": out.loss.detach(), "logits": out.logits.detach(), **full_grads(model)}
+
+
+def padded_cp(spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Runs on every rank: one padded batch through CP; loss, logits gathered back, averaged gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from meshplan.context_parallel import apply_context_parallel, gather_sequence, shard_batch
+
+    cp_mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("cp",))["cp"]
+    model = apply_context_parallel(spec.build(), cp_mesh)
+    out = model(**shard_batch(padded_batch(model.config.vocab_size), cp_mesh))
+    out.loss.backward()
+    for param in model.parameters():
+        dist.all_reduce(param.grad)
+        param.grad /= dist.get_world_size()
+    logits = gather_sequence(out.logits.detach(), cp_mesh)
+    return {"loss": _mean_over_world(out.loss.detach()), "logits": logits, **full_grads(model)}

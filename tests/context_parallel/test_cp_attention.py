@@ -11,8 +11,8 @@ import functools
 
 import pytest
 
-from tests.context_parallel.harness import cp_by_hand, reference_sgd
-from tests.parity import ModelSpec, assert_grad_parity, assert_parity
+from tests.context_parallel.harness import cp_by_hand, padded_cp, padded_reference, reference_sgd
+from tests.parity import ModelSpec, assert_grad_parity, assert_parity, max_relative_error
 
 SPECS = {
     "llama": ModelSpec("llama"),
@@ -38,3 +38,14 @@ def test_cp2_by_hand_matches_one_process(ranks2, name, attention):
     result = ranks2.run(cp_by_hand, spec(name, attention), timeout=120)[0]
     assert_parity(result, expected(name, attention), rtol=1e-5)
     assert_grad_parity(result, expected(name, attention), rtol=1e-5)
+
+
+@pytest.mark.distributed
+def test_padding_mask_and_gathered_logits(ranks2):
+    """A right-padded batch: the padding mask is gathered for the keys; logits gathered back in order."""
+    model_spec = spec("mistral-window5", "sdpa")
+    got = ranks2.run(padded_cp, model_spec, timeout=120)[0]
+    want = padded_reference(model_spec)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert max_relative_error(got[name], want[name]) <= 1e-5, name
