@@ -155,7 +155,8 @@ def _shard_inputs(module: nn.Module, args: tuple, kwargs: dict, state: ContextPa
     elif mask.ndim == 2:
         if state.implementation == "ring":
             raise ContextParallelError("cp_implementation='ring' supports no padding mask; use 'allgather'.")
-        state.key_padding = all_gather_sequence(mask.to(torch.uint8), 1, state.group).bool()
+        gathered = all_gather_sequence(mask.to(torch.uint8), 1, state.group).bool()
+        state.key_padding = gathered.index_select(1, state.indices(local_len, tokens.device)[1])
     else:
         raise ContextParallelError(
             f"Context parallelism takes a 2-D padding mask [batch, local tokens]; got a {mask.ndim}-D mask.")

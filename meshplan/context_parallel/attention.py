@@ -15,15 +15,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..core.errors import ContextParallelError, UnsupportedAttentionError
 from .collectives import all_gather_key_value
-from .masks import DeferredMask, deferred_mask
+from .masks import DeferredMask, additive, attended_range, deferred_mask
 from .state import ContextParallelState, state_of
 
 #: The name the model's ``config._attn_implementation`` is switched to.
 ATTENTION_NAME = "meshplan_context_parallel"
 SEQ_DIM = 2  # transformers attention functions take [batch, heads, seq, head_dim]
+#: Most queries per call of the wrapped attention (bounds the mask of one call to QUERY_BLOCK x sequence).
+QUERY_BLOCK = 1024
 
 
 def register() -> None:
@@ -56,8 +59,15 @@ def inner_function(module: nn.Module, inner: str) -> Callable[..., tuple[torch.T
 def context_parallel_attention(
     module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: Any, **kwargs: Any,
-) -> tuple[torch.Tensor, Any]:
-    """Attention of the local queries over the whole (gathered) sequence; same signature as transformers'."""
+) -> tuple[torch.Tensor, None]:
+    """Attention of the local queries over the whole (gathered) sequence; same signature as transformers'.
+
+    Queries go in blocks of at most :data:`QUERY_BLOCK` (within one chunk, so their positions are
+    contiguous); each block sees only the keys its mask lets it attend (a causal head chunk skips the
+    future, a sliding window the distant past), which is exact and saves the masked work. The whole
+    gather-and-attend step is recomputed in backward instead of keeping the gathered keys, values and masks of
+    every layer alive (one more all-gather per layer). Attention weights are not returned.
+    """
     state = state_of(module)
     if state.implementation == "ring":
         from .ring import ring_attention
@@ -68,9 +78,33 @@ def context_parallel_attention(
             f"{type(module).__qualname__} received a {type(attention_mask).__name__} attention mask, not the mask "
             "the context-parallel mask interface builds; pass a 2-D padding mask (or none) to the model, not a "
             "prepared 4-D mask.")
-    key, value = all_gather_key_value(key, value, SEQ_DIM, state.group)
-    mask = attention_mask.materialize(state, query.shape[SEQ_DIM], query.dtype, query.device)
-    return inner_function(module, state.inner)(module, query, key, value, mask, **kwargs)
+    inner = inner_function(module, state.inner)
+    local_len = query.shape[SEQ_DIM]
+    positions, restore = state.indices(local_len, query.device)
+
+    def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        key, value = all_gather_key_value(key, value, SEQ_DIM, state.group)
+        key, value = key.index_select(SEQ_DIM, restore), value.index_select(SEQ_DIM, restore)
+        outputs = []
+        for start, stop in query_blocks(local_len):
+            mask = attention_mask.block(state, positions[start:stop], key.shape[SEQ_DIM])
+            first, last = attended_range(mask)
+            out, _ = inner(module, query[:, :, start:stop], key[:, :, first:last], value[:, :, first:last],
+                           additive(mask[..., first:last], query.dtype), **kwargs)
+            outputs.append(out)
+        return torch.cat(outputs, dim=1)  # transformers' layout: [batch, tokens, heads, head_dim]
+
+    if not torch.is_grad_enabled():
+        return attend(query, key, value), None
+    return checkpoint(attend, query, key, value, use_reentrant=False), None
+
+
+def query_blocks(local_len: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the query blocks of a local shard: each of its two chunks cut into pieces of at
+    most :data:`QUERY_BLOCK` tokens."""
+    chunk = local_len // 2
+    return [(start, min(start + QUERY_BLOCK, base + chunk))
+            for base in (0, chunk) for start in range(base, base + chunk, QUERY_BLOCK)]
 
 
 def mask_kind(inner: str) -> str | None:

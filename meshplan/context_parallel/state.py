@@ -22,7 +22,7 @@ IMPLEMENTATIONS: tuple[str, ...] = ("allgather", "ring")
 @dataclass
 class ContextParallelState:
     """What the CP attention of one model needs: the CP group, how to call the wrapped attention, and the
-    key padding mask of the current forward (gathered over CP, in gathered order; ``None`` = no padding)."""
+    key padding mask of the current forward (gathered over CP, in original order; ``None`` = no padding)."""
 
     mesh: DeviceMesh
     implementation: str
@@ -44,12 +44,12 @@ class ContextParallelState:
         return self.mesh.get_local_rank()
 
     def indices(self, local_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(original positions of the local queries, original positions of the keys in gathered order)."""
+        """(original positions of the local tokens, the permutation taking gathered order to original order)."""
         key = (local_len, str(device))
         if key not in self._indices:
             seq_len = local_len * self.size
             self._indices[key] = (layout.shard_indices(seq_len, self.rank, self.size, device),
-                                  layout.gathered_indices(seq_len, self.size, device))
+                                  layout.restore_order(seq_len, self.size, device))
         return self._indices[key]
 
 

@@ -56,11 +56,13 @@ def _data_slice(mesh, vocab_size: int, global_batch: int, sequence_dims: tuple[s
     return [b[index * per_rank:(index + 1) * per_rank] for b in batches(vocab_size, STEPS, global_batch, SEQ_LEN)]
 
 
-def cp_by_hand(spec: ModelSpec, implementation: str = "allgather") -> RunResult:
+def cp_by_hand(spec: ModelSpec, implementation: str = "allgather", query_block: int = 1024) -> RunResult:
     """Runs on every rank: CP over all ranks applied by hand, gradients averaged with all_reduce."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from meshplan.context_parallel import apply_context_parallel, shard_batch
+    from meshplan.context_parallel import apply_context_parallel, attention, shard_batch
+
+    attention.QUERY_BLOCK = query_block
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("cp",))
     model = apply_context_parallel(spec.build(), mesh["cp"], implementation)

@@ -66,3 +66,10 @@ def test_attention_that_cannot_be_wrapped_is_named():
     mistral = tiny_hf("mistral", num_hidden_layers=1, sliding_window=8, attn_implementation="sdpa")
     with pytest.raises(UnsupportedAttentionError, match="sliding window"):
         validate_context_parallel(mistral, 2, "ring", "cuda")
+
+
+def test_query_blocks_stay_inside_a_chunk(monkeypatch):
+    from meshplan.context_parallel import attention
+
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 3)
+    assert attention.query_blocks(8) == [(0, 3), (3, 4), (4, 7), (7, 8)]
