@@ -9,16 +9,21 @@ Two gloo ranks on CPU, a small Llama (SDPA attention, fp32) parallelized by ``me
 Each layout runs in fresh processes (so peak RSS belongs to this run only). Memory is the **peak resident
 set size** of each rank (``ru_maxrss``) during the first train step minus its RSS just before it, i.e. what the
 step itself needed (activations, gathered parameters, gradients); the absolute peak is printed too. The CPU
-allocator has no allocation counters, so RSS is what is measured. Step time is the median wall time of the
-steps after the first, between barriers; tokens per second count the tokens each rank processed.
+allocator has no allocation counters, so RSS is what is measured. The ranks run with glibc's
+``MALLOC_MMAP_THRESHOLD_=65536`` (both layouts): large blocks are then mapped and unmapped with each tensor,
+so RSS follows the live tensors; with glibc's default dynamic threshold, freed blocks of the sizes seen
+before stay in the heap and RSS overstates what is alive (``--default-malloc`` measures that way). Step time
+is the median wall time of the steps after the first, between barriers; tokens per second count the tokens
+each rank processed.
 
-    .venv/bin/python bench/long_context.py [--seq-len 8192] [--steps 3]
+    .venv/bin/python bench/long_context.py [--seq-len 8192] [--steps 3] [--default-malloc]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
@@ -89,7 +94,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's dynamic mmap threshold")
     args = parser.parse_args()
+    if not args.default_malloc:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc when the rank processes start
     results = {cp: measure(cp, args.seq_len, args.steps) for cp in LAYOUTS}
     for cp, ranks in results.items():
         worst = max(r["step_peak_mb"] for r in ranks)
