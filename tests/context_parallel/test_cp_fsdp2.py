@@ -81,3 +81,15 @@ def test_cp_with_a_strategy_without_cp_is_refused(fake_pg):
         mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "cp"))
         with pytest.raises(MeshError, match=r"dim 'cp' \(size 2\) has no role in strategy 'ddp'"):
             meshplan.parallelize(ModelSpec().build(), mesh, strategy="ddp")
+
+
+def test_explain_shows_how_the_sequence_is_split():
+    from meshplan.dryrun import explain
+    from meshplan.dryrun.render import render_text
+
+    report = explain("tiny-llama", "dp_shard=2,cp=2,tp=2", sequence_parallel=True)
+    assert report["error"] is None, report["error"]
+    assert report["mesh"]["context_parallel"] == {"size": 2, "implementation": "allgather", "attention": "sdpa",
+                                                  "sequence_multiple": 4}
+    assert "context parallel: allgather over cp=2, wrapping 'sdpa' attention" in render_text(report)
+    assert explain("tiny-llama", "dp_shard=2")["mesh"]["context_parallel"] is None
