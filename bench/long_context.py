@@ -4,7 +4,7 @@ Two gloo ranks on CPU, a small Llama (SDPA attention, fp32) parallelized by ``me
 ``fsdp2``, 8,192-token sequences:
 
 * ``cp=1``: mesh ``dp_shard=2``; every rank trains on a whole sequence of its own.
-* ``cp=2``: mesh ``cp=2``; the two ranks share one sequence (``shard_batch``: 4,096 tokens each).
+* ``cp=2``: mesh ``dp_shard=1 x cp=2``; the two ranks share one sequence (``shard_batch``: 4,096 tokens each).
 
 Each layout runs in fresh processes (so peak RSS belongs to this run only). Memory is the **peak resident
 set size** of each rank (``ru_maxrss``) during the first train step minus its RSS just before it, i.e. what the
@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 CONFIG = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
               num_key_value_heads=4, head_dim=32, vocab_size=2048, max_position_embeddings=16384)
-LAYOUTS = {1: {"dp_shard": 2}, 2: {"cp": 2}}
+LAYOUTS = {1: {"dp_shard": 2}, 2: {"dp_shard": 1, "cp": 2}}
 
 
 def _rss_mb() -> float:
