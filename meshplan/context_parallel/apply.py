@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..core.errors import ContextParallelError, OptionsError, UnsupportedAttentionError
 from ..core.log import get_logger, log_rank0
 from . import layout
-from .attention import ATTENTION_NAME, describe, mask_kind, register
+from .attention import ATTENTION_NAME, describe, register, takes_dense_mask
 from .collectives import all_gather_sequence
 from .state import IMPLEMENTATIONS, ContextParallelState, bind
 
@@ -102,7 +102,7 @@ def validate_context_parallel(model: nn.Module, cp_size: int, implementation: st
                 f"{name} uses a sliding window (sliding_window={config.sliding_window}), which torch's ring "
                 "attention cannot mask; use cp_implementation='allgather'.")
         return
-    if mask_kind(inner) is None:
+    if not takes_dense_mask(inner):
         raise UnsupportedAttentionError(
             f"{name} uses attn_implementation={inner!r}, which takes no dense attention mask, so the all-gather "
             "context parallelism cannot give it the mask of its local queries. Use 'sdpa' or 'eager' (or "
@@ -123,7 +123,7 @@ def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh, implementation
     config = _config(model)
     inner = wrapped_implementation(model)
     register()
-    state = ContextParallelState(cp_mesh, implementation, inner, mask_kind(inner) or "none")
+    state = ContextParallelState(cp_mesh, implementation, inner)
     bind(model, state)
     config._attn_implementation = ATTENTION_NAME
     model._meshplan_cp_inner = inner

@@ -107,15 +107,13 @@ def query_blocks(local_len: int) -> list[tuple[int, int]]:
             for base in (0, chunk) for start in range(base, base + chunk, QUERY_BLOCK)]
 
 
-def mask_kind(inner: str) -> str | None:
-    """How the wrapped implementation takes its mask: ``"bool"`` (SDPA style), ``"additive"`` (eager style),
-    or ``None`` when it takes no dense mask (flash, flex, paged, ...) and cannot be wrapped."""
+def takes_dense_mask(inner: str) -> bool:
+    """Whether attention implementation ``inner`` takes a dense 4-D mask (eager, SDPA, or any function registered
+    with their mask interfaces), which the CP attention needs to hand it the mask of its query blocks. Flash,
+    flex and paged attention do not."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
-    if inner == "eager":
-        return "additive"
-    function = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(inner)
-    return {sdpa_mask: "bool", eager_mask: "additive"}.get(function)
+    return inner == "eager" or ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(inner) in (sdpa_mask, eager_mask)
 
 
 def describe(state: ContextParallelState) -> str:

@@ -27,7 +27,6 @@ class ContextParallelState:
     mesh: DeviceMesh
     implementation: str
     inner: str  # the attention implementation the model used before CP ("eager", "sdpa", ...)
-    mask_kind: Literal["bool", "additive", "none"]
     key_padding: torch.Tensor | None = None
     _indices: dict = field(default_factory=dict, repr=False)
 
