@@ -1,15 +1,18 @@
 """Autograd-aware all-gather along a sequence dim: the backward reduce-scatters (sums) the gradients.
 
 Used for keys and values: every CP rank's queries attend to the whole sequence, so the gradient of a local
-key shard is the sum, over the ranks, of the gradients their queries send to it. Plain
-``all_gather_into_tensor`` / ``reduce_scatter_tensor`` from ``torch.distributed``: they run on gloo (CPU) and
-NCCL alike.
+key shard is the sum, over the ranks, of the gradients their queries send to it. Plain collectives of
+``torch.distributed`` (``all_gather_single`` / ``reduce_scatter_single``, named ``*_into_tensor`` /
+``*_tensor`` before torch 2.13): they run on gloo (CPU) and NCCL alike.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class _GatherAlongDim(torch.autograd.Function):
@@ -18,7 +21,7 @@ class _GatherAlongDim(torch.autograd.Function):
         ctx.dim, ctx.group = dim, group
         world = dist.get_world_size(group)
         out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
-        dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+        _all_gather(out, tensor.contiguous(), group=group)
         # [world * n, ...] in rank order -> concatenated along ``dim``
         return out.unflatten(0, (world, tensor.shape[0])).movedim(0, dim).flatten(dim, dim + 1)
 
@@ -28,7 +31,7 @@ class _GatherAlongDim(torch.autograd.Function):
         dim = ctx.dim
         chunks = grad.unflatten(dim, (world, grad.shape[dim] // world)).movedim(dim, 0).contiguous()
         out = grad.new_empty(chunks.shape[1:])
-        dist.reduce_scatter_tensor(out, chunks.flatten(0, 1), op=dist.ReduceOp.SUM, group=ctx.group)
+        _reduce_scatter(out, chunks.flatten(0, 1), op=dist.ReduceOp.SUM, group=ctx.group)
         return out, None, None
 
 
