@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tests.parity import ModelSpec, RunResult, batches, full_grads, full_params
+from tests.parity import ModelSpec, RunResult, batches
+from tests.support import full_grads, full_params
 
 STEPS, LR, GLOBAL_BATCH, SEQ_LEN = 3, 0.5, 2, 16
 

@@ -18,8 +18,8 @@ import meshplan
 from meshplan.core.errors import MeshError, SequenceLengthError, UnsupportedAttentionError
 from meshplan.plugins.testing import RankError
 from tests.context_parallel.harness import GLOBAL_BATCH, cp_parallelize, reference_sgd
-from tests.models import TinyStack
 from tests.parity import ModelSpec, assert_grad_parity, assert_parity
+from tests.support import TinyStack
 
 MODELS = {"llama": ModelSpec("llama"), "qwen3": ModelSpec("qwen3"),
           "mistral": ModelSpec("mistral", overrides={"sliding_window": 5})}

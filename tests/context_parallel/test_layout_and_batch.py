@@ -9,7 +9,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from meshplan.context_parallel import layout, shard_batch, validate_context_parallel
 from meshplan.context_parallel.batch import next_token_labels
 from meshplan.core.errors import OptionsError, SequenceLengthError, UnsupportedAttentionError
-from tests.models import TinyStack, tiny_hf
+from tests.support import TinyStack, tiny_hf
 
 
 def test_each_rank_holds_a_head_and_a_tail_chunk():

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from tests.parity import ModelSpec, full_grads, max_relative_error
+from tests.parity import ModelSpec, max_relative_error
+from tests.support import full_grads
 
 SPEC = ModelSpec("llama", overrides={"attn_implementation": "sdpa"})
 RTOL = 1e-4  # SDPA kernels on GPU sum in a different order than the single-device run
