@@ -74,6 +74,8 @@ def validate_context_parallel(model: nn.Module, cp_size: int, implementation: st
     """
     if implementation not in IMPLEMENTATIONS:
         raise OptionsError(f"cp_implementation must be one of {list(IMPLEMENTATIONS)}, got {implementation!r}.")
+    if implementation == "external":
+        return
     config = _config(model)
     name = type(model).__qualname__
     if not getattr(model, "_supports_attention_backend", False):
@@ -118,7 +120,7 @@ def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh, implementation
     if cp_mesh.ndim != 1:
         raise ContextParallelError(f"The CP mesh must be 1-D, got dims {cp_mesh.mesh_dim_names}.")
     validate_context_parallel(model, cp_mesh.size(), implementation, cp_mesh.device_type)
-    if cp_mesh.size() == 1:
+    if cp_mesh.size() == 1 or implementation == "external":
         return model
     config = _config(model)
     inner = wrapped_implementation(model)

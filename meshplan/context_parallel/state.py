@@ -14,9 +14,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..core.errors import ContextParallelError
 from . import layout
 
-#: ``cp_implementation`` values: all-gather K/V (any attention, any device) or torch's ring attention (CUDA SDPA).
-Implementation = Literal["allgather", "ring"]
-IMPLEMENTATIONS: tuple[str, ...] = ("allgather", "ring")
+#: ``cp_implementation`` values: all-gather K/V (any attention, any device), torch's ring attention (CUDA SDPA),
+#: or ``external``: the training loop runs CP itself (torch's ``context_parallel`` context manager, as NeMo
+#: AutoModel and torchtitan loops do) and the model is left as it is.
+Implementation = Literal["allgather", "ring", "external"]
+IMPLEMENTATIONS: tuple[str, ...] = ("allgather", "ring", "external")
 
 
 @dataclass

@@ -76,8 +76,9 @@ class FSDP2Options(CheckpointingOptions):
         cp_mesh_name: context-parallel mesh dim (``"cp"``); parameters are sharded over shard x cp.
         cp_implementation: with a ``cp`` dim > 1, how attention sees the whole sequence: ``"allgather"``
             (default: keys and values all-gathered, wraps the model's eager/SDPA attention on any device) or
-            ``"ring"`` (torch's ring attention; CUDA, SDPA, plain causal masks). See
-            :mod:`meshplan.context_parallel`.
+            ``"ring"`` (torch's ring attention; CUDA, SDPA, plain causal masks) or ``"external"`` (the model
+            is left as it is: the training loop runs CP itself, e.g. with torch's ``context_parallel`` context
+            manager; ``cp`` still shards parameters). See :mod:`meshplan.context_parallel`.
         mp_policy: FSDP2 mixed precision. ``None`` (default) = bf16 parameters, fp32 gradient reduction and
             fp32 output. ``output_dtype`` is applied at the root only: casting every block's output (as NeMo
             AutoModel does) feeds fp32 activations to a bf16 ``lm_head`` and fails on transformers 5.x.

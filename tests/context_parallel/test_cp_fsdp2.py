@@ -93,3 +93,20 @@ def test_explain_shows_how_the_sequence_is_split():
                                                   "sequence_multiple": 4}
     assert "context parallel: allgather over cp=2, wrapping 'sdpa' attention" in render_text(report)
     assert explain("tiny-llama", "dp_shard=2")["mesh"]["context_parallel"] is None
+
+
+def test_external_cp_leaves_the_attention_to_the_training_loop(fake_pg):
+    """``cp_implementation="external"`` (and NeMo's fsdp2_strategy_parallelize): cp shards parameters only."""
+    import torch
+
+    from meshplan.compat.nemo_parallelizer import fsdp2_strategy_parallelize
+
+    with torch.device("meta"):
+        models = [ModelSpec().build(), ModelSpec().build(), TinyStack()]
+    with fake_pg(4):
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_shard", "cp"))
+        external = meshplan.parallelize(models[0], mesh, cp_implementation="external")
+        nemo = fsdp2_strategy_parallelize(models[1], mesh)
+        meshplan.parallelize(models[2], mesh, cp_implementation="external")  # no attention needed
+    assert external.config._attn_implementation == nemo.config._attn_implementation == "eager"
+    assert external.model.norm.weight.device_mesh.mesh_dim_names == ("dp_shard_cp",)  # dp_shard x cp
