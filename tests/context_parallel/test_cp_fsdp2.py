@@ -3,7 +3,8 @@
 3 SGD steps in fp32 on gloo ranks must give the losses, first-step gradients and final parameters of one
 process (1e-5 relative). Every layout runs for Llama, Qwen3 and Mistral (sliding window 5 over 16 tokens);
 eager and SDPA attention alternate so each layout sees both (the by-hand tests in test_cp_attention.py run
-every model with both). Parameters are FSDP-sharded over ``dp_shard x cp``; with TP the sequence-parallel
+every model with both). Parameters are FSDP-sharded over ``dp_shard x cp`` (HSDP: replicated over
+``dp_replicate``); with TP the sequence-parallel
 plan runs inside each CP shard; with full activation checkpointing the blocks (and the CP attention's
 all-gathers in them) are recomputed in backward.
 """
@@ -28,6 +29,7 @@ LAYOUTS = {  # name -> (mesh, parallelize kwargs, ranks)
     "cp2": ({"dp_shard": 1, "cp": 2}, {}, 2),
     "cp2-dp2": ({"dp_shard": 2, "cp": 2}, {}, 4),
     "cp2-tp2-sp": ({"dp_shard": 1, "cp": 2, "tp": 2}, {"sequence_parallel": True}, 4),
+    "hsdp2-cp2": ({"dp_replicate": 2, "dp_shard": 1, "cp": 2}, {}, 4),
     "cp2-ac": ({"dp_shard": 1, "cp": 2}, {"activation_checkpointing": "full", "activation_checkpointing_every": 1}, 2),
 }
 CASES = [(layout, model, ("sdpa", "eager")[(i + j) % 2])
