@@ -4,9 +4,8 @@
 process (1e-5 relative). Every layout runs for Llama, Qwen3 and Mistral (sliding window 5 over 16 tokens);
 eager and SDPA attention alternate so each layout sees both (the by-hand tests in test_cp_attention.py run
 every model with both). Parameters are FSDP-sharded over ``dp_shard x cp`` (HSDP: replicated over
-``dp_replicate``); with TP the sequence-parallel
-plan runs inside each CP shard; with full activation checkpointing the blocks (and the CP attention's
-all-gathers in them) are recomputed in backward.
+``dp_replicate``); with TP the sequence-parallel plan runs inside each CP shard; with full activation
+checkpointing the blocks (and the CP attention's all-gathers in them) are recomputed in backward.
 """
 
 from __future__ import annotations
