@@ -1,8 +1,8 @@
 """Context-parallel attention applied by hand on 2 gloo ranks: 3 SGD steps equal one process (fp32, 1e-5).
 
-Llama, Qwen3 and Mistral (sliding window 5 over 16 tokens, so the window crosses chunk and rank borders),
-eager and SDPA attention. Gradients are averaged over the two CP ranks by hand here; the ``fsdp2`` wiring
-is tested in ``test_cp_fsdp2.py``.
+Llama, Qwen3, Mistral (sliding window 5 over 16 tokens, so the window crosses chunk and rank borders) and
+Qwen3 with a full and a sliding-window layer, eager and SDPA attention. Gradients are averaged over the two
+CP ranks by hand here; the ``fsdp2`` wiring is tested in ``test_cp_fsdp2.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ SPECS = {
     "llama": ModelSpec("llama"),
     "qwen3": ModelSpec("qwen3"),
     "mistral-window5": ModelSpec("mistral", overrides={"sliding_window": 5}),
+    # layer 0 full attention, layer 1 a sliding window: two masks per forward
+    "qwen3-mixed-window5": ModelSpec("qwen3", overrides={"use_sliding_window": True, "sliding_window": 5,
+                                                         "max_window_layers": 1}),
 }
 
 

@@ -73,3 +73,7 @@ def test_query_blocks_stay_inside_a_chunk(monkeypatch):
 
     monkeypatch.setattr(attention, "QUERY_BLOCK", 3)
     assert attention.query_blocks(8) == [(0, 3), (3, 4), (4, 7), (7, 8)]
+
+
+def test_ring_is_accepted_for_causal_sdpa_on_cuda():
+    validate_context_parallel(tiny_hf("llama", num_hidden_layers=1, attn_implementation="sdpa"), 2, "ring", "cuda")
