@@ -81,13 +81,14 @@ def context_parallel_attention(
     inner = inner_function(module, state.inner)
     local_len = query.shape[SEQ_DIM]
     positions, restore = state.indices(local_len, query.device)
+    padding = state.key_padding  # this forward's, also when backward recomputes after another forward
 
     def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         key, value = all_gather_key_value(key, value, SEQ_DIM, state.group)
         key, value = key.index_select(SEQ_DIM, restore), value.index_select(SEQ_DIM, restore)
         outputs = []
         for start, stop in query_blocks(local_len):
-            mask = attention_mask.block(state, positions[start:stop], key.shape[SEQ_DIM])
+            mask = attention_mask.block(positions[start:stop], key.shape[SEQ_DIM], padding)
             first, last = attended_range(mask)
             out, _ = inner(module, query[:, :, start:stop], key[:, :, first:last], value[:, :, first:last],
                            additive(mask[..., first:last], query.dtype), **kwargs)

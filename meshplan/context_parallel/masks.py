@@ -17,8 +17,6 @@ from typing import Any
 
 import torch
 
-from .state import ContextParallelState
-
 
 @dataclass(frozen=True)
 class DeferredMask:
@@ -28,9 +26,10 @@ class DeferredMask:
     batch_size: int
     use_vmap: bool = False
 
-    def block(self, state: ContextParallelState, q_positions: torch.Tensor, kv_length: int) -> torch.Tensor:
+    def block(self, q_positions: torch.Tensor, kv_length: int, padding: torch.Tensor | None) -> torch.Tensor:
         """Bool ``[batch or 1, 1, len(q_positions), kv_length]`` (True = attend) for queries at the original
-        positions ``q_positions`` and keys at positions ``0 .. kv_length - 1``, padding included."""
+        positions ``q_positions`` and keys at positions ``0 .. kv_length - 1``, and the key ``padding``
+        ``[batch, kv_length]`` (gathered, original order; ``None`` = none)."""
         from transformers.masking_utils import sdpa_mask
 
         inner = self.mask_function
@@ -38,7 +37,6 @@ class DeferredMask:
         def remapped(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> torch.Tensor:
             return inner(batch_idx, head_idx, q_positions[q_idx], kv_idx)
 
-        padding = state.key_padding
         return sdpa_mask(batch_size=self.batch_size if padding is not None else 1, q_length=len(q_positions),
                          kv_length=kv_length, mask_function=remapped, attention_mask=padding,
                          allow_is_causal_skip=False, use_vmap=self.use_vmap, device=q_positions.device)
