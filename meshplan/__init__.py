@@ -26,7 +26,8 @@ _LAZY: dict[str, str] = {
     "StyleModuleTypeError": ".core.errors", "TiedParameterError": ".core.errors", "UnknownNameError": ".core.errors",
     "UnknownStrategyError": ".core.errors", "UnknownStyleError": ".core.errors",
     "UnmatchedPlanKeyError": ".core.errors", "UnsupportedConfigurationError": ".core.errors",
-    "UntranslatableStyleError": ".core.errors",
+    "UntranslatableStyleError": ".core.errors", "ContextParallelError": ".core.errors",
+    "SequenceLengthError": ".core.errors", "UnsupportedAttentionError": ".core.errors",
     # dispatcher and registry
     "parallelize": ".api", "prepare": ".api", "Prepared": ".api", "get_report": ".api", "get_strategy": ".api",
     "register_strategy": ".api", "register_tp_plan": ".api", "register_style": ".api",
@@ -56,6 +57,9 @@ _LAZY: dict[str, str] = {
     "unpack_full_state_dict": ".tensor_parallel.custom_styles",
     "ExpertsTensorParallel": ".experts.tp_styles", "ExpertParamLayout": ".experts.tp_styles",
     "IdentityExpertParallel": ".experts.tp_styles",
+    # context parallelism
+    "shard_batch": ".context_parallel.batch", "gather_sequence": ".context_parallel.batch",
+    "apply_context_parallel": ".context_parallel.apply",
     # planning at any scale
     "explain": ".dryrun", "fake_process_group": ".core.fake_pg", "list_presets": ".cli.modelsource",
 }
@@ -77,7 +81,11 @@ if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plug
     from .api import register_tp_plan as register_tp_plan
     from .api import unregister_tp_plan as unregister_tp_plan
     from .cli.modelsource import list_presets as list_presets
+    from .context_parallel.apply import apply_context_parallel as apply_context_parallel
+    from .context_parallel.batch import gather_sequence as gather_sequence
+    from .context_parallel.batch import shard_batch as shard_batch
     from .core.errors import ConflictError as ConflictError
+    from .core.errors import ContextParallelError as ContextParallelError
     from .core.errors import ImportPathError as ImportPathError
     from .core.errors import MeshError as MeshError
     from .core.errors import MeshplanError as MeshplanError
@@ -87,6 +95,7 @@ if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plug
     from .core.errors import PlanSourceError as PlanSourceError
     from .core.errors import PluginLoadError as PluginLoadError
     from .core.errors import RegistrationError as RegistrationError
+    from .core.errors import SequenceLengthError as SequenceLengthError
     from .core.errors import SequenceParallelUnsupportedError as SequenceParallelUnsupportedError
     from .core.errors import StrategyUnavailableError as StrategyUnavailableError
     from .core.errors import StyleModuleTypeError as StyleModuleTypeError
@@ -96,6 +105,7 @@ if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plug
     from .core.errors import UnknownStrategyError as UnknownStrategyError
     from .core.errors import UnknownStyleError as UnknownStyleError
     from .core.errors import UnmatchedPlanKeyError as UnmatchedPlanKeyError
+    from .core.errors import UnsupportedAttentionError as UnsupportedAttentionError
     from .core.errors import UnsupportedConfigurationError as UnsupportedConfigurationError
     from .core.errors import UntranslatableStyleError as UntranslatableStyleError
     from .core.fake_pg import fake_process_group as fake_process_group

@@ -74,14 +74,16 @@ def perturb(model: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
 
 
 def tiny_hf(model_type: str = "llama", seed: int = 0, **overrides):
-    """A 2-layer HF causal LM of ``model_type`` with small dims and fixed random weights (fp32)."""
+    """A 2-layer HF causal LM of ``model_type`` with small dims and fixed random weights (fp32); eager
+    attention unless ``attn_implementation`` is overridden."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, head_dim=16)
     settings.update(overrides)
+    attn_implementation = settings.pop("attn_implementation", "eager")
     config = AutoConfig.for_model(model_type, **settings)
-    config._attn_implementation = "eager"
+    config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 

@@ -81,3 +81,15 @@ def test_result_checks_fail_on_every_rank(ranks2):
     assert ranks2.run(_check_on_rank, [3.0, 2.0], False) == ["ok", "ok"]
     assert all("did not decrease" in r for r in ranks2.run(_check_on_rank, [3.0, 3.5], False))
     assert all("ranks [1]" in r for r in ranks2.run(_check_on_rank, [3.0, 2.0], True))
+
+
+def test_demo_mesh_with_cp_and_sequence_check(capsys, monkeypatch):
+    from meshplan.cli.demo import mesh_dims
+
+    assert mesh_dims(DemoConfig(cp=2, tp=2), 8) == {"dp_replicate": 1, "dp_shard": 2, "cp": 2, "tp": 2}
+    assert mesh_dims(DemoConfig(), 2) == {"dp_replicate": 1, "dp_shard": 2, "tp": 1}  # no cp dim without --cp
+    for name in LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert main(["demo", "--cp", "2", "--seq-len", "10"]) == 2
+    assert "SequenceLengthError: Context parallelism over cp=2 needs a --seq-len divisible by 2 x cp = 4" in (
+        capsys.readouterr().err)

@@ -3,10 +3,11 @@
 Started by hand it launches ``--nproc`` local ranks itself (see :mod:`meshplan.cli.launch`); under
 ``torchrun`` (one node or many) every process is a rank already. Each rank builds the same model
 from a config (fixed seed, random weights), ``meshplan.parallelize``s it on a
-``dp_replicate x dp_shard x tp`` mesh, and trains on synthetic token sequences that can be learned
-(each sequence counts upwards from a random token). Rank 0 prints one line per step and a summary;
-every rank prints its final line. The run fails (non-zero exit) when the loss did not decrease or
-the ranks do not hold the same model.
+``dp_replicate x dp_shard x cp x tp`` mesh (``cp`` only with ``--cp`` > 1: every sequence is then split
+over the CP ranks with :func:`meshplan.context_parallel.shard_batch`), and trains on synthetic token
+sequences that can be learned (each sequence counts upwards from a random token). Rank 0 prints one
+line per step and a summary; every rank prints its final line. The run fails (non-zero exit) when the
+loss did not decrease or the ranks do not hold the same model.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ..context_parallel.batch import shard_batch
 from ..core.errors import MeshError, MeshplanError, OptionsError, UnsupportedConfigurationError
 from .launch import in_launched_job, launch_local
 
@@ -44,6 +46,7 @@ class DemoConfig:
     strategy: str = "fsdp2"
     tp: int = 1
     dp_replicate: int = 1
+    cp: int = 1
     sequence_parallel: bool = False
     activation_checkpointing: bool | str = False
     steps: int = 20
@@ -63,6 +66,7 @@ class DemoConfig:
     def to_argv(self) -> list[str]:
         """Command-line arguments of ``meshplan demo`` that reproduce this config (for launched ranks)."""
         argv = ["--strategy", self.strategy, "--tp", str(self.tp), "--dp-replicate", str(self.dp_replicate),
+                "--cp", str(self.cp),
                 "--steps", str(self.steps), "--model", self.model, "--batch-size", str(self.batch_size),
                 "--seq-len", str(self.seq_len), "--lr", repr(self.lr), "--seed", str(self.seed),
                 "--device", self.device]
@@ -105,6 +109,10 @@ def _check_before_launch(config: DemoConfig) -> None:
     from .modelsource import resolve_source
 
     mesh_dims(config, config.nproc)
+    if config.cp > 1:
+        from ..context_parallel.layout import check_sequence_length
+
+        check_sequence_length(config.seq_len, config.cp, "--seq-len")
     if config.device not in ("auto", "cpu", "cuda"):
         raise OptionsError(f"--device must be auto, cpu or cuda, got {config.device!r}.")
     if config.use_cuda() and config.nproc > torch.cuda.device_count():
@@ -118,12 +126,18 @@ def _check_before_launch(config: DemoConfig) -> None:
 
 
 def mesh_dims(config: DemoConfig, world: int) -> dict[str, int]:
-    """``{"dp_replicate": r, "dp_shard": world / (r * tp), "tp": tp}``, or a :class:`MeshError`."""
-    if config.tp < 1 or config.dp_replicate < 1 or world % (config.tp * config.dp_replicate):
-        raise MeshError(f"{world} ranks cannot form dp_replicate={config.dp_replicate} x dp_shard x tp={config.tp}: "
-                        "the world size must be a multiple of dp_replicate x tp.")
-    return {"dp_replicate": config.dp_replicate, "dp_shard": world // (config.tp * config.dp_replicate),
-            "tp": config.tp}
+    """``{"dp_replicate": r, "dp_shard": world / (r * cp * tp), "cp": cp, "tp": tp}`` (``cp`` only when > 1),
+    or a :class:`MeshError`."""
+    fixed = config.tp * config.dp_replicate * config.cp
+    cp = f" x cp={config.cp}" if config.cp != 1 else ""
+    if min(config.tp, config.dp_replicate, config.cp) < 1 or world % fixed:
+        raise MeshError(f"{world} ranks cannot form dp_replicate={config.dp_replicate} x dp_shard{cp} x "
+                        f"tp={config.tp}: the world size must be a multiple of dp_replicate{' x cp' if cp else ''}"
+                        " x tp.")
+    dims = {"dp_replicate": config.dp_replicate, "dp_shard": world // fixed}
+    if config.cp > 1:
+        dims["cp"] = config.cp
+    return {**dims, "tp": config.tp}
 
 
 def synthetic_batch(step: int, config: DemoConfig, vocab_size: int) -> torch.Tensor:
@@ -134,11 +148,11 @@ def synthetic_batch(step: int, config: DemoConfig, vocab_size: int) -> torch.Ten
 
 
 def _data_parallel_slice(mesh: Any, batch: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of the global batch: ranks differing only in ``tp`` get the same rows."""
+    """This rank's rows of the global batch: ranks differing only in ``tp`` or ``cp`` get the same rows."""
     names, coordinate = mesh.mesh_dim_names, mesh.get_coordinate()
     index, size = 0, 1
     for name, dim, coord in zip(names, mesh.shape, coordinate):
-        if name != "tp":
+        if name not in ("tp", "cp"):
             index, size = index * dim + coord, size * dim
     if batch.shape[0] % size:
         raise MeshError(f"--batch-size {batch.shape[0]} must be a multiple of the data-parallel size {size}.")
@@ -231,8 +245,11 @@ def _train(config: DemoConfig, device: torch.device) -> DemoResult:
     losses, seconds = [], []
     for step in range(config.steps):
         input_ids = _data_parallel_slice(mesh, synthetic_batch(step, config, vocab_size)).to(device)
+        batch = {"input_ids": input_ids, "labels": input_ids}
+        if config.cp > 1:
+            batch = shard_batch(batch, mesh["cp"])
         start = time.perf_counter()
-        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -155,6 +155,7 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="fsdp2", help="registered strategy name (default: fsdp2)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--dp-replicate", type=int, default=1, help="replicas (HSDP); the rest shards data parallel")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel size: every sequence split over cp ranks")
     p.add_argument("--sequence-parallel", action="store_true", help="use the plan's sequence-parallel variant")
     p.add_argument("--activation-checkpointing", nargs="?", const=True, default=False, type=parse_value,
                    metavar="MODE", help="recompute activations in backward (MODE: mlp, full, selective)")
@@ -175,7 +176,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
     config = DemoConfig(
-        nproc=args.nproc, strategy=args.strategy, tp=args.tp, dp_replicate=args.dp_replicate,
+        nproc=args.nproc, strategy=args.strategy, tp=args.tp, dp_replicate=args.dp_replicate, cp=args.cp,
         sequence_parallel=args.sequence_parallel, activation_checkpointing=args.activation_checkpointing,
         steps=args.steps, model=args.model, overrides=parse_assignments(args.set, "--set"),
         options=parse_assignments(args.option, "--option"), batch_size=args.batch_size, seq_len=args.seq_len,

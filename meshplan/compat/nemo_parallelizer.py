@@ -285,13 +285,14 @@ def fsdp2_strategy_parallelize(
     """TP (+SP) -> activation checkpointing -> FSDP2 / HSDP: ``meshplan.parallelize(strategy="fsdp2")``.
 
     The plan comes from the same registry ``PARALLELIZE_FUNCTIONS`` shows (explicit plan, then the provider of
-    the model's class, then the Hugging Face plan).
+    the model's class, then the Hugging Face plan). A ``cp`` dim shards parameters only: NeMo AutoModel's
+    training loop runs context parallelism itself (``cp_implementation="external"``).
     """
     return parallelize(
         model, device_mesh, strategy="fsdp2", tp_plan=tp_shard_plan, mp_policy=mp_policy,
         offload_policy=offload_policy, sequence_parallel=sequence_parallel,
         activation_checkpointing=activation_checkpointing, dp_replicate_mesh_name=dp_replicate_mesh_name,
-        dp_shard_cp_mesh_name=dp_shard_cp_mesh_name, tp_mesh_name=tp_mesh_name,
+        dp_shard_cp_mesh_name=dp_shard_cp_mesh_name, tp_mesh_name=tp_mesh_name, cp_implementation="external",
     )
 
 

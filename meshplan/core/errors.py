@@ -102,3 +102,16 @@ class UnsupportedConfigurationError(MeshplanError, ValueError):
 class ExpertParallelError(MeshplanError, ValueError):
     """Expert parallelism cannot be laid out: ``ep_size`` does not divide the experts or the ranks it borrows,
     or the model has no experts for an EP plan to split."""
+
+
+# --- context parallelism ---------------------------------------------------------------------------
+class ContextParallelError(MeshplanError, ValueError):
+    """Context parallelism cannot run with these inputs (base of the two errors below)."""
+
+
+class SequenceLengthError(ContextParallelError):
+    """The sequence length does not split into ``2 x cp`` equal chunks (the load-balanced CP layout)."""
+
+
+class UnsupportedAttentionError(ContextParallelError):
+    """The model's attention cannot be wrapped for context parallelism (it names the class)."""

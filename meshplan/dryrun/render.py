@@ -25,6 +25,10 @@ def _mesh(mesh: Mapping[str, Any]) -> list[str]:
     if mesh["roles"]:
         lines.append("          roles " + ", ".join(f"{role}={'+'.join(r['dims']) or '-'} ({r['size']})"
                                                     for role, r in mesh["roles"].items()))
+    cp = mesh.get("context_parallel")
+    if cp:
+        lines.append(f"          context parallel: {cp['implementation']} over cp={cp['size']}, wrapping "
+                     f"{cp['attention']!r} attention; sequence lengths must be multiples of {cp['sequence_multiple']}")
     return lines
 
 

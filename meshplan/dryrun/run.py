@@ -169,6 +169,15 @@ def explain(
     return report
 
 
+def _context_parallel_section(model: nn.Module, prepared: Any) -> dict[str, Any] | None:
+    """How the sequence is split when the ``cp`` role is larger than 1 (``None`` otherwise)."""
+    size = prepared.roles.size("cp")
+    if size == 1:
+        return None
+    return {"size": size, "implementation": getattr(prepared.options, "cp_implementation", None),
+            "attention": getattr(model, "_meshplan_cp_inner", None), "sequence_multiple": 2 * size}
+
+
 def _explain_in_world(
     report: dict[str, Any], phases: _Phases, model: nn.Module, dims: dict[str, int], strategy_arg: str | Strategy,
     tp_plan: Any, sequence_parallel: bool, options: Mapping[str, Any], precision: str, total: int,
@@ -193,6 +202,7 @@ def _explain_in_world(
         report["strategy"]["options"] = prepared.report()["options"]
     with phases("apply"):
         model = prepared.apply()
+        report["mesh"]["context_parallel"] = _context_parallel_section(model, prepared)
     with phases("inspect"):
         applied = get_report(model) or {}
         report["plan"] = _plan_section(applied.get("plan"), prepared.tp_size)

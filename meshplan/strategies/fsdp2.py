@@ -5,11 +5,19 @@ The composition order is fixed:
 1. **Tensor parallel** on the ``tp`` mesh dim with the plan the dispatcher resolved and validated
    (:func:`meshplan.tensor_parallel.apply.apply_tensor_parallel`, which also keeps tied input/output
    embeddings tied).
+   **Context parallel** on the ``cp`` dim, when it is larger than 1: the model's attention is wrapped
+   (:func:`meshplan.context_parallel.apply_context_parallel`, option ``cp_implementation``); batches are
+   sharded with :func:`meshplan.context_parallel.shard_batch`.
+   **Expert parallel** with ``ep_size`` > 1: the EP plan's experts modules keep their own experts and get their
+   tokens by all-to-all (:func:`meshplan.experts.apply.apply_expert_parallel`) on ranks carved from
+   ``dp_shard`` x ``cp`` (and ``tp`` when the TP plan leaves the experts whole; :mod:`meshplan.core.roles`).
 2. **Activation checkpointing** (:mod:`meshplan.core.activation_checkpointing`) of the model's blocks.
 3. **FSDP2** (``torch.distributed.fsdp.fully_shard``) of every block found structurally by
    :func:`meshplan.core.blocks.find_blocks`; the last block does not reshard after forward (backward
    needs it first). Fused expert parameters ``[num_experts, ...]`` are sharded on a dim that splits evenly
-   when dim 0 does not (more shards than experts; :mod:`meshplan.experts.sharding`).
+   when dim 0 does not (more shards than experts; :mod:`meshplan.experts.sharding`). Under EP each experts
+   module is its own unit first, on the ranks that hold the same experts (``roles.expert_data_parallel``),
+   its gradients averaged over the dense data-parallel size.
 4. The **root unit** (embeddings, final norm, ``lm_head``: everything outside the blocks, so a tied
    embedding and ``lm_head`` share one unit), which never reshards after forward.
 
@@ -71,6 +79,11 @@ class FSDP2Options(CheckpointingOptions):
         dp_shard_cp_mesh_name: mesh dim to shard across; ``"dp_shard_cp"``, ``"dp_shard"`` and ``"dp"`` are
             tried after it. A dim of size 1 is fine (TP-only training still needs one).
         cp_mesh_name: context-parallel mesh dim (``"cp"``); parameters are sharded over shard x cp.
+        cp_implementation: with a ``cp`` dim > 1, how attention sees the whole sequence: ``"allgather"``
+            (default: keys and values all-gathered, wraps the model's eager/SDPA attention on any device) or
+            ``"ring"`` (torch's ring attention; CUDA, SDPA, plain causal masks) or ``"external"`` (the model
+            is left as it is: the training loop runs CP itself, e.g. with torch's ``context_parallel`` context
+            manager; ``cp`` still shards parameters). See :mod:`meshplan.context_parallel`.
         mp_policy: FSDP2 mixed precision. ``None`` (default) = bf16 parameters, fp32 gradient reduction and
             fp32 output. ``output_dtype`` is applied at the root only: casting every block's output (as NeMo
             AutoModel does) feeds fp32 activations to a bf16 ``lm_head`` and fails on transformers 5.x.
@@ -89,6 +102,7 @@ class FSDP2Options(CheckpointingOptions):
     dp_replicate_mesh_name: str = "dp_replicate"
     dp_shard_cp_mesh_name: str = "dp_shard_cp"
     cp_mesh_name: str = "cp"
+    cp_implementation: str = "allgather"
     mp_policy: MixedPrecisionPolicy | None = None
     offload_policy: OffloadPolicy | None = None
     reshard_after_forward: bool = True
@@ -148,6 +162,10 @@ class FSDP2Strategy(Strategy):
 
         require_fsdp2_options(options)
         require_shard_dim(roles, options)
+        if roles.size("cp") > 1:
+            from ..context_parallel import validate_context_parallel
+
+            validate_context_parallel(model, roles.size("cp"), options.cp_implementation, roles.mesh.device_type)
         if isinstance(options.offload_policy, CPUOffloadPolicy) and roles.mesh.device_type == "cpu":
             raise UnsupportedConfigurationError(
                 "offload_policy=CPUOffloadPolicy() needs an accelerator mesh (cuda, ...): on a CPU mesh torch's "
@@ -169,6 +187,10 @@ class FSDP2Strategy(Strategy):
         blocks = find_blocks(model)
         if plan is not None:  # also re-ties parameters shared before TP (tied embeddings)
             apply_tensor_parallel(model, roles.tp, plan)
+        if roles.cp is not None:  # the sequence is split over cp; sequence parallel then works inside a CP shard
+            from ..context_parallel import apply_context_parallel
+
+            apply_context_parallel(model, roles.cp, options.cp_implementation)
         expert_meshes = roles.expert_meshes() if ep_plan is not None else None
         experts = [] if expert_meshes is None else apply_expert_parallel(model, ep_plan, expert_meshes)
         wrapped = options.apply_checkpointing(model, blocks)
@@ -190,9 +212,10 @@ class FSDP2Strategy(Strategy):
                         shard_placement_fn=placement)
         fully_shard(model, mesh=dp.mesh, mp_policy=root_policy, offload_policy=offload,
                     reshard_after_forward=False, shard_placement_fn=placement)
-        log_rank0(logger, logging.INFO, "fsdp2: %s; TP %s; activation checkpointing of %d module(s); "
+        log_rank0(logger, logging.INFO, "fsdp2: %s; TP %s; CP %s; activation checkpointing of %d module(s); "
                   "%d block unit(s) + root", dp.describe(),
                   f"on {options.tp_mesh_name!r} ({len(plan.styles)} plan keys)" if plan else "off",
+                  f"{options.cp_implementation} over {roles.size('cp')}" if roles.cp is not None else "off",
                   len(wrapped), len(blocks))
         return model
 

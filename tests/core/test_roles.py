@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -12,7 +13,7 @@ from meshplan.core.errors import MeshError
 from meshplan.core.roles import resolve_roles
 from meshplan.strategies.ddp import DDPOptions
 from meshplan.strategies.fsdp2 import FSDP2Options
-from tests.support import TinyStack
+from tests.support import TinyStack, tiny_hf
 
 STACK_PLAN = {"layers.*.up": "colwise", "layers.*.down": "rowwise"}
 
@@ -79,10 +80,11 @@ def test_roles_that_would_share_ranks_are_not_both_taken(fake_pg):
 
 
 def test_fsdp2_applies_on_the_roles_sub_meshes(fake_pg):
+    with torch.device("meta"):  # cp > 1 wraps the attention, so a transformers model (a TinyStack is refused)
+        model = tiny_hf("llama")
     with fake_pg(8):
-        model = meshplan.parallelize(TinyStack().to("meta"), _mesh(dp_shard=2, cp=2, tp=2), "fsdp2",
-                                     tp_plan=STACK_PLAN)
-        weight = model.layers[0].up.weight
+        model = meshplan.parallelize(model, _mesh(dp_shard=2, cp=2, tp=2), "fsdp2")
+        weight = model.model.layers[0].mlp.up_proj.weight
         assert isinstance(model, FSDPModule) and isinstance(weight, DTensor)
         assert weight.device_mesh.mesh_dim_names == ("dp_shard_cp", "tp")
         assert meshplan.get_report(model)["roles"]["dp_shard"]["size"] == 2

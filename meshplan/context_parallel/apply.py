@@ -1,0 +1,165 @@
+"""Put context parallelism on a transformers model: checks first, then the attention switch and an input hook.
+
+:func:`validate_context_parallel` runs before any collective and depends only on the model, the CP size and
+the options, so every rank raises the same error. :func:`apply_context_parallel` then
+
+1. registers the CP attention (:mod:`meshplan.context_parallel.attention`) and switches the model's
+   ``config._attn_implementation`` to it, remembering the implementation it wraps;
+2. hooks the base model's forward: position ids default to the global positions of the local tokens (so
+   rotary embeddings are those of one process), a 2-D padding mask is all-gathered once per forward for the
+   keys, and a missing one is replaced by an all-ones mask (transformers would otherwise read the
+   non-contiguous global position ids as packed sequences).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from ..core.errors import ContextParallelError, OptionsError, UnsupportedAttentionError
+from ..core.log import get_logger, log_rank0
+from . import layout
+from .attention import ATTENTION_NAME, describe, register, takes_dense_mask
+from .collectives import all_gather_sequence
+from .state import IMPLEMENTATIONS, ContextParallelState, bind
+
+logger = get_logger(__name__)
+
+
+def _config(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        raise UnsupportedAttentionError(
+            f"{type(model).__qualname__} is not a transformers model with an attention implementation "
+            "(config._attn_implementation): context parallelism wraps the attention a model dispatches through "
+            "transformers' AttentionInterface and cannot reach attention computed inside the model's own code.")
+    return config
+
+
+def attention_classes(model: nn.Module) -> dict[type, bool]:
+    """Classes named ``*Attention*`` in ``model`` -> whether their modeling file dispatches through
+    transformers' attention interface (``ALL_ATTENTION_FUNCTIONS``)."""
+    found: dict[type, bool] = {}
+    for module in model.modules():
+        cls = type(module)
+        if "attention" in cls.__name__.lower() and cls not in found:
+            found[cls] = hasattr(sys.modules.get(cls.__module__), "ALL_ATTENTION_FUNCTIONS")
+    return found
+
+
+def _uses_sliding_window(config: Any) -> bool:
+    if getattr(config, "sliding_window", None) is None:
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    return layer_types is None or "sliding_attention" in layer_types
+
+
+def wrapped_implementation(model: nn.Module) -> str:
+    """The attention implementation CP will wrap: the model's own, or the one recorded when CP was applied."""
+    config = _config(model)
+    current = config._attn_implementation
+    return getattr(model, "_meshplan_cp_inner", current) if current == ATTENTION_NAME else current
+
+
+def validate_context_parallel(model: nn.Module, cp_size: int, implementation: str, device_type: str) -> None:
+    """Raise a typed error if CP over ``cp_size`` ranks with ``implementation`` cannot run on ``model``.
+
+    Collective-free and deterministic (identical on every rank).
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise OptionsError(f"cp_implementation must be one of {list(IMPLEMENTATIONS)}, got {implementation!r}.")
+    if implementation == "external":
+        return
+    config = _config(model)
+    name = type(model).__qualname__
+    if not getattr(model, "_supports_attention_backend", False):
+        raise UnsupportedAttentionError(
+            f"{name} does not declare _supports_attention_backend: its attention does not go through "
+            "transformers' AttentionInterface, so context parallelism cannot wrap it.")
+    classes = attention_classes(model)
+    if not classes:
+        raise UnsupportedAttentionError(f"{name} has no attention module (no class named '*Attention*') to wrap.")
+    inline = sorted(cls.__qualname__ for cls, dispatches in classes.items() if not dispatches)
+    if inline:
+        raise UnsupportedAttentionError(
+            f"{', '.join(inline)} in {name} compute(s) attention without transformers' AttentionInterface, so "
+            "context parallelism cannot wrap it.")
+    inner = wrapped_implementation(model)
+    if implementation == "ring":
+        if device_type != "cuda":
+            raise UnsupportedAttentionError(
+                f"cp_implementation='ring' (torch's ring attention) runs only on CUDA SDPA kernels; this mesh is "
+                f"{device_type!r}. Use cp_implementation='allgather', which works on every device.")
+        if inner != "sdpa":
+            raise UnsupportedAttentionError(
+                f"cp_implementation='ring' needs attn_implementation='sdpa'; {name} uses {inner!r}.")
+        if _uses_sliding_window(config):
+            raise UnsupportedAttentionError(
+                f"{name} uses a sliding window (sliding_window={config.sliding_window}), which torch's ring "
+                "attention cannot mask; use cp_implementation='allgather'.")
+        return
+    if not takes_dense_mask(inner):
+        raise UnsupportedAttentionError(
+            f"{name} uses attn_implementation={inner!r}, which takes no dense attention mask, so the all-gather "
+            "context parallelism cannot give it the mask of its local queries. Use 'sdpa' or 'eager' (or "
+            "cp_implementation='ring' on CUDA with 'sdpa').")
+
+
+def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh, implementation: str = "allgather") -> nn.Module:
+    """Make ``model`` run context parallel over the 1-D ``cp_mesh`` (validated first); returns it.
+
+    Batches must then be sharded with :func:`meshplan.context_parallel.shard_batch` (or laid out the same
+    way); a CP size of 1 changes nothing.
+    """
+    if cp_mesh.ndim != 1:
+        raise ContextParallelError(f"The CP mesh must be 1-D, got dims {cp_mesh.mesh_dim_names}.")
+    validate_context_parallel(model, cp_mesh.size(), implementation, cp_mesh.device_type)
+    if cp_mesh.size() == 1 or implementation == "external":
+        return model
+    config = _config(model)
+    inner = wrapped_implementation(model)
+    register()
+    state = ContextParallelState(cp_mesh, implementation, inner)
+    bind(model, state)
+    config._attn_implementation = ATTENTION_NAME
+    model._meshplan_cp_inner = inner
+    base = getattr(model, "base_model", model)
+    base.register_forward_pre_hook(functools.partial(_shard_inputs, state=state), with_kwargs=True)
+    log_rank0(logger, logging.INFO, "context parallel: %s", describe(state))
+    return model
+
+
+def _shard_inputs(module: nn.Module, args: tuple, kwargs: dict, state: ContextParallelState) -> tuple[tuple, dict]:
+    """Forward pre-hook of the base model: global position ids, gathered key padding, no cache."""
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if tokens is None:
+        raise ContextParallelError("Context parallelism needs input_ids or inputs_embeds to find the sequence length.")
+    batch, local_len = tokens.shape[0], tokens.shape[1]
+    layout.check_local_length(local_len, state.size)
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        raise ContextParallelError("Context parallelism is for training: a KV cache is not supported.")
+    kwargs["use_cache"] = False
+    if kwargs.get("position_ids") is None:
+        positions, _ = state.indices(local_len, tokens.device)
+        kwargs["position_ids"] = positions.unsqueeze(0).expand(batch, -1)
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        state.key_padding = None
+        kwargs["attention_mask"] = torch.ones((batch, local_len), dtype=torch.bool, device=tokens.device)
+    elif mask.ndim == 2:
+        if state.implementation == "ring":
+            raise ContextParallelError("cp_implementation='ring' supports no padding mask; use 'allgather'.")
+        gathered = all_gather_sequence(mask.to(torch.uint8), 1, state.group).bool()
+        state.key_padding = gathered.index_select(1, state.indices(local_len, tokens.device)[1])
+    else:
+        raise ContextParallelError(
+            f"Context parallelism takes a 2-D padding mask [batch, local tokens]; got a {mask.ndim}-D mask.")
+    return args, kwargs

@@ -1,0 +1,95 @@
+"""Shard a batch for context parallelism and gather per-token outputs back.
+
+Every rank of a CP group holds the same batch; :func:`shard_batch` keeps this rank's load-balanced share of
+each sequence (:mod:`meshplan.context_parallel.layout`). Labels are shifted *before* sharding (the token a
+position predicts may live on another rank) and handed to transformers as ``shift_labels``; the loss is
+divided by ``num_items_in_batch`` = (valid tokens of the whole sequence) / cp, so that the mean of the CP
+ranks' losses, which is what data-parallel gradient averaging over ``dp_shard x cp`` computes, is the
+per-token mean over the whole sequence, as in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+
+from ..core.errors import ContextParallelError
+from . import layout
+from .collectives import all_gather_sequence
+
+#: Batch entries split along dim 1 (the sequence); other entries are passed through unchanged.
+SEQUENCE_KEYS = ("input_ids", "inputs_embeds", "labels", "shift_labels", "position_ids", "attention_mask",
+                 "token_type_ids")
+IGNORE_INDEX = -100
+
+
+def _sequence_length(batch: Mapping[str, Any]) -> int:
+    tokens = batch.get("input_ids")
+    if tokens is None:
+        tokens = batch.get("inputs_embeds")
+    if tokens is None:
+        raise ContextParallelError("shard_batch needs input_ids or inputs_embeds [batch, sequence, ...].")
+    return tokens.shape[1]
+
+
+def next_token_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``labels`` shifted left by one (position ``i`` is scored against token ``i + 1``); the last is ignored."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
+
+
+def shard_batch(batch: Mapping[str, Any], cp_mesh: DeviceMesh, ignore_index: int = IGNORE_INDEX) -> dict[str, Any]:
+    """This CP rank's part of ``batch`` (a dict of model inputs), ready for ``model(**shard)``.
+
+    Args:
+        batch: ``input_ids`` (or ``inputs_embeds``) ``[batch, sequence, ...]`` and optionally ``labels``
+            (unshifted, as for transformers causal LMs), ``position_ids``, a 2-D ``attention_mask``,
+            ``token_type_ids``; other entries are kept as they are. The same on every rank of the CP group.
+        cp_mesh: the 1-D context-parallel mesh (``mesh["cp"]``).
+        ignore_index: label value that is not scored.
+
+    Returns:
+        The sequence entries sharded; ``position_ids`` (the global positions of the local tokens, created if
+        absent); with labels: ``shift_labels`` and ``labels`` (both the shifted local labels) and
+        ``num_items_in_batch`` (see the module docstring). A CP size of 1 returns the batch unchanged.
+
+    Raises:
+        SequenceLengthError: the sequence length is not divisible by ``2 x cp`` (before any collective).
+    """
+    size, rank = cp_mesh.size(), cp_mesh.get_local_rank()
+    if size == 1:
+        return dict(batch)
+    seq_len = _sequence_length(batch)
+    layout.check_sequence_length(seq_len, size)
+    out = dict(batch)
+    if out.get("position_ids") is None:
+        batch_size = out["input_ids" if out.get("input_ids") is not None else "inputs_embeds"].shape[0]
+        out["position_ids"] = torch.arange(seq_len).unsqueeze(0).expand(batch_size, -1)
+    if out.get("labels") is not None or out.get("shift_labels") is not None:
+        shifted = out.get("shift_labels")
+        if shifted is None:
+            shifted = next_token_labels(out["labels"], ignore_index)
+        out["labels"], out["shift_labels"] = None, shifted  # sharded once, below
+        out["num_items_in_batch"] = (shifted != ignore_index).sum() / size
+    for key in SEQUENCE_KEYS:
+        value = out.get(key)
+        if value is None:
+            continue
+        if value.ndim < 2 or value.shape[1] != seq_len:
+            raise ContextParallelError(
+                f"shard_batch: {key} has shape {tuple(value.shape)}, expected [batch, {seq_len}, ...].")
+        out[key] = layout.shard_sequence(value, rank, size, dim=1)
+    if out.get("shift_labels") is not None:
+        out["labels"] = out["shift_labels"]  # transformers computes the loss only when labels is not None
+    return out
+
+
+def gather_sequence(tensor: torch.Tensor, cp_mesh: DeviceMesh, dim: int = 1) -> torch.Tensor:
+    """The whole sequence from every CP rank's local per-token ``tensor`` (logits, hidden states, per-token
+    losses), in the original order. A collective on the CP group; differentiable."""
+    if cp_mesh.size() == 1:
+        return tensor
+    gathered = all_gather_sequence(tensor, dim, cp_mesh.get_group())
+    return gathered.index_select(dim, layout.restore_order(gathered.shape[dim], cp_mesh.size(), tensor.device))

@@ -1,0 +1,79 @@
+"""The load-balanced layout, batch sharding and the checks that run before any collective."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+
+from meshplan.context_parallel import layout, shard_batch, validate_context_parallel
+from meshplan.context_parallel.batch import next_token_labels
+from meshplan.core.errors import OptionsError, SequenceLengthError, UnsupportedAttentionError
+from tests.support import TinyStack, tiny_hf
+
+
+def test_each_rank_holds_a_head_and_a_tail_chunk():
+    assert layout.shard_indices(16, 0, 2).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert layout.shard_indices(16, 1, 2).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+    gathered = layout.gathered_indices(24, 3)
+    assert sorted(gathered.tolist()) == list(range(24))
+    assert torch.equal(gathered[layout.restore_order(24, 3)], torch.arange(24))
+
+
+@pytest.mark.parametrize("cp", [2, 4, 8])
+def test_every_rank_does_the_same_causal_work(cp):
+    seq_len = 64 * cp
+    work = [int((layout.shard_indices(seq_len, r, cp) + 1).sum()) for r in range(cp)]  # keys each query sees
+    assert len(set(work)) == 1
+
+
+def test_sequence_length_must_split_into_2cp_chunks():
+    with pytest.raises(SequenceLengthError, match="divisible by 2 x cp = 4.*got 10"):
+        layout.check_sequence_length(10, 2)
+    with pytest.raises(SequenceLengthError, match="must be even"):
+        layout.check_local_length(5, 2)
+
+
+def test_shard_batch_shifts_labels_before_sharding(fake_pg):
+    with fake_pg(2):  # this process is rank 0 of a fake 2-rank world
+        cp_mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("cp",))["cp"]
+        ids = torch.arange(8).reshape(1, 8) + 100
+        mask = torch.ones(1, 8, dtype=torch.long)
+        shard = shard_batch({"input_ids": ids, "labels": ids, "attention_mask": mask, "extra": 7}, cp_mesh)
+        with pytest.raises(SequenceLengthError, match="divisible by 2 x cp = 4"):
+            shard_batch({"input_ids": torch.zeros(1, 6, dtype=torch.long)}, cp_mesh)
+    assert shard["input_ids"].tolist() == [[100, 101, 106, 107]]
+    assert shard["position_ids"].tolist() == [[0, 1, 6, 7]]
+    assert shard["labels"].tolist() == [[101, 102, 107, -100]]  # next tokens; the last one is never scored
+    assert shard["shift_labels"] is shard["labels"]
+    assert float(shard["num_items_in_batch"]) == 7 / 2  # the mean over the 2 CP ranks = per-token mean
+    assert shard["attention_mask"].shape == (1, 4) and shard["extra"] == 7
+    assert next_token_labels(torch.tensor([[1, 2, 3]])).tolist() == [[2, 3, -100]]
+
+
+def test_attention_that_cannot_be_wrapped_is_named():
+    with pytest.raises(UnsupportedAttentionError, match="TinyStack is not a transformers model"):
+        validate_context_parallel(TinyStack(), 2, "allgather", "cpu")
+    model = tiny_hf("llama", num_hidden_layers=1)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(UnsupportedAttentionError, match="LlamaForCausalLM uses attn_implementation='flash_att"):
+        validate_context_parallel(model, 2, "allgather", "cpu")
+    model.config._attn_implementation = "sdpa"
+    with pytest.raises(UnsupportedAttentionError, match="runs only on CUDA"):
+        validate_context_parallel(model, 2, "ring", "cpu")
+    with pytest.raises(OptionsError, match="cp_implementation must be one of"):
+        validate_context_parallel(model, 2, "ulysses", "cpu")
+    mistral = tiny_hf("mistral", num_hidden_layers=1, sliding_window=8, attn_implementation="sdpa")
+    with pytest.raises(UnsupportedAttentionError, match="sliding window"):
+        validate_context_parallel(mistral, 2, "ring", "cuda")
+
+
+def test_query_blocks_stay_inside_a_chunk(monkeypatch):
+    from meshplan.context_parallel import attention
+
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 3)
+    assert attention.query_blocks(8) == [(0, 3), (3, 4), (4, 7), (7, 8)]
+
+
+def test_ring_is_accepted_for_causal_sdpa_on_cuda():
+    validate_context_parallel(tiny_hf("llama", num_hidden_layers=1, attn_implementation="sdpa"), 2, "ring", "cuda")
