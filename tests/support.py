@@ -16,8 +16,8 @@ from meshplan.plugins.testing import TensorParallelOnly, tp_mesh
 __all__ = ["Block", "TensorParallelOnly", "TinyStack", "clean_name", "full", "full_grads", "full_params",
            "perturb", "relative_error", "tiny_hf", "tp_mesh"]
 
-#: Prefixes wrappers add to parameter names (activation checkpointing, FSDP1, DDP).
-WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "module.")
+#: Module names that wrappers insert into parameter names (activation checkpointing, FSDP1).
+WRAPPER_COMPONENTS = frozenset({"_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
 
 
 # --- numbers -------------------------------------------------------------------------------------------
@@ -37,10 +37,9 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def clean_name(name: str) -> str:
-    """A parameter name without wrapper prefixes (:data:`WRAPPER_PREFIXES`)."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+    """A parameter name without the components wrappers insert (:data:`WRAPPER_COMPONENTS`); whole dotted
+    components only, so a module called ``L_module`` keeps its name."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
 
 
 def _gathered(model: nn.Module, named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
