@@ -9,7 +9,7 @@ and whether it reshards after forward.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..state.fsdp_state import mixed_precision_policy, reshards_after_forward
+from .all_ranks import AllRanks
 
 #: AdamW keeps ``exp_avg`` and ``exp_avg_sq`` in the parameter's dtype plus a float32 ``step`` per tensor.
 ADAMW_STATES_PER_ELEMENT = 2
@@ -113,7 +114,18 @@ def _dtypes(layouts: Iterable[ParamLayout]) -> str:
     return ", ".join(sorted({_dtype_name(p.dtype) or "?" for p in layouts}))
 
 
-def memory(layouts: list[ParamLayout], units: list[dict[str, Any]], total_parameters: int) -> dict[str, Any]:
+def _state_bytes(layouts: list[ParamLayout], local: Mapping[str, int]) -> dict[str, int]:
+    """Bytes of parameters, gradients and AdamW state for the given local elements per parameter name."""
+    trainable = [p for p in layouts if p.trainable]
+    params = sum(local[p.name] * p.element_size for p in layouts)
+    grads = sum(local[p.name] * p.element_size for p in trainable)
+    adamw = ADAMW_STATES_PER_ELEMENT * grads + ADAMW_STEP_BYTES * len(trainable)
+    return {"params": params, "grads": grads, "adamw": adamw, "total": params + grads + adamw}
+
+
+def memory(layouts: list[ParamLayout], units: list[dict[str, Any]], total_parameters: int,
+           spread: AllRanks | None = None, coordinate_of: Callable[[int], dict[str, int]] | None = None,
+           ) -> dict[str, Any]:
     """Per-rank bytes of parameters, gradients and AdamW state, against the ideal (total / shards).
 
     ``total_parameters`` is counted before parallelization. ``shards`` is the largest number of pieces
@@ -122,36 +134,42 @@ def memory(layouts: list[ParamLayout], units: list[dict[str, Any]], total_parame
     and casts back). The transient part estimates the all-gathered (unsharded) units in compute dtype:
     units kept unsharded after forward, plus twice the largest other unit (current + prefetched); units
     whose parameters are not sharded over the data-parallel dims (replicas) gather nothing.
+    ``spread`` (every rank's elements) adds the worst rank: ``max_local``, its rank and its bytes.
     """
     trainable = [p for p in layouts if p.trainable]
     shards = max((p.shards for p in layouts), default=1)
     local = sum(p.local for p in layouts)
-    params_bytes = sum(p.local * p.element_size for p in layouts)
-    total_bytes = sum(p.numel * p.element_size for p in layouts)
-    grads_bytes = sum(p.local * p.element_size for p in trainable)
-    grads_total = sum(p.numel * p.element_size for p in trainable)
-    optim_bytes = ADAMW_STATES_PER_ELEMENT * grads_bytes + ADAMW_STEP_BYTES * len(trainable)
-    optim_total = ADAMW_STATES_PER_ELEMENT * grads_total
+    here = _state_bytes(layouts, {p.name: p.local for p in layouts})
+    whole = _state_bytes(layouts, {p.name: p.numel for p in layouts})
+    steps = ADAMW_STEP_BYTES * len(trainable)
+    ideal_bytes = {key: (value - (steps if key in ("adamw", "total") else 0)) / shards
+                   + (steps if key in ("adamw", "total") else 0) for key, value in whole.items()}
+    worst: dict[str, int] | None = None
+    ideal_local = total_parameters / shards
+    parameters: dict[str, Any] = {
+        "total": total_parameters,
+        "local": local,
+        "shards": shards,
+        "ideal_local": ideal_local,
+        "overhead": local / ideal_local - 1 if ideal_local else 0.0,
+        "max_local": None, "max_local_rank": None, "max_local_coordinate": None, "max_local_overhead": None,
+    }
+    if spread is not None:
+        rank = spread.max_local_rank
+        worst = _state_bytes(layouts, spread.local_by_name(rank))
+        parameters.update(max_local=spread.max_local, max_local_rank=rank,
+                          max_local_coordinate=coordinate_of(rank) if coordinate_of else None,
+                          max_local_overhead=spread.max_local / ideal_local - 1 if ideal_local else 0.0)
+    dtypes = {"params": _dtypes(layouts), "grads": _dtypes(trainable), "adamw": _dtypes(trainable), "total": None}
     sharded = [u for u in units if u["gathered_elements"] > u["local_elements"]]  # replicas gather nothing
     kept = [u["gathered_bytes"] for u in sharded if u["reshard_after_forward"] is False]
     others = [u["gathered_bytes"] for u in sharded if u["reshard_after_forward"] is not False]
-    ideal_local = total_parameters / shards
     return {
-        "parameters": {
-            "total": total_parameters,
-            "local": local,
-            "shards": shards,
-            "ideal_local": ideal_local,
-            "overhead": local / ideal_local - 1 if ideal_local else 0.0,
-        },
-        "bytes": {
-            "params": {"dtype": _dtypes(layouts), "local": params_bytes, "ideal": total_bytes / shards},
-            "grads": {"dtype": _dtypes(trainable), "local": grads_bytes, "ideal": grads_total / shards},
-            "adamw": {"dtype": _dtypes(trainable), "local": optim_bytes,
-                      "ideal": optim_total / shards + ADAMW_STEP_BYTES * len(trainable)},
-            "total": {"local": params_bytes + grads_bytes + optim_bytes,
-                      "ideal": (total_bytes + grads_total + optim_total) / shards + ADAMW_STEP_BYTES * len(trainable)},
-        },
+        "parameters": parameters,
+        "bytes": {key: ({"dtype": dtypes[key]} if dtypes[key] is not None else {})
+                  | {"local": here[key], "max_local": None if worst is None else worst[key],
+                     "ideal": ideal_bytes[key]}
+                  for key in ("params", "grads", "adamw", "total")},
         "transient": {
             "compute_dtype": ", ".join(sorted({u["compute_dtype"] for u in units if u["compute_dtype"]})) or None,
             "largest_unit_bytes": max(others, default=0),
