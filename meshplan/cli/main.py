@@ -121,6 +121,7 @@ def _add_explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp-plan", metavar="PATH", help="a JSON plan file, or a dotted path to a plan or function")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (dotted keys nest)")
     p.add_argument("-o", "--option", action="append", metavar="NAME=VALUE", help="a strategy option")
+    p.add_argument("--ep", type=int, metavar="N", help="expert-parallel size: the strategy's ep_size option")
     p.add_argument("--precision", default="bf16-mixed", choices=("bf16-mixed", "fp32", "bf16"),
                    help="bf16-mixed: fp32 weights, the strategy's bf16 compute (default); fp32; bf16 weights")
     p.add_argument("--rank", type=int, default=0, help="the rank whose shards are shown (default 0)")
@@ -136,7 +137,7 @@ def _run_explain(args: argparse.Namespace) -> int:
         args.model, args.mesh, args.strategy, tp_plan=load_tp_plan(args.tp_plan),
         sequence_parallel=args.sequence_parallel, overrides=parse_assignments(args.set, "--set"),
         options=parse_assignments(args.option, "--option"), precision=args.precision, rank=args.rank,
-        raise_errors=False,
+        ep_size=args.ep, raise_errors=False,
     )
     if args.json:
         shown = report if args.timings else {k: v for k, v in report.items() if k != "timings_s"}

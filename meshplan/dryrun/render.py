@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,10 +33,14 @@ def _mesh(mesh: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _option(value: Any) -> str:
+    return json.dumps(value) if value is None or isinstance(value, (bool, list, dict)) else str(value)
+
+
 def _strategy(strategy: Mapping[str, Any]) -> list[str]:
     lines = [f"strategy  {strategy['name']} from {strategy['provenance']}"]
     if strategy.get("options"):
-        lines.append("          options " + ", ".join(f"{k}={v}" for k, v in strategy["options"].items()))
+        lines.append("          options " + ", ".join(f"{k}={_option(v)}" for k, v in strategy["options"].items()))
     return lines
 
 
@@ -47,10 +52,23 @@ def _plan(plan: Mapping[str, Any] | None) -> list[str]:
     rows = [{"key": e["key"], "style": e["style"], "modules": _patterns(e["modules"])} for e in plan["entries"]]
     lines.append(format_table(rows, (("key", "plan key"), ("style", "style"), ("modules", "matched modules")),
                               indent="  "))
-    replicated = plan["replicated_linears"]
-    lines.append(f"  Linear layers left replicated ({replicated['count']}): "
-                 + (_patterns(replicated["modules"]) or "none"))
     return lines
+
+
+def _replicated(replicated: Mapping[str, Any] | None, total: int) -> list[str]:
+    """Matrices (2-D or more, any module type) that every TP/EP rank holds the same piece of."""
+    if replicated is None:
+        return []
+    dims = " / ".join(replicated["dims"])
+    if not replicated["count"]:
+        return [f"  parameters whole on every {dims} rank: none (1-D norms and biases not counted)"]
+    share = f" = {replicated['elements'] / total:.1%} of the model" if total else ""
+    shown = ", ".join(f"{p['pattern']} [{'x'.join(map(str, p['shape']))}]"
+                      + (f" ({p['count']})" if p["count"] > 1 else "")
+                      + (f" over {'/'.join(p['over'])}" if len(replicated["dims"]) > 1 else "")
+                      for p in replicated["parameters"])
+    return [f"  parameters whole on every {dims} rank ({replicated['count']} tensors, "
+            f"{human_count(replicated['elements'])} elements{share}): {shown}"]
 
 
 def _units(units: list[dict[str, Any]]) -> list[str]:
@@ -71,18 +89,35 @@ def _units(units: list[dict[str, Any]]) -> list[str]:
     return [f"FSDP units ({sum(u['count'] for u in units)})", format_table(rows, columns, indent="  ")]
 
 
+def _over(value: float | None, ideal: float) -> str:
+    return f"{value / ideal - 1:+.2%}" if ideal and value is not None else ""
+
+
 def _memory(memory: Mapping[str, Any], rank: int) -> list[str]:
     params, b = memory["parameters"], memory["bytes"]
-    lines = [f"per-rank memory on rank {rank}: {params['local']:,} of {params['total']:,} parameter elements; "
-             f"ideal {params['ideal_local']:,.0f} (total / {params['shards']:,} shards), "
-             f"overhead {params['overhead']:+.2%}"]
+    worst = params.get("max_local_rank")
+    if worst is None:
+        worst_text = "worst rank not known (see notes)"
+    else:
+        where = ", ".join(f"{k}={v}" for k, v in (params.get("max_local_coordinate") or {}).items())
+        worst_text = ("this is the worst rank" if worst == rank else
+                      f"worst rank {worst}" + (f" ({where})" if where else "")
+                      + f": {params['max_local']:,} ({params['max_local_overhead']:+.2%})")
+    lines = [f"per-rank memory on rank {rank}: {params['local']:,} of {params['total']:,} parameter elements "
+             f"({params['overhead']:+.2%}); {worst_text}; ideal {params['ideal_local']:,.0f} "
+             f"(total / {params['shards']:,} shards)"]
+    columns = [("what", ""), ("dtype", "dtype"), ("local", f"rank {rank}"), ("overhead", "overhead")]
+    if worst is not None and worst != rank:
+        columns += [("worst", f"worst (rank {worst})"), ("worst_overhead", "overhead")]
+    columns.append(("ideal", "ideal"))
     rows = [{"what": label, "dtype": b[key].get("dtype"), "local": human_bytes(b[key]["local"]),
-             "ideal": human_bytes(b[key]["ideal"]),
-             "overhead": f"{b[key]['local'] / b[key]['ideal'] - 1:+.2%}" if b[key]["ideal"] else ""}
+             "overhead": _over(b[key]["local"], b[key]["ideal"]),
+             "worst": None if b[key].get("max_local") is None else human_bytes(b[key]["max_local"]),
+             "worst_overhead": _over(b[key].get("max_local"), b[key]["ideal"]),
+             "ideal": human_bytes(b[key]["ideal"])}
             for key, label in (("params", "parameters"), ("grads", "gradients"),
                                ("adamw", "AdamW state (2 moments + step)"), ("total", "total"))]
-    lines.append(format_table(rows, (("what", ""), ("dtype", "dtype"), ("local", "this rank"),
-                                     ("ideal", "ideal"), ("overhead", "overhead")), indent="  "))
+    lines.append(format_table(rows, columns, indent="  "))
     t = memory["transient"]
     if t["compute_dtype"] and t["peak_estimate_bytes"]:
         lines.append(f"  all-gathered units in {t['compute_dtype']}: {human_bytes(t['kept_unsharded_bytes'])} kept "
@@ -101,7 +136,9 @@ def render_text(report: Mapping[str, Any]) -> str:
     if report.get("strategy"):
         lines += _strategy(report["strategy"])
     if report.get("memory") is not None:
-        lines += [""] + _plan(report["plan"]) + [""] + _units(report["fsdp_units"]) + [""]
+        lines += [""] + _plan(report["plan"]) + _replicated(report.get("replicated_parameters"),
+                                                             report["memory"]["parameters"]["total"])
+        lines += [""] + _units(report["fsdp_units"]) + [""]
         lines += _memory(report["memory"], report["mesh"]["rank"])
     for note in report.get("notes", ()):
         lines.append(f"note: {note}")

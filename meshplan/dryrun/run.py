@@ -21,10 +21,16 @@ from ..cli.modelsource import build_model, resolve_source
 from ..core.errors import MeshplanError, OptionsError
 from ..core.fake_pg import fake_process_group
 from ..core.strategy import Strategy
-from .layout import fsdp_units, memory, param_layouts
+from .all_ranks import AllRanks, RankLayoutUnknown, all_ranks, mesh_coordinates, rank_groups
+from .balance import imbalance_note, replicated_parameters
+from .layout import ParamLayout, fsdp_units, memory, param_layouts
 from .name_summary import summarize_names
+from .values import json_value
 
-SCHEMA = "meshplan.explain/1"
+#: Mesh dims whose ranks should each hold a different piece of every matrix (besides the strategy's TP dim).
+MODEL_PARALLEL_DIMS = ("tp", "ep")
+
+SCHEMA = "meshplan.explain/2"
 
 #: ``--precision``: the dtype parameters are stored in, and whether to ask the strategy for no casting.
 PRECISIONS: dict[str, tuple[torch.dtype, bool]] = {
@@ -107,6 +113,25 @@ def _group_units(units: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _all_ranks(report: dict[str, Any], model: nn.Module, layouts: list[ParamLayout], world: int) -> AllRanks | None:
+    """Every rank's elements, checked against this rank's real shards; ``None`` (and a note) when unknown."""
+    try:
+        spread = all_ranks(model.named_parameters(), world)
+    except RankLayoutUnknown as exc:
+        report["notes"].append(f"The worst rank is not reported: {exc}")
+        return None
+    rank = torch.distributed.get_rank()
+    computed = spread.local_by_name(rank)
+    wrong = [p for p in layouts if computed.get(p.name) != p.local]
+    if wrong:
+        report["notes"].append(
+            f"The all-rank computation disagrees with rank {rank}'s real shards for {len(wrong)} parameters, e.g. "
+            f"{wrong[0].name} (computed {computed.get(wrong[0].name)}, real {wrong[0].local}); max_local is "
+            "not reported.")
+        return None
+    return spread
+
+
 def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -122,6 +147,7 @@ def explain(
     options: Mapping[str, Any] | None = None,
     precision: str = "bf16-mixed",
     rank: int = 0,
+    ep_size: int | None = None,
     raise_errors: bool = True,
 ) -> dict[str, Any]:
     """Dry-run ``meshplan.parallelize`` for ``model`` on ``mesh`` and report what every rank would hold.
@@ -135,7 +161,9 @@ def explain(
         overrides: config overrides (dotted keys reach nested configs).
         options: further strategy options (``*_mesh_name`` options derived from the mesh are added).
         precision: ``bf16-mixed`` (fp32 storage, strategy default mixed precision), ``fp32`` or ``bf16``.
-        rank: the rank whose shards are measured.
+        rank: the rank whose shards are measured (the worst rank over all ranks is reported as well).
+        ep_size: expert-parallel size, passed to the strategy as its ``ep_size`` option (same as
+            ``options={"ep_size": n}``; a strategy without that option rejects it).
         raise_errors: re-raise a failure (else it is recorded under ``"error"`` and the report returned).
 
     Returns:
@@ -143,8 +171,11 @@ def explain(
     """
     phases = _Phases()
     report: dict[str, Any] = {"schema": SCHEMA, "model": None, "mesh": None, "strategy": None, "plan": None,
-                              "fsdp_units": [], "memory": None, "notes": [], "timings_s": phases.timings,
-                              "error": None}
+                              "replicated_parameters": None, "fsdp_units": [], "memory": None, "notes": [],
+                              "timings_s": phases.timings, "error": None}
+    options = dict(options or {})
+    if ep_size is not None:
+        options["ep_size"] = ep_size
     try:
         with phases("mesh"):
             dims = parse_mesh_spec(mesh)
@@ -160,7 +191,7 @@ def explain(
                                "dtype": str(dtype).removeprefix("torch."), "overrides": dict(overrides or {})}
         phases.current = "mesh"  # creating the fake world is part of building the mesh
         with fake_process_group(world_size(dims), rank):
-            _explain_in_world(report, phases, built, dims, strategy, tp_plan, sequence_parallel, options or {},
+            _explain_in_world(report, phases, built, dims, strategy, tp_plan, sequence_parallel, options,
                               precision, total)
     except Exception as exc:
         report["error"] = _error(exc, phases.current)
@@ -199,7 +230,7 @@ def _explain_in_world(
     with phases("prepare"):
         prepared = prepare(model, device_mesh, strategy, tp_plan, **chosen)
         report["mesh"]["roles"] = prepared.roles.describe()
-        report["strategy"]["options"] = prepared.report()["options"]
+        report["strategy"]["options"] = {k: json_value(v) for k, v in vars(prepared.options).items()}
     with phases("apply"):
         model = prepared.apply()
         report["mesh"]["context_parallel"] = _context_parallel_section(model, prepared)
@@ -209,7 +240,18 @@ def _explain_in_world(
         layouts = param_layouts(model, {prepared.options.tp_mesh_name})
         units = fsdp_units(model, layouts)
         report["fsdp_units"] = _group_units(units)
-        report["memory"] = memory(layouts, units, total)
+        spread = _all_ranks(report, model, layouts, device_mesh.size())
+        names = tuple(device_mesh.mesh_dim_names or ())
+        report["memory"] = memory(layouts, units, total, spread, lambda r: {
+            name: int(c[r]) for name, c in zip(names, mesh_coordinates(device_mesh, device_mesh.size()))})
+        if spread is not None:
+            parallel = {name for name in MODEL_PARALLEL_DIMS + (prepared.options.tp_mesh_name,) if name in names}
+            groups = rank_groups(device_mesh, device_mesh.size())
+            report["replicated_parameters"] = replicated_parameters(
+                spread, {name: (device_mesh.size(i), groups[i]) for i, name in enumerate(names) if name in parallel})
+            note = imbalance_note(spread, total, report["memory"]["parameters"]["shards"])
+            if note:
+                report["notes"].append(note)
         after = sum(p.numel for p in layouts)
         if after != total:
             report["notes"].append(f"The model has {after:,} parameter elements after parallelize but {total:,} "
