@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import pytest
+import torch
+from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
 
 import meshplan
 from meshplan.cli.main import main
-from meshplan.cli.meshspec import parse_mesh_spec
+from meshplan.cli.meshspec import build_mesh, parse_mesh_spec
 from meshplan.cli.modelsource import ModelSourceError, build_model, resolve_source
 from meshplan.core.errors import MeshError, TensorParallelSizeError
 from meshplan.dryrun import explain, render_text
+from meshplan.dryrun.all_ranks import all_ranks, fsdp_sharded_parameters
 from meshplan.dryrun.name_summary import expand_pattern, summarize_names
+from meshplan.dryrun.values import json_value
 
 
 def ceil(n: int, k: int) -> int:
@@ -54,7 +61,7 @@ def test_llama3_8b_on_64_ranks_matches_hand_written_layout(llama8b_report):
 
 def test_report_sections(llama8b_report):
     report = llama8b_report
-    assert report["schema"] == "meshplan.explain/1" and report["error"] is None
+    assert report["schema"] == "meshplan.explain/2" and report["error"] is None
     assert report["mesh"]["world_size"] == 64 and report["mesh"]["coordinate"] == {
         "dp_replicate": 0, "dp_shard": 0, "tp": 0}
     assert report["strategy"]["name"] == "fsdp2" and "meshplan.strategies.fsdp2" in report["strategy"]["provenance"]
@@ -104,6 +111,7 @@ def test_unmatched_plan_key_and_unknown_option_fail_before_apply():
 class SeenOptions(meshplan.StrategyOptions):
     dp_mesh_name: str = "dp"
     dp_shard_cp_mesh_name: str = "dp_shard_cp"
+    ep_size: int = 1
 
 
 class SeeingStrategy(meshplan.Strategy):
@@ -126,9 +134,9 @@ def test_explain_reports_the_roles_each_strategy_resolves(strategy, mesh, roles)
 
 def test_explain_with_a_runtime_strategy_and_no_fsdp_units():
     meshplan.register_strategy(SeeingStrategy)
-    report = explain("tiny-llama", "dp_replicate=2,dp_shard=2", strategy="seeing")
+    report = explain("tiny-llama", "dp_replicate=2,dp_shard=2", strategy="seeing", ep_size=2)
     assert report["strategy"]["provenance"].startswith("runtime")
-    assert report["strategy"]["options"]["dp_mesh_name"] == "'dp'"
+    assert report["strategy"]["options"]["dp_mesh_name"] == "dp" and report["strategy"]["options"]["ep_size"] == 2
     assert report["fsdp_units"] == [] and report["memory"]["parameters"]["shards"] == 1
     assert any("no FSDP units" in note for note in report["notes"])
 
@@ -189,7 +197,7 @@ def test_cli_json_with_a_plan_file_and_overrides(tmp_path, capsys):
     assert [e["count"] for e in report["plan"]["entries"]] == [3, 3]
     assert report["plan"]["replicated_linears"]["count"] == 5 * 3 + 1  # q, k, v, o, gate per layer + lm_head
     assert report["model"]["overrides"] == {"num_hidden_layers": 3}
-    assert report["strategy"]["options"]["reshard_after_forward"] == "False"
+    assert report["strategy"]["options"]["reshard_after_forward"] is False
 
 
 def test_cli_validation_error_exits_non_zero(capsys):
@@ -199,3 +207,123 @@ def test_cli_validation_error_exits_non_zero(capsys):
     code, _, err = _cli(capsys, "nosuchmodel", "--mesh", "dp_shard=4")
     assert code == 2 and "ModelSourceError: Unknown model 'nosuchmodel'" in err
 
+
+
+# ---- every rank, from placements (memory.parameters.max_local) ----
+
+TINY = dict(num_hidden_layers=2, hidden_size=40, intermediate_size=72, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=10, vocab_size=251)  # 251 rows: uneven over every TP and FSDP size below
+
+
+class Uneven(nn.Module):
+    """9 output rows: TP=2 leaves 5 and 4, FSDP=4 then leaves (2, 2, 1, 0) and (1, 1, 1, 1), not DTensor's order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(6, 9, bias=False)
+        self.down = nn.Linear(9, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.up(x))
+
+
+def _shards_on_every_rank(fake_pg, build, spec: str, tp_plan=None):
+    """(real local elements per rank and parameter, rank 0's all-rank computation), one fake world per rank."""
+    dims = parse_mesh_spec(spec)
+    world = math.prod(dims.values())
+    real, computed = [], None
+    for rank in range(world):
+        with fake_pg(world, rank):
+            mesh = build_mesh(dims)
+            strategy = meshplan.get_strategy("fsdp2")
+            model = meshplan.prepare(build(), mesh, strategy, tp_plan).apply()
+            real.append({n: (p.to_local() if isinstance(p, DTensor) else p).numel()
+                         for n, p in model.named_parameters()})
+            if rank == 0:
+                computed = all_ranks(model.named_parameters(), world, fsdp_sharded_parameters(model))
+    return real, computed
+
+
+@pytest.mark.filterwarnings("ignore:Slicing a flattened dim:UserWarning")
+@pytest.mark.parametrize(("model_type", "spec"), [
+    ("mixtral", "dp_shard=3,tp=2,cp=2"),  # 3-D experts (3 over 6 FSDP ranks), FSDP over non-adjacent flattened dims
+    ("llama", "dp_replicate=2,dp_shard=2,tp=2"),  # HSDP x TP
+    ("uneven", "dp_shard=4,tp=2"),  # FSDP2 chunks the TP-local rows (_StridedShard), uneven
+])
+def test_every_ranks_elements_match_its_real_shards(fake_pg, model_type, spec):
+    if model_type == "uneven":
+        build, plan = Uneven, {"up": "colwise", "down": "rowwise"}
+    else:
+        overrides = TINY | ({"num_local_experts": 3} if model_type == "mixtral" else {})
+        build, plan = (lambda: build_model(resolve_source(model_type), overrides)), None
+    real, computed = _shards_on_every_rank(fake_pg, build, spec, plan)
+    for rank, shards in enumerate(real):
+        assert computed.local_by_name(rank) == shards, rank
+    per_rank = [sum(shards.values()) for shards in real]
+    assert computed.per_rank.tolist() == per_rank and len(set(per_rank)) > 1  # uneven on purpose
+    assert computed.max_local == max(per_rank) and computed.max_local_rank == per_rank.index(max(per_rank))
+
+
+def test_strided_shard_outside_fsdp_follows_dtensor(fake_pg):
+    """distribute_tensor's _StridedShard splits first and chunks each piece: not FSDP2's order."""
+    for rank in range(8):
+        with fake_pg(8, rank):
+            mesh = init_device_mesh("cpu", (4, 2), mesh_dim_names=("dp", "tp"))
+            weight = distribute_tensor(torch.zeros(9, 3, device="meta"), mesh,
+                                       [_StridedShard(0, split_factor=2), Shard(0)], src_data_rank=None)
+            assert all_ranks([("w", weight)], 8).local_by_name(rank)["w"] == weight.to_local().numel()
+
+
+@pytest.fixture(scope="module")
+def mixtral_report():
+    return explain("mixtral", "dp_shard=4,tp=2", overrides=TINY | {"num_local_experts": 2})
+
+
+def test_worst_rank_experts_and_imbalance_note(mixtral_report):
+    report, params = mixtral_report, mixtral_report["memory"]["parameters"]
+    # 2 experts over 4 FSDP ranks: dp_shard 0 and 1 hold one expert each, 2 and 3 none; experts are whole on
+    # every TP rank, so the worst rank is rank 0 with one whole expert of each fused tensor
+    experts = 2 * 72 * 40 + 40 * 72  # gate_up_proj [2, 144, 40] and down_proj [2, 40, 72], per expert
+    assert params["max_local_rank"] == 0 and params["max_local_coordinate"] == {"dp_shard": 0, "tp": 0}
+    assert params["max_local"] == params["local"] and params["max_local"] > 2 * experts
+    assert params["max_local_overhead"] == pytest.approx(params["max_local"] / params["ideal_local"] - 1)
+    replicated = report["replicated_parameters"]
+    assert replicated["dims"] == {"tp": 2}
+    rows = {r["pattern"]: r for r in replicated["parameters"]}
+    assert rows["model.layers.{0..1}.mlp.experts.gate_up_proj"] == {
+        "pattern": "model.layers.{0..1}.mlp.experts.gate_up_proj", "count": 2, "shape": [2, 144, 40], "over": ["tp"]}
+    assert "model.layers.{0..1}.mlp.gate.weight" in rows  # the router: whole on every TP rank too
+    assert not any("norm" in p for p in rows)  # 1-D parameters are not listed
+    assert replicated["count"] == 6 and replicated["elements"] == 2 * (2 * experts + 2 * 40)
+    note = next(n for n in report["notes"] if n.startswith("The worst rank (0)"))
+    assert "experts.gate_up_proj" in note and "x the ideal" in note
+    text = render_text(report)
+    assert "parameters whole on every tp rank (6 tensors" in text and "this is the worst rank" in text
+    json.dumps(report)
+
+
+def test_worst_rank_is_reported_next_to_the_rank_shown():
+    report = explain("tiny-llama", "dp_shard=3,tp=2", overrides={"vocab_size": 251}, rank=5)
+    params = report["memory"]["parameters"]
+    assert params["local"] < params["max_local"] and params["max_local_rank"] == 0
+    assert report["memory"]["bytes"]["params"]["max_local"] == 4 * params["max_local"]
+    assert report["replicated_parameters"]["count"] == 0 and not report["notes"]  # +1.3 %: under the 1.10 note
+    assert f"worst rank 0 (dp_shard=0, tp=0): {params['max_local']:,}" in render_text(report)
+
+
+def test_llama_worst_rank_and_no_replicated_matrices(llama8b_report):
+    params = llama8b_report["memory"]["parameters"]
+    assert params["max_local"] == params["local"] == 251_003_904 and params["max_local_rank"] == 0
+    assert llama8b_report["replicated_parameters"] == {"dims": {"tp": 8}, "count": 0, "elements": 0,
+                                                       "parameters": []}
+
+
+def test_options_are_json_values():
+    report = explain("tiny-llama", "dp_shard=2", precision="fp32")
+    options = report["strategy"]["options"]
+    assert options["reshard_after_forward"] is True and options["activation_checkpointing_every"] == 2
+    assert options["mp_policy"] == ("MixedPrecisionPolicy(param_dtype=None, reduce_dtype=None, output_dtype=None, "
+                                    "cast_forward_inputs=True)")
+    assert json_value(torch.bfloat16) == "bfloat16" and json_value((1, 2.5, None)) == [1, 2.5, None]
+    assert json_value(render_text) == "meshplan.dryrun.render.render_text"
+    assert json_value(object()) == "<object object>"  # no address: reports are deterministic

@@ -7,10 +7,11 @@ parameter's global shape, its placements and its mesh:
   dim of ``n`` elements over ``k`` ranks into chunks of ``ceil(n / k)``; the last non-empty chunk is smaller
   and ranks past it get nothing. Rank ``r`` holds ``max(0, min(c, n - r * c))`` with ``c = ceil(n / k)``.
 * **Several mesh dims on one tensor dim** apply one after another, left to right (DTensor's order), each to
-  what the previous left. ``_StridedShard(d, split_factor=f)`` is what FSDP2 writes on its data-parallel dim
-  when tensor parallelism (mesh dims to the right, sizes multiplying to ``f``) already shards dim ``d``: FSDP2
-  chunks the TP-local tensor, so those right-hand dims apply first. Any other ``_StridedShard`` follows
-  DTensor's own split (``f`` pieces, each chunked over the mesh dim).
+  what the previous left; a ``_StridedShard(d, split_factor=f)`` first splits into ``f`` pieces and chunks
+  each over its mesh dim, as ``distribute_tensor`` does. FSDP2 writes ``_StridedShard`` on its data-parallel
+  dim when tensor parallelism (mesh dims to the right, sizes multiplying to ``f``) already shards dim ``d``,
+  but it stores a chunk of the TP-local tensor: for parameters FSDP2 manages, those right-hand dims apply
+  first and the data-parallel dim chunks what they leave (the two differ when the sizes are uneven).
 * **Coordinates.** Every mesh dim of every parameter's mesh (including flattened and sliced meshes) is mapped
   to each global rank's coordinate through the mesh's layout, the same bookkeeping ``DeviceMesh`` uses to
   build its process groups.
@@ -75,10 +76,10 @@ class _Cut:
     split_factor: int = 1
 
 
-def _order(cuts: list[_Cut]) -> list[_Cut]:
+def _order(cuts: list[_Cut], fsdp: bool) -> list[_Cut]:
     """The order the cuts of one tensor dim are applied (FSDP2's strided dim after the dims it interleaves)."""
     strided = [i for i, cut in enumerate(cuts) if cut.split_factor > 1]
-    if len(strided) == 1:
+    if fsdp and len(strided) == 1:
         i = strided[0]
         after = cuts[i + 1:]
         if after and math.prod(c.ranks for c in after) == cuts[i].split_factor:
@@ -94,9 +95,12 @@ def _apply(size: torch.Tensor, cut: _Cut, index: torch.Tensor) -> torch.Tensor:
                for j in range(cut.split_factor))
 
 
-def local_numel_table(shape: Sequence[int], placements: Sequence[Any], mesh_shape: Sequence[int]
+def local_numel_table(shape: Sequence[int], placements: Sequence[Any], mesh_shape: Sequence[int], fsdp: bool = False
                       ) -> tuple[tuple[int, ...], torch.Tensor]:
-    """(mesh dims that shard the tensor, local elements indexed by the coordinates along those dims)."""
+    """(mesh dims that shard the tensor, local elements indexed by the coordinates along those dims).
+
+    ``fsdp``: the tensor is an FSDP2 sharded parameter (its ``_StridedShard`` chunks the TP-local tensor).
+    """
     from torch.distributed.tensor import Partial, Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -114,7 +118,7 @@ def local_numel_table(shape: Sequence[int], placements: Sequence[Any], mesh_shap
     table = torch.ones(grid, dtype=torch.long)
     for dim, size in enumerate(shape):
         local = torch.tensor(size, dtype=torch.long)
-        for cut in _order(cuts.get(dim, [])):
+        for cut in _order(cuts.get(dim, []), fsdp):
             view = [1] * len(grid)
             view[cut.axis] = grid[cut.axis]
             local = _apply(local, cut, torch.arange(grid[cut.axis]).view(view))
@@ -180,27 +184,48 @@ def _flat_piece_index(coordinates: list[torch.Tensor], axes: tuple[int, ...], gr
     return torch.where(outside, -1, index)
 
 
-def all_ranks(named_parameters: Iterable[tuple[str, nn.Parameter]], world_size: int) -> AllRanks:
-    """Group the parameters and work out each group's local elements on every global rank."""
+def fsdp_sharded_parameters(model: nn.Module) -> set[int]:
+    """``id``s of the parameters FSDP2 manages in ``model`` (every parameter of an FSDP unit if torch hides it)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    found: set[int] = set()
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        try:
+            group = module._get_fsdp_state()._fsdp_param_group  # type: ignore[operator]
+            found |= {id(p.sharded_param) for p in (group.fsdp_params if group is not None else ())}
+        except AttributeError:
+            found |= {id(p) for p in module.parameters()}
+    return found
+
+
+def all_ranks(named_parameters: Iterable[tuple[str, nn.Parameter]], world_size: int,
+              fsdp_sharded: set[int] | frozenset[int] = frozenset()) -> AllRanks:
+    """Group the parameters and work out each group's local elements on every global rank.
+
+    ``fsdp_sharded``: ``id``s of parameters FSDP2 manages (see :func:`fsdp_sharded_parameters`).
+    """
     from torch.distributed.tensor import DTensor
 
     grouped: dict[tuple[Any, ...], list[tuple[str, Any]]] = {}
     for name, param in named_parameters:
         if isinstance(param, DTensor):
-            key: tuple[Any, ...] = (param.device_mesh, tuple(param.placements), tuple(param.shape))
+            key: tuple[Any, ...] = (param.device_mesh, tuple(param.placements), tuple(param.shape),
+                                    id(param) in fsdp_sharded)
         else:
-            key = (None, (), tuple(param.shape))
+            key = (None, (), tuple(param.shape), False)
         grouped.setdefault(key + (param.dtype, param.requires_grad), []).append((name, param))
     coordinates: dict[Any, list[torch.Tensor]] = {}
     groups = []
-    for (mesh, placements, shape, dtype, trainable), members in grouped.items():
+    for (mesh, placements, shape, fsdp, dtype, trainable), members in grouped.items():
         if mesh is None:
             table, piece = torch.tensor([math.prod(shape)]), torch.zeros(world_size, dtype=torch.long)
             pieces = 1
         else:
             if mesh not in coordinates:
                 coordinates[mesh] = mesh_coordinates(mesh, world_size)
-            axes, grid_table = local_numel_table(shape, placements, tuple(mesh.shape))
+            axes, grid_table = local_numel_table(shape, placements, tuple(mesh.shape), fsdp)
             table, pieces = grid_table.reshape(-1), grid_table.numel()
             piece = _flat_piece_index(coordinates[mesh], axes, grid_table.shape)
             if not axes:  # replicated on its mesh: ranks outside it hold none

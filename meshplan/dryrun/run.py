@@ -21,7 +21,7 @@ from ..cli.modelsource import build_model, resolve_source
 from ..core.errors import MeshplanError, OptionsError
 from ..core.fake_pg import fake_process_group
 from ..core.strategy import Strategy
-from .all_ranks import AllRanks, RankLayoutUnknown, all_ranks, mesh_coordinates, rank_groups
+from .all_ranks import AllRanks, RankLayoutUnknown, all_ranks, fsdp_sharded_parameters, mesh_coordinates, rank_groups
 from .balance import imbalance_note, replicated_parameters
 from .layout import ParamLayout, fsdp_units, memory, param_layouts
 from .name_summary import summarize_names
@@ -116,7 +116,7 @@ def _group_units(units: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _all_ranks(report: dict[str, Any], model: nn.Module, layouts: list[ParamLayout], world: int) -> AllRanks | None:
     """Every rank's elements, checked against this rank's real shards; ``None`` (and a note) when unknown."""
     try:
-        spread = all_ranks(model.named_parameters(), world)
+        spread = all_ranks(model.named_parameters(), world, fsdp_sharded_parameters(model))
     except RankLayoutUnknown as exc:
         report["notes"].append(f"The worst rank is not reported: {exc}")
         return None
