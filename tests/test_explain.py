@@ -134,9 +134,9 @@ def test_explain_reports_the_roles_each_strategy_resolves(strategy, mesh, roles)
 
 def test_explain_with_a_runtime_strategy_and_no_fsdp_units():
     meshplan.register_strategy(SeeingStrategy)
-    report = explain("tiny-llama", "dp_replicate=2,dp_shard=2", strategy="seeing", ep_size=2)
+    report = explain("tiny-llama", "dp_replicate=2,dp_shard=2", strategy="seeing", ep_size=1)
     assert report["strategy"]["provenance"].startswith("runtime")
-    assert report["strategy"]["options"]["dp_mesh_name"] == "dp" and report["strategy"]["options"]["ep_size"] == 2
+    assert report["strategy"]["options"]["dp_mesh_name"] == "dp" and report["strategy"]["options"]["ep_size"] == 1
     assert report["fsdp_units"] == [] and report["memory"]["parameters"]["shards"] == 1
     assert any("no FSDP units" in note for note in report["notes"])
 
