@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 from torch import nn
 
 from ..core.errors import MeshplanError
@@ -38,33 +38,34 @@ class RankLayoutUnknown(MeshplanError):
     """A parameter's layout cannot be worked out for every rank (an unknown placement or mesh internals)."""
 
 
-def rank_groups(mesh: Any, world_size: int) -> list[torch.Tensor]:
+def rank_groups(mesh: Any, world_size: int) -> list[np.ndarray]:
     """Per mesh dim, its process groups as rows of global ranks (column = coordinate along the dim)."""
     try:
         from torch.distributed._mesh_layout import _MeshLayout
 
-        return [_MeshLayout([layout]).remap_to_tensor(mesh._rank_map) for layout in mesh._layout]
+        groups = [_MeshLayout([layout]).remap_to_tensor(mesh._rank_map) for layout in mesh._layout]
     except (ImportError, AttributeError, TypeError) as exc:
         full = mesh.mesh
         if full.numel() != world_size:
             raise RankLayoutUnknown(f"Cannot map the ranks of mesh {mesh} onto the world ({exc}).") from exc
-        return [full.movedim(i, -1).reshape(-1, full.shape[i]) for i in range(full.ndim)]
+        groups = [full.movedim(i, -1).reshape(-1, full.shape[i]) for i in range(full.ndim)]
+    return [g.numpy().astype(np.int64) for g in groups]
 
 
-def mesh_coordinates(mesh: Any, world_size: int) -> list[torch.Tensor]:
+def mesh_coordinates(mesh: Any, world_size: int) -> list[np.ndarray]:
     """Per mesh dim, every global rank's coordinate along it (``-1`` for ranks outside the mesh)."""
     coordinates = []
     for ranks in rank_groups(mesh, world_size):
-        coordinate = torch.full((world_size,), -1, dtype=torch.long)
-        coordinate[ranks.reshape(-1)] = torch.arange(ranks.shape[-1]).repeat(ranks.shape[0])
+        coordinate = np.full(world_size, -1, dtype=np.int64)
+        coordinate[ranks] = np.arange(ranks.shape[-1])  # broadcast over the rows (one per process group)
         coordinates.append(coordinate)
     return coordinates
 
 
-def chunk_sizes(size: torch.Tensor, chunks: int, index: torch.Tensor) -> torch.Tensor:
+def chunk_sizes(size: Any, chunks: int, index: Any) -> np.ndarray:
     """Elements chunk ``index`` gets when ``torch.chunk`` splits ``size`` elements into ``chunks`` (0 if none)."""
     per_chunk = (size + chunks - 1) // chunks
-    return torch.clamp(torch.minimum(per_chunk, size - index * per_chunk), min=0)
+    return np.maximum(np.minimum(per_chunk, size - index * per_chunk), 0)
 
 
 @dataclass(frozen=True)
@@ -87,16 +88,15 @@ def _order(cuts: list[_Cut], fsdp: bool) -> list[_Cut]:
     return cuts
 
 
-def _apply(size: torch.Tensor, cut: _Cut, index: torch.Tensor) -> torch.Tensor:
+def _apply(size: Any, cut: _Cut, index: np.ndarray) -> np.ndarray:
     if cut.split_factor == 1:
         return chunk_sizes(size, cut.ranks, index)
     # DTensor's _StridedShard: split_factor pieces, each chunked over the mesh dim, rank r keeps the r-th of each
-    return sum(chunk_sizes(chunk_sizes(size, cut.split_factor, torch.tensor(j)), cut.ranks, index)
-               for j in range(cut.split_factor))
+    return sum(chunk_sizes(chunk_sizes(size, cut.split_factor, j), cut.ranks, index) for j in range(cut.split_factor))
 
 
 def local_numel_table(shape: Sequence[int], placements: Sequence[Any], mesh_shape: Sequence[int], fsdp: bool = False
-                      ) -> tuple[tuple[int, ...], torch.Tensor]:
+                      ) -> tuple[tuple[int, ...], np.ndarray]:
     """(mesh dims that shard the tensor, local elements indexed by the coordinates along those dims).
 
     ``fsdp``: the tensor is an FSDP2 sharded parameter (its ``_StridedShard`` chunks the TP-local tensor).
@@ -115,13 +115,13 @@ def local_numel_table(shape: Sequence[int], placements: Sequence[Any], mesh_shap
     for placement in placements:
         if not isinstance(placement, (Shard, _StridedShard, Replicate, Partial)):
             raise RankLayoutUnknown(f"Unknown placement {placement!r}.")
-    table = torch.ones(grid, dtype=torch.long)
+    table = np.ones(grid, dtype=np.int64)
     for dim, size in enumerate(shape):
-        local = torch.tensor(size, dtype=torch.long)
+        local: Any = np.int64(size)
         for cut in _order(cuts.get(dim, []), fsdp):
             view = [1] * len(grid)
             view[cut.axis] = grid[cut.axis]
-            local = _apply(local, cut, torch.arange(grid[cut.axis]).view(view))
+            local = _apply(local, cut, np.arange(grid[cut.axis], dtype=np.int64).reshape(view))
         table = table * local
     return axes, table
 
@@ -136,15 +136,15 @@ class ParamGroup:
     element_size: int
     trainable: bool
     pieces: int  # how many different pieces the world holds (product of the sharding mesh dims)
-    table: torch.Tensor  # flattened local elements per piece
-    piece_of_rank: torch.Tensor  # per global rank, the index into ``table`` (-1: the rank holds none)
+    table: np.ndarray  # flattened local elements per piece
+    piece_of_rank: np.ndarray  # per global rank, the index into ``table`` (-1: the rank holds none)
 
     def local_at(self, rank: int) -> int:
         piece = int(self.piece_of_rank[rank])
         return int(self.table[piece]) if piece >= 0 else 0
 
-    def per_rank(self) -> torch.Tensor:
-        return torch.where(self.piece_of_rank >= 0, self.table[self.piece_of_rank.clamp(min=0)], 0)
+    def per_rank(self) -> np.ndarray:
+        return np.where(self.piece_of_rank >= 0, self.table[np.maximum(self.piece_of_rank, 0)], 0)
 
 
 @dataclass
@@ -153,10 +153,10 @@ class AllRanks:
 
     world_size: int
     groups: list[ParamGroup]
-    per_rank: torch.Tensor = field(init=False)
+    per_rank: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        self.per_rank = torch.zeros(self.world_size, dtype=torch.long)
+        self.per_rank = np.zeros(self.world_size, dtype=np.int64)
         for group in self.groups:
             self.per_rank += len(group.names) * group.per_rank()
 
@@ -167,21 +167,19 @@ class AllRanks:
     @property
     def max_local_rank(self) -> int:
         """The lowest rank holding :attr:`max_local` elements."""
-        return int(torch.nonzero(self.per_rank == self.per_rank.max())[0, 0])
+        return int(np.argmax(self.per_rank))  # the first maximum
 
     def local_by_name(self, rank: int) -> dict[str, int]:
         return {name: group.local_at(rank) for group in self.groups for name in group.names}
 
 
-def _flat_piece_index(coordinates: list[torch.Tensor], axes: tuple[int, ...], grid: Sequence[int]) -> torch.Tensor:
+def _flat_piece_index(coordinates: list[np.ndarray], axes: tuple[int, ...], grid: Sequence[int]) -> np.ndarray:
     """Per global rank, the row-major index of its coordinates along ``axes`` (-1 outside the mesh)."""
-    world = coordinates[0].numel() if coordinates else 0
-    index = torch.zeros(world, dtype=torch.long)
-    outside = torch.zeros(world, dtype=torch.bool)
+    index = np.zeros_like(coordinates[0])
+    outside = coordinates[0] < 0  # every dim of a mesh spans the same ranks
     for axis, size in zip(axes, grid):
         index = index * size + coordinates[axis]
-        outside |= coordinates[axis] < 0
-    return torch.where(outside, -1, index)
+    return np.where(outside, -1, index)
 
 
 def fsdp_sharded_parameters(model: nn.Module) -> set[int]:
@@ -216,26 +214,24 @@ def all_ranks(named_parameters: Iterable[tuple[str, nn.Parameter]], world_size: 
         else:
             key = (None, (), tuple(param.shape), False)
         grouped.setdefault(key + (param.dtype, param.requires_grad), []).append((name, param))
-    coordinates: dict[Any, list[torch.Tensor]] = {}
+    coordinates: dict[Any, list[np.ndarray]] = {}
     groups = []
     for (mesh, placements, shape, fsdp, dtype, trainable), members in grouped.items():
         if mesh is None:
-            table, piece = torch.tensor([math.prod(shape)]), torch.zeros(world_size, dtype=torch.long)
+            table, piece = np.array([math.prod(shape)], dtype=np.int64), np.zeros(world_size, dtype=np.int64)
             pieces = 1
         else:
             if mesh not in coordinates:
                 coordinates[mesh] = mesh_coordinates(mesh, world_size)
             axes, grid_table = local_numel_table(shape, placements, tuple(mesh.shape), fsdp)
-            table, pieces = grid_table.reshape(-1), grid_table.numel()
+            table, pieces = grid_table.reshape(-1), grid_table.size
             piece = _flat_piece_index(coordinates[mesh], axes, grid_table.shape)
-            if not axes:  # replicated on its mesh: ranks outside it hold none
-                piece = torch.where(coordinates[mesh][0] >= 0, 0, -1) if coordinates[mesh] else piece
         groups.append(ParamGroup([n for n, _ in members], shape, math.prod(shape), dtype.itemsize, trainable,
                                  pieces, table, piece))
     return AllRanks(world_size, groups)
 
 
-def varies_along(group: ParamGroup, rank_groups: torch.Tensor) -> bool:
+def varies_along(group: ParamGroup, rank_groups: np.ndarray) -> bool:
     """Whether ranks of one group (rows of ``rank_groups``, e.g. every TP group) hold different pieces."""
     pieces = group.piece_of_rank[rank_groups]
     return bool((pieces != pieces[:, :1]).any())

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
+import numpy as np
 
 from .all_ranks import AllRanks, ParamGroup, varies_along
 from .name_summary import summarize_names
@@ -24,7 +24,7 @@ def _patterns(names: list[str]) -> str:
     return ", ".join(s["pattern"] or "(root)" for s in summarize_names(names))
 
 
-def replicated_parameters(spread: AllRanks, groups_by_dim: Mapping[str, tuple[int, torch.Tensor]]
+def replicated_parameters(spread: AllRanks, groups_by_dim: Mapping[str, tuple[int, np.ndarray]]
                           ) -> dict[str, Any] | None:
     """Parameters of 2 or more dims that every rank of a model-parallel dim holds the same piece of.
 
