@@ -85,6 +85,8 @@ def _explain(model: str, mesh_spec: str) -> dict:
     end = time.perf_counter()
     return {"seconds": end - start, **{f"phase_{k}": v for k, v in report["timings_s"].items()},
             "local_elements": report["memory"]["parameters"]["local"],
+            "max_local": report["memory"]["parameters"]["max_local"],
+            "max_local_rank": report["memory"]["parameters"]["max_local_rank"],
             "ideal_elements": report["memory"]["parameters"]["ideal_local"]}
 
 
@@ -128,6 +130,9 @@ def main() -> None:
     print(f"  rank-0 parameter elements: bare {local_bare:,}, explain {local_explain:,} "
           f"({'equal' if local_bare == local_explain else 'DIFFERENT'}); "
           f"ideal {runs['explain'][0]['ideal_elements']:,.0f}")
+    worst = runs["explain"][0]
+    print(f"  worst rank over all ranks (explain): {worst['max_local']:,} on rank {worst['max_local_rank']} "
+          f"({worst['max_local'] / worst['ideal_elements']:.4f} x ideal)")
 
 
 if __name__ == "__main__":
