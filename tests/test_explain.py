@@ -327,3 +327,12 @@ def test_options_are_json_values():
     assert json_value(torch.bfloat16) == "bfloat16" and json_value((1, 2.5, None)) == [1, 2.5, None]
     assert json_value(render_text) == "meshplan.dryrun.render.render_text"
     assert json_value(object()) == "<object object>"  # no address: reports are deterministic
+
+
+@pytest.mark.filterwarnings("ignore:Slicing a flattened dim:UserWarning")
+def test_cp_in_the_mesh_spec():
+    report = explain("tiny-llama", "dp_shard=2,cp=2,tp=2", overrides={"vocab_size": 251})
+    params = report["memory"]["parameters"]
+    assert report["mesh"]["derived_options"] == {"dp_shard_cp_mesh_name": "dp_shard_cp"}
+    assert params["shards"] == 8 and params["max_local_coordinate"] == {"dp_shard": 0, "cp": 0, "tp": 0}
+    assert params["max_local"] == params["local"] and not report["notes"]
