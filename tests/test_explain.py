@@ -333,6 +333,6 @@ def test_options_are_json_values():
 def test_cp_in_the_mesh_spec():
     report = explain("tiny-llama", "dp_shard=2,cp=2,tp=2", overrides={"vocab_size": 251})
     params = report["memory"]["parameters"]
-    assert report["mesh"]["derived_options"] == {"dp_shard_cp_mesh_name": "dp_shard_cp"}
+    assert report["mesh"]["roles"]["cp"] == {"dims": ["cp"], "size": 2}
     assert params["shards"] == 8 and params["max_local_coordinate"] == {"dp_shard": 0, "cp": 0, "tp": 0}
     assert params["max_local"] == params["local"] and not report["notes"]

@@ -27,8 +27,8 @@ from .layout import ParamLayout, fsdp_units, memory, param_layouts
 from .name_summary import summarize_names
 from .values import json_value
 
-#: Mesh dims whose ranks should each hold a different piece of every matrix (besides the strategy's TP dim).
-MODEL_PARALLEL_DIMS = ("tp", "ep")
+#: Roles whose ranks should each hold a different piece of every matrix.
+MODEL_PARALLEL_ROLES = ("tp", "ep")
 
 SCHEMA = "meshplan.explain/2"
 
@@ -130,6 +130,12 @@ def _all_ranks(report: dict[str, Any], model: nn.Module, layouts: list[ParamLayo
             "not reported.")
         return None
     return spread
+
+
+def _model_parallel_meshes(roles: Any) -> dict[str, Any]:
+    """``{role: 1-D sub-mesh}`` of the tensor- and expert-parallel roles larger than 1."""
+    meshes = {role: getattr(roles, role, None) for role in MODEL_PARALLEL_ROLES}
+    return {role: mesh for role, mesh in meshes.items() if mesh is not None and mesh.size() > 1}
 
 
 def _count(model: nn.Module) -> int:
@@ -237,7 +243,8 @@ def _explain_in_world(
     with phases("inspect"):
         applied = get_report(model) or {}
         report["plan"] = _plan_section(applied.get("plan"), prepared.tp_size)
-        layouts = param_layouts(model, {prepared.options.tp_mesh_name})
+        parallel = _model_parallel_meshes(prepared.roles)
+        layouts = param_layouts(model, {n for m in parallel.values() for n in m.mesh_dim_names or ()})
         units = fsdp_units(model, layouts)
         report["fsdp_units"] = _group_units(units)
         spread = _all_ranks(report, model, layouts, device_mesh.size())
@@ -245,10 +252,8 @@ def _explain_in_world(
         report["memory"] = memory(layouts, units, total, spread, lambda r: {
             name: int(c[r]) for name, c in zip(names, mesh_coordinates(device_mesh, device_mesh.size()))})
         if spread is not None:
-            parallel = {name for name in MODEL_PARALLEL_DIMS + (prepared.options.tp_mesh_name,) if name in names}
-            groups = rank_groups(device_mesh, device_mesh.size())
-            report["replicated_parameters"] = replicated_parameters(
-                spread, {name: (device_mesh.size(i), groups[i]) for i, name in enumerate(names) if name in parallel})
+            report["replicated_parameters"] = replicated_parameters(spread, {
+                role: (mesh.size(), rank_groups(mesh, device_mesh.size())[0]) for role, mesh in parallel.items()})
             note = imbalance_note(spread, total, report["memory"]["parameters"]["shards"])
             if note:
                 report["notes"].append(note)
