@@ -227,7 +227,7 @@ class Uneven(nn.Module):
         return self.down(self.up(x))
 
 
-def _shards_on_every_rank(fake_pg, build, spec: str, tp_plan=None):
+def _shards_on_every_rank(fake_pg, build, spec: str, tp_plan=None, **options):
     """(real local elements per rank and parameter, rank 0's all-rank computation), one fake world per rank."""
     dims = parse_mesh_spec(spec)
     world = math.prod(dims.values())
@@ -236,7 +236,7 @@ def _shards_on_every_rank(fake_pg, build, spec: str, tp_plan=None):
         with fake_pg(world, rank):
             mesh = build_mesh(dims)
             strategy = meshplan.get_strategy("fsdp2")
-            model = meshplan.prepare(build(), mesh, strategy, tp_plan).apply()
+            model = meshplan.prepare(build(), mesh, strategy, tp_plan, **options).apply()
             real.append({n: (p.to_local() if isinstance(p, DTensor) else p).numel()
                          for n, p in model.named_parameters()})
             if rank == 0:
@@ -244,19 +244,27 @@ def _shards_on_every_rank(fake_pg, build, spec: str, tp_plan=None):
     return real, computed
 
 
+def _has_expert_parallelism() -> bool:
+    return "ep_size" in {o.name for o in meshplan.get_strategy("fsdp2").describe_options()}
+
+
 @pytest.mark.filterwarnings("ignore:Slicing a flattened dim:UserWarning")
-@pytest.mark.parametrize(("model_type", "spec"), [
-    ("mixtral", "dp_shard=3,tp=2,cp=2"),  # 3-D experts (3 over 6 FSDP ranks), FSDP over non-adjacent flattened dims
-    ("llama", "dp_replicate=2,dp_shard=2,tp=2"),  # HSDP x TP
-    ("uneven", "dp_shard=4,tp=2"),  # FSDP2 chunks the TP-local rows (_StridedShard), uneven
+@pytest.mark.parametrize(("model_type", "spec", "ep"), [
+    ("mixtral", "dp_shard=3,tp=2,cp=2", 1),  # 3-D experts (3 over 6 FSDP ranks), FSDP over non-adjacent flattened dims
+    ("llama", "dp_replicate=2,dp_shard=2,tp=2", 1),  # HSDP x TP
+    ("uneven", "dp_shard=4,tp=2", 1),  # FSDP2 chunks the TP-local rows (_StridedShard), uneven
+    pytest.param("qwen3_moe", "dp_replicate=2,dp_shard=2,tp=2", 2, id="qwen3_moe-ep2",  # carved EP meshes, HSDP
+                 marks=pytest.mark.skipif(not _has_expert_parallelism(), reason="fsdp2 has no ep_size option yet")),
 ])
-def test_every_ranks_elements_match_its_real_shards(fake_pg, model_type, spec):
+def test_every_ranks_elements_match_its_real_shards(fake_pg, model_type, spec, ep):
     if model_type == "uneven":
         build, plan = Uneven, {"up": "colwise", "down": "rowwise"}
     else:
-        overrides = TINY | ({"num_local_experts": 3} if model_type == "mixtral" else {})
+        overrides = TINY | {"mixtral": {"num_local_experts": 3}, "llama": {},
+                            "qwen3_moe": {"num_experts": 4, "moe_intermediate_size": 24, "num_experts_per_tok": 2}
+                            }[model_type]
         build, plan = (lambda: build_model(resolve_source(model_type), overrides)), None
-    real, computed = _shards_on_every_rank(fake_pg, build, spec, plan)
+    real, computed = _shards_on_every_rank(fake_pg, build, spec, plan, **({"ep_size": ep} if ep > 1 else {}))
     for rank, shards in enumerate(real):
         assert computed.local_by_name(rank) == shards, rank
     per_rank = [sum(shards.values()) for shards in real]
