@@ -151,6 +151,8 @@ def test_mesh_spec_errors():
 @pytest.mark.parametrize(("preset", "parameters"), [
     ("llama3-8b", 8_030_261_248), ("llama3-70b", 70_553_706_496), ("llama3-405b", 405_853_388_800),
     ("qwen3-32b", 32_762_123_264), ("mistral-7b", 7_248_023_552), ("gemma3-27b", 27_432_406_640),
+    ("mixtral-8x7b", 46_702_792_704), ("qwen3-235b-a22b", 235_093_634_560),
+    ("deepseek-v3", 671_026_404_352),  # without the multi-token-prediction layer, which transformers does not build
 ])
 def test_presets_have_the_published_shapes(preset, parameters):
     model = build_model(resolve_source(preset))
