@@ -284,31 +284,38 @@ def test_strided_shard_outside_fsdp_follows_dtensor(fake_pg):
             assert all_ranks([("w", weight)], 8).local_by_name(rank)["w"] == weight.to_local().numel()
 
 
+ATTENTION_ONLY = {"model.layers.*.self_attn.q_proj": "colwise", "model.layers.*.self_attn.k_proj": "colwise",
+                  "model.layers.*.self_attn.v_proj": "colwise", "model.layers.*.self_attn.o_proj": "rowwise"}
+
+
 @pytest.fixture(scope="module")
 def mixtral_report():
-    return explain("mixtral", "dp_shard=4,tp=2", overrides=TINY | {"num_local_experts": 2})
+    """Tiny Mixtral, 4 experts, dp_shard=2 x tp=2, a plan that leaves the experts (and embeddings) out of TP."""
+    return explain("mixtral", "dp_shard=2,tp=2", tp_plan=ATTENTION_ONLY, overrides=TINY | {"num_local_experts": 4})
 
 
 def test_worst_rank_experts_and_imbalance_note(mixtral_report):
     report, params = mixtral_report, mixtral_report["memory"]["parameters"]
-    # 2 experts over 4 FSDP ranks: dp_shard 0 and 1 hold one expert each, 2 and 3 none; experts are whole on
-    # every TP rank, so the worst rank is rank 0 with one whole expert of each fused tensor
-    experts = 2 * 72 * 40 + 40 * 72  # gate_up_proj [2, 144, 40] and down_proj [2, 40, 72], per expert
+    # rank 0 (dp_shard 0, tp 0): q/k/v/o cut by TP then FSDP, 1,200 per layer; experts whole on every TP rank,
+    # 2 of 4 per FSDP rank: [2, 144, 40] + [2, 40, 72] per layer; router [2, 40]; norms 20 + 20 per layer, 20
+    # final; embed_tokens and lm_head 126 of 251 rows each (FSDP's first chunk is the larger)
+    expected = 2 * (1_200 + 2 * 144 * 40 + 2 * 40 * 72 + 2 * 40 + 40) + 20 + 2 * 126 * 40
+    assert params["total"] == 99_320 and params["shards"] == 4
+    assert params["max_local"] == params["local"] == expected == 47_300
     assert params["max_local_rank"] == 0 and params["max_local_coordinate"] == {"dp_shard": 0, "tp": 0}
-    assert params["max_local"] == params["local"] and params["max_local"] > 2 * experts
-    assert params["max_local_overhead"] == pytest.approx(params["max_local"] / params["ideal_local"] - 1)
+    assert params["max_local_overhead"] == pytest.approx(47_300 / (99_320 / 4) - 1)
     replicated = report["replicated_parameters"]
     assert replicated["dims"] == {"tp": 2}
     rows = {r["pattern"]: r for r in replicated["parameters"]}
     assert rows["model.layers.{0..1}.mlp.experts.gate_up_proj"] == {
-        "pattern": "model.layers.{0..1}.mlp.experts.gate_up_proj", "count": 2, "shape": [2, 144, 40], "over": ["tp"]}
-    assert "model.layers.{0..1}.mlp.gate.weight" in rows  # the router: whole on every TP rank too
+        "pattern": "model.layers.{0..1}.mlp.experts.gate_up_proj", "count": 2, "shape": [4, 144, 40], "over": ["tp"]}
+    assert {"model.layers.{0..1}.mlp.gate.weight", "model.embed_tokens.weight", "lm_head.weight"} <= set(rows)
     assert not any("norm" in p for p in rows)  # 1-D parameters are not listed
-    assert replicated["count"] == 6 and replicated["elements"] == 2 * (2 * experts + 2 * 40)
+    assert replicated["count"] == 8 and replicated["elements"] == 2 * 4 * (144 * 40 + 40 * 72 + 40) + 2 * 251 * 40
     note = next(n for n in report["notes"] if n.startswith("The worst rank (0)"))
-    assert "experts.gate_up_proj" in note and "x the ideal" in note
+    assert "experts.gate_up_proj" in note and "1.90 x the ideal" in note
     text = render_text(report)
-    assert "parameters whole on every tp rank (6 tensors" in text and "this is the worst rank" in text
+    assert "parameters whole on every tp rank (8 tensors" in text and "this is the worst rank" in text
     json.dumps(report)
 
 
