@@ -186,14 +186,17 @@ def fsdp_sharded_parameters(model: nn.Module) -> set[int]:
     """``id``s of the parameters FSDP2 manages in ``model`` (every parameter of an FSDP unit if torch hides it)."""
     from torch.distributed.fsdp import FSDPModule
 
+    from ..state.fsdp_state import param_groups
+
     found: set[int] = set()
     for module in model.modules():
         if not isinstance(module, FSDPModule):
             continue
-        try:
-            group = module._get_fsdp_state()._fsdp_param_group  # type: ignore[operator]
-            found |= {id(p.sharded_param) for p in (group.fsdp_params if group is not None else ())}
-        except AttributeError:
+        managed = [getattr(p, "sharded_param", None)
+                   for group in param_groups(module) for p in getattr(group, "fsdp_params", ())]
+        if managed and all(p is not None for p in managed):
+            found |= {id(p) for p in managed}
+        else:  # torch internals moved (or a unit without parameters): count the unit's parameters as FSDP's
             found |= {id(p) for p in module.parameters()}
     return found
 
