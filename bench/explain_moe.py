@@ -133,7 +133,7 @@ def _row(case: str, runs: list[dict[str, Any]]) -> str:
             f"    max_local {first['max_local']:,} on rank {first['max_local_rank']} (rank 0: {first['local']:,}); "
             f"ideal {first['ideal']:,.0f} = {first['total']:,} / {first['shards']:,}: "
             f"{ratio:.3f} x ideal (goal <= {goal:.2f}: {'met' if ratio <= goal else 'NOT met'}); "
-            f"whole on every TP rank: {first['replicated'] or 0:,} elements\n"
+            f"whole on every TP/EP rank: {first['replicated'] or 0:,} elements\n"
             f"    explain {seconds:.2f} s CPU vs {torch_seconds:.2f} s in {first['torch_calls']} torch calls: "
             f"{seconds / torch_seconds:.2f}x (goal <= 3: {'met' if seconds <= 3 * torch_seconds else 'NOT met'}); "
             f"peak RSS {max(r['peak_rss_gb'] for r in runs):.2f} GB; phases "
