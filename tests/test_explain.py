@@ -353,3 +353,17 @@ def test_cp_in_the_mesh_spec():
     assert report["mesh"]["roles"]["cp"] == {"dims": ["cp"], "size": 2}
     assert params["shards"] == 8 and params["max_local_coordinate"] == {"dp_shard": 0, "cp": 0, "tp": 0}
     assert params["max_local"] == params["local"] and not report["notes"]
+
+
+@pytest.mark.skipif(not _has_expert_parallelism(), reason="fsdp2 has no ep_size option yet")
+def test_expert_parallel_plan_and_worst_rank():
+    overrides = TINY | {"num_experts": 4, "moe_intermediate_size": 24, "num_experts_per_tok": 2}
+    report = explain("qwen3_moe", "dp_shard=2,tp=2", ep_size=2, overrides=overrides)
+    assert report["strategy"]["options"]["ep_size"] == 2 and report["mesh"]["roles"]["ep"]["size"] == 2
+    ep_plan = report["ep_plan"]
+    assert ep_plan["ep_size"] == 2 and ep_plan["entries"][0]["modules"] == [
+        {"pattern": "model.layers.{0..1}.mlp.experts", "count": 2}]
+    assert report["replicated_parameters"]["dims"] == {"tp": 2, "ep": 2}
+    params = report["memory"]["parameters"]
+    assert params["max_local"] >= params["local"] and params["max_local_rank"] is not None
+    assert "ep plan" in render_text(report)

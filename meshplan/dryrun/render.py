@@ -55,6 +55,14 @@ def _plan(plan: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
+def _ep_plan(plan: Mapping[str, Any] | None) -> list[str]:
+    if plan is None:
+        return []
+    rows = [{"key": e["key"], "style": e["style"], "modules": _patterns(e["modules"])} for e in plan["entries"]]
+    return ["", f"ep plan   {plan['source']}", f"          ep={plan['ep_size']}",
+            format_table(rows, (("key", "plan key"), ("style", "style"), ("modules", "matched modules")), indent="  ")]
+
+
 def _replicated(replicated: Mapping[str, Any] | None, total: int) -> list[str]:
     """Matrices (2-D or more, any module type) that every TP/EP rank holds the same piece of."""
     if replicated is None:
@@ -136,8 +144,8 @@ def render_text(report: Mapping[str, Any]) -> str:
     if report.get("strategy"):
         lines += _strategy(report["strategy"])
     if report.get("memory") is not None:
-        lines += [""] + _plan(report["plan"]) + _replicated(report.get("replicated_parameters"),
-                                                             report["memory"]["parameters"]["total"])
+        lines += [""] + _plan(report["plan"]) + _ep_plan(report.get("ep_plan"))
+        lines += _replicated(report.get("replicated_parameters"), report["memory"]["parameters"]["total"])
         lines += [""] + _units(report["fsdp_units"]) + [""]
         lines += _memory(report["memory"], report["mesh"]["rank"])
     for note in report.get("notes", ()):

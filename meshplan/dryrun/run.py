@@ -99,6 +99,15 @@ def _plan_section(plan: Mapping[str, Any] | None, tp_size: int) -> dict[str, Any
     }
 
 
+def _ep_plan_section(plan: Mapping[str, Any] | None, ep_size: int) -> dict[str, Any] | None:
+    """The expert-parallel plan as applied (``None`` without EP)."""
+    if plan is None:
+        return None
+    return {"source": plan["source"], "ep_size": ep_size,
+            "entries": [{"key": e["key"], "style": e["style"], "count": len(e["modules"]),
+                         "modules": summarize_names(e["modules"])} for e in plan["entries"]]}
+
+
 def _group_units(units: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Units with identical numbers (repeated layers) become one row with a summarized module pattern."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
@@ -165,7 +174,7 @@ def explain(
         tp_plan: as for :func:`meshplan.parallelize` (dict, dotted path or callable).
         sequence_parallel: ask the plan provider for its sequence-parallel variant.
         overrides: config overrides (dotted keys reach nested configs).
-        options: further strategy options (``*_mesh_name`` options derived from the mesh are added).
+        options: further strategy options.
         precision: ``bf16-mixed`` (fp32 storage, strategy default mixed precision), ``fp32`` or ``bf16``.
         rank: the rank whose shards are measured (the worst rank over all ranks is reported as well).
         ep_size: expert-parallel size, passed to the strategy as its ``ep_size`` option (same as
@@ -177,6 +186,7 @@ def explain(
     """
     phases = _Phases()
     report: dict[str, Any] = {"schema": SCHEMA, "model": None, "mesh": None, "strategy": None, "plan": None,
+                              "ep_plan": None,
                               "replicated_parameters": None, "fsdp_units": [], "memory": None, "notes": [],
                               "timings_s": phases.timings, "error": None}
     options = dict(options or {})
@@ -243,6 +253,7 @@ def _explain_in_world(
     with phases("inspect"):
         applied = get_report(model) or {}
         report["plan"] = _plan_section(applied.get("plan"), prepared.tp_size)
+        report["ep_plan"] = _ep_plan_section(applied.get("ep_plan"), prepared.roles.size("ep"))
         parallel = _model_parallel_meshes(prepared.roles)
         layouts = param_layouts(model, {n for m in parallel.values() for n in m.mesh_dim_names or ()})
         units = fsdp_units(model, layouts)
