@@ -19,6 +19,7 @@ import math
 import re
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -384,30 +385,29 @@ def _compare(reference: nn.Module, model: nn.Module, ref_logits: torch.Tensor, l
     return problems, {"logits_error": logit_error, "grad_error": grad_error, "worst_grad": worst}
 
 
-def check_architecture(model_type: str, rtol: float = RTOL, tp_plan: Any = None) -> dict[str, Any]:
-    """Runs on every rank: TP=2 forward + backward parity of ``model_type`` against the unsharded model.
+def _registered_provider(model: nn.Module) -> str | None:
+    from meshplan.plugins.manager import get_registry
 
-    ``tp_plan`` (optional, e.g. a dotted path to a plan function) is passed to ``meshplan.prepare`` to check a
-    candidate plan instead of the registered one.
+    found = get_registry().find_tp_plan(type(model))
+    return f"provider {found[1].target_name()}" if found else None
+
+
+def run_check(model_type: str, config: Any, mesh: Callable[[], Any], strategy: type, axis: str,
+              rtol: float = RTOL, **options: Any) -> dict[str, Any]:
+    """Runs on every rank: forward + backward parity of ``model_type`` (built from ``config``) against the
+    unsharded model, after ``meshplan.prepare(model, mesh(), strategy, **options).apply()``; ``axis`` (``"TP"`` or
+    ``"EP"``) names the plan checked in reasons and picks which plan's source is reported.
 
     Never raises for a model problem: the result's ``status`` is ``"pass"`` or ``"fail"`` with a short
     ``reason`` (the failing stage, exception type and message head, or the worst tensor and its error).
     """
-    import torch.distributed as dist
-
     import meshplan
     from meshplan import UnmatchedPlanKeyError
 
     start = time.perf_counter()
-    seen: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, model_type)
-    if len(set(seen)) != 1:
-        raise RuntimeError(f"ranks are out of step: they are running {seen}")
-    result: dict[str, Any] = {"model_type": model_type, "status": "fail", "reason": "", "rank": dist.get_rank()}
-    stage, strict_error = "config", ""
+    result: dict[str, Any] = {"model_type": model_type, "status": "fail", "reason": ""}
+    stage, strict_error = "build", ""
     try:
-        config = tiny_config(model_type)
-        stage = "build"
         reference = build_model(config)
         model = copy.deepcopy(reference)
         result["model_class"] = type(model).__name__
@@ -415,22 +415,21 @@ def check_architecture(model_type: str, rtol: float = RTOL, tp_plan: Any = None)
         ids, labels = make_batch(config)
         stage = "reference forward/backward"
         ref_logits = forward_backward(reference, ids, labels)
-        stage = "plan"
-        meshplan.register_strategy(TensorParallelOnly)
-        from meshplan.plugins.manager import get_registry
-
-        found = None if tp_plan is not None else get_registry().find_tp_plan(type(model))
-        result["plan_source"] = f"provider {found[1].target_name()}" if found else None
+        stage = f"{axis} plan"
+        meshplan.register_strategy(strategy)
+        if axis == "TP" and options.get("tp_plan") is None:  # named even when preparing fails
+            result["plan_source"] = _registered_provider(model)
         try:
-            prepared = meshplan.prepare(model, tp_mesh(), strategy="tp_test", tp_plan=tp_plan)
+            prepared = meshplan.prepare(model, mesh(), strategy=strategy.name, **options)
         except UnmatchedPlanKeyError as exc:  # diagnose further: does the rest of the plan work?
             strict_error = _unmatched_reason(exc)
-            prepared = meshplan.prepare(model, tp_mesh(), strategy="tp_test", tp_plan=tp_plan, strict=False)
-        result["plan_source"] = prepared.plan.source if prepared.plan else None
-        stage = "apply plan"
+            prepared = meshplan.prepare(model, mesh(), strategy=strategy.name, strict=False, **options)
+        plan = prepared.plan if axis == "TP" else prepared.ep_plan
+        result["plan_source"] = plan.source if plan else None
+        stage = f"apply {axis} plan"
         prepared.apply()
         result["sharded_fraction"] = _sharded_fraction(model)
-        stage = "TP forward/backward"
+        stage = f"{axis} forward/backward"
         logits = forward_backward(model, ids, labels)
         stage = "compare"
         problems, numbers = _compare(reference, model, ref_logits, logits, rtol)
@@ -438,7 +437,7 @@ def check_architecture(model_type: str, rtol: float = RTOL, tp_plan: Any = None)
         result["status"] = "fail" if problems or strict_error else "pass"
         result["reason"] = "; ".join(problems)
         if strict_error:
-            result["reason"] = f"{strict_error}; with strict=False: {result['reason'] or 'TP parity holds'}"
+            result["reason"] = f"{strict_error}; with strict=False: {result['reason'] or f'{axis} parity holds'}"
     except Exception as exc:  # noqa: BLE001 - reported in the result
         result["reason"] = _reason(stage, exc)
         if strict_error:
@@ -447,6 +446,27 @@ def check_architecture(model_type: str, rtol: float = RTOL, tp_plan: Any = None)
     result["stage"] = stage
     result["seconds"] = time.perf_counter() - start
     return result
+
+
+def check_architecture(model_type: str, rtol: float = RTOL, tp_plan: Any = None) -> dict[str, Any]:
+    """Runs on every rank: TP=2 forward + backward parity of ``model_type`` (see :func:`run_check`).
+
+    ``tp_plan`` (optional, e.g. a dotted path to a plan function) is passed to ``meshplan.prepare`` to check a
+    candidate plan instead of the registered one.
+    """
+    import torch.distributed as dist
+
+    seen: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, model_type)
+    if len(set(seen)) != 1:
+        raise RuntimeError(f"ranks are out of step: they are running {seen}")
+    try:
+        config = tiny_config(model_type)
+    except Exception as exc:  # noqa: BLE001 - reported in the result
+        return {"model_type": model_type, "status": "fail", "reason": _reason("config", exc), "stage": "config",
+                "rank": dist.get_rank()}
+    result = run_check(model_type, config, tp_mesh, TensorParallelOnly, "TP", rtol, tp_plan=tp_plan)
+    return result | {"rank": dist.get_rank()}
 
 
 def check_architectures(model_types: list[str], rtol: float = RTOL) -> dict[str, dict[str, Any]]:

@@ -11,24 +11,10 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import time
-import traceback
 from typing import Any
 
-from tests.conformance_check import (
-    RTOL,
-    _compare,
-    _reason,
-    _sharded_fraction,
-    _sub_config_classes,
-    _unmatched_reason,
-    build_model,
-    forward_backward,
-    make_batch,
-    tiny_config,
-)
+from tests.conformance_check import RTOL, _reason, _sub_config_classes, run_check, tiny_config
 
 EP_SIZE = 2
 #: Config fields that select the MoE variant of a model type whose default config is dense (set after the tiny
@@ -97,49 +83,10 @@ def ep_mesh():
 
 
 def check_architecture_ep(model_type: str, rtol: float = RTOL) -> dict[str, Any]:
-    """Runs on every rank: EP=2 forward + backward parity of ``model_type`` against the unsharded model.
-
-    Never raises for a model problem: ``status`` is ``"pass"`` or ``"fail"`` with a short ``reason``.
-    """
-    import meshplan
-    from meshplan import UnmatchedPlanKeyError
-
-    start = time.perf_counter()
-    result: dict[str, Any] = {"model_type": model_type, "status": "fail", "reason": ""}
-    stage, strict_error = "config", ""
+    """Runs on every rank: EP=2 forward + backward parity of ``model_type`` against the unsharded model
+    (:func:`tests.conformance_check.run_check` with the EP-only strategy)."""
     try:
         config = moe_config(model_type)
-        stage = "build"
-        reference = build_model(config)
-        model = copy.deepcopy(reference)
-        ids, labels = make_batch(config)
-        stage = "reference forward/backward"
-        ref_logits = forward_backward(reference, ids, labels)
-        stage = "EP plan"
-        meshplan.register_strategy(_ep_only_strategy())
-        try:
-            prepared = meshplan.prepare(model, ep_mesh(), strategy="conformance_ep")
-        except UnmatchedPlanKeyError as exc:  # diagnose further: does the rest of the plan work?
-            strict_error = _unmatched_reason(exc)
-            prepared = meshplan.prepare(model, ep_mesh(), strategy="conformance_ep", strict=False)
-        result["plan_source"] = prepared.ep_plan.source if prepared.ep_plan else None
-        stage = "apply EP plan"
-        prepared.apply()
-        result["sharded_fraction"] = _sharded_fraction(model)
-        stage = "EP forward/backward"
-        logits = forward_backward(model, ids, labels)
-        stage = "compare"
-        problems, numbers = _compare(reference, model, ref_logits, logits, rtol)
-        result.update(numbers)
-        result["status"] = "fail" if problems or strict_error else "pass"
-        result["reason"] = "; ".join(problems)
-        if strict_error:
-            result["reason"] = f"{strict_error}; with strict=False: {result['reason'] or 'EP parity holds'}"
     except Exception as exc:  # noqa: BLE001 - reported in the result
-        result["reason"] = _reason(stage, exc)
-        if strict_error:
-            result["reason"] = f"{strict_error}; with strict=False: {result['reason']}"
-        result["traceback"] = traceback.format_exc(limit=-6)
-    result["stage"] = stage
-    result["seconds"] = time.perf_counter() - start
-    return result
+        return {"model_type": model_type, "status": "fail", "reason": _reason("config", exc), "stage": "config"}
+    return run_check(model_type, config, ep_mesh, _ep_only_strategy(), "EP", rtol)
