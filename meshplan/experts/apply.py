@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core.roles import ExpertMeshes
+from ..core.expert_mesh import ExpertMeshes
 from ..tensor_parallel.plan import ResolvedPlan
 from .expert_parallel import ExpertParallel
 

@@ -41,8 +41,9 @@ from torch import nn
 from ..core.activation_checkpointing import CheckpointingOptions
 from ..core.blocks import find_blocks
 from ..core.errors import MeshError, OptionsError, UnsupportedConfigurationError
+from ..core.expert_mesh import dense_data_parallel_size
 from ..core.log import get_logger, log_rank0
-from ..core.roles import MeshRoles, RoleDims, dense_data_parallel_size, role_dims
+from ..core.roles import MeshRoles, RoleDims, role_dims
 from ..core.strategy import Strategy, StrategyOptions
 from ..plugins.hookspecs import hookimpl
 from ..tensor_parallel.apply import apply_tensor_parallel
