@@ -25,10 +25,14 @@ def _state(unit: nn.Module) -> Any | None:
 
 
 def param_groups(unit: nn.Module) -> list[Any]:
-    """The unit's FSDP parameter groups (every one of them; empty when unknown or none)."""
+    """The unit's FSDP parameter groups (every one of them; empty when unknown or none). torch < 2.12 keeps a
+    single group under the singular name."""
     state = _state(unit)
     groups = getattr(state, "_fsdp_param_groups", None)
-    return list(groups) if isinstance(groups, (list, tuple)) else []
+    if isinstance(groups, (list, tuple)):
+        return list(groups)
+    single = getattr(state, "_fsdp_param_group", None)
+    return [] if single is None else [single]
 
 
 def mixed_precision_policy(unit: nn.Module) -> Any | None:

@@ -50,3 +50,14 @@ def test_modules_without_fsdp_state_give_unknown_answers():
     plain = nn.Linear(2, 2)
     assert param_groups(plain) == [] and mixed_precision_policy(plain) is None
     assert reshards_after_forward(plain) is None and reshard_settings(plain) == []
+
+
+def test_torch_before_2_12_keeps_one_group_under_the_singular_name():
+    """torch 2.10-2.11 have ``_fsdp_param_group`` only; explain and unshard must still see it."""
+    from types import SimpleNamespace
+
+    from meshplan.state.fsdp_state import param_groups, reshards_after_forward
+
+    group = SimpleNamespace(post_forward_mesh_info=None)
+    unit = SimpleNamespace(_get_fsdp_state=lambda: SimpleNamespace(_fsdp_param_group=group))
+    assert param_groups(unit) == [group] and reshards_after_forward(unit) is False
