@@ -20,7 +20,9 @@ parameter                  default (``F.linear``)      ``is_transposed=True``
 =========================  ==========================  ==========================
 
 ``gate_up_proj`` is ``[gate; up]`` (``is_concatenated=True``, the default: ``chunk(2, dim=-1)`` of its output)
-or interleaved ``gate0, up0, gate1, up1, ...`` (``is_concatenated=False``, GPT-OSS).
+or interleaved ``gate0, up0, gate1, up1, ...`` (``is_concatenated=False``, GPT-OSS). That packing belongs to the
+module's forward, not to a plan: a plan's ``colwise`` on a concatenated ``gate_up_proj`` (Inkling's) still has to
+split it in two packed parts, or one rank would keep every gate and the other every up projection.
 
 Tensor parallelism splits every expert along ``I`` (:class:`ExpertParamLayout`); this module only describes
 the layout and imports no DTensor, so dry runs and reports can use it.
@@ -38,6 +40,8 @@ from ..core.errors import PlanError, TensorParallelSizeError
 #: Own parameters of an experts module whose layout :func:`infer_param_layouts` knows.
 KNOWN_PARAMETERS = ("gate_up_proj", "up_proj", "gate_proj", "down_proj",
                     "gate_up_proj_bias", "up_proj_bias", "gate_proj_bias", "down_proj_bias")
+#: Parameters holding a gate and an up projection side by side, packed as the module's forward reads them.
+GATE_UP_PARAMETERS = ("gate_up_proj", "gate_up_proj_bias")
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,12 @@ def is_transposed(module: nn.Module) -> bool:
     return False
 
 
+def gate_up_parts(module: nn.Module) -> int:
+    """Packed parts of the module's gate/up parameters: 2 for ``[gate; up]`` (``is_concatenated``, transformers'
+    default, whose forward splits the output with ``chunk(2)``), 1 for interleaved ``gate0, up0, ...``."""
+    return 2 if getattr(module, "is_concatenated", True) else 1
+
+
 #: transformers' style of a 3-D expert parameter -> (its sharded dim counted from the end, packed parts): ``colwise``
 #: shards the output features (``ndim - 2``), ``rowwise`` the input features (``ndim - 1``), as for a Linear weight.
 HF_PARAMETER_STYLES = {"colwise": (2, 1), "packed_colwise": (2, 2), "rowwise": (1, 1), "packed_rowwise": (1, 2)}
@@ -118,7 +128,7 @@ def _known_layouts(module: nn.Module) -> dict[str, ExpertParamLayout]:
         raise PlanError(f"{type(module).__name__} normalizes each expert's output (has_post_expert_norm): its "
                         "experts cannot be split by tensor parallelism (a norm of partial sums is not the norm of the "
                         "sum); use expert parallelism or leave the experts replicated.")
-    packed = 2 if getattr(module, "is_concatenated", True) else 1
+    packed = gate_up_parts(module)
     in_dim, out_dim = (1, 2) if is_transposed(module) else (2, 1)  # weight dims of the input and output features
     return {
         "gate_up_proj": ExpertParamLayout(out_dim, packed), "up_proj": ExpertParamLayout(out_dim),
@@ -133,8 +143,10 @@ def infer_param_layouts(module: nn.Module, declared: Mapping[str, ExpertParamLay
     """The TP layout of every own parameter of an experts module: ``declared`` ones as given, the others read off
     the module (see the table in the module docstring).
 
-    :class:`PlanError` for a parameter whose layout is neither declared nor known, and for a norm applied to each
-    expert's output (``has_post_expert_norm``), which cannot run on partial sums.
+    :class:`PlanError` for a parameter whose layout is neither declared nor known, for a gate/up parameter declared
+    with other packed parts than the module's forward reads (:func:`gate_up_parts`: each rank must keep matching
+    gate and up slices), and for a norm applied to each expert's output (``has_post_expert_norm``), which cannot
+    run on partial sums.
     """
     known = _known_layouts(module)
     own = dict(module.named_parameters(recurse=False))
@@ -149,14 +161,20 @@ def infer_param_layouts(module: nn.Module, declared: Mapping[str, ExpertParamLay
             raise PlanError(f"{type(module).__name__} has parameter {name!r} of shape {tuple(param.shape)} whose "
                             f"tensor-parallel layout is unknown (known: {', '.join(KNOWN_PARAMETERS)}); pass "
                             "ExpertsTensorParallel(params={name: ExpertParamLayout(dim, parts)}).")
+        if name in GATE_UP_PARAMETERS and layout.dim is not None and layout.parts != known[name].parts:
+            order = "[gate; up] (its forward splits the output with chunk(2))" if known[name].parts == 2 else \
+                "interleaved gate0, up0, gate1, up1, ... (is_concatenated=False)"
+            raise PlanError(f"{type(module).__name__}.{name} is {order}: split it in {known[name].parts} packed "
+                            f"part(s), not {layout.parts}, so every rank keeps the gate and up slices of the same "
+                            f"intermediate features (ExpertParamLayout({layout.dim}, {known[name].parts})).")
         layouts[name] = layout
     return layouts
 
 
-def layouts_from_hf(module: nn.Module, entries: Mapping[str, str]) -> dict[str, ExpertParamLayout]:
-    """Layouts from a transformers plan's parameter entries (``{"gate_up_proj": "packed_colwise", ...}``) for the
-    module's 3-D parameters, the others as :func:`infer_param_layouts` reads them; :class:`PlanError` for a style
-    that does not split an expert parameter."""
+def _hf_declared(module: nn.Module, entries: Mapping[str, str]) -> dict[str, tuple[ExpertParamLayout, str | None]]:
+    """``{parameter: (layout, correction)}`` for the module's 3-D parameters named by a transformers plan's
+    parameter entries: the style gives the sharded dim; a gate/up parameter keeps the module's packed parts
+    (:func:`gate_up_parts`), and ``correction`` says so when the style's parts differ (else ``None``)."""
     own = dict(module.named_parameters(recurse=False))
     declared = {}
     for name, style in entries.items():
@@ -164,10 +182,30 @@ def layouts_from_hf(module: nn.Module, entries: Mapping[str, str]) -> dict[str, 
             raise PlanError(f"{type(module).__name__}.{name}: style {style!r} does not split an expert parameter "
                             f"(expected one of {sorted(HF_PARAMETER_STYLES)}).")
         param = own.get(name)
-        if param is not None and param.ndim >= 3:
-            from_end, parts = HF_PARAMETER_STYLES[style]
-            declared[name] = ExpertParamLayout(param.ndim - from_end, parts)
-    return infer_param_layouts(module, declared)
+        if param is None or param.ndim < 3:
+            continue
+        from_end, parts = HF_PARAMETER_STYLES[style]
+        correction = None
+        if name in GATE_UP_PARAMETERS and parts != gate_up_parts(module):
+            parts, packing = gate_up_parts(module), "[gate; up]" if gate_up_parts(module) == 2 else "interleaved"
+            correction = (f"{style!r} split as {parts} packed part(s): {type(module).__name__}.{name} is {packing} "
+                          "in its forward")
+        declared[name] = (ExpertParamLayout(param.ndim - from_end, parts), correction)
+    return declared
+
+
+def layouts_from_hf(module: nn.Module, entries: Mapping[str, str]) -> dict[str, ExpertParamLayout]:
+    """Layouts from a transformers plan's parameter entries (``{"gate_up_proj": "packed_colwise", ...}``) for the
+    module's 3-D parameters, gate/up ones packed as the module's forward reads them whatever the style says
+    (see :func:`hf_layout_corrections`), the others as :func:`infer_param_layouts` reads them;
+    :class:`PlanError` for a style that does not split an expert parameter."""
+    return infer_param_layouts(module, {name: layout for name, (layout, _) in _hf_declared(module, entries).items()})
+
+
+def hf_layout_corrections(module: nn.Module, entries: Mapping[str, str]) -> dict[str, str]:
+    """``{parameter: why}`` for the entries :func:`layouts_from_hf` does not take at their word: a ``colwise`` on
+    a concatenated ``gate_up_proj`` (Inkling's plans) is split in two packed parts, as its forward reads it."""
+    return {name: why for name, (_, why) in _hf_declared(module, entries).items() if why is not None}
 
 
 def check_param_layouts(module: nn.Module, layouts: Mapping[str, ExpertParamLayout], tp_size: int) -> None:

@@ -19,7 +19,9 @@ names are made through the style registry like those of explicit plans, so a plu
 * A ``local_params`` module whose parameters have their own ``colwise`` entries (attention sinks, per-head
   biases) becomes :class:`LocalShardedParameters`: those parameters are sharded on dim 0 like the heads.
 * A ``moe_tp_experts`` module becomes :class:`ExpertsTensorParallel` with the layouts its parameters'
-  ``packed_colwise`` / ``colwise`` / ``rowwise`` entries declare (the others read off the module); a module it
+  ``packed_colwise`` / ``colwise`` / ``rowwise`` entries declare (the others read off the module), except that a
+  gate/up parameter is packed as the module's forward reads it (Inkling's plans say ``colwise`` for a
+  concatenated ``[gate; up]``; :attr:`HFPlan.corrected`, logged at INFO on rank 0); a module it
   cannot split (a parameter of unknown layout, a norm on each expert's output) stays replicated, as does a
   ``moe_identity_expert`` inside it, and both are named in the warning.
 * Shard-local children (:data:`SHARD_LOCAL_CHILDREN`): a parameterized per-head QK norm or activation module
@@ -50,7 +52,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle
 
 from ..core.errors import PlanError, PlanNotFoundError, SequenceParallelUnsupportedError, UntranslatableStyleError
 from ..core.log import get_logger, log_rank0
-from ..experts.modules import layouts_from_hf
+from ..experts.modules import hf_layout_corrections, layouts_from_hf
 from ..experts.tp_styles import ExpertsTensorParallel, IdentityExpertParallel
 from ..tensor_parallel.custom_styles import LocalShardedParameters, MlaKvAProjParallel, ReplicatedWithGradAllReduce
 from ..tensor_parallel.matching import generalize, match_key, match_parameter_key
@@ -81,7 +83,9 @@ class HFPlan:
     """A translated Hugging Face plan: torch styles, plus the entries left out and why.
 
     ``unmatched``: keys (and their styles) that match no module or parameter of this model, dropped;
-    ``derived``: keys the translation added (shard-local children), with the reason.
+    ``derived``: keys the translation added (shard-local children), with the reason;
+    ``corrected``: entries translated otherwise than their style says, with the reason (a ``colwise`` on a
+    concatenated ``[gate; up]`` expert parameter is split in two packed parts).
     """
 
     styles: dict[str, ParallelStyle] = field(default_factory=dict)
@@ -89,6 +93,7 @@ class HFPlan:
     untranslatable: dict[str, str] = field(default_factory=dict)
     unmatched: dict[str, str] = field(default_factory=dict)
     derived: dict[str, str] = field(default_factory=dict)
+    corrected: dict[str, str] = field(default_factory=dict)
 
 
 def _prefixed(prefix: str, plan: Mapping[str, Any]) -> dict[str, Any]:
@@ -199,14 +204,19 @@ def _local_parameter_styles(model: nn.Module, local: dict[str, dict[str, int]]) 
             for params, owners in by_parameters.items() for key in _covering_keys(model, owners)}
 
 
-def _experts_style(model: nn.Module, key: str, entries: dict[str, str]) -> ExpertsTensorParallel | str:
-    """The style for a ``moe_tp_experts`` entry and its parameters' ``entries``, or why it stays replicated."""
+def _experts_style(model: nn.Module, key: str, entries: dict[str, str], result: HFPlan,
+                   ) -> ExpertsTensorParallel | str:
+    """The style for a ``moe_tp_experts`` entry and its parameters' ``entries`` (corrections recorded in
+    ``result``), or why it stays replicated."""
     layouts = []
     for fqn in match_key(model, key):
         try:
-            layouts.append(layouts_from_hf(model.get_submodule(fqn), entries))
+            module = model.get_submodule(fqn)
+            layouts.append(layouts_from_hf(module, entries))
         except PlanError as exc:
             return f"{EXPERTS} (module left replicated: {exc})"
+        for name, why in hf_layout_corrections(module, entries).items():
+            result.corrected[f"{key}.{name}"] = why
     if any(layout != layouts[0] for layout in layouts):
         return f"{EXPERTS} (module left replicated: the modules {key!r} selects have different parameters)"
     return ExpertsTensorParallel(params=layouts[0])
@@ -217,7 +227,7 @@ def _add_experts_styles(model: nn.Module, merged: Mapping[str, Any], entries: di
     """``moe_tp_experts`` modules (with their parameter ``entries``), then the identity experts inside them."""
     for key, style in merged.items():
         if style == EXPERTS and match_key(model, key):
-            translated = _experts_style(model, key, entries.get(key, {}))
+            translated = _experts_style(model, key, entries.get(key, {}), result)
             if isinstance(translated, str):
                 result.left_replicated[key] = translated
             else:
@@ -319,6 +329,9 @@ def _checked(model: nn.Module, plan: HFPlan) -> dict[str, ParallelStyle]:
     if plan.derived:
         log_rank0(logger, logging.INFO, "Hugging Face TP plan of %s: added %s.", name,
                   ", ".join(f"{key!r}: {why}" for key, why in plan.derived.items()))
+    if plan.corrected:
+        log_rank0(logger, logging.INFO, "Hugging Face TP plan of %s: translated as the modules compute: %s.", name,
+                  ", ".join(f"{key!r}: {why}" for key, why in plan.corrected.items()))
     if plan.left_replicated:
         listing = ", ".join(f"{key!r}: {why}" for key, why in plan.left_replicated.items())
         log_rank0(logger, logging.WARNING, "Hugging Face TP plan of %s: %d entries have no torch equivalent and "
