@@ -59,6 +59,23 @@ def test_hugging_face_identity_experts_and_experts_it_cannot_split():
     assert "has_post_expert_norm" in plan.left_replicated["model.layers.*.mlp.experts"]
 
 
+def test_gate_up_parameters_are_packed_as_the_forward_reads_them():
+    """Inkling's plans say ``colwise`` for a ``gate_up_proj`` its forward splits with ``chunk(2)``: split as one
+    part, one rank would keep every gate and the other every up projection (logits rel. error 0.9). The fallback
+    packs it in two parts and records why; an explicit layout with other parts is refused."""
+    for model_type in ("inkling2_text", "inkling_text"):
+        plan = translate_hf_plan(tiny(model_type))
+        assert plan.styles["model.layers.*.mlp.experts"].params["gate_up_proj"] == ExpertParamLayout(1, 2)
+        assert "[gate; up]" in plan.corrected["model.layers.*.mlp.experts.gate_up_proj"]
+    assert not translate_hf_plan(build("mixtral")).corrected  # packed_colwise: taken at its word
+    experts = build("mixtral").model.layers[0].mlp.experts
+    with pytest.raises(PlanError, match=r"gate_up_proj is \[gate; up\].*2 packed part\(s\), not 1"):
+        ExpertsTensorParallel({"gate_up_proj": ExpertParamLayout(1)}).check(experts, 2)
+    _, gpt_oss = next(find_expert_modules(tiny("gpt_oss")))  # interleaved: two packed parts would be wrong
+    with pytest.raises(PlanError, match="interleaved"):
+        ExpertsTensorParallel({"gate_up_proj": ExpertParamLayout(2, 2)}).check(gpt_oss, 2)
+
+
 def test_tp_size_not_dividing_the_expert_intermediate_size_fails_in_prepare(fake_pg):
     """``prepare`` runs no collective: the same typed error on every rank, naming the parameter."""
     model = build("mixtral", intermediate_size=21)  # gate_up_proj [4, 42, 64]: 21 per packed part

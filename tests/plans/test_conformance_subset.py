@@ -15,8 +15,8 @@ BUILTIN = {"llama": "meshplan.plans.llama", "mistral": "meshplan.plans.llama", "
            "mixtral": "meshplan.plans.mixtral", "qwen3_moe": "meshplan.plans.qwen3_moe",
            "deepseek_v3": "meshplan.plans.deepseek"}
 #: without a built-in provider: tied embeddings + biases, softcapping, MoE experts + shared expert, MLA + MoE with
-#: identity experts
-FALLBACK = ("starcoder2", "gemma2", "qwen2_moe", "longcat_flash")
+#: identity experts, experts whose plan says ``colwise`` for a concatenated ``[gate; up]`` with a softcapped SwiGLU
+FALLBACK = ("starcoder2", "gemma2", "qwen2_moe", "longcat_flash", "inkling2_text")
 
 
 @pytest.mark.parametrize("model_type", [*BUILTIN, *FALLBACK])
