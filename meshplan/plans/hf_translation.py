@@ -24,6 +24,8 @@ names are made through the style registry like those of explicit plans, so a plu
   concatenated ``[gate; up]``; :attr:`HFPlan.corrected`, logged at INFO on rank 0); a module it
   cannot split (a parameter of unknown layout, a norm on each expert's output) stays replicated, as does a
   ``moe_identity_expert`` inside it, and both are named in the warning.
+* An ``all_reduce`` module whose own parameter entries stay replicated (parameters named in the plan, not
+  sharded) stays replicated too: its output is already complete on every rank (Inkling's shared experts).
 * Shard-local children (:data:`SHARD_LOCAL_CHILDREN`): a parameterized per-head QK norm or activation module
   that the plan does not name, directly under a block whose projections are column-wise, runs on this rank's
   column shard, so its replicated parameters get partial gradients; it gets ``replicated_with_grad_allreduce``
@@ -68,7 +70,7 @@ logger = get_logger(__name__)
 REPLICABLE_STYLES = frozenset({"local_params"})
 EXPERTS, IDENTITY_EXPERT = "moe_tp_experts", "moe_identity_expert"
 VOCAB_EMBEDDING, VOCAB_HEAD = "embedding_rowwise", "colwise_rep"
-LOCAL_PARAMS, MLA_KV_A_PROJ = "local_params", "mla_kv_a_proj"
+LOCAL_PARAMS, MLA_KV_A_PROJ, ALL_REDUCE = "local_params", "mla_kv_a_proj", "all_reduce"
 #: Style of a parameter entry under a ``local_params`` module -> the parameter dim it shards (per head).
 LOCAL_PARAMETER_DIMS = {"colwise": 0}
 #: Child names that, directly under a block with column-wise projections and absent from the plan, run on this
@@ -240,6 +242,18 @@ def _add_experts_styles(model: nn.Module, merged: Mapping[str, Any], entries: di
                 result.left_replicated[key] = f"{IDENTITY_EXPERT} (its experts module is not split by TP)"
 
 
+def _replicate_partial_sums_of_replicated_parameters(merged: Mapping[str, Any], result: HFPlan) -> None:
+    """An ``all_reduce`` module whose own parameter entries stay replicated (Inkling's shared experts: 3-D
+    ``gate_proj`` / ``up_proj`` / ``down_proj`` named as parameters) computes the full output on every rank; its
+    all-reduce would multiply that by the TP size, so the module is left replicated too."""
+    owners = {key.rpartition(".")[0] for key, why in result.left_replicated.items() if "names a parameter" in why}
+    for key in owners:
+        if merged.get(key) == ALL_REDUCE and key in result.styles:
+            del result.styles[key]
+            result.left_replicated[key] = (f"{ALL_REDUCE} (module left replicated: its parameter entries are not "
+                                           "sharded, so its output is already the full sum on every rank)")
+
+
 def _style_registry(registry: Registry | None) -> Registry:
     """``registry``, else the loaded one (plugins and ``meshplan.register_style`` included)."""
     if registry is not None:
@@ -297,6 +311,7 @@ def translate_hf_plan(model: nn.Module, registry: Registry | None = None) -> HFP
             result.left_replicated.pop(owner, None)
     result.styles.update(_local_parameter_styles(model, local_params))
     _add_experts_styles(model, merged, experts_entries, result)
+    _replicate_partial_sums_of_replicated_parameters(merged, result)
     derived = _shard_local_children(model, result)
     result.styles.update(derived)
     result.derived = {key: "replicated_with_grad_allreduce (runs on this rank's column shard)" for key in derived}

@@ -177,6 +177,21 @@ def test_mla_and_local_params_and_shard_local_children_are_translated():
     assert not translate_hf_plan(tiny("qwen3")).derived  # already in the plan
 
 
+def inkling_plan_with_replicated_embedding(model: nn.Module, sequence_parallel: bool = False) -> dict:
+    """Inkling's fallback plan without its vocab-parallel embedding container and ``lm_head`` (their own failure in
+    docs/conformance.md), so the parity test below reaches the experts and shared experts."""
+    styles = hf_tp_plan(model, sequence_parallel=sequence_parallel)
+    return {key: style for key, style in styles.items() if key not in ("model.embed_tokens", "lm_head")}
+
+
+def test_all_reduce_module_whose_parameter_entries_stay_replicated_stays_replicated():
+    """Inkling's shared experts: ``all_reduce`` on a module whose 3-D parameters the plan names (left replicated)
+    would double its complete output at TP=2."""
+    plan = translate_hf_plan(tiny("inkling_text"))
+    assert "model.layers.*.mlp.shared_experts" not in plan.styles
+    assert "already the full sum" in plan.left_replicated["model.layers.*.mlp.shared_experts"]
+
+
 @pytest.mark.distributed
 def test_fallback_parity_on_models_that_need_the_new_styles(ranks2):
     from tests.conformance_check import check_architecture, merge_rank_results
@@ -184,3 +199,6 @@ def test_fallback_parity_on_models_that_need_the_new_styles(ranks2):
     for model_type in ("glm4_moe_lite", "granite_swa", "apertus"):  # MLA + MoE (DeepSeek has a built-in plan)
         result = merge_rank_results(ranks2.run(check_architecture, model_type, timeout=240))
         assert result["status"] == "pass", f"{model_type}: {result['reason']}\n{result.get('traceback', '')}"
+    plan = f"{__name__}.inkling_plan_with_replicated_embedding"  # concatenated [gate; up] under 'colwise'
+    result = merge_rank_results(ranks2.run(check_architecture, "inkling_text", tp_plan=plan, timeout=240))
+    assert result["status"] == "pass", f"inkling_text: {result['reason']}\n{result.get('traceback', '')}"
