@@ -210,17 +210,17 @@ def _experts_style(model: nn.Module, key: str, entries: dict[str, str], result: 
                    ) -> ExpertsTensorParallel | str:
     """The style for a ``moe_tp_experts`` entry and its parameters' ``entries`` (corrections recorded in
     ``result``), or why it stays replicated."""
-    layouts = []
+    layouts, corrected = [], {}
     for fqn in match_key(model, key):
         try:
             module = model.get_submodule(fqn)
             layouts.append(layouts_from_hf(module, entries))
         except PlanError as exc:
             return f"{EXPERTS} (module left replicated: {exc})"
-        for name, why in hf_layout_corrections(module, entries).items():
-            result.corrected[f"{key}.{name}"] = why
+        corrected.update({f"{key}.{name}": why for name, why in hf_layout_corrections(module, entries).items()})
     if any(layout != layouts[0] for layout in layouts):
         return f"{EXPERTS} (module left replicated: the modules {key!r} selects have different parameters)"
+    result.corrected.update(corrected)
     return ExpertsTensorParallel(params=layouts[0])
 
 
