@@ -83,12 +83,11 @@ CAUSES: list[tuple[str, str, Any]] = [
      "(`InklingNormedEmbedding`); torch's `RowwiseParallel` re-registers every nested parameter on the module "
      "and fails on the dotted name.",
      lambda r: "parameter name can" in r["reason"]),
-    ("Activation sparsity over a sharded feature dimension (Gemma 3n)",
-     "Gemma 3n's MLP keeps the top activations by a Gaussian threshold computed from the mean and std over the "
-     "intermediate features of `gate_proj`'s output, which TP shards column-wise, so each rank thresholds with its "
-     "own statistics. With `activation_sparsity_pattern` all zero the same model passes (verified); a plan must "
-     "keep the MLPs of sparse layers replicated.",
-     lambda r: r["model_type"].startswith("gemma3n") and "logits rel. error" in r["reason"]),
+    ("Per-head norm gradients at the tolerance (Gemma 3n)",
+     "The built-in Gemma 3n plan (`meshplan.plans.gemma3n`) keeps the MLPs of activation-sparse layers whole (their "
+     "threshold uses statistics over all intermediate features); logits then match to ~1e-6, and the one gradient "
+     "over 1e-5 is a per-head `k_norm` whose TP-summed gradient rounds to ~1e-5 (6e-6 with sparsity off).",
+     lambda r: r["model_type"].startswith("gemma3n") and "k_norm" in r["reason"]),
     ("Optional dependency missing",
      "Gemma3nForConditionalGeneration builds its vision tower through timm (and Pillow), which are not installed "
      "here; the language model is covered by `gemma3n_text`.",

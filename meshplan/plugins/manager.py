@@ -44,6 +44,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "meshplan.plans.llama",
     "meshplan.plans.qwen",
     "meshplan.plans.gemma3",
+    "meshplan.plans.gemma3n",
     "meshplan.plans.phi3",
     "meshplan.plans.mixtral",
     "meshplan.plans.qwen3_moe",
