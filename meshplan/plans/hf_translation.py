@@ -59,6 +59,7 @@ from ..experts.tp_styles import ExpertsTensorParallel, IdentityExpertParallel
 from ..tensor_parallel.custom_styles import LocalShardedParameters, MlaKvAProjParallel, ReplicatedWithGradAllReduce
 from ..tensor_parallel.matching import generalize, match_key, match_parameter_key
 from ..tensor_parallel.vocabulary import make_style
+from .hf_completion import uncovered_experts, uncovered_mlps
 from .decoder import add_sequence_parallel, are_tied, embedding_modules, find_decoder_layout, module_name
 
 if TYPE_CHECKING:
@@ -254,6 +255,33 @@ def _replicate_partial_sums_of_replicated_parameters(merged: Mapping[str, Any], 
                                            "sharded, so its output is already the full sum on every rank)")
 
 
+def _complete_moe(model: nn.Module, result: HFPlan, registry: Registry) -> None:
+    """Fused experts and MLPs of the MoE layer stacks that no entry covers, split where the math is certain
+    (:mod:`meshplan.plans.hf_completion`); recorded in :attr:`HFPlan.derived` (experts it cannot split: in
+    :attr:`HFPlan.left_replicated`)."""
+    planned = {fqn for key in (*result.styles, *result.left_replicated) for fqn in match_key(model, key)}
+    experts, unsplittable = uncovered_experts(model, planned)
+    by_layouts: dict[tuple, set[str]] = {}
+    for fqn, layouts in experts.items():
+        by_layouts.setdefault(tuple(sorted(layouts.items(), key=lambda item: item[0])), set()).add(fqn)
+    for layouts, fqns in by_layouts.items():
+        for key in _covering_keys(model, fqns):
+            result.styles[key] = ExpertsTensorParallel(params=dict(layouts))
+            result.derived[key] = f"{EXPERTS} (fused experts the plan does not name; layouts read off the module)"
+    for fqn, why in unsplittable.items():
+        result.left_replicated[fqn] = f"{EXPERTS} (fused experts the plan does not name, left replicated: {why})"
+    by_projections: dict[tuple, set[str]] = {}
+    for fqn, projections in uncovered_mlps(model, planned).items():
+        by_projections.setdefault(projections, set()).add(fqn)
+    for (inputs, output), fqns in by_projections.items():
+        for key in _covering_keys(model, fqns):
+            for name in inputs:
+                result.styles[f"{key}.{name}"] = make_style("colwise", registry)
+            result.styles[f"{key}.{output}"] = make_style("rowwise", registry)
+            result.derived[key] = (f"colwise {'/'.join(inputs)}, rowwise {output} (an MLP of the MoE layers the "
+                                   "plan does not name)")
+
+
 def _style_registry(registry: Registry | None) -> Registry:
     """``registry``, else the loaded one (plugins and ``meshplan.register_style`` included)."""
     if registry is not None:
@@ -312,9 +340,11 @@ def translate_hf_plan(model: nn.Module, registry: Registry | None = None) -> HFP
     result.styles.update(_local_parameter_styles(model, local_params))
     _add_experts_styles(model, merged, experts_entries, result)
     _replicate_partial_sums_of_replicated_parameters(merged, result)
+    _complete_moe(model, result, registry)
     derived = _shard_local_children(model, result)
     result.styles.update(derived)
-    result.derived = {key: "replicated_with_grad_allreduce (runs on this rank's column shard)" for key in derived}
+    result.derived.update({key: "replicated_with_grad_allreduce (runs on this rank's column shard)"
+                           for key in derived})
     return result
 
 

@@ -1,0 +1,93 @@
+"""Completing a Hugging Face TP plan where it leaves the MoE parts of a decoder whole.
+
+Many transformers 5.24 plans name only some of a MoE model's parts: GPT-OSS's names no experts at all, Qwen2-MoE's
+and Cohere2-MoE's no shared expert, AFMoE's no dense MLP of its first layers. The fallback
+(:mod:`meshplan.plans.hf_translation`) completes such a plan with parts whose tensor-parallel split is
+self-contained — replicated input, one all-reduce of the output — so it is correct whatever the rest of the plan
+does, and adds them only where the structure leaves no doubt about the math:
+
+* a fused experts module (:func:`~meshplan.experts.modules.find_expert_modules`) that no plan entry covers gets
+  :class:`~meshplan.experts.tp_styles.ExpertsTensorParallel` when every parameter's layout is known
+  (:func:`~meshplan.experts.modules.infer_param_layouts`; not for a norm on each expert's output);
+* an *MLP* that no plan entry covers, inside the same layer stack as fused experts (shared experts, dense MLP
+  layers): a module without parameters of its own whose parameterized children are exactly bias-free ``nn.Linear``
+  input projections (``gate_proj`` and ``up_proj``, or ``up_proj`` alone; ``w1`` / ``w3``) and one output projection
+  (``down_proj``; ``w2``) of matching widths, the other children parameter-free (the activation). The inputs become
+  ``colwise``, the output ``rowwise``: the activation and product act on each intermediate feature alone.
+
+A module is covered when a plan entry (translated or left replicated) names it, an ancestor or a descendant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from ..core.errors import PlanError
+from ..experts.modules import ExpertParamLayout, find_expert_modules, infer_param_layouts
+
+#: Input projections (column-wise) and output projection (row-wise) of the MLPs completed, by naming convention.
+MLP_NAMINGS = ((("gate_proj", "up_proj"), "down_proj"), (("up_proj",), "down_proj"), (("w1", "w3"), "w2"))
+
+
+def is_covered(fqn: str, planned: Iterable[str]) -> bool:
+    """Whether a planned module is ``fqn``, one of its ancestors or one of its descendants."""
+    return any(p == fqn or fqn.startswith(f"{p}.") or p.startswith(f"{fqn}.") or p == "" for p in planned)
+
+
+def uncovered_experts(model: nn.Module, planned: set[str]) -> tuple[dict[str, dict[str, ExpertParamLayout]],
+                                                                     dict[str, str]]:
+    """``({fqn: layouts}, {fqn: why not split})`` for the fused experts modules no plan entry covers."""
+    split, left = {}, {}
+    for fqn, module in find_expert_modules(model):
+        if is_covered(fqn, planned):
+            continue
+        try:
+            split[fqn] = infer_param_layouts(module)
+        except PlanError as exc:
+            left[fqn] = str(exc)
+    return split, left
+
+
+def _stacks(fqns: Iterable[str]) -> set[str]:
+    """The layer stacks (``model.layers``) holding modules ``fqns`` (``model.layers.3.mlp.experts``)."""
+    found = set()
+    for fqn in fqns:
+        parts = fqn.split(".")
+        for depth in range(len(parts), 0, -1):
+            if parts[depth - 1].isdigit():
+                found.add(".".join(parts[:depth - 1]))
+                break
+    return found
+
+
+def mlp_projections(module: nn.Module) -> tuple[tuple[str, ...], str] | None:
+    """``(input projection names, output projection name)`` if ``module`` is an MLP (see the module docstring)."""
+    if next(module.parameters(recurse=False), None) is not None:
+        return None
+    parameterized = {name for name, child in module.named_children() if next(child.parameters(), None) is not None}
+    for inputs, output in MLP_NAMINGS:
+        if parameterized != {*inputs, output}:
+            continue
+        linears = [getattr(module, name) for name in (*inputs, output)]
+        if not all(type(linear) is nn.Linear and linear.bias is None for linear in linears):
+            return None
+        *ins, out = linears
+        widths = {(linear.in_features, linear.out_features) for linear in ins}
+        if widths == {(out.out_features, out.in_features)}:
+            return inputs, output
+        return None
+    return None
+
+
+def uncovered_mlps(model: nn.Module, planned: set[str]) -> dict[str, tuple[tuple[str, ...], str]]:
+    """``{fqn: (input projections, output projection)}`` of the MLPs no plan entry covers, in the layer stacks of
+    the model's fused experts."""
+    stacks = _stacks(fqn for fqn, _ in find_expert_modules(model))
+    found = {}
+    for fqn, module in model.named_modules():
+        inside = any(fqn.startswith(f"{stack}.") if stack else fqn[:1].isdigit() for stack in stacks)
+        if inside and not is_covered(fqn, planned) and (projections := mlp_projections(module)) is not None:
+            found[fqn] = projections
+    return found
