@@ -16,6 +16,7 @@ does, and adds them only where the structure leaves no doubt about the math:
   ``colwise``, the output ``rowwise``: the activation and product act on each intermediate feature alone.
 
 A module is covered when a plan entry (translated or left replicated) names it, an ancestor or a descendant.
+Model types in :data:`NOT_COMPLETED` keep their plan as transformers wrote it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ from torch import nn
 from ..core.errors import PlanError
 from ..experts.modules import ExpertParamLayout, find_expert_modules, infer_param_layouts
 
+#: Model types whose plan is not completed, and why.
+NOT_COMPLETED = {
+    "deepseek_v4": "its split shared experts are exact in float64 (6e-15 relative), but in float32 the gradient of "
+                   "the hyper-connection head's hc_scale then differs by 1.1e-5 relative from one process, above the "
+                   "conformance sweep's 1e-5 tolerance",
+}
 #: Input projections (column-wise) and output projection (row-wise) of the MLPs completed, by naming convention.
 MLP_NAMINGS = ((("gate_proj", "up_proj"), "down_proj"), (("up_proj",), "down_proj"), (("w1", "w3"), "w2"))
 
@@ -36,10 +43,18 @@ def is_covered(fqn: str, planned: Iterable[str]) -> bool:
     return any(p == fqn or fqn.startswith(f"{p}.") or p.startswith(f"{fqn}.") or p == "" for p in planned)
 
 
+def is_completed(model: nn.Module) -> bool:
+    """Whether the fallback completes this model's plan (its model type is not in :data:`NOT_COMPLETED`)."""
+    return getattr(getattr(model, "config", None), "model_type", None) not in NOT_COMPLETED
+
+
 def uncovered_experts(model: nn.Module, planned: set[str]) -> tuple[dict[str, dict[str, ExpertParamLayout]],
                                                                      dict[str, str]]:
     """``({fqn: layouts}, {fqn: why not split})`` for the fused experts modules no plan entry covers."""
-    split, left = {}, {}
+    split: dict[str, dict[str, ExpertParamLayout]] = {}
+    left: dict[str, str] = {}
+    if not is_completed(model):
+        return split, left
     for fqn, module in find_expert_modules(model):
         if is_covered(fqn, planned):
             continue
@@ -52,7 +67,7 @@ def uncovered_experts(model: nn.Module, planned: set[str]) -> tuple[dict[str, di
 
 def _stacks(fqns: Iterable[str]) -> set[str]:
     """The layer stacks (``model.layers``) holding modules ``fqns`` (``model.layers.3.mlp.experts``)."""
-    found = set()
+    found: set[str] = set()
     for fqn in fqns:
         parts = fqn.split(".")
         for depth in range(len(parts), 0, -1):
@@ -84,6 +99,8 @@ def mlp_projections(module: nn.Module) -> tuple[tuple[str, ...], str] | None:
 def uncovered_mlps(model: nn.Module, planned: set[str]) -> dict[str, tuple[tuple[str, ...], str]]:
     """``{fqn: (input projections, output projection)}`` of the MLPs no plan entry covers, in the layer stacks of
     the model's fused experts."""
+    if not is_completed(model):
+        return {}
     stacks = _stacks(fqn for fqn, _ in find_expert_modules(model))
     found = {}
     for fqn, module in model.named_modules():

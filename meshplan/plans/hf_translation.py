@@ -30,6 +30,9 @@ names are made through the style registry like those of explicit plans, so a plu
   that the plan does not name, directly under a block whose projections are column-wise, runs on this rank's
   column shard, so its replicated parameters get partial gradients; it gets ``replicated_with_grad_allreduce``
   (:attr:`HFPlan.derived`).
+* MoE parts the plan does not name (:mod:`meshplan.plans.hf_completion`): fused experts whose layout is read off
+  the module with certainty get :class:`ExpertsTensorParallel`, and MLPs in the MoE layer stacks (shared experts,
+  dense MLP layers) get ``colwise`` inputs and a ``rowwise`` output; both in :attr:`HFPlan.derived`, logged at INFO.
 
 Entries torch styles cannot express are never dropped silently: the local-parameter and MoE styles left out,
 whose modules are correct when simply left replicated, are listed in a warning (rank 0); any other (whose
@@ -59,8 +62,8 @@ from ..experts.tp_styles import ExpertsTensorParallel, IdentityExpertParallel
 from ..tensor_parallel.custom_styles import LocalShardedParameters, MlaKvAProjParallel, ReplicatedWithGradAllReduce
 from ..tensor_parallel.matching import generalize, match_key, match_parameter_key
 from ..tensor_parallel.vocabulary import make_style
-from .hf_completion import uncovered_experts, uncovered_mlps
 from .decoder import add_sequence_parallel, are_tied, embedding_modules, find_decoder_layout, module_name
+from .hf_completion import uncovered_experts, uncovered_mlps
 
 if TYPE_CHECKING:
     from ..core.registry import Registry
