@@ -13,7 +13,13 @@ does, and adds them only where the structure leaves no doubt about the math:
   layers): a module without parameters of its own whose parameterized children are exactly bias-free ``nn.Linear``
   input projections (``gate_proj`` and ``up_proj``, or ``up_proj`` alone; ``w1`` / ``w3``) and one output projection
   (``down_proj``; ``w2``) of matching widths, the other children parameter-free (the activation). The inputs become
-  ``colwise``, the output ``rowwise``: the activation and product act on each intermediate feature alone.
+  ``colwise``, the output ``rowwise``: the activation and product act on each intermediate feature alone;
+* an *attention block* that no plan entry covers, in those layer stacks: ``nn.Linear`` ``q_proj`` / ``k_proj`` /
+  ``v_proj`` (``colwise``, whole heads of its ``head_dim``) and ``o_proj`` (``rowwise``), optional per-head
+  ``q_norm`` / ``k_norm`` over ``head_dim`` (which the fallback gives ``replicated_with_grad_allreduce``), an
+  optional per-head ``sinks`` parameter (sharded with the heads) and nothing else; as transformers' own attention
+  plans do, this relies on the forward reshaping by ``head_dim`` (``view(..., -1, head_dim)``). The head counts
+  must divide by the TP size (checked before any collective).
 
 A module is covered when a plan entry (translated or left replicated) names it, an ancestor or a descendant.
 Model types in :data:`NOT_COMPLETED` keep their plan as transformers wrote it.
@@ -22,6 +28,7 @@ Model types in :data:`NOT_COMPLETED` keep their plan as transformers wrote it.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -34,6 +41,10 @@ NOT_COMPLETED = {
                    "the hyper-connection head's hc_scale then differs by 1.1e-5 relative from one process, above the "
                    "conformance sweep's 1e-5 tolerance",
 }
+#: Query, key, value (column-wise) and output (row-wise) projections of the attention blocks completed.
+ATTENTION_INPUTS, ATTENTION_OUTPUT = ("q_proj", "k_proj", "v_proj"), "o_proj"
+#: Per-head norms an attention block may apply to its query and key heads (weights of ``head_dim`` elements).
+HEAD_NORMS = ("q_norm", "k_norm")
 #: Input projections (column-wise) and output projection (row-wise) of the MLPs completed, by naming convention.
 MLP_NAMINGS = ((("gate_proj", "up_proj"), "down_proj"), (("up_proj",), "down_proj"), (("w1", "w3"), "w2"))
 
@@ -77,11 +88,26 @@ def _stacks(fqns: Iterable[str]) -> set[str]:
     return found
 
 
-def mlp_projections(module: nn.Module) -> tuple[tuple[str, ...], str] | None:
-    """``(input projection names, output projection name)`` if ``module`` is an MLP (see the module docstring)."""
+@dataclass(frozen=True)
+class BlockSplit:
+    """How a block the plan does not name is split: ``inputs`` column-wise, ``output`` row-wise (child names),
+    ``local_params`` (own parameter, dim) sharded per head like the column-wise outputs; ``kind`` for messages."""
+
+    kind: str
+    inputs: tuple[str, ...]
+    output: str
+    local_params: tuple[tuple[str, int], ...] = ()
+
+
+def _parameterized_children(module: nn.Module) -> set[str]:
+    return {name for name, child in module.named_children() if next(child.parameters(), None) is not None}
+
+
+def mlp_split(module: nn.Module) -> BlockSplit | None:
+    """The split of ``module`` if it is an MLP (see the module docstring), else ``None``."""
     if next(module.parameters(recurse=False), None) is not None:
         return None
-    parameterized = {name for name, child in module.named_children() if next(child.parameters(), None) is not None}
+    parameterized = _parameterized_children(module)
     for inputs, output in MLP_NAMINGS:
         if parameterized != {*inputs, output}:
             continue
@@ -90,21 +116,44 @@ def mlp_projections(module: nn.Module) -> tuple[tuple[str, ...], str] | None:
             return None
         *ins, out = linears
         widths = {(linear.in_features, linear.out_features) for linear in ins}
-        if widths == {(out.out_features, out.in_features)}:
-            return inputs, output
-        return None
+        return BlockSplit("an MLP", inputs, output) if widths == {(out.out_features, out.in_features)} else None
     return None
 
 
-def uncovered_mlps(model: nn.Module, planned: set[str]) -> dict[str, tuple[tuple[str, ...], str]]:
-    """``{fqn: (input projections, output projection)}`` of the MLPs no plan entry covers, in the layer stacks of
-    the model's fused experts."""
+def attention_split(module: nn.Module) -> BlockSplit | None:
+    """The split of ``module`` if it is a standard attention block (see the module docstring), else ``None``."""
+    head_dim = getattr(module, "head_dim", None)
+    parameterized = _parameterized_children(module)
+    norms = parameterized - {*ATTENTION_INPUTS, ATTENTION_OUTPUT}
+    if not isinstance(head_dim, int) or head_dim < 1 or not {*ATTENTION_INPUTS, ATTENTION_OUTPUT} <= parameterized \
+            or not norms <= set(HEAD_NORMS):
+        return None
+    q, k, v, o = (getattr(module, name) for name in (*ATTENTION_INPUTS, ATTENTION_OUTPUT))
+    if not all(type(linear) is nn.Linear for linear in (q, k, v, o)):
+        return None
+    hidden = o.out_features
+    if {q.in_features, k.in_features, v.in_features} != {hidden} or o.in_features != q.out_features \
+            or k.out_features != v.out_features or q.out_features % head_dim or k.out_features % head_dim:
+        return None
+    if any(p.numel() != head_dim for name in norms for p in getattr(module, name).parameters()):
+        return None
+    own = dict(module.named_parameters(recurse=False))
+    if own and (own.keys() != {"sinks"} or tuple(own["sinks"].shape) != (q.out_features // head_dim,)):
+        return None
+    return BlockSplit("an attention", ATTENTION_INPUTS, ATTENTION_OUTPUT, (("sinks", 0),) if own else ())
+
+
+def uncovered_blocks(model: nn.Module, planned: set[str]) -> dict[str, BlockSplit]:
+    """``{fqn: split}`` of the MLPs and attention blocks no plan entry covers, in the layer stacks of the model's
+    fused experts."""
     if not is_completed(model):
         return {}
     stacks = _stacks(fqn for fqn, _ in find_expert_modules(model))
     found = {}
     for fqn, module in model.named_modules():
         inside = any(fqn.startswith(f"{stack}.") if stack else fqn[:1].isdigit() for stack in stacks)
-        if inside and not is_covered(fqn, planned) and (projections := mlp_projections(module)) is not None:
-            found[fqn] = projections
+        if inside and not is_covered(fqn, planned):
+            split = mlp_split(module) or attention_split(module)
+            if split is not None:
+                found[fqn] = split
     return found

@@ -31,8 +31,9 @@ names are made through the style registry like those of explicit plans, so a plu
   column shard, so its replicated parameters get partial gradients; it gets ``replicated_with_grad_allreduce``
   (:attr:`HFPlan.derived`).
 * MoE parts the plan does not name (:mod:`meshplan.plans.hf_completion`): fused experts whose layout is read off
-  the module with certainty get :class:`ExpertsTensorParallel`, and MLPs in the MoE layer stacks (shared experts,
-  dense MLP layers) get ``colwise`` inputs and a ``rowwise`` output; both in :attr:`HFPlan.derived`, logged at INFO.
+  the module with certainty get :class:`ExpertsTensorParallel`; MLPs (shared experts, dense MLP layers) and
+  standard attention blocks in the MoE layer stacks get ``colwise`` inputs and a ``rowwise`` output (attention
+  sinks sharded per head); all in :attr:`HFPlan.derived`, logged at INFO.
 
 Entries torch styles cannot express are never dropped silently: the local-parameter and MoE styles left out,
 whose modules are correct when simply left replicated, are listed in a warning (rank 0); any other (whose
@@ -63,7 +64,7 @@ from ..tensor_parallel.custom_styles import LocalShardedParameters, MlaKvAProjPa
 from ..tensor_parallel.matching import generalize, match_key, match_parameter_key
 from ..tensor_parallel.vocabulary import make_style
 from .decoder import add_sequence_parallel, are_tied, embedding_modules, find_decoder_layout, module_name
-from .hf_completion import uncovered_experts, uncovered_mlps
+from .hf_completion import BlockSplit, uncovered_blocks, uncovered_experts
 
 if TYPE_CHECKING:
     from ..core.registry import Registry
@@ -259,9 +260,9 @@ def _replicate_partial_sums_of_replicated_parameters(merged: Mapping[str, Any], 
 
 
 def _complete_moe(model: nn.Module, result: HFPlan, registry: Registry) -> None:
-    """Fused experts and MLPs of the MoE layer stacks that no entry covers, split where the math is certain
-    (:mod:`meshplan.plans.hf_completion`); recorded in :attr:`HFPlan.derived` (experts it cannot split: in
-    :attr:`HFPlan.left_replicated`)."""
+    """Fused experts, MLPs and attention blocks of the MoE layer stacks that no entry covers, split where the math
+    is certain (:mod:`meshplan.plans.hf_completion`); recorded in :attr:`HFPlan.derived` (experts it cannot split:
+    in :attr:`HFPlan.left_replicated`)."""
     planned = {fqn for key in (*result.styles, *result.left_replicated) for fqn in match_key(model, key)}
     experts, unsplittable = uncovered_experts(model, planned)
     by_layouts: dict[tuple, set[str]] = {}
@@ -273,16 +274,19 @@ def _complete_moe(model: nn.Module, result: HFPlan, registry: Registry) -> None:
             result.derived[key] = f"{EXPERTS} (fused experts the plan does not name; layouts read off the module)"
     for fqn, why in unsplittable.items():
         result.left_replicated[fqn] = f"{EXPERTS} (fused experts the plan does not name, left replicated: {why})"
-    by_projections: dict[tuple, set[str]] = {}
-    for fqn, projections in uncovered_mlps(model, planned).items():
-        by_projections.setdefault(projections, set()).add(fqn)
-    for (inputs, output), fqns in by_projections.items():
+    by_split: dict[BlockSplit, set[str]] = {}
+    for fqn, split in uncovered_blocks(model, planned).items():
+        by_split.setdefault(split, set()).add(fqn)
+    for split, fqns in by_split.items():
         for key in _covering_keys(model, fqns):
-            for name in inputs:
+            for name in split.inputs:
                 result.styles[f"{key}.{name}"] = make_style("colwise", registry)
-            result.styles[f"{key}.{output}"] = make_style("rowwise", registry)
-            result.derived[key] = (f"colwise {'/'.join(inputs)}, rowwise {output} (an MLP of the MoE layers the "
-                                   "plan does not name)")
+            result.styles[f"{key}.{split.output}"] = make_style("rowwise", registry)
+            if split.local_params:
+                result.styles[key] = LocalShardedParameters(dict(split.local_params))
+            result.derived[key] = (f"colwise {'/'.join(split.inputs)}, rowwise {split.output}"
+                                   f"{''.join(f', {n} per head' for n, _ in split.local_params)} ({split.kind} "
+                                   "block of the MoE layers the plan does not name)")
 
 
 def _style_registry(registry: Registry | None) -> Registry:
