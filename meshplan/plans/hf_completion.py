@@ -19,7 +19,12 @@ does, and adds them only where the structure leaves no doubt about the math:
   ``q_norm`` / ``k_norm`` over ``head_dim`` (which the fallback gives ``replicated_with_grad_allreduce``), an
   optional per-head ``sinks`` parameter (sharded with the heads) and nothing else; as transformers' own attention
   plans do, this relies on the forward reshaping by ``head_dim`` (``view(..., -1, head_dim)``). The head counts
-  must divide by the TP size (checked before any collective).
+  must divide by the TP size (checked before any collective);
+* a *multi-head latent attention* block that no plan entry covers, in those layer stacks, made exactly of
+  DeepSeek-V2/V3's parts (``q_a_proj`` / ``q_a_layernorm`` / ``q_b_proj`` or ``q_proj``, ``kv_a_proj_with_mqa`` /
+  ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``): split by heads as the built-in DeepSeek plan
+  (:mod:`meshplan.plans.deepseek`) and transformers' DeepSeek-V2 plan do (``kv_a_proj_with_mqa``:
+  ``mla_kv_a_proj``, which needs the config's ``qk_rope_head_dim``; without it the block stays whole).
 
 A module is covered when a plan entry (translated or left replicated) names it, an ancestor or a descendant.
 Model types in :data:`NOT_COMPLETED` keep their plan as transformers wrote it.
@@ -91,12 +96,15 @@ def _stacks(fqns: Iterable[str]) -> set[str]:
 @dataclass(frozen=True)
 class BlockSplit:
     """How a block the plan does not name is split: ``inputs`` column-wise, ``output`` row-wise (child names),
-    ``local_params`` (own parameter, dim) sharded per head like the column-wise outputs; ``kind`` for messages."""
+    ``local_params`` (own parameter, dim) sharded per head like the column-wise outputs, ``others`` by their
+    transformers style; ``kind`` for messages."""
 
     kind: str
     inputs: tuple[str, ...]
     output: str
     local_params: tuple[tuple[str, int], ...] = ()
+    #: (child, transformers style name) entries translated like the plan's own (``mla_kv_a_proj``)
+    others: tuple[tuple[str, str], ...] = ()
 
 
 def _parameterized_children(module: nn.Module) -> set[str]:
@@ -143,6 +151,24 @@ def attention_split(module: nn.Module) -> BlockSplit | None:
     return BlockSplit("an attention", ATTENTION_INPUTS, ATTENTION_OUTPUT, (("sinks", 0),) if own else ())
 
 
+def latent_attention_split(module: nn.Module) -> BlockSplit | None:
+    """The split of ``module`` if it is multi-head latent attention as DeepSeek-V2/V3 write it (see the module
+    docstring), else ``None``."""
+    query = "q_b_proj" if hasattr(module, "q_a_proj") else "q_proj"
+    linears = (query, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+    norms = {"q_a_layernorm", "kv_a_layernorm"} if query == "q_b_proj" else {"kv_a_layernorm"}
+    expected = {*linears, *norms, *(("q_a_proj",) if query == "q_b_proj" else ())}
+    if _parameterized_children(module) != expected or next(module.parameters(recurse=False), None) is not None:
+        return None
+    q, kv_a, kv_b, o = (getattr(module, name) for name in linears)
+    rank = getattr(module.kv_a_layernorm, "weight", None)
+    if not all(type(linear) is nn.Linear for linear in (q, kv_a, kv_b, o)) or rank is None \
+            or kv_b.in_features != rank.numel() or kv_a.out_features <= rank.numel():
+        return None
+    return BlockSplit("a multi-head latent attention", (query, "kv_b_proj"), "o_proj",
+                      others=(("kv_a_proj_with_mqa", "mla_kv_a_proj"),))
+
+
 def uncovered_blocks(model: nn.Module, planned: set[str]) -> dict[str, BlockSplit]:
     """``{fqn: split}`` of the MLPs and attention blocks no plan entry covers, in the layer stacks of the model's
     fused experts."""
@@ -153,7 +179,7 @@ def uncovered_blocks(model: nn.Module, planned: set[str]) -> dict[str, BlockSpli
     for fqn, module in model.named_modules():
         inside = any(fqn.startswith(f"{stack}.") if stack else fqn[:1].isdigit() for stack in stacks)
         if inside and not is_covered(fqn, planned):
-            split = mlp_split(module) or attention_split(module)
+            split = mlp_split(module) or attention_split(module) or latent_attention_split(module)
             if split is not None:
                 found[fqn] = split
     return found

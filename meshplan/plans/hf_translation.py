@@ -279,6 +279,11 @@ def _complete_moe(model: nn.Module, result: HFPlan, registry: Registry) -> None:
         by_split.setdefault(split, set()).add(fqn)
     for split, fqns in by_split.items():
         for key in _covering_keys(model, fqns):
+            others = {f"{key}.{name}": _mla_kv_a_proj(model, f"{key}.{name}") if style == MLA_KV_A_PROJ else style
+                      for name, style in split.others}
+            if any(isinstance(style, str) for style in others.values()):
+                continue  # a style it cannot build (e.g. no rotary width in the config): the block stays whole
+            result.styles.update(others)
             for name in split.inputs:
                 result.styles[f"{key}.{name}"] = make_style("colwise", registry)
             result.styles[f"{key}.{split.output}"] = make_style("rowwise", registry)

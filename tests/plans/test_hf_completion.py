@@ -11,7 +11,7 @@ from torch import nn
 from meshplan.experts.tp_styles import ExpertsTensorParallel
 from meshplan.plans.hf_completion import BlockSplit, attention_split, mlp_split, uncovered_blocks
 from meshplan.plans.hf_translation import merged_hf_plan, translate_hf_plan
-from meshplan.tensor_parallel.custom_styles import LocalShardedParameters
+from meshplan.tensor_parallel.custom_styles import LocalShardedParameters, MlaKvAProjParallel
 from tests.conformance_check import build_model, check_architecture, merge_rank_results, tiny_config
 
 #: model type -> (the part its transformers plan does not name, the key the fallback adds for it)
@@ -39,6 +39,9 @@ def test_uncovered_experts_and_shared_experts_are_added():
     assert {key for key in cohere.styles if key.startswith(shared)} == {
         f"{shared}.gate_proj", f"{shared}.up_proj", f"{shared}.down_proj"}
     assert shared in cohere.derived
+    axk1 = translate_hf_plan(tiny("axk1"))  # DeepSeek-V3-like latent attention the plan does not name
+    assert isinstance(axk1.styles["model.layers.*.self_attn.kv_a_proj_with_mqa"], MlaKvAProjParallel)
+    assert "latent attention" in axk1.derived["model.layers.*.self_attn"]
     assert not translate_hf_plan(tiny("mixtral")).derived  # the plan names every part already
     assert not translate_hf_plan(tiny("deepseek_v4")).derived  # NOT_COMPLETED: kept as transformers wrote it
 
