@@ -110,7 +110,7 @@ def _check_before_launch(config: DemoConfig) -> None:
 
     mesh_dims(config, config.nproc)
     if config.cp > 1:
-        from ..context_parallel.layout import check_sequence_length
+        from ..context_parallel.sequence_layout import check_sequence_length
 
         check_sequence_length(config.seq_len, config.cp, "--seq-len")
     if config.device not in ("auto", "cpu", "cuda"):

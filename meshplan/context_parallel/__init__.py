@@ -1,7 +1,7 @@
 """Context parallelism: split every sequence over a ``cp`` mesh dim, on any attention and any device.
 
 * :func:`shard_batch` / :func:`gather_sequence` — this rank's load-balanced share of a batch, and per-token
-  outputs gathered back in the original order (:mod:`.batch`, layout in :mod:`.layout`).
+  outputs gathered back in the original order (:mod:`.batch`, layout in :mod:`.sequence_layout`).
 * :func:`apply_context_parallel` / :func:`validate_context_parallel` — what the ``fsdp2`` strategy calls when
   the mesh has a ``cp`` dim (:mod:`.apply`): an all-gather-K/V attention registered in transformers'
   ``AttentionInterface`` that wraps the model's own (:mod:`.attention`, masks in :mod:`.masks`), or torch's

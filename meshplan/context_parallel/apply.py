@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from ..core.errors import ContextParallelError, OptionsError, UnsupportedAttentionError
 from ..core.log import get_logger, log_rank0
-from . import layout
+from . import sequence_layout as layout
 from .attention import ATTENTION_NAME, describe, register, takes_dense_mask
 from .collectives import all_gather_sequence
 from .state import IMPLEMENTATIONS, ContextParallelState, bind

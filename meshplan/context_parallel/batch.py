@@ -1,7 +1,7 @@
 """Shard a batch for context parallelism and gather per-token outputs back.
 
 Every rank of a CP group holds the same batch; :func:`shard_batch` keeps this rank's load-balanced share of
-each sequence (:mod:`meshplan.context_parallel.layout`). Labels are shifted *before* sharding (the token a
+each sequence (:mod:`meshplan.context_parallel.sequence_layout`). Labels are shifted *before* sharding (the token a
 position predicts may live on another rank) and handed to transformers as ``shift_labels``; the loss is
 divided by ``num_items_in_batch`` = (valid tokens of the whole sequence) / cp, so that the mean of the CP
 ranks' losses, which is what data-parallel gradient averaging over ``dp_shard x cp`` computes, is the
@@ -17,7 +17,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..core.errors import ContextParallelError
-from . import layout
+from . import sequence_layout as layout
 from .collectives import all_gather_sequence
 
 #: Batch entries split along dim 1 (the sequence); other entries are passed through unchanged.

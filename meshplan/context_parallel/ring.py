@@ -3,7 +3,7 @@
 The local query, key and value shards become DTensors sharded on the sequence dim of the CP mesh and
 ``scaled_dot_product_attention(..., is_causal=True)`` is dispatched to torch's ring flash / efficient / cuDNN
 kernels, which rotate K/V around the ring instead of gathering them. torch's head-tail load balancer uses
-the layout of :mod:`meshplan.context_parallel.layout`, so batches are sharded the same way for both
+the layout of :mod:`meshplan.context_parallel.sequence_layout`, so batches are sharded the same way for both
 implementations. Plain causal attention only: no padding mask, no sliding window (checked before any
 collective by :func:`meshplan.context_parallel.apply.validate_context_parallel`).
 """

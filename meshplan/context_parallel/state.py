@@ -12,7 +12,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..core.errors import ContextParallelError
-from . import layout
+from . import sequence_layout as layout
 
 #: ``cp_implementation`` values: all-gather K/V (any attention, any device), torch's ring attention (CUDA SDPA),
 #: or ``external``: the training loop runs CP itself (torch's ``context_parallel`` context manager, as NeMo

@@ -10,7 +10,7 @@ with the EP mesh. It
   own forward (local shards, output all-reduced over TP) then runs inside the dispatch, on the received rows;
 * wraps the module's forward, whose signature is transformers' experts call
   ``(hidden_states [tokens, hidden], top_k_index [tokens, k], top_k_weights [tokens, k])``: tokens are
-  dispatched to the experts' owners (:mod:`meshplan.experts.dispatch`), the module's *own* forward runs on
+  dispatched to the experts' owners (:mod:`meshplan.experts.token_dispatch`), the module's *own* forward runs on
   the rows it received with local expert ids, unit weights and its local parameter shards (so any experts
   implementation works unchanged), and the results are combined back with the routing weights.
 
@@ -32,8 +32,8 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..core.errors import ExpertParallelError
-from .dispatch import combine, dispatch, gather_tokens, split_tokens
 from .modules import expert_count as fused_expert_count
+from .token_dispatch import combine, dispatch, gather_tokens, split_tokens
 
 #: Attribute that marks a module the style was applied to: ``(global experts, EP size)``.
 EP_ATTRIBUTE = "_meshplan_expert_parallel"

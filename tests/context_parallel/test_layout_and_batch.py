@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 
-from meshplan.context_parallel import layout, shard_batch, validate_context_parallel
+from meshplan.context_parallel import sequence_layout as layout
+from meshplan.context_parallel import shard_batch, validate_context_parallel
 from meshplan.context_parallel.batch import next_token_labels
 from meshplan.core.errors import OptionsError, SequenceLengthError, UnsupportedAttentionError
 from tests.support import TinyStack, tiny_hf
