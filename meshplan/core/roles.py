@@ -35,7 +35,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .errors import ExpertParallelError, MeshError
 from .expert_mesh import ExpertMeshes, carve_expert_meshes, check_expert_parallel_size
-from .mesh import DataParallelMesh, dim_names, mesh_ranks, submesh
+from .mesh import DataParallelMesh, dim_names, dim_size, mesh_ranks, submesh
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -88,7 +88,7 @@ class MeshRoles:
             return 1
         if names == ("<whole>",):
             return self.mesh.size()
-        return math.prod(_dim_size(self.mesh, n) for n in names)
+        return math.prod(dim_size(self.mesh, n) for n in names)
 
     def submesh(self, role: str) -> DeviceMesh | None:
         """The 1-D sub-mesh of ``role`` (flattening its dims on first access), or ``None`` if absent."""
@@ -117,9 +117,7 @@ class MeshRoles:
         if "dp_shard" not in self.dims:
             name = _flat_name(self.dims["dp_replicate"])
             return DataParallelMesh(self.submesh("dp_replicate"), name, self.size("dp_replicate"))
-        shard_dims = self.dims["dp_shard"]
-        if self.size("cp") > 1 and not self.shard_includes_cp:
-            shard_dims = (*shard_dims, *self.dims["cp"])
+        shard_dims = self._shard_dims()
         shard_name = _flat_name(shard_dims)
         shard = self._flat(shard_dims)
         if self.size("dp_replicate") == 1:
@@ -140,18 +138,14 @@ class MeshRoles:
         """The mesh dims the EP ranks are carved from (empty without EP)."""
         if self.ep_size == 1:
             return ()
-        borrowed = [*self.dims.get("dp_shard", ())]
-        if self.size("cp") > 1 and not self.shard_includes_cp:
-            borrowed += self.dims["cp"]
-        if self.ep_borrows_tp and self.size("tp") > 1:
-            borrowed += self.dims["tp"]
-        return tuple(borrowed)
+        tp = self.dims["tp"] if self.ep_borrows_tp and self.size("tp") > 1 else ()
+        return (*self._shard_dims(), *tp)
 
     def check_expert_parallel(self) -> None:
         """:class:`ExpertParallelError` unless ``ep_size`` fits the ranks it borrows; collective-free."""
         if self.ep_size == 1:
             return
-        shard = self.size("dp_shard") * (1 if self.shard_includes_cp else self.size("cp"))
+        shard = math.prod(dim_size(self.mesh, n) for n in self._shard_dims())
         tp = self.size("tp") if self.ep_borrows_tp else 1
         check_expert_parallel_size(self.ep_size, shard, tp, " x ".join(self.ep_borrowed_dims) or "no dims")
 
@@ -187,6 +181,11 @@ class MeshRoles:
             report["ep"] = {"dims": list(self.ep_borrowed_dims), "size": self.ep_size}
         return report
 
+    def _shard_dims(self) -> tuple[str, ...]:
+        """The dims FSDP shards over: ``dp_shard``, plus ``cp`` unless the shard dim already spans it."""
+        shard = self.dims.get("dp_shard", ())
+        return (*shard, *self.dims["cp"]) if self.size("cp") > 1 and not self.shard_includes_cp else shard
+
     def _flat(self, names: tuple[str, ...]) -> DeviceMesh:
         name = _flat_name(names)
         if name not in self._cache:
@@ -197,11 +196,6 @@ class MeshRoles:
 
 def _flat_name(names: tuple[str, ...]) -> str:
     return names[0] if len(names) == 1 else "_".join(names)
-
-
-def _dim_size(mesh: DeviceMesh, name: str) -> int:
-    sub = submesh(mesh, name)
-    return 1 if sub is None else sub.size()
 
 
 def _ranks(mesh: DeviceMesh, names: tuple[str, ...]) -> frozenset[int]:
@@ -231,9 +225,9 @@ def resolve_roles(
 ) -> MeshRoles:
     """Assign mesh dims to the roles a strategy supports; collective-free and identical on every rank.
 
-    Raises:
-        MeshError: a mesh dim larger than 1 has no role (named, with the options that would give it one),
-            or two roles would share ranks.
+    A candidate that would share ranks with a role already resolved is skipped (the shard dim may contain
+    ``cp``). Raises :class:`MeshError` when a mesh dim larger than 1 has no role (named, with the options that
+    would give it one), and :class:`ExpertParallelError` for a bad ``ep_size``.
     """
     if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
         raise ExpertParallelError(f"ep_size must be a positive integer, got {ep_size!r}.")
