@@ -54,6 +54,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
 
 RUNTIME_PLUGIN = "<runtime>"
 
+
 @dataclass
 class PluginRecord:
     """What happened to one plugin: loaded, failed, disabled or not in the allow-list."""
@@ -73,8 +74,6 @@ class PluginRecord:
             "distribution": self.distribution, "version": self.version, "error": self.error,
             "contributions": [{"kind": k, "key": key} for k, key in self.contributions],
         }
-
-
 
 
 class PluginHost:
