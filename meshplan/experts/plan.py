@@ -61,7 +61,6 @@ def resolve_expert_plan(model: nn.Module, registry: Registry, ep_plan: Any, ep_s
     divide an experts module's expert count, :class:`UnmatchedPlanKeyError` for a key that matches nothing."""
     from ..tensor_parallel.plan import resolve_plan
     from ..tensor_parallel.validation import match_and_check
-    from .expert_parallel import ExpertParallel
     from .modules import find_expert_modules
 
     name = type(model).__qualname__
@@ -73,8 +72,7 @@ def resolve_expert_plan(model: nn.Module, registry: Registry, ep_plan: Any, ep_s
                                       "mixture-of-experts layers; drop ep_size.") from exc
         raise
     plan = match_and_check(model, plan, strict=strict, axis="EP")
-    experts = [(key, fqn) for key, style in plan.styles.items() if isinstance(style, ExpertParallel)
-               for fqn in plan.matches.get(key, ())]
+    experts = _expert_entries(plan)
     if not experts:
         raise ExpertParallelError(f"ep_size={ep_size}: the EP plan of {name} ({plan.source}) splits no experts "
                                   f"module; give an experts module the {DISPATCH_EXPERTS!r} style.")
@@ -83,12 +81,17 @@ def resolve_expert_plan(model: nn.Module, registry: Registry, ep_plan: Any, ep_s
     return dataclasses.replace(plan, replicated_linears=())
 
 
-def expert_modules(plan: ResolvedPlan) -> list[str]:
-    """Names of the modules an EP plan splits by expert."""
+def _expert_entries(plan: ResolvedPlan) -> list[tuple[str, str]]:
+    """``(key, module name)`` of each module an EP plan splits by expert."""
     from .expert_parallel import ExpertParallel
 
-    return [fqn for key, style in plan.styles.items() if isinstance(style, ExpertParallel)
+    return [(key, fqn) for key, style in plan.styles.items() if isinstance(style, ExpertParallel)
             for fqn in plan.matches.get(key, ())]
+
+
+def expert_modules(plan: ResolvedPlan) -> list[str]:
+    """Names of the modules an EP plan splits by expert."""
+    return [fqn for _, fqn in _expert_entries(plan)]
 
 
 def experts_tp_sharded(tp_plan: ResolvedPlan | None, ep_plan: ResolvedPlan) -> bool:

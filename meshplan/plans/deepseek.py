@@ -26,17 +26,16 @@ ROWWISE = ("self_attn.o_proj", "mlp.down_proj", "mlp.shared_experts.down_proj")
 
 
 def deepseek_layer_styles(rope_dim: int) -> dict[str, ParallelStyle]:
-    """Styles for one DeepSeek layer of any kind (keys relative to the layer); ``rope_dim`` is
-    ``config.qk_rope_head_dim``."""
+    """Styles for one DeepSeek layer of any kind, except the routed experts that :func:`~meshplan.plans.moe.moe_plan`
+    adds (keys relative to the layer); ``rope_dim`` is ``config.qk_rope_head_dim``."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     from ..tensor_parallel.custom_styles import MlaKvAProjParallel
-    from .moe import experts_layer_styles
 
     styles: dict[str, ParallelStyle] = {key: ColwiseParallel() for key in (*MLA_COLWISE, *MLP_COLWISE)}
     styles.update({key: RowwiseParallel() for key in ROWWISE})
     styles["self_attn.kv_a_proj_with_mqa"] = MlaKvAProjParallel(rope_dim=rope_dim)
-    return {**styles, **experts_layer_styles()}
+    return styles
 
 
 def deepseek_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:

@@ -172,10 +172,15 @@ def _mla_kv_a_proj(model: nn.Module, key: str) -> MlaKvAProjParallel | str:
     return MlaKvAProjParallel(rope_dim=next(iter(widths)))
 
 
+def _planned_modules(model: nn.Module, result: HFPlan) -> set[str]:
+    """Modules an entry of ``result`` already selects, split or left replicated."""
+    return {fqn for key in (*result.styles, *result.left_replicated) for fqn in match_key(model, key)}
+
+
 def _shard_local_children(model: nn.Module, result: HFPlan) -> dict[str, ParallelStyle]:
     """``replicated_with_grad_allreduce`` for the :data:`SHARD_LOCAL_CHILDREN` the plan misses (see the module
     docstring); keys are generalized (``layers.*``) where the pattern selects exactly the qualifying modules."""
-    planned = {fqn for key in (*result.styles, *result.left_replicated) for fqn in match_key(model, key)}
+    planned = _planned_modules(model, result)
     blocks = {
         fqn.rpartition(".")[0]
         for key, style in result.styles.items()
@@ -263,7 +268,7 @@ def _complete_moe(model: nn.Module, result: HFPlan, registry: Registry) -> None:
     """Fused experts, MLPs and attention blocks of the MoE layer stacks that no entry covers, split where the math
     is certain (:mod:`meshplan.plans.hf_completion`); recorded in :attr:`HFPlan.derived` (experts it cannot split:
     in :attr:`HFPlan.left_replicated`)."""
-    planned = {fqn for key in (*result.styles, *result.left_replicated) for fqn in match_key(model, key)}
+    planned = _planned_modules(model, result)
     experts, unsplittable = uncovered_experts(model, planned)
     by_layouts: dict[tuple, set[str]] = {}
     for fqn, layouts in experts.items():

@@ -1,10 +1,11 @@
 """Shared construction of TP plans for decoder LMs with mixture-of-experts layers (Mixtral, Qwen3-MoE, DeepSeek).
 
-A family names the styles of one decoder layer, for every kind of layer the family has (dense MLP, MoE block with
-fused experts, shared experts); :func:`moe_plan` keeps the keys that exist in at least one layer of this model
-(a config may make every layer sparse, or some dense) and hands them to :func:`meshplan.plans.decoder.decoder_plan`
-(vocab-parallel embedding and ``lm_head``). The router stays replicated: it sees the full hidden states on every
-rank and its gradient is complete because the experts' style sums the routing-weight gradients.
+A family names the styles of its attention and of every other kind of layer it has (dense MLP, shared experts);
+:func:`moe_plan` adds the fused experts (``moe_tp_experts`` at ``mlp.experts``), keeps the keys that exist in at
+least one layer of this model (a config may make every layer sparse, or some dense) and hands them to
+:func:`meshplan.plans.decoder.decoder_plan` (vocab-parallel embedding and ``lm_head``). The router stays replicated:
+it sees the full hidden states on every rank and its gradient is complete because the experts' style sums the
+routing-weight gradients.
 """
 
 from __future__ import annotations
@@ -24,16 +25,11 @@ if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plu
 EXPERTS = "mlp.experts"
 
 
-def experts_layer_styles() -> dict[str, ParallelStyle]:
-    """The fused experts split along their intermediate size (``moe_tp_experts``)."""
-    from ..experts.tp_styles import ExpertsTensorParallel
-
-    return {EXPERTS: ExpertsTensorParallel()}
-
-
 def moe_plan(model: nn.Module, layer_styles: Mapping[str, ParallelStyle], sequence_parallel: bool
              ) -> dict[str, ParallelStyle]:
-    """The decoder plan with the ``layer_styles`` keys that match a module in at least one layer."""
+    """The decoder plan with ``layer_styles`` and the fused experts split along their intermediate size, each key
+    kept where it matches a module in at least one layer."""
+    from ..experts.tp_styles import ExpertsTensorParallel
     from .decoder import decoder_plan, find_decoder_layout
 
     if sequence_parallel:
@@ -42,5 +38,6 @@ def moe_plan(model: nn.Module, layer_styles: Mapping[str, ParallelStyle], sequen
             "flattened tokens and all-reduce their output. Run without sequence_parallel (TP still shards "
             "attention, shared and routed experts).")
     layers = find_decoder_layout(model).layers
-    present = {key: style for key, style in layer_styles.items() if match_key(model, f"{layers}.*.{key}")}
+    styles = {**layer_styles, EXPERTS: ExpertsTensorParallel()}
+    present = {key: style for key, style in styles.items() if match_key(model, f"{layers}.*.{key}")}
     return decoder_plan(model, present, sequence_parallel=False)
