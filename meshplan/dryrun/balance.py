@@ -6,6 +6,7 @@ any strategy and any module type: fused 3-D expert tensors, embeddings and plain
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,16 +50,9 @@ def replicated_parameters(spread: AllRanks, groups_by_dim: Mapping[str, tuple[in
     return {
         "dims": dims,
         "count": sum(e["count"] for e in entries),
-        "elements": sum(e["count"] * _numel(e["shape"]) for e in entries),
+        "elements": sum(e["count"] * math.prod(e["shape"]) for e in entries),
         "parameters": entries,
     }
-
-
-def _numel(shape: list[int]) -> int:
-    result = 1
-    for size in shape:
-        result *= size
-    return result
 
 
 def _contributors(spread: AllRanks, rank: int, shards: int) -> list[tuple[float, ParamGroup, int]]:
