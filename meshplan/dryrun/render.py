@@ -44,23 +44,24 @@ def _strategy(strategy: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _entries(plan: Mapping[str, Any]) -> str:
+    """A plan's entries as a table: key, style, matched modules."""
+    rows = [{"key": e["key"], "style": e["style"], "modules": _patterns(e["modules"])} for e in plan["entries"]]
+    return format_table(rows, (("key", "plan key"), ("style", "style"), ("modules", "matched modules")), indent="  ")
+
+
 def _plan(plan: Mapping[str, Any] | None) -> list[str]:
     if plan is None:
         return ["plan      none (no tensor-parallel dim larger than 1)"]
-    lines = [f"plan      {plan['source']}",
-             f"          tp={plan['tp_size']}, sequence parallel: {'yes' if plan['sequence_parallel'] else 'no'}"]
-    rows = [{"key": e["key"], "style": e["style"], "modules": _patterns(e["modules"])} for e in plan["entries"]]
-    lines.append(format_table(rows, (("key", "plan key"), ("style", "style"), ("modules", "matched modules")),
-                              indent="  "))
-    return lines
+    return [f"plan      {plan['source']}",
+            f"          tp={plan['tp_size']}, sequence parallel: {'yes' if plan['sequence_parallel'] else 'no'}",
+            _entries(plan)]
 
 
 def _ep_plan(plan: Mapping[str, Any] | None) -> list[str]:
     if plan is None:
         return []
-    rows = [{"key": e["key"], "style": e["style"], "modules": _patterns(e["modules"])} for e in plan["entries"]]
-    return ["", f"ep plan   {plan['source']}", f"          ep={plan['ep_size']}",
-            format_table(rows, (("key", "plan key"), ("style", "style"), ("modules", "matched modules")), indent="  ")]
+    return ["", f"ep plan   {plan['source']}", f"          ep={plan['ep_size']}", _entries(plan)]
 
 
 def _replicated(replicated: Mapping[str, Any] | None, total: int) -> list[str]:

@@ -85,6 +85,12 @@ def _strategy_section(strategy: Any) -> dict[str, Any]:
     }
 
 
+def _entries(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A plan's entries with their matched modules summarized."""
+    return [{"key": e["key"], "style": e["style"], "count": len(e["modules"]),
+             "modules": summarize_names(e["modules"])} for e in plan["entries"]]
+
+
 def _plan_section(plan: Mapping[str, Any] | None, tp_size: int) -> dict[str, Any] | None:
     if plan is None:
         return None
@@ -92,8 +98,7 @@ def _plan_section(plan: Mapping[str, Any] | None, tp_size: int) -> dict[str, Any
         "source": plan["source"],
         "sequence_parallel": plan["sequence_parallel"],
         "tp_size": tp_size,
-        "entries": [{"key": e["key"], "style": e["style"], "count": len(e["modules"]),
-                     "modules": summarize_names(e["modules"])} for e in plan["entries"]],
+        "entries": _entries(plan),
         "replicated_linears": {"count": len(plan["replicated_linears"]),
                                "modules": summarize_names(plan["replicated_linears"])},
     }
@@ -103,9 +108,7 @@ def _ep_plan_section(plan: Mapping[str, Any] | None, ep_size: int) -> dict[str, 
     """The expert-parallel plan as applied (``None`` without EP)."""
     if plan is None:
         return None
-    return {"source": plan["source"], "ep_size": ep_size,
-            "entries": [{"key": e["key"], "style": e["style"], "count": len(e["modules"]),
-                         "modules": summarize_names(e["modules"])} for e in plan["entries"]]}
+    return {"source": plan["source"], "ep_size": ep_size, "entries": _entries(plan)}
 
 
 def _group_units(units: list[dict[str, Any]]) -> list[dict[str, Any]]:
