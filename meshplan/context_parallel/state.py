@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -17,7 +16,6 @@ from . import sequence_layout as layout
 #: ``cp_implementation`` values: all-gather K/V (any attention, any device), torch's ring attention (CUDA SDPA),
 #: or ``external``: the training loop runs CP itself (torch's ``context_parallel`` context manager, as NeMo
 #: AutoModel and torchtitan loops do) and the model is left as it is.
-Implementation = Literal["allgather", "ring", "external"]
 IMPLEMENTATIONS: tuple[str, ...] = ("allgather", "ring", "external")
 
 
