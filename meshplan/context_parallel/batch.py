@@ -26,13 +26,14 @@ SEQUENCE_KEYS = ("input_ids", "inputs_embeds", "labels", "shift_labels", "positi
 IGNORE_INDEX = -100
 
 
-def _sequence_length(batch: Mapping[str, Any]) -> int:
+def _tokens(batch: Mapping[str, Any]) -> torch.Tensor:
+    """The batch's ``input_ids``, else its ``inputs_embeds`` ([batch, sequence, ...])."""
     tokens = batch.get("input_ids")
     if tokens is None:
         tokens = batch.get("inputs_embeds")
     if tokens is None:
         raise ContextParallelError("shard_batch needs input_ids or inputs_embeds [batch, sequence, ...].")
-    return tokens.shape[1]
+    return tokens
 
 
 def next_token_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -61,11 +62,10 @@ def shard_batch(batch: Mapping[str, Any], cp_mesh: DeviceMesh, ignore_index: int
     size, rank = cp_mesh.size(), cp_mesh.get_local_rank()
     if size == 1:
         return dict(batch)
-    seq_len = _sequence_length(batch)
+    batch_size, seq_len = _tokens(batch).shape[:2]
     layout.check_sequence_length(seq_len, size)
     out = dict(batch)
     if out.get("position_ids") is None:
-        batch_size = out["input_ids" if out.get("input_ids") is not None else "inputs_embeds"].shape[0]
         out["position_ids"] = torch.arange(seq_len).unsqueeze(0).expand(batch_size, -1)
     if out.get("labels") is not None or out.get("shift_labels") is not None:
         shifted = out.get("shift_labels")
