@@ -141,9 +141,9 @@ def memory(layouts: list[ParamLayout], units: list[dict[str, Any]], total_parame
     local = sum(p.local for p in layouts)
     here = _state_bytes(layouts, {p.name: p.local for p in layouts})
     whole = _state_bytes(layouts, {p.name: p.numel for p in layouts})
-    steps = ADAMW_STEP_BYTES * len(trainable)
-    ideal_bytes = {key: (value - (steps if key in ("adamw", "total") else 0)) / shards
-                   + (steps if key in ("adamw", "total") else 0) for key, value in whole.items()}
+    steps = ADAMW_STEP_BYTES * len(trainable)  # one float32 step per tensor on every rank: not sharded
+    unsharded = {"params": 0, "grads": 0, "adamw": steps, "total": steps}
+    ideal_bytes = {key: (value - unsharded[key]) / shards + unsharded[key] for key, value in whole.items()}
     worst: dict[str, int] | None = None
     ideal_local = total_parameters / shards
     parameters: dict[str, Any] = {
