@@ -135,8 +135,7 @@ class ParamGroup:
     numel: int
     element_size: int
     trainable: bool
-    pieces: int  # how many different pieces the world holds (product of the sharding mesh dims)
-    table: np.ndarray  # flattened local elements per piece
+    table: np.ndarray  # flattened local elements per piece (one per coordinate of the sharding mesh dims)
     piece_of_rank: np.ndarray  # per global rank, the index into ``table`` (-1: the rank holds none)
 
     def local_at(self, rank: int) -> int:
@@ -222,15 +221,14 @@ def all_ranks(named_parameters: Iterable[tuple[str, nn.Parameter]], world_size: 
     for (mesh, placements, shape, fsdp, dtype, trainable), members in grouped.items():
         if mesh is None:
             table, piece = np.array([math.prod(shape)], dtype=np.int64), np.zeros(world_size, dtype=np.int64)
-            pieces = 1
         else:
             if mesh not in coordinates:
                 coordinates[mesh] = mesh_coordinates(mesh, world_size)
             axes, grid_table = local_numel_table(shape, placements, tuple(mesh.shape), fsdp)
-            table, pieces = grid_table.reshape(-1), grid_table.size
+            table = grid_table.reshape(-1)
             piece = _flat_piece_index(coordinates[mesh], axes, grid_table.shape)
         groups.append(ParamGroup([n for n, _ in members], shape, math.prod(shape), dtype.itemsize, trainable,
-                                 pieces, table, piece))
+                                 table, piece))
     return AllRanks(world_size, groups)
 
 
