@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tests.parity import ModelSpec, RunResult, batches
+from tests.parity import ModelSpec, RunResult, _mean_over_world, batches, data_parallel_index
 from tests.support import full_grads, full_params
 
 STEPS, LR, GLOBAL_BATCH, SEQ_LEN = 3, 0.5, 2, 16
@@ -41,18 +41,9 @@ def reference_sgd(spec: ModelSpec, global_batch: int = GLOBAL_BATCH) -> RunResul
     return _train(model, data, lambda b: b, lambda: None, lambda loss: loss)
 
 
-def _mean_over_world(value: torch.Tensor) -> torch.Tensor:
-    value = value.clone()
-    dist.all_reduce(value)
-    return value / dist.get_world_size()
-
-
 def _data_slice(mesh, vocab_size: int, global_batch: int, sequence_dims: tuple[str, ...]) -> list[torch.Tensor]:
     """This rank's data-parallel slice of every global batch (CP and TP ranks share their data)."""
-    index, size = 0, 1
-    for name, dim, coord in zip(mesh.mesh_dim_names, mesh.shape, mesh.get_coordinate()):
-        if name not in sequence_dims:
-            index, size = index * dim + coord, size * dim
+    index, size = data_parallel_index(mesh, sequence_dims)
     per_rank = global_batch // size
     return [b[index * per_rank:(index + 1) * per_rank] for b in batches(vocab_size, STEPS, global_batch, SEQ_LEN)]
 
