@@ -246,17 +246,12 @@ def _shards_on_every_rank(fake_pg, build, spec: str, tp_plan=None, **options):
     return real, computed
 
 
-def _has_expert_parallelism() -> bool:
-    return "ep_size" in {o.name for o in meshplan.get_strategy("fsdp2").describe_options()}
-
-
 @pytest.mark.filterwarnings("ignore:Slicing a flattened dim:UserWarning")
 @pytest.mark.parametrize(("model_type", "spec", "ep"), [
     ("mixtral", "dp_shard=3,tp=2,cp=2", 1),  # 3-D experts (3 over 6 FSDP ranks), FSDP over non-adjacent flattened dims
     ("llama", "dp_replicate=2,dp_shard=2,tp=2", 1),  # HSDP x TP
     ("uneven", "dp_shard=4,tp=2", 1),  # FSDP2 chunks the TP-local rows (_StridedShard), uneven
-    pytest.param("qwen3_moe", "dp_replicate=2,dp_shard=2,tp=2", 2, id="qwen3_moe-ep2",  # carved EP meshes, HSDP
-                 marks=pytest.mark.skipif(not _has_expert_parallelism(), reason="fsdp2 has no ep_size option yet")),
+    pytest.param("qwen3_moe", "dp_replicate=2,dp_shard=2,tp=2", 2, id="qwen3_moe-ep2"),  # carved EP meshes, HSDP
 ])
 def test_every_ranks_elements_match_its_real_shards(fake_pg, model_type, spec, ep):
     if model_type == "uneven":
@@ -355,7 +350,6 @@ def test_cp_in_the_mesh_spec():
     assert params["max_local"] == params["local"] and not report["notes"]
 
 
-@pytest.mark.skipif(not _has_expert_parallelism(), reason="fsdp2 has no ep_size option yet")
 def test_expert_parallel_plan_and_worst_rank():
     overrides = TINY | {"num_experts": 4, "moe_intermediate_size": 24, "num_experts_per_tok": 2}
     report = explain("qwen3_moe", "dp_shard=2,tp=2", ep_size=2, overrides=overrides)
