@@ -10,6 +10,11 @@ attention masks from ``inputs_embeds`` before the layers, so they must see the f
 layer the norms run sequence-sharded, each block (attention, MLP) all-gathers its input and its row-wise
 output projection reduce-scatters back to ``Shard(1)``; the final norm stays sharded and ``lm_head``
 gathers the sequence again, so logits are ordinary full tensors.
+
+A mixture-of-experts block (one that holds a fused experts module in some layer) routes flattened tokens and its
+experts all-reduce their output, so it gets the full sequence as a plain tensor, keeps its row-wise projections
+(shared experts, the MLP of dense layers) all-reducing, and returns this rank's slice of the sequence: an
+all-gather in and a free slice out, instead of a reduce-scatter.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from torch.distributed.tensor.parallel import (
 )
 
 from ..core.errors import PlanError
-from ..experts.tp_styles import ExpertsTensorParallel
-from ..tensor_parallel.custom_styles import ChainedStyles, PrepareHiddenStates
+from ..experts.modules import find_expert_modules
+from ..tensor_parallel.custom_styles import ChainedStyles, PrepareHiddenStates, PrepareHiddenStatesOutput
+from ..tensor_parallel.matching import match_key
 
 SEQUENCE = Shard(1)
 
@@ -46,6 +52,8 @@ class DecoderLayout:
     layer_norms: tuple[str, ...]
     final_norms: tuple[str, ...]
     lm_head: str | None
+    #: blocks that hold a fused experts module in at least one layer
+    moe_blocks: tuple[str, ...] = ()
 
 
 def module_name(model: nn.Module, target: nn.Module | None) -> str | None:
@@ -106,7 +114,16 @@ def find_decoder_layout(model: nn.Module) -> DecoderLayout:
                         f"layers and norms: {extra}.")
     final_norms = tuple(f"{base_name}.{name}" if base_name else name for name, child in base.named_children()
                         if _is_norm(child) and _has_params(child))
-    return DecoderLayout(embed, layers, blocks, layer_norms, final_norms, module_name(model, head))
+    moe_blocks = _blocks_holding_experts(model, layers, blocks)
+    return DecoderLayout(embed, layers, blocks, layer_norms, final_norms, module_name(model, head), moe_blocks)
+
+
+def _blocks_holding_experts(model: nn.Module, layers: str, blocks: tuple[str, ...]) -> tuple[str, ...]:
+    """The names of ``blocks`` that hold a fused experts module in at least one layer of ``layers``."""
+    prefix = f"{layers}."
+    parts = [fqn[len(prefix):].split(".") for fqn, _ in find_expert_modules(model) if fqn.startswith(prefix)]
+    found = {names[1] for names in parts if len(names) > 1}
+    return tuple(block for block in blocks if block in found)
 
 
 def are_tied(embedding: nn.Module | None, head: nn.Module | None) -> bool:
@@ -134,7 +151,7 @@ def decoder_plan(
     plan = {f"{layout.layers}.*.{key}": style for key, style in layer_styles.items()}
     if vocab_parallel:
         plan.update(vocab_parallel_entries(layout))
-    return add_sequence_parallel(plan, layout) if sequence_parallel else plan
+    return add_sequence_parallel(model, plan, layout) if sequence_parallel else plan
 
 
 def _with(style: ParallelStyle, **attributes: object) -> ParallelStyle:
@@ -144,31 +161,49 @@ def _with(style: ParallelStyle, **attributes: object) -> ParallelStyle:
     return fresh
 
 
-def add_sequence_parallel(plan: Mapping[str, ParallelStyle], layout: DecoderLayout) -> dict[str, ParallelStyle]:
-    """Turn a TP plan for ``layout`` into its sequence-parallel variant (see the module docstring).
+def _blocks_with_unplanned_parameters(model: nn.Module, plan: Mapping[str, ParallelStyle], layout: DecoderLayout,
+                                      ) -> set[str]:
+    """The blocks in which some module with parameters is named by no plan key (nor is an ancestor): such a module
+    computes with plain tensors, so its block must get the sequence as a plain tensor, as it would without SP."""
+    planned = {fqn for key in plan for fqn in match_key(model, key)}
+    found = set()
+    for block in layout.blocks:
+        for fqn in match_key(model, f"{layout.layers}.*.{block}"):
+            for name, module in model.get_submodule(fqn).named_modules(prefix=fqn):
+                owns = next(module.parameters(recurse=False), None) is not None
+                parts = name.split(".")
+                if owns and not any(".".join(parts[:depth]) in planned for depth in range(1, len(parts) + 1)):
+                    found.add(block)
+    return found
 
-    Every block must end in a row-wise projection under the block (its output becomes the sequence-sharded
-    residual); otherwise :class:`PlanError` says which block does not. Fused experts split by TP compute on
-    flattened tokens and all-reduce their output, so a plan with them is refused too.
+
+def add_sequence_parallel(model: nn.Module, plan: Mapping[str, ParallelStyle], layout: DecoderLayout,
+                          ) -> dict[str, ParallelStyle]:
+    """Turn a TP plan for ``layout`` (of ``model``) into its sequence-parallel variant (see the module docstring).
+
+    Every block but a mixture-of-experts block must end in a row-wise projection under the block (its output
+    becomes the sequence-sharded residual); otherwise :class:`PlanError` says which block does not.
     """
-    experts = [key for key, style in plan.items() if isinstance(style, ExpertsTensorParallel)]
-    if experts:
-        raise PlanError(f"the experts {experts[0]!r} compute on flattened tokens and all-reduce their output: "
-                        "sequence parallel is not supported for MoE layers.")
     layer = f"{layout.layers}.*"
+    moe_prefixes = tuple(f"{layer}.{block}." for block in layout.moe_blocks)
     result: dict[str, ParallelStyle] = {}
     for key, style in plan.items():
-        if key.startswith(f"{layer}.") and isinstance(style, RowwiseParallel):
+        if key.startswith(f"{layer}.") and not key.startswith(moe_prefixes) and isinstance(style, RowwiseParallel):
             style = _with(style, output_layouts=(SEQUENCE,), use_local_output=False)
         elif key == layout.lm_head and isinstance(style, ColwiseParallel):
             style = _with(style, input_layouts=(SEQUENCE,))
         result[key] = style
+    plain_input = _blocks_with_unplanned_parameters(model, plan, layout)
     for block in layout.blocks:
-        if not any(key.startswith(f"{layer}.{block}.") and isinstance(style, RowwiseParallel)
-                   for key, style in plan.items()):
+        if block in layout.moe_blocks:
+            prepare = ChainedStyles(PrepareHiddenStates(SEQUENCE, Replicate(), use_local_output=True),
+                                    PrepareHiddenStatesOutput(Replicate(), SEQUENCE))
+        elif any(key.startswith(f"{layer}.{block}.") and isinstance(style, RowwiseParallel)
+                 for key, style in plan.items()):
+            prepare = PrepareHiddenStates(SEQUENCE, Replicate(), use_local_output=block in plain_input)
+        else:
             raise PlanError(f"block {layer}.{block} has no row-wise output projection in the plan, so its output "
                             "cannot return to the sequence-sharded residual stream.")
-        prepare = PrepareHiddenStates(SEQUENCE, Replicate())
         key = f"{layer}.{block}"
         result[key] = ChainedStyles(result[key], prepare) if key in result else prepare
     for norm in (*(f"{layer}.{n}" for n in layout.layer_norms), *layout.final_norms):

@@ -39,7 +39,7 @@ def deepseek_layer_styles(rope_dim: int) -> dict[str, ParallelStyle]:
 
 
 def deepseek_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
-    """TP plan for DeepSeek-V2 / V3 (sequence parallel is refused for MoE layers)."""
+    """TP plan for DeepSeek-V2 / V3 (with sequence parallel if asked)."""
     from .moe import moe_plan
 
     rope_dim = model.config.get_text_config().qk_rope_head_dim

@@ -409,7 +409,7 @@ def hf_tp_plan(model: nn.Module, sequence_parallel: bool = False, registry: Regi
     if not sequence_parallel:
         return styles
     try:
-        return add_sequence_parallel(styles, find_decoder_layout(model))
+        return add_sequence_parallel(model, styles, find_decoder_layout(model))
     except PlanError as exc:
         raise SequenceParallelUnsupportedError(
             f"Cannot derive sequence parallel from the Hugging Face TP plan of {type(model).__qualname__}: {exc} "

@@ -5,7 +5,8 @@ A family names the styles of its attention and of every other kind of layer it h
 least one layer of this model (a config may make every layer sparse, or some dense) and hands them to
 :func:`meshplan.plans.decoder.decoder_plan` (vocab-parallel embedding and ``lm_head``). The router stays replicated:
 it sees the full hidden states on every rank and its gradient is complete because the experts' style sums the
-routing-weight gradients.
+routing-weight gradients. With sequence parallel the MoE block gathers the sequence on entry and returns this rank's
+slice (:func:`meshplan.plans.decoder.add_sequence_parallel`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..core.errors import SequenceParallelUnsupportedError
 from ..tensor_parallel.matching import match_key
 
 if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plugin discovery
@@ -32,12 +32,7 @@ def moe_plan(model: nn.Module, layer_styles: Mapping[str, ParallelStyle], sequen
     from ..experts.tp_styles import ExpertsTensorParallel
     from .decoder import decoder_plan, find_decoder_layout
 
-    if sequence_parallel:
-        raise SequenceParallelUnsupportedError(
-            f"Sequence parallel is not supported for the MoE layers of {type(model).__qualname__}: the experts see "
-            "flattened tokens and all-reduce their output. Run without sequence_parallel (TP still shards "
-            "attention, shared and routed experts).")
     layers = find_decoder_layout(model).layers
     styles = {**layer_styles, EXPERTS: ExpertsTensorParallel()}
     present = {key: style for key, style in styles.items() if match_key(model, f"{layers}.*.{key}")}
-    return decoder_plan(model, present, sequence_parallel=False)
+    return decoder_plan(model, present, sequence_parallel)

@@ -317,6 +317,41 @@ class PrepareHiddenStates(ParallelStyle):
                 f"use_local_output={self.use_local_output})")
 
 
+class PrepareHiddenStatesOutput(ParallelStyle):
+    """Redistribute a module's output (the tensor, or the first element of a tuple) from ``output_layout`` to
+    ``desired_layout``; a plain tensor output is taken to be in ``output_layout``."""
+
+    def __init__(self, output_layout: Placement, desired_layout: Placement, *, use_local_output: bool = False
+                 ) -> None:
+        super().__init__()
+        self.output_layouts = (output_layout,)
+        self.desired_output_layouts = (desired_layout,)
+        self.use_local_output = use_local_output
+
+    def _convert(self, value: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+        if not isinstance(value, DTensor):
+            value = DTensor.from_local(value, mesh, self.output_layouts, run_check=False)
+        if value.placements != self.desired_output_layouts:
+            value = value.redistribute(placements=self.desired_output_layouts)
+        return value.to_local() if self.use_local_output else value
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def prepare(mod: nn.Module, args: tuple, output: Any) -> Any:
+            if isinstance(output, torch.Tensor):
+                return self._convert(output, device_mesh)
+            if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+                return (self._convert(output[0], device_mesh), *output[1:])
+            raise PlanError(f"{type(mod).__name__} returned {type(output).__name__}, not a tensor or a tuple "
+                            f"starting with one; {type(self).__name__} cannot find its hidden states.")
+
+        module.register_forward_hook(prepare)
+        return module
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.output_layouts[0]} -> {self.desired_output_layouts[0]}, "
+                f"use_local_output={self.use_local_output})")
+
+
 class ChainedStyles(ParallelStyle):
     """Apply several styles to the same module, in order."""
 

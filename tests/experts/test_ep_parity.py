@@ -130,3 +130,9 @@ def test_ep2_bf16_default_policy_tracks_fp32(ranks2):
                         timeout=240)[0]
     for got, want in zip(result.losses, _reference("mixtral").losses):
         assert got != want and abs(got - want) <= 1e-3 * abs(want), (got, want)
+
+
+@pytest.mark.distributed
+def test_ep2_x_tp2_with_sequence_parallel(ranks4):
+    """Sequence parallel on top: the MoE block gathers the sequence before its experts exchange tokens."""
+    _check(ranks4, "qwen3_moe", {"dp_shard": 2, "tp": 2}, ep_size=2, sequence_parallel=True)

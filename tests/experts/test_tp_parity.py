@@ -42,3 +42,13 @@ def test_tp_experts_under_fsdp_and_activation_checkpointing(ranks4):
     result = ranks4.run(sgd_parity_cases, cases, timeout=600)[0][0]
     assert isinstance(result, dict), result
     assert max(result["loss"], result["grad"][0], result["param"][0]) <= RTOL, result
+
+
+def test_sequence_parallel_with_moe_layers(ranks2):
+    """TP=2 with sequence parallel: the MoE blocks gather the sequence and return their slice; the same numbers
+    as one process for each built-in family."""
+    cases = [(name, TP2, {"sequence_parallel": True}, {}) for name in PROVIDERS]
+    results = ranks2.run(sgd_parity_cases, cases, timeout=600)[0]
+    for (name, *_), result in zip(cases, results):
+        assert isinstance(result, dict), f"{name}: {result}"
+        assert max(result["loss"], result["grad"][0], result["param"][0]) <= RTOL, f"{name}: {result}"

@@ -7,7 +7,7 @@ import pytest
 from torch.distributed.device_mesh import init_device_mesh
 
 import meshplan
-from meshplan.core.errors import PlanError, SequenceParallelUnsupportedError, TensorParallelSizeError
+from meshplan.core.errors import PlanError, TensorParallelSizeError
 from meshplan.experts.modules import SUMMAND, ExpertParamLayout, find_expert_modules, infer_param_layouts
 from meshplan.experts.tp_styles import ExpertsTensorParallel, IdentityExpertParallel
 from meshplan.plans.hf_translation import hf_tp_plan, translate_hf_plan
@@ -87,10 +87,17 @@ def test_tp_size_not_dividing_the_expert_intermediate_size_fails_in_prepare(fake
         ExpertsTensorParallel({"gate_proj": ExpertParamLayout(1)}).check(model.model.layers[0].mlp.experts, 2)
 
 
-def test_moe_plans_refuse_sequence_parallel():
-    """Built-in providers, and the fallback even where a dense layer or shared expert ends the MLP block in a
-    row-wise projection (GLM-4-MoE-Lite)."""
-    with pytest.raises(SequenceParallelUnsupportedError, match="MoE layers of MixtralForCausalLM"):
-        mixtral_plan(build("mixtral"), sequence_parallel=True)
-    with pytest.raises(SequenceParallelUnsupportedError, match=r"experts 'model\.layers\.\*\.mlp\.experts'"):
-        hf_tp_plan(tiny("glm4_moe_lite"), sequence_parallel=True)
+def test_moe_plans_derive_sequence_parallel_with_gathered_moe_blocks():
+    """The MoE block (dense or sparse layer alike) gathers the sequence as a plain tensor and returns its slice;
+    its row-wise projections (dense MLP, shared experts) keep all-reducing; attention still reduce-scatters."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    from meshplan.tensor_parallel.custom_styles import ChainedStyles, PrepareHiddenStatesOutput
+
+    plan = hf_tp_plan(tiny("glm4_moe_lite"), sequence_parallel=True)
+    block = plan["model.layers.*.mlp"]
+    assert isinstance(block, ChainedStyles) and isinstance(block.styles[1], PrepareHiddenStatesOutput)
+    assert block.styles[0].use_local_output and block.styles[1].desired_output_layouts == (Shard(1),)
+    assert plan["model.layers.*.mlp.down_proj"].output_layouts == (Replicate(),)
+    assert plan["model.layers.*.self_attn.o_proj"].output_layouts == (Shard(1),)
+    assert "model.layers.*.mlp" in mixtral_plan(build("mixtral"), sequence_parallel=True)

@@ -8,7 +8,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 import meshplan
 from meshplan import PlanNotFoundError
-from meshplan.core.errors import SequenceParallelUnsupportedError, UntranslatableStyleError
+from meshplan.core.errors import UntranslatableStyleError
 from meshplan.parallelizer import get_hf_tp_shard_plan
 from meshplan.plans.hf_translation import (
     REPLICABLE_STYLES,
@@ -79,7 +79,7 @@ def test_tied_embedding_and_lm_head_are_sharded_together(dropped):
     assert isinstance(styles["model.embed_tokens"], RowwiseParallel)  # ... like the vocab-parallel embedding
 
 
-def test_moe_entries_become_the_experts_style_and_sequence_parallel_is_refused():
+def test_moe_entries_become_the_experts_style_and_the_moe_block_gathers_under_sequence_parallel():
     from transformers import MixtralConfig, MixtralForCausalLM
 
     from meshplan.experts.tp_styles import ExpertParamLayout, ExpertsTensorParallel
@@ -91,8 +91,8 @@ def test_moe_entries_become_the_experts_style_and_sequence_parallel_is_refused()
     assert experts.params == {"gate_up_proj": ExpertParamLayout(1, 2), "down_proj": ExpertParamLayout(2)}
     assert not plan.left_replicated and not plan.untranslatable
     assert "model.layers.*.self_attn.q_proj" in plan.styles
-    with pytest.raises(SequenceParallelUnsupportedError, match="register_tp_plan"):
-        hf_tp_plan(model, sequence_parallel=True)
+    block = hf_tp_plan(model, sequence_parallel=True)["model.layers.*.mlp"]
+    assert "PrepareHiddenStatesOutput(R -> S(1)" in repr(block)
 
 
 def test_untranslatable_style_is_an_error_naming_the_entry():
