@@ -67,8 +67,8 @@ def wrapped_implementation(model: nn.Module) -> str:
     return getattr(model, "_meshplan_cp_inner", current) if current == ATTENTION_NAME else current
 
 
-def validate_context_parallel(model: nn.Module, cp_size: int, implementation: str, device_type: str) -> None:
-    """Raise a typed error if CP over ``cp_size`` ranks with ``implementation`` cannot run on ``model``.
+def validate_context_parallel(model: nn.Module, implementation: str, device_type: str) -> None:
+    """Raise a typed error if CP with ``implementation`` on a ``device_type`` mesh cannot run on ``model``.
 
     Collective-free and deterministic (identical on every rank).
     """
@@ -111,15 +111,18 @@ def validate_context_parallel(model: nn.Module, cp_size: int, implementation: st
             "cp_implementation='ring' on CUDA with 'sdpa').")
 
 
-def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh, implementation: str = "allgather") -> nn.Module:
-    """Make ``model`` run context parallel over the 1-D ``cp_mesh`` (validated first); returns it.
+def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh, implementation: str = "allgather", *,
+                           validate: bool = True) -> nn.Module:
+    """Make ``model`` run context parallel over the 1-D ``cp_mesh`` (validated first unless the caller already ran
+    :func:`validate_context_parallel`, as a strategy's ``validate`` does); returns it.
 
     Batches must then be sharded with :func:`meshplan.context_parallel.shard_batch` (or laid out the same
     way); a CP size of 1 changes nothing.
     """
     if cp_mesh.ndim != 1:
         raise ContextParallelError(f"The CP mesh must be 1-D, got dims {cp_mesh.mesh_dim_names}.")
-    validate_context_parallel(model, cp_mesh.size(), implementation, cp_mesh.device_type)
+    if validate:
+        validate_context_parallel(model, implementation, cp_mesh.device_type)
     if cp_mesh.size() == 1 or implementation == "external":
         return model
     config = _config(model)

@@ -166,7 +166,7 @@ class FSDP2Strategy(Strategy):
         if roles.size("cp") > 1:
             from ..context_parallel import validate_context_parallel
 
-            validate_context_parallel(model, roles.size("cp"), options.cp_implementation, roles.mesh.device_type)
+            validate_context_parallel(model, options.cp_implementation, roles.mesh.device_type)
         if isinstance(options.offload_policy, CPUOffloadPolicy) and roles.mesh.device_type == "cpu":
             raise UnsupportedConfigurationError(
                 "offload_policy=CPUOffloadPolicy() needs an accelerator mesh (cuda, ...): on a CPU mesh torch's "
@@ -191,7 +191,7 @@ class FSDP2Strategy(Strategy):
         if roles.cp is not None:  # the sequence is split over cp; sequence parallel then works inside a CP shard
             from ..context_parallel import apply_context_parallel
 
-            apply_context_parallel(model, roles.cp, options.cp_implementation)
+            apply_context_parallel(model, roles.cp, options.cp_implementation, validate=False)
         expert_meshes = roles.expert_meshes() if ep_plan is not None else None
         experts = [] if expert_meshes is None else apply_expert_parallel(model, ep_plan, expert_meshes)
         wrapped = options.apply_checkpointing(model, blocks)

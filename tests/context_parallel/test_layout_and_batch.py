@@ -54,19 +54,19 @@ def test_shard_batch_shifts_labels_before_sharding(fake_pg):
 
 def test_attention_that_cannot_be_wrapped_is_named():
     with pytest.raises(UnsupportedAttentionError, match="TinyStack is not a transformers model"):
-        validate_context_parallel(TinyStack(), 2, "allgather", "cpu")
+        validate_context_parallel(TinyStack(), "allgather", "cpu")
     model = tiny_hf("llama", num_hidden_layers=1)
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(UnsupportedAttentionError, match="LlamaForCausalLM uses attn_implementation='flash_att"):
-        validate_context_parallel(model, 2, "allgather", "cpu")
+        validate_context_parallel(model, "allgather", "cpu")
     model.config._attn_implementation = "sdpa"
     with pytest.raises(UnsupportedAttentionError, match="runs only on CUDA"):
-        validate_context_parallel(model, 2, "ring", "cpu")
+        validate_context_parallel(model, "ring", "cpu")
     with pytest.raises(OptionsError, match="cp_implementation must be one of"):
-        validate_context_parallel(model, 2, "ulysses", "cpu")
+        validate_context_parallel(model, "ulysses", "cpu")
     mistral = tiny_hf("mistral", num_hidden_layers=1, sliding_window=8, attn_implementation="sdpa")
     with pytest.raises(UnsupportedAttentionError, match="sliding window"):
-        validate_context_parallel(mistral, 2, "ring", "cuda")
+        validate_context_parallel(mistral, "ring", "cuda")
 
 
 def test_query_blocks_stay_inside_a_chunk(monkeypatch):
@@ -77,4 +77,4 @@ def test_query_blocks_stay_inside_a_chunk(monkeypatch):
 
 
 def test_ring_is_accepted_for_causal_sdpa_on_cuda():
-    validate_context_parallel(tiny_hf("llama", num_hidden_layers=1, attn_implementation="sdpa"), 2, "ring", "cuda")
+    validate_context_parallel(tiny_hf("llama", num_hidden_layers=1, attn_implementation="sdpa"), "ring", "cuda")
