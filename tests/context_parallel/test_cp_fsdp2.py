@@ -113,3 +113,18 @@ def test_external_cp_leaves_the_attention_to_the_training_loop(fake_pg):
         meshplan.parallelize(models[2], mesh, cp_implementation="external")  # no attention needed
     assert external.config._attn_implementation == nemo.config._attn_implementation == "eager"
     assert external.model.norm.weight.device_mesh.mesh_dim_names == ("dp_shard_cp",)  # dp_shard x cp
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mesh", [{"dp_shard": 1, "cp": 2}, {"dp_shard": 2, "cp": 2}],
+                         ids=["ep-from-cp", "ep-from-dp-x-cp"])
+def test_expert_parallel_with_cp_matches_one_process(ranks2, ranks4, mesh):
+    """EP ranks carved from ``cp`` (and ``dp_shard x cp``): each rank routes the tokens of its own sequence chunks
+    to the experts' owners; Qwen3-MoE (top-2 of 4 experts) gives the numbers of one process."""
+    spec = ModelSpec("qwen3_moe", overrides={"attn_implementation": "sdpa", "num_experts": 4,
+                                             "num_experts_per_tok": 2})
+    pool = ranks2 if mesh["dp_shard"] == 1 else ranks4
+    result = pool.run(cp_parallelize, spec, mesh, {"ep_size": 2}, timeout=180)[0]
+    expected = reference_sgd(spec, GLOBAL_BATCH)
+    assert_parity(result, expected, rtol=1e-5)
+    assert_grad_parity(result, expected, rtol=1e-5)
