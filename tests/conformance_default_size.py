@@ -17,7 +17,6 @@ is measured. Nothing is computed, so no parity is checked here.
 
 from __future__ import annotations
 
-import gc
 import logging
 import multiprocessing
 from typing import Any
@@ -118,8 +117,7 @@ def measure_all(tp_types: list[str], ep_types: list[str]) -> dict[str, dict[str,
             meshplan.register_strategy(strategy)
         for axis, types in zip(AXES, (tp_types, ep_types)):
             for model_type in types:
-                found[axis][model_type] = measure(model_type, axis, strategies)
-                gc.collect()
+                found[axis][model_type] = measure(model_type, axis, strategies)  # meta models: no memory to free
     return found
 
 
