@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import math
@@ -331,15 +332,30 @@ def forward_backward(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) 
 
 
 # --- the check (runs on every rank) ---------------------------------------------------------------
-def _sharded_fraction(model: nn.Module) -> float:
+def _is_sharded(param: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor, Shard
 
+    return isinstance(param, DTensor) and any(isinstance(p, Shard) for p in param.placements)
+
+
+def sharded_fraction(model: nn.Module) -> float:
+    """The fraction of ``model``'s parameter elements that are split over the ranks (a ``Shard`` placement)."""
     total = sharded = 0
     for param in model.parameters():
         total += param.numel()
-        if isinstance(param, DTensor) and any(isinstance(p, Shard) for p in param.placements):
-            sharded += param.numel()
+        sharded += param.numel() if _is_sharded(param) else 0
     return sharded / total if total else 0.0
+
+
+def largest_replicated(model: nn.Module, count: int = 3) -> list[tuple[str, float]]:
+    """The ``count`` largest groups of parameters left whole, as ``(name with layer indices as *, fraction of all
+    parameter elements)``, largest first."""
+    total, whole = 0, collections.Counter()
+    for name, param in model.named_parameters():
+        total += param.numel()
+        if not _is_sharded(param):
+            whole[re.sub(r"\.\d+\.", ".*.", name)] += param.numel()
+    return [(name, size / total) for name, size in whole.most_common(count)] if total else []
 
 
 def _reason(stage: str, exc: BaseException) -> str:
@@ -428,7 +444,8 @@ def run_check(model_type: str, config: Any, mesh: Callable[[], Any], strategy: t
         result["plan_source"] = plan.source if plan else None
         stage = f"apply {axis} plan"
         prepared.apply()
-        result["sharded_fraction"] = _sharded_fraction(model)
+        result["sharded_fraction"] = sharded_fraction(model)
+        result["largest_replicated"] = largest_replicated(model)
         stage = f"{axis} forward/backward"
         logits = forward_backward(model, ids, labels)
         stage = "compare"
