@@ -18,30 +18,43 @@ logger = get_logger(__name__)
 
 
 def attention_config(model: nn.Module) -> Any | None:
-    """The config that carries ``num_attention_heads``: the model's, else its ``text_config``."""
+    """The config that carries the attention head counts: the model's, else its ``text_config``."""
     config = getattr(model, "config", None)
     for candidate in (config, getattr(config, "text_config", None)):
-        if candidate is not None and getattr(candidate, "num_attention_heads", None) is not None:
+        if candidate is not None and (getattr(candidate, "is_heterogeneous", False)
+                                      or getattr(candidate, "num_attention_heads", None) is not None):
             return candidate
     return None
 
 
+def head_counts(config: Any) -> set[tuple[int, int]]:
+    """The distinct ``(attention heads, key/value heads)`` of ``config``'s layers; a heterogeneous config
+    (transformers' ``per_layer_config``, e.g. Dots 3, whose global head count is ambiguous) gives one per kind."""
+    layers = config.per_layer_config if getattr(config, "is_heterogeneous", False) else (config,)
+    counts = set()
+    for layer in layers:
+        heads = int(layer.num_attention_heads)
+        counts.add((heads, int(getattr(layer, "num_key_value_heads", None) or heads)))
+    return counts
+
+
 def validate_tp_size(model: nn.Module, tp_size: int) -> None:
-    """Attention heads and KV heads must divide by the TP size (skipped without such a config)."""
+    """Attention heads and KV heads (of every layer kind) must divide by the TP size (skipped without such a
+    config)."""
     if tp_size <= 1:
         return
     config = attention_config(model)
     if config is None:
         return
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    for label, count in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
-        if count % tp_size:
-            divisors = [d for d in range(1, count + 1) if count % d == 0 and heads % d == 0 and kv_heads % d == 0]
-            raise TensorParallelSizeError(
-                f"{label} ({count}) must be divisible by TP size ({tp_size}) for "
-                f"{type(model).__qualname__}; TP sizes that divide both head counts: {divisors}."
-            )
+    counts = head_counts(config)
+    for heads, kv_heads in sorted(counts):
+        for label, count in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+            if count % tp_size:
+                divisors = [d for d in range(1, count + 1) if all(h % d == 0 for pair in counts for h in pair)]
+                raise TensorParallelSizeError(
+                    f"{label} ({count}) must be divisible by TP size ({tp_size}) for "
+                    f"{type(model).__qualname__}; TP sizes that divide every head count: {divisors}."
+                )
     vocab = getattr(config, "vocab_size", None)
     if vocab and vocab % tp_size:
         log_rank0(logger, logging.INFO, "vocab_size %d is not divisible by TP size %d: vocab-parallel "

@@ -129,3 +129,18 @@ def test_qwen3_and_phi3_reports_are_deterministic(mesh2):
         assert first == second and " at 0x" not in first
         reports[name] = first
     assert "ReplicatedWithGradAllReduce()" in reports["qwen3"] and "Phi3LocalHeads()" in reports["phi3"]
+
+
+def test_head_counts_of_a_heterogeneous_config_are_checked_per_layer_kind():
+    """Dots 3's released config has 64-head sliding-window layers and 128-head full-attention layers; its global
+    ``num_attention_heads`` raises in transformers, so the check reads every layer's config."""
+    from transformers import AutoConfig
+
+    from meshplan.tensor_parallel.validation import head_counts, validate_tp_size
+
+    holder = nn.Module()
+    holder.config = AutoConfig.for_model("dots3_note_text")
+    assert head_counts(holder.config) == {(64, 64), (128, 128)}
+    validate_tp_size(holder, 64)
+    with pytest.raises(TensorParallelSizeError, match=r"num_attention_heads \(64\) .* TP size \(128\)"):
+        validate_tp_size(holder, 128)
