@@ -34,6 +34,9 @@ names are made through the style registry like those of explicit plans, so a plu
   the module with certainty get :class:`ExpertsTensorParallel`; MLPs (shared experts, dense MLP layers) and
   standard attention blocks in the MoE layer stacks get ``colwise`` inputs and a ``rowwise`` output (attention
   sinks sharded per head); all in :attr:`HFPlan.derived`, logged at INFO.
+* Linear-attention blocks of the MoE layer stacks that the plan leaves whole
+  (:mod:`meshplan.plans.hf_linear_attention`): their projections get ``colwise_gather_output``, as transformers'
+  Qwen3-Next plan splits its gated delta net (:attr:`HFPlan.derived`).
 
 Entries torch styles cannot express are never dropped silently: the local-parameter and MoE styles left out,
 whose modules are correct when simply left replicated, are listed in a warning (rank 0); any other (whose
@@ -65,6 +68,7 @@ from ..tensor_parallel.matching import generalize, match_key, match_parameter_ke
 from ..tensor_parallel.vocabulary import make_style
 from .decoder import add_sequence_parallel, are_tied, embedding_modules, find_decoder_layout, module_name
 from .hf_completion import BlockSplit, uncovered_blocks, uncovered_experts
+from .hf_linear_attention import REPLICATED_OUTPUT, uncovered_projections
 
 if TYPE_CHECKING:
     from ..core.registry import Registry
@@ -299,6 +303,15 @@ def _complete_moe(model: nn.Module, result: HFPlan, registry: Registry) -> None:
                                    "block of the MoE layers the plan does not name)")
 
 
+def _complete_linear_attention(model: nn.Module, result: HFPlan, registry: Registry) -> None:
+    """``colwise_gather_output`` for the projections of linear-attention blocks the plan leaves whole
+    (:mod:`meshplan.plans.hf_linear_attention`); recorded in :attr:`HFPlan.derived`."""
+    fqns = uncovered_projections(model, result.styles, result.left_replicated)
+    for key in _covering_keys(model, fqns):
+        result.styles[key] = make_style(REPLICATED_OUTPUT, registry)
+        result.derived[key] = f"{REPLICATED_OUTPUT} (a projection of a linear-attention block the plan leaves whole)"
+
+
 def _style_registry(registry: Registry | None) -> Registry:
     """``registry``, else the loaded one (plugins and ``meshplan.register_style`` included)."""
     if registry is not None:
@@ -358,6 +371,7 @@ def translate_hf_plan(model: nn.Module, registry: Registry | None = None) -> HFP
     _add_experts_styles(model, merged, experts_entries, result)
     _replicate_partial_sums_of_replicated_parameters(merged, result)
     _complete_moe(model, result, registry)
+    _complete_linear_attention(model, result, registry)
     derived = _shard_local_children(model, result)
     result.styles.update(derived)
     result.derived.update({key: "replicated_with_grad_allreduce (runs on this rank's column shard)"
