@@ -24,7 +24,8 @@ does, and adds them only where the structure leaves no doubt about the math:
   DeepSeek-V2/V3's parts (``q_a_proj`` / ``q_a_layernorm`` / ``q_b_proj`` or ``q_proj``, ``kv_a_proj_with_mqa`` /
   ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``): split by heads as the built-in DeepSeek plan
   (:mod:`meshplan.plans.deepseek`) and transformers' DeepSeek-V2 plan do (``kv_a_proj_with_mqa``:
-  ``mla_kv_a_proj``, which needs the config's ``qk_rope_head_dim``; without it the block stays whole).
+  ``mla_kv_a_proj``, which needs the config's ``qk_rope_head_dim``; without it the block stays whole), optionally
+  with a per-head output gate (:data:`MLA_HEAD_GATES`, ``colwise`` with the heads).
 
 A module is covered when a plan entry (translated or left replicated) names it, an ancestor or a descendant.
 Model types in :data:`NOT_COMPLETED` keep their plan as transformers wrote it.
@@ -50,6 +51,9 @@ NOT_COMPLETED = {
 ATTENTION_INPUTS, ATTENTION_OUTPUT = ("q_proj", "k_proj", "v_proj"), "o_proj"
 #: Per-head norms an attention block may apply to its query and key heads (weights of ``head_dim`` elements).
 HEAD_NORMS = ("q_norm", "k_norm")
+#: Accepted names of a multi-head latent attention's output gate: one output per head, whose sigmoid scales that
+#: head's attention output (BailingHybrid's ``g_proj``; column-wise with the heads).
+MLA_HEAD_GATES = ("g_proj",)
 #: Input projections (column-wise) and output projection (row-wise) of the MLPs completed, by naming convention.
 MLP_NAMINGS = ((("gate_proj", "up_proj"), "down_proj"), (("up_proj",), "down_proj"), (("w1", "w3"), "w2"))
 
@@ -152,20 +156,25 @@ def attention_split(module: nn.Module) -> BlockSplit | None:
 
 
 def latent_attention_split(module: nn.Module) -> BlockSplit | None:
-    """The split of ``module`` if it is multi-head latent attention as DeepSeek-V2/V3 write it (see the module
-    docstring), else ``None``."""
-    query = "q_b_proj" if hasattr(module, "q_a_proj") else "q_proj"
+    """The split of ``module`` if it is multi-head latent attention as DeepSeek-V2/V3 write it, optionally with a
+    per-head output gate (see the module docstring), else ``None``."""
+    query = "q_b_proj" if getattr(module, "q_a_proj", None) is not None else "q_proj"  # Kimi: q_a_proj = None
     linears = (query, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
     norms = {"q_a_layernorm", "kv_a_layernorm"} if query == "q_b_proj" else {"kv_a_layernorm"}
     expected = {*linears, *norms, *(("q_a_proj",) if query == "q_b_proj" else ())}
-    if _parameterized_children(module) != expected or next(module.parameters(recurse=False), None) is not None:
+    gates = tuple(name for name in MLA_HEAD_GATES if name in _parameterized_children(module))
+    if _parameterized_children(module) != {*expected, *gates} \
+            or next(module.parameters(recurse=False), None) is not None:
         return None
-    q, kv_a, kv_b, o = (getattr(module, name) for name in linears)
+    q, kv_a, kv_b, o, *gate_linears = (getattr(module, name) for name in (*linears, *gates))
     rank = getattr(module.kv_a_layernorm, "weight", None)
-    if not all(type(linear) is nn.Linear for linear in (q, kv_a, kv_b, o)) or rank is None \
+    if not all(type(linear) is nn.Linear for linear in (q, kv_a, kv_b, o, *gate_linears)) or rank is None \
             or kv_b.in_features != rank.numel() or kv_a.out_features <= rank.numel():
         return None
-    return BlockSplit("a multi-head latent attention", (query, "kv_b_proj"), "o_proj",
+    if any(gate.in_features != o.out_features or q.out_features % gate.out_features
+           or kv_b.out_features % gate.out_features or o.in_features % gate.out_features for gate in gate_linears):
+        return None
+    return BlockSplit("a multi-head latent attention", (query, "kv_b_proj", *gates), "o_proj",
                       others=(("kv_a_proj_with_mqa", "mla_kv_a_proj"),))
 
 
