@@ -192,3 +192,16 @@ def uncovered_blocks(model: nn.Module, planned: set[str]) -> dict[str, BlockSpli
             if split is not None:
                 found[fqn] = split
     return found
+
+
+# --- sequence mixers (meshplan.tensor_parallel.mixers) -----------------------------------------------------------
+def uncovered_mixers(model: nn.Module, planned: set[str]) -> dict[str, str]:
+    """``{fqn: style name}`` of the sequence mixers no plan entry covers (Mamba2, Mamba1, LFM2 short convolutions,
+    recognized by structure: :func:`~meshplan.tensor_parallel.mixers.mixer_style_name`). Their styles take a
+    replicated input and all-reduce their output, so they are safe anywhere: in MoE and dense hybrids alike."""
+    from ..tensor_parallel.mixers import mixer_style_name  # DTensor styles: imported once a plan is built
+
+    if not is_completed(model):
+        return {}
+    return {fqn: name for fqn, module in model.named_modules()
+            if not is_covered(fqn, planned) and (name := mixer_style_name(module)) is not None}

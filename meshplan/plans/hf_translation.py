@@ -37,6 +37,9 @@ names are made through the style registry like those of explicit plans, so a plu
 * Linear-attention blocks of the MoE layer stacks that the plan leaves whole
   (:mod:`meshplan.plans.hf_linear_attention`): their projections get ``colwise_gather_output``, as transformers'
   Qwen3-Next plan splits its gated delta net (:attr:`HFPlan.derived`).
+* Sequence mixers the plan does not name (Mamba2, Mamba1, LFM2 short convolutions; in MoE and dense hybrids) get
+  their :mod:`meshplan.tensor_parallel.mixers` style, which leaves a mixer whose heads or groups do not divide by
+  the TP size whole (with a warning); in :attr:`HFPlan.derived`.
 
 Entries torch styles cannot express are never dropped silently: the local-parameter and MoE styles left out,
 whose modules are correct when simply left replicated, are listed in a warning (rank 0); any other (whose
@@ -67,7 +70,7 @@ from ..tensor_parallel.custom_styles import LocalShardedParameters, MlaKvAProjPa
 from ..tensor_parallel.matching import generalize, match_key, match_parameter_key
 from ..tensor_parallel.vocabulary import make_style
 from .decoder import add_sequence_parallel, are_tied, embedding_modules, find_decoder_layout, module_name
-from .hf_completion import BlockSplit, uncovered_blocks, uncovered_experts
+from .hf_completion import BlockSplit, uncovered_blocks, uncovered_experts, uncovered_mixers
 from .hf_linear_attention import REPLICATED_OUTPUT, uncovered_projections
 
 if TYPE_CHECKING:
@@ -312,6 +315,20 @@ def _complete_linear_attention(model: nn.Module, result: HFPlan, registry: Regis
         result.derived[key] = f"{REPLICATED_OUTPUT} (a projection of a linear-attention block the plan leaves whole)"
 
 
+def _complete_mixers(model: nn.Module, result: HFPlan) -> None:
+    """Sequence mixers no entry covers get their mixer style (:func:`~meshplan.plans.hf_completion.uncovered_mixers`),
+    left whole when their sizes do not divide by the TP size; recorded in :attr:`HFPlan.derived`."""
+    from ..tensor_parallel.mixers import MIXER_STYLES
+
+    by_name: dict[str, set[str]] = {}
+    for fqn, name in uncovered_mixers(model, _planned_modules(model, result)).items():
+        by_name.setdefault(name, set()).add(fqn)
+    for name, fqns in by_name.items():
+        for key in _covering_keys(model, fqns):
+            result.styles[key] = MIXER_STYLES[name](replicate_if_indivisible=True)
+            result.derived[key] = f"{name} (a sequence mixer the plan does not name; split by its channels)"
+
+
 def _style_registry(registry: Registry | None) -> Registry:
     """``registry``, else the loaded one (plugins and ``meshplan.register_style`` included)."""
     if registry is not None:
@@ -372,6 +389,7 @@ def translate_hf_plan(model: nn.Module, registry: Registry | None = None) -> HFP
     _replicate_partial_sums_of_replicated_parameters(merged, result)
     _complete_moe(model, result, registry)
     _complete_linear_attention(model, result, registry)
+    _complete_mixers(model, result)
     derived = _shard_local_children(model, result)
     result.styles.update(derived)
     result.derived.update({key: "replicated_with_grad_allreduce (runs on this rank's column shard)"

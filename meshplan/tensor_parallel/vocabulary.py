@@ -33,6 +33,11 @@ Meanings follow NeMo AutoModel for its five names and transformers 5.x for the r
 ``ep_dispatch_experts``         expert parallel (the ``ep`` axis of a plan): the fused experts module keeps
                                 its own experts and gets its tokens by all-to-all (``ExpertParallel``; its
                                 ``grouped_gemm`` parameter entries name the parameters split by expert)
+``mamba2_mixer``                a Mamba2 mixer split by heads and groups (packed ``in_proj`` / ``conv1d``,
+                                per-head ``dt_bias`` / ``A_log`` / ``D``, group norm, row-wise ``out_proj``;
+                                ``meshplan.tensor_parallel.mixers.Mamba2MixerParallel``)
+``mamba_mixer``                 a Mamba1 mixer split by channels (``MambaMixerParallel``; Jamba)
+``short_conv_mixer``            an LFM2 short convolution split by channels (``ShortConvParallel``)
 ==============================  =====================================================================
 
 Not in the vocabulary: ``grouped_gemm`` (parameter entries of an ``ep_dispatch_experts`` module, folded into its
@@ -57,6 +62,7 @@ if TYPE_CHECKING:
 
 _TORCH = "meshplan.tensor_parallel.torch_styles"
 _CUSTOM = "meshplan.tensor_parallel.custom_styles"
+_MIXERS = "meshplan.tensor_parallel.mixers"
 
 #: style name -> dotted path of its factory (imported on first use, so plugin discovery stays light)
 BUILTIN_STYLES: dict[str, str] = {
@@ -78,6 +84,9 @@ BUILTIN_STYLES: dict[str, str] = {
     "moe_tp_experts": "meshplan.experts.tp_styles:ExpertsTensorParallel",
     "moe_identity_expert": "meshplan.experts.tp_styles:IdentityExpertParallel",
     "ep_dispatch_experts": "meshplan.experts.expert_parallel:ExpertParallel",
+    "mamba2_mixer": f"{_MIXERS}:Mamba2MixerParallel",
+    "mamba_mixer": f"{_MIXERS}:MambaMixerParallel",
+    "short_conv_mixer": f"{_MIXERS}:ShortConvParallel",
 }
 
 
