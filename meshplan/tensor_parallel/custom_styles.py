@@ -369,10 +369,12 @@ class ChainedStyles(ParallelStyle):
 
 
 def shards_parameters(style: ParallelStyle) -> bool:
-    """Whether ``style`` shards the parameters of the module it is applied to (Linear/Embedding styles)."""
+    """Whether ``style`` shards the parameters of the module it is applied to (Linear/Embedding styles), or of
+    the module and its descendants (a style with a ``placements(module)`` method, e.g. the mixer styles of
+    :mod:`meshplan.tensor_parallel.mixers`)."""
     if isinstance(style, ChainedStyles):
         return any(shards_parameters(s) for s in style.styles)
-    return isinstance(style, (ColwiseParallel, RowwiseParallel))
+    return isinstance(style, (ColwiseParallel, RowwiseParallel)) or callable(getattr(style, "placements", None))
 
 
 def supported_modules(style: ParallelStyle) -> tuple[type[nn.Module], ...] | None:
@@ -426,4 +428,9 @@ def predicted_placement(style: ParallelStyle | None, module: nn.Module, param_na
         return packed + str(Shard(0) if colwise else Shard(1))
     if isinstance(style, (ReplicatedWithGradAllReduce, SequenceParallel)):
         return str(Replicate())
+    if callable(getattr(style, "placements", None)):  # {parameter name relative to the module: placement}
+        try:
+            return style.placements(module).get(param_name, "unsharded")
+        except PlanError:  # the style does not fit the module: validation reports it
+            return None
     return None

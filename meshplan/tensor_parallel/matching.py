@@ -60,8 +60,14 @@ def suggest_keys(model: nn.Module, key: str, n: int = 3) -> list[str]:
 
 
 def replicated_linears(model: nn.Module, matched: Iterable[str]) -> tuple[str, ...]:
-    """``nn.Linear`` modules that no plan key selected (they stay replicated across TP ranks)."""
+    """``nn.Linear`` modules that no plan key selected, directly or through an ancestor (a module-level style such
+    as a mixer style shards its descendants' parameters): they stay replicated across TP ranks."""
     covered = set(matched)
+
+    def selected(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:depth]) in covered for depth in range(len(parts) + 1))
+
     return tuple(
-        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in covered
+        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and not selected(name)
     )
