@@ -242,6 +242,7 @@ class MixerParallel(ParallelStyle):
     def __init__(self, *, replicate_if_indivisible: bool = False) -> None:
         super().__init__()
         self.replicate_if_indivisible = replicate_if_indivisible
+        self._warned: set[str] = set()  # reasons already logged: one warning for all the layers they hold for
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(replicate_if_indivisible={self.replicate_if_indivisible})"
@@ -267,8 +268,10 @@ class MixerParallel(ParallelStyle):
         tp_size = device_mesh.size()
         why = self._indivisible(module, tp_size)
         if why is not None:
-            log_rank0(logger, logging.WARNING, "%s: %s left replicated: %s.", type(self).__name__,
-                      type(module).__name__, why)
+            if why not in self._warned:
+                self._warned.add(why)
+                log_rank0(logger, logging.WARNING, "%s: %s left replicated (every mixer of these sizes): %s.",
+                          type(self).__name__, type(module).__name__, why)
             return module
         split = self.split(module)
         for name, param_split in split.params.items():
