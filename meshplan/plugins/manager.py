@@ -49,6 +49,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "meshplan.plans.mixtral",
     "meshplan.plans.qwen3_moe",
     "meshplan.plans.deepseek",
+    "meshplan.plans.zaya",
     "meshplan.plans.hf",
 )
 

@@ -1,0 +1,46 @@
+"""Built-in TP plan for ZAYA (``ZayaForCausalLM``), whose transformers classes declare no TP plan.
+
+Split: the fused experts (every expert along its intermediate size, one all-reduce of their output; ZAYA's skip
+expert computes nothing and needs no style), the tied embedding / ``lm_head`` pair, vocab-parallel (see
+:mod:`meshplan.plans.moe`), and the router's MLP like any MLP: ``router_mlp.fc1`` column-wise, ``router_mlp.fc2``
+row-wise (the GELU between them acts on each feature alone; the one after ``fc2`` sees its all-reduced output). The
+router's ``down_proj``, whose output ZAYA also carries to the next layer's router, its norm and its ``out_proj`` onto
+the expert classes stay replicated.
+
+The compressed convolutional attention (CCA) stays replicated: it cannot be split by heads with column-wise
+projections. Its value heads are cut from the concatenation ``[v_proj_current; v_proj_delayed]`` (with two KV heads,
+one head is all "current" and the other all "delayed"), so a rank's heads are not a column slice of each
+projection; and its grouped q/k convolution (``groups = heads + KV heads``) would need its group count changed per
+rank. At ZAYA1-8B's size the attention is about 2 % of the parameters; the experts and the embedding hold the rest.
+The EP plan is the model's own (``config.base_model_ep_plan``, through the Hugging Face fallback).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from ..plugins.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plugin discovery
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+
+#: The router MLP's input (column-wise) and output (row-wise) projections, relative to a decoder layer.
+ROUTER_MLP_IN, ROUTER_MLP_OUT = "mlp.gate.router_mlp.fc1", "mlp.gate.router_mlp.fc2"
+
+
+def zaya_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
+    """TP plan for ZAYA: split experts and router MLP, vocab-parallel embedding and ``lm_head`` (sequence parallel
+    is refused for MoE layers)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from .moe import moe_plan
+
+    return moe_plan(model, {ROUTER_MLP_IN: ColwiseParallel(), ROUTER_MLP_OUT: RowwiseParallel()}, sequence_parallel)
+
+
+@hookimpl
+def meshplan_register_tp_plans(register) -> None:  # noqa: ANN001 - the hook's callback
+    register("transformers.models.zaya.modeling_zaya.ZayaForCausalLM", zaya_plan)
