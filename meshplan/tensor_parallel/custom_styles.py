@@ -280,15 +280,17 @@ class KeepReplicated(ParallelStyle):
 
 # --- inputs ------------------------------------------------------------------------------------------
 class PrepareHiddenStates(ParallelStyle):
-    """Redistribute the hidden-states input (first positional argument, else keyword ``argument``) from
-    ``input_layout`` to ``desired_layout``; a plain tensor input is taken to be in ``input_layout``."""
+    """Redistribute the hidden-states input (positional argument ``position``, else keyword ``argument``) from
+    ``input_layout`` to ``desired_layout``; a plain tensor input is taken to be in ``input_layout``, a non-tensor
+    (``None``) is passed on as is. Another input works the same way: name it and give its position."""
 
     def __init__(self, input_layout: Placement, desired_layout: Placement, *, argument: str = "hidden_states",
-                 use_local_output: bool = False) -> None:
+                 position: int = 0, use_local_output: bool = False) -> None:
         super().__init__()
         self.input_layouts = (input_layout,)
         self.desired_input_layouts = (desired_layout,)
         self.argument = argument
+        self.position = position
         self.use_local_output = use_local_output
 
     def _convert(self, value: Any, mesh: DeviceMesh) -> Any:
@@ -302,18 +304,21 @@ class PrepareHiddenStates(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def prepare(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            if args:
-                return (self._convert(args[0], device_mesh), *args[1:]), kwargs
+            index = self.position
+            if len(args) > index:
+                return (*args[:index], self._convert(args[index], device_mesh), *args[index + 1:]), kwargs
             if self.argument in kwargs:
                 return args, {**kwargs, self.argument: self._convert(kwargs[self.argument], device_mesh)}
-            raise PlanError(f"{type(mod).__name__} was called without a positional input or "
-                            f"{self.argument}=...; {type(self).__name__} cannot find its hidden states.")
+            raise PlanError(f"{type(mod).__name__} was called without positional input {index} or "
+                            f"{self.argument}=...; {type(self).__name__} cannot find its {self.argument}.")
 
         module.register_forward_pre_hook(prepare, with_kwargs=True)
         return module
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.input_layouts[0]} -> {self.desired_input_layouts[0]}, "
+        where = "" if (self.argument, self.position) == ("hidden_states", 0) else \
+            f"{self.argument} (position {self.position}), "
+        return (f"{type(self).__name__}({where}{self.input_layouts[0]} -> {self.desired_input_layouts[0]}, "
                 f"use_local_output={self.use_local_output})")
 
 

@@ -11,6 +11,8 @@ pytestmark = pytest.mark.distributed
 
 #: model type -> (the plugin whose provider must serve it, the least sharded fraction of parameter elements)
 PLANS = {
+    "gemma4_text": ("meshplan.plans.gemma4", 0.95),
+    "gemma4": ("meshplan.plans.gemma4", 0.8),
     "zaya": ("meshplan.plans.zaya", 0.8),
 }
 
