@@ -9,6 +9,8 @@
   local shard (transformers' ``local_params`` owner plus the parameters' own ``colwise`` entries).
 * :class:`MlaKvAProjParallel` — multi-head latent attention's ``kv_a_proj_with_mqa``: the gradient of the rotary
   slice of its output, which bypasses the column-wise ``kv_b_proj``, is summed across the TP mesh.
+* :class:`VocabParallelEmbedding` — vocab-parallel embedding, also for an ``nn.Embedding`` whose forward applies
+  child modules (a norm) to the lookup: the lookup is all-reduced before they see it.
 * :class:`KeepReplicated` — states explicitly that a module stays replicated (no effect).
 * :class:`PrepareHiddenStates` — redistributes a module's hidden-states input whether it is passed
   positionally or as ``hidden_states=``; torch's ``PrepareModuleInput`` needs the exact call shape.
@@ -134,6 +136,44 @@ class PackedRowwiseParallel(_Packed, RowwiseParallel):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         self._pack(module, device_mesh, 1, ("weight",))
         return super()._apply(module, device_mesh)
+
+
+# --- vocab-parallel embeddings ----------------------------------------------------------------------
+class VocabParallelEmbedding(RowwiseParallel):
+    """Vocab-parallel ``nn.Embedding`` (``embedding_rowwise``): the weight is sharded along the vocabulary
+    (``Shard(0)``), the replicated input ids look up this rank's rows and the lookup is all-reduced.
+
+    Unlike torch's ``RowwiseParallel`` it also takes an ``nn.Embedding`` subclass whose forward passes the lookup
+    through child modules (Inkling's embedding + RMSNorm): only the module's own parameters are sharded, and the
+    lookup is all-reduced before a child sees it, so the children (whose parameters torch makes replicated DTensors)
+    run replicated on the full embedding. Without children it is torch's vocab-parallel embedding."""
+
+    def __init__(self, *, use_local_output: bool = True) -> None:
+        super().__init__(input_layouts=Replicate(), use_local_output=use_local_output)
+
+    def _partition_embedding_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        if name:  # torch visits every submodule: the children stay replicated
+            return
+        for param_name, param in list(module.named_parameters(recurse=False)):
+            sharded = distribute_tensor(param, device_mesh, [Shard(0)], src_data_rank=self.src_data_rank)
+            module.register_parameter(param_name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+
+    @staticmethod
+    def _reduce_lookup(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A child's DTensor inputs (the partial lookup) all-reduced to ``Replicate``."""
+
+        def full(value: Any) -> Any:
+            return value.redistribute(placements=[Replicate()]) if isinstance(value, DTensor) else value
+
+        return tuple(map(full, args)), {key: full(value) for key, value in kwargs.items()}
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for child in module.children():
+            child.register_forward_pre_hook(self._reduce_lookup, with_kwargs=True)
+        return super()._apply(module, device_mesh)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(use_local_output={self.use_local_output})"
 
 
 # --- parameters computed on as local tensors ----------------------------------------------------
@@ -388,6 +428,8 @@ def supported_modules(style: ParallelStyle) -> tuple[type[nn.Module], ...] | Non
     """
     if isinstance(style, _Packed):
         return (nn.Linear,)
+    if isinstance(style, VocabParallelEmbedding):
+        return (nn.Embedding,)
     for torch_style in (ColwiseParallel, RowwiseParallel):
         if isinstance(style, torch_style) and type(style)._apply is torch_style._apply:
             return (nn.Linear, nn.Embedding)
