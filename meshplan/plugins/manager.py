@@ -50,6 +50,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "meshplan.plans.mixtral",
     "meshplan.plans.qwen3_moe",
     "meshplan.plans.deepseek",
+    "meshplan.plans.inkling",
     "meshplan.plans.zaya",
     "meshplan.plans.hf",
 )

@@ -14,8 +14,9 @@ PLANS = {
     "gemma4_text": ("meshplan.plans.gemma4", 0.95),
     "gemma4": ("meshplan.plans.gemma4", 0.8),
     "zaya": ("meshplan.plans.zaya", 0.8),
-    # the Hugging Face fallback: its vocab-parallel embedding applies an RMSNorm to the lookup (VocabParallelEmbedding)
-    "inkling_text": ("meshplan.plans.hf", 0.5),
+    # attention split by heads; a vocab-parallel embedding that normalizes its lookup (VocabParallelEmbedding)
+    "inkling_text": ("meshplan.plans.inkling", 0.75),
+    "inkling2_text": ("meshplan.plans.inkling", 0.85),
 }
 
 
