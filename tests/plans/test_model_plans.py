@@ -27,3 +27,30 @@ def test_tp2_matches_single_process(ranks2, model_type):
     assert result["status"] == "pass", f"{result['reason']}\n{result.get('traceback', '')}"
     assert provider in result["plan_source"], result["plan_source"]
     assert result["sharded_fraction"] >= least_sharded, result["sharded_fraction"]
+
+
+def test_gemma4_refuses_sequence_parallel_with_per_layer_inputs():
+    from meshplan.core.errors import SequenceParallelUnsupportedError
+    from meshplan.plans.gemma4 import gemma4_plan
+    from tests.conformance_check import build_model, tiny_config
+
+    with pytest.raises(SequenceParallelUnsupportedError, match="per-layer inputs"):
+        gemma4_plan(build_model(tiny_config("gemma4_text")), sequence_parallel=True)
+
+
+def test_head_styles_refuse_counts_that_do_not_divide_before_any_collective():
+    from torch import nn
+
+    from meshplan.core.errors import PlanError
+    from meshplan.tensor_parallel.custom_styles import ChainedStyles, LocalHeadCount, LocalShardedParameters
+
+    module = nn.Module()
+    module.num_heads = 3
+    module.conv1d = nn.Conv1d(6, 6, 2, groups=6, bias=False)
+    with pytest.raises(PlanError, match="num_heads = 3"):
+        ChainedStyles(LocalHeadCount(), LocalShardedParameters({"conv1d.weight": 0})).check(module, 2)
+    LocalShardedParameters({"conv1d.weight": 0}).check(module, 2)  # 6 channels split in 2
+    with pytest.raises(PlanError, match="cannot be split in 4"):
+        LocalShardedParameters({"conv1d.weight": 0}).check(module, 4)
+    with pytest.raises(PlanError, match="no parameter 'conv1d.bias'"):
+        LocalShardedParameters({"conv1d.bias": 0}).check(module, 2)
