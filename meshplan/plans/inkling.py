@@ -25,8 +25,10 @@ Inkling 2 blocks (projections wrapped in modules):
 Inkling blocks: ``q_proj`` / ``k_proj`` / ``v_proj`` / ``r_proj`` (relative states) column-wise, ``o_proj``
 row-wise, the KV short convolutions ``k_sconv`` / ``v_sconv`` sharded per channel, the per-head-dim ``q_norm`` /
 ``k_norm`` and the shared bias bank ``rel_logits_proj`` replicated with summed gradients, and the block's own
-``num_heads`` (its relative states are reshaped by it) this rank's count. Inkling's shared experts (3-D parameters
-with per-token weights ``gammas``) stay replicated, as the translated plan leaves them.
+``num_heads`` (its relative states are reshaped by it) this rank's count. Inkling's shared experts (3-D
+``gate_proj`` / ``up_proj`` / ``down_proj``, weighted per token by the router's ``gammas``), which the translated plan
+leaves replicated, are split along their intermediate size like fused experts (``ExpertsTensorParallel``: the
+output and the gradients of the input and of ``gammas`` are summed over the ranks).
 
 Head counts (sliding and full) must divide by the TP size. The router, the residual short convolutions on the
 hidden states and the block attention residuals stay replicated. Sequence parallel is refused (MoE layers).
@@ -34,17 +36,21 @@ hidden states and the block attention residuals stay replicated. Sequence parall
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..core.errors import SequenceParallelUnsupportedError
+from ..core.log import get_logger, log_rank0
 from ..plugins.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plugin discovery
     from torch.distributed.tensor.parallel import ParallelStyle
 
     from ..core.registry import Registry
+
+logger = get_logger(__name__)
 
 #: The children of an Inkling 2 attention block.
 ATTENTION_CHILDREN = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "sink_proj", "relative_position_bias"})
@@ -59,6 +65,16 @@ INKLING_ATTENTION_CHILDREN = frozenset({"q_proj", "k_proj", "v_proj", "r_proj", 
                                         "q_norm", "k_norm", "rel_logits_proj"})
 INKLING_COLWISE, INKLING_ROWWISE = ("q_proj", "k_proj", "v_proj", "r_proj"), ("o_proj",)
 INKLING_CONVOLUTIONS, INKLING_SHARED = ("k_sconv", "v_sconv"), ("q_norm", "k_norm", "rel_logits_proj")
+
+
+#: Inkling's shared experts: a module of this name holding 3-D expert parameters.
+SHARED_EXPERTS = "shared_experts"
+
+
+def is_fused_shared_experts(fqn: str, module: nn.Module) -> bool:
+    """Whether ``module`` is a shared-experts module with fused 3-D parameters (Inkling's)."""
+    gate = getattr(module, "gate_proj", None)
+    return fqn.rpartition(".")[2] == SHARED_EXPERTS and isinstance(gate, nn.Parameter) and gate.ndim == 3
 
 
 def _children(module: nn.Module) -> set[str]:
@@ -132,7 +148,9 @@ def attention_styles(module: nn.Module) -> dict[str, ParallelStyle] | None:
 
 def inkling_plan(model: nn.Module, sequence_parallel: bool = False, registry: Registry | None = None,
                  ) -> dict[str, ParallelStyle]:
-    """The translated transformers plan, a vocab-parallel embedding and every attention block split by heads."""
+    """The translated transformers plan, a vocab-parallel embedding, every attention block split by heads and fused
+    shared experts split along their intermediate size."""
+    from ..experts.tp_styles import ExpertsTensorParallel
     from ..tensor_parallel.vocabulary import builtin_style
     from .decoder import embedding_modules, module_name
     from .hf_translation import hf_tp_plan
@@ -142,6 +160,7 @@ def inkling_plan(model: nn.Module, sequence_parallel: bool = False, registry: Re
             f"Sequence parallel is not supported for the MoE layers of {type(model).__qualname__}: the experts see "
             "flattened tokens and all-reduce their output. Run without sequence_parallel.")
     plan = hf_tp_plan(model, registry=registry)
+    shared: list[str] = []
     embed = module_name(model, embedding_modules(model)[0])
     if embed is not None:
         plan[embed] = builtin_style("embedding_rowwise")
@@ -149,6 +168,12 @@ def inkling_plan(model: nn.Module, sequence_parallel: bool = False, registry: Re
         styles = attention_styles(module)
         if styles is not None:
             plan.update({f"{fqn}.{key}" if key else fqn: style for key, style in styles.items()})
+        elif is_fused_shared_experts(fqn, module):
+            plan[fqn] = ExpertsTensorParallel()
+            shared.append(fqn)
+    if shared:
+        log_rank0(logger, logging.INFO, "TP plan of %s: the shared experts the transformers plan leaves replicated "
+                  "are split along their intermediate size: %s.", type(model).__qualname__, ", ".join(shared))
     return plan
 
 

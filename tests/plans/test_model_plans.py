@@ -14,8 +14,9 @@ PLANS = {
     "gemma4_text": ("meshplan.plans.gemma4", 0.95),
     "gemma4": ("meshplan.plans.gemma4", 0.8),
     "zaya": ("meshplan.plans.zaya", 0.8),
-    # attention split by heads; a vocab-parallel embedding that normalizes its lookup (VocabParallelEmbedding)
-    "inkling_text": ("meshplan.plans.inkling", 0.75),
+    # attention split by heads; a vocab-parallel embedding that normalizes its lookup (VocabParallelEmbedding); shared
+    # experts weighted by the router's gammas
+    "inkling_text": ("meshplan.plans.inkling", 0.85),
     "inkling2_text": ("meshplan.plans.inkling", 0.85),
 }
 
