@@ -2,10 +2,11 @@
 
 Split: the fused experts (every expert along its intermediate size, one all-reduce of their output; ZAYA's skip
 expert computes nothing and needs no style), the tied embedding / ``lm_head`` pair, vocab-parallel (see
-:mod:`meshplan.plans.moe`), and the router's MLP like any MLP: ``router_mlp.fc1`` column-wise, ``router_mlp.fc2``
-row-wise (the GELU between them acts on each feature alone; the one after ``fc2`` sees its all-reduced output). The
-router's ``down_proj``, whose output ZAYA also carries to the next layer's router, its norm and its ``out_proj`` onto
-the expert classes stay replicated.
+:mod:`meshplan.plans.moe`), and the router: its ``down_proj`` column-wise with the output gathered (ZAYA carries
+that output to the next layer's router and normalizes it, so every rank needs all of it; each feature is still
+computed whole on one rank), and its MLP like any MLP: ``router_mlp.fc1`` column-wise, ``router_mlp.fc2`` row-wise
+(the GELU between them acts on each feature alone; the one after ``fc2`` sees its all-reduced output). The router's
+norm and its ``out_proj`` onto the expert classes (experts + 1 skip class, rarely divisible) stay replicated.
 
 The compressed convolutional attention (CCA) stays replicated: it cannot be split by heads with column-wise
 projections. Its value heads are cut from the concatenation ``[v_proj_current; v_proj_delayed]`` (with two KV heads,
@@ -27,18 +28,21 @@ if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plu
     from torch.distributed.tensor.parallel import ParallelStyle
 
 
+#: The router's down-projection (column-wise, output gathered), relative to a decoder layer.
+ROUTER_DOWN = "mlp.gate.down_proj"
 #: The router MLP's input (column-wise) and output (row-wise) projections, relative to a decoder layer.
 ROUTER_MLP_IN, ROUTER_MLP_OUT = "mlp.gate.router_mlp.fc1", "mlp.gate.router_mlp.fc2"
 
 
 def zaya_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
-    """TP plan for ZAYA: split experts and router MLP, vocab-parallel embedding and ``lm_head`` (sequence parallel
+    """TP plan for ZAYA: split experts and router, vocab-parallel embedding and ``lm_head`` (sequence parallel
     is refused for MoE layers)."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
+    from ..tensor_parallel.vocabulary import builtin_style
     from .moe import moe_plan
 
-    return moe_plan(model, {ROUTER_MLP_IN: ColwiseParallel(), ROUTER_MLP_OUT: RowwiseParallel()}, sequence_parallel)
+    styles = {ROUTER_DOWN: builtin_style("colwise_gather_output"), ROUTER_MLP_IN: builtin_style("colwise"),
+              ROUTER_MLP_OUT: builtin_style("rowwise")}
+    return moe_plan(model, styles, sequence_parallel)
 
 
 @hookimpl

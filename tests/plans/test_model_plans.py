@@ -13,7 +13,7 @@ pytestmark = pytest.mark.distributed
 PLANS = {
     "gemma4_text": ("meshplan.plans.gemma4", 0.95),
     "gemma4": ("meshplan.plans.gemma4", 0.8),
-    "zaya": ("meshplan.plans.zaya", 0.8),
+    "zaya": ("meshplan.plans.zaya", 0.9),
     # attention split by heads; a vocab-parallel embedding that normalizes its lookup (VocabParallelEmbedding); shared
     # experts weighted by the router's gammas
     "inkling_text": ("meshplan.plans.inkling", 0.85),
