@@ -31,7 +31,8 @@ leaves replicated, are split along their intermediate size like fused experts (`
 output and the gradients of the input and of ``gammas`` are summed over the ranks).
 
 Head counts (sliding and full) must divide by the TP size. The router, the residual short convolutions on the
-hidden states and the block attention residuals stay replicated. Sequence parallel is refused (MoE layers).
+hidden states and the block attention residuals stay replicated. Sequence parallel is refused: those short
+convolutions mix neighbouring tokens of the residual stream.
 """
 
 from __future__ import annotations
@@ -157,8 +158,9 @@ def inkling_plan(model: nn.Module, sequence_parallel: bool = False, registry: Re
 
     if sequence_parallel:
         raise SequenceParallelUnsupportedError(
-            f"Sequence parallel is not supported for the MoE layers of {type(model).__qualname__}: the experts see "
-            "flattened tokens and all-reduce their output. Run without sequence_parallel.")
+            f"Sequence parallel is not supported for {type(model).__qualname__}: the short convolutions on its "
+            "residual stream mix neighbouring tokens, which a sequence-sharded residual splits apart. Run without "
+            "sequence_parallel.")
     plan = hf_tp_plan(model, registry=registry)
     shared: list[str] = []
     embed = module_name(model, embedding_modules(model)[0])

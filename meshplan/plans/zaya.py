@@ -12,8 +12,9 @@ The compressed convolutional attention (CCA) stays replicated: it cannot be spli
 projections. Its value heads are cut from the concatenation ``[v_proj_current; v_proj_delayed]`` (with two KV heads,
 one head is all "current" and the other all "delayed"), so a rank's heads are not a column slice of each
 projection; and its grouped q/k convolution (``groups = heads + KV heads``) would need its group count changed per
-rank. At ZAYA1-8B's size the attention is about 2 % of the parameters; the experts and the embedding hold the rest.
-The EP plan is the model's own (``config.base_model_ep_plan``, through the Hugging Face fallback).
+rank. At ZAYA1-8B's size the attention is about 2.5 % of the parameters; the experts and the embedding hold the rest.
+Sequence parallel is refused for the same reason. The EP plan is the model's own (``config.base_model_ep_plan``,
+through the Hugging Face fallback).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..core.errors import SequenceParallelUnsupportedError
 from ..plugins.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plugin discovery
@@ -36,10 +38,15 @@ ROUTER_MLP_IN, ROUTER_MLP_OUT = "mlp.gate.router_mlp.fc1", "mlp.gate.router_mlp.
 
 def zaya_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
     """TP plan for ZAYA: split experts and router, vocab-parallel embedding and ``lm_head`` (sequence parallel
-    is refused for MoE layers)."""
+    is refused: the attention stays whole)."""
     from ..tensor_parallel.vocabulary import builtin_style
     from .moe import moe_plan
 
+    if sequence_parallel:
+        raise SequenceParallelUnsupportedError(
+            f"Sequence parallel is not supported for {type(model).__qualname__}: its CCA attention stays whole (see "
+            "meshplan.plans.zaya), so no row-wise projection returns its output to a sequence-sharded residual "
+            "stream. Run without sequence_parallel.")
     styles = {ROUTER_DOWN: builtin_style("colwise_gather_output"), ROUTER_MLP_IN: builtin_style("colwise"),
               ROUTER_MLP_OUT: builtin_style("rowwise")}
     return moe_plan(model, styles, sequence_parallel)

@@ -30,13 +30,18 @@ def test_tp2_matches_single_process(ranks2, model_type):
     assert result["sharded_fraction"] >= least_sharded, result["sharded_fraction"]
 
 
-def test_gemma4_refuses_sequence_parallel_with_per_layer_inputs():
+@pytest.mark.parametrize(("model_type", "plan", "why"), [
+    ("gemma4_text", "meshplan.plans.gemma4:gemma4_plan", "per-layer inputs"),
+    ("inkling2_text", "meshplan.plans.inkling:inkling_plan", "short convolutions"),
+    ("zaya", "meshplan.plans.zaya:zaya_plan", "attention stays whole"),
+])
+def test_sequence_parallel_is_refused_with_the_reason(model_type, plan, why):
     from meshplan.core.errors import SequenceParallelUnsupportedError
-    from meshplan.plans.gemma4 import gemma4_plan
+    from meshplan.core.imports import import_class_from_path
     from tests.conformance_check import build_model, tiny_config
 
-    with pytest.raises(SequenceParallelUnsupportedError, match="per-layer inputs"):
-        gemma4_plan(build_model(tiny_config("gemma4_text")), sequence_parallel=True)
+    with pytest.raises(SequenceParallelUnsupportedError, match=why):
+        import_class_from_path(plan)(build_model(tiny_config(model_type)), sequence_parallel=True)
 
 
 def test_head_styles_refuse_counts_that_do_not_divide_before_any_collective():
