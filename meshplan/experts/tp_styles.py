@@ -34,8 +34,9 @@ from ..tensor_parallel.custom_styles import (
 )
 from .modules import SUMMAND, ExpertParamLayout, check_param_layouts, infer_param_layouts
 
-#: Keyword names transformers' MoE blocks use for the routing weights when they are not passed positionally.
-ROUTING_WEIGHT_KEYWORDS = ("top_k_weights", "topk_weights", "routing_weights", "router_scores")
+#: Keyword names transformers' MoE blocks use for the routing weights when they are not passed positionally
+#: (``gammas``: the per-token weights of Inkling's shared experts).
+ROUTING_WEIGHT_KEYWORDS = ("top_k_weights", "topk_weights", "routing_weights", "router_scores", "gammas")
 
 
 def all_reduce_forward(tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:

@@ -45,10 +45,13 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "meshplan.plans.qwen",
     "meshplan.plans.gemma3",
     "meshplan.plans.gemma3n",
+    "meshplan.plans.gemma4",
     "meshplan.plans.phi3",
     "meshplan.plans.mixtral",
     "meshplan.plans.qwen3_moe",
     "meshplan.plans.deepseek",
+    "meshplan.plans.inkling",
+    "meshplan.plans.zaya",
     "meshplan.plans.hf",
 )
 

@@ -7,8 +7,11 @@
 * :class:`LocalShardedParameters` — per-head parameters of a module whose heads are sharded by its child
   projections (attention sinks, per-head biases): sharded along their head dim, the module computes on the
   local shard (transformers' ``local_params`` owner plus the parameters' own ``colwise`` entries).
+* :class:`LocalHeadCount` — a module that reshapes by its own head count gets this rank's count.
 * :class:`MlaKvAProjParallel` — multi-head latent attention's ``kv_a_proj_with_mqa``: the gradient of the rotary
   slice of its output, which bypasses the column-wise ``kv_b_proj``, is summed across the TP mesh.
+* :class:`VocabParallelEmbedding` — vocab-parallel embedding, also for an ``nn.Embedding`` whose forward applies
+  child modules (a norm) to the lookup: the lookup is all-reduced before they see it.
 * :class:`KeepReplicated` — states explicitly that a module stays replicated (no effect).
 * :class:`PrepareHiddenStates` — redistributes a module's hidden-states input whether it is passed
   positionally or as ``hidden_states=``; torch's ``PrepareModuleInput`` needs the exact call shape.
@@ -136,6 +139,44 @@ class PackedRowwiseParallel(_Packed, RowwiseParallel):
         return super()._apply(module, device_mesh)
 
 
+# --- vocab-parallel embeddings ----------------------------------------------------------------------
+class VocabParallelEmbedding(RowwiseParallel):
+    """Vocab-parallel ``nn.Embedding`` (``embedding_rowwise``): the weight is sharded along the vocabulary
+    (``Shard(0)``), the replicated input ids look up this rank's rows and the lookup is all-reduced.
+
+    Unlike torch's ``RowwiseParallel`` it also takes an ``nn.Embedding`` subclass whose forward passes the lookup
+    through child modules (Inkling's embedding + RMSNorm): only the module's own parameters are sharded, and the
+    lookup is all-reduced before a child sees it, so the children (whose parameters torch makes replicated DTensors)
+    run replicated on the full embedding. Without children it is torch's vocab-parallel embedding."""
+
+    def __init__(self, *, use_local_output: bool = True) -> None:
+        super().__init__(input_layouts=Replicate(), use_local_output=use_local_output)
+
+    def _partition_embedding_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        if name:  # torch visits every submodule: the children stay replicated
+            return
+        for param_name, param in list(module.named_parameters(recurse=False)):
+            sharded = distribute_tensor(param, device_mesh, [Shard(0)], src_data_rank=self.src_data_rank)
+            module.register_parameter(param_name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+
+    @staticmethod
+    def _reduce_lookup(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A child's DTensor inputs (the partial lookup) all-reduced to ``Replicate``."""
+
+        def full(value: Any) -> Any:
+            return value.redistribute(placements=[Replicate()]) if isinstance(value, DTensor) else value
+
+        return tuple(map(full, args)), {key: full(value) for key, value in kwargs.items()}
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for child in module.children():
+            child.register_forward_pre_hook(self._reduce_lookup, with_kwargs=True)
+        return super()._apply(module, device_mesh)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(use_local_output={self.use_local_output})"
+
+
 # --- parameters computed on as local tensors ----------------------------------------------------
 def all_reduce_backward(tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
     """Identity in forward; in backward the gradient is summed across ``mesh``.
@@ -149,24 +190,29 @@ def all_reduce_backward(tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
 
 class _LocalParameterForward(ParallelStyle):
     """Shared part of the styles whose module runs its forward on local tensors of its DTensor parameters
-    (its own parameters only, not its children's); gradients reach the DTensor parameters through
+    (by default its own parameters only, not its children's); gradients reach the DTensor parameters through
     :meth:`_local`."""
 
     def _local(self, param: DTensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _localized(self, module: nn.Module) -> list[tuple[nn.Module, str]]:
+        """``(owner, name)`` of the DTensor parameters the module's forward sees as local tensors."""
+        return [(module, name) for name, param in module._parameters.items() if isinstance(param, DTensor)]
 
     def _run_on_local_parameters(self, module: nn.Module) -> nn.Module:
         forward = module.forward
 
         @functools.wraps(forward)
         def local_forward(*args: Any, **kwargs: Any) -> Any:
-            originals = {n: p for n, p in module._parameters.items() if isinstance(p, DTensor)}
-            for name, param in originals.items():
-                module._parameters[name] = self._local(param)
+            originals = [(owner, name, owner._parameters[name]) for owner, name in self._localized(module)]
+            for owner, name, param in originals:
+                owner._parameters[name] = self._local(param)
             try:
                 return forward(*args, **kwargs)
             finally:
-                module._parameters.update(originals)
+                for owner, name, param in originals:
+                    owner._parameters[name] = param
 
         module.forward = local_forward
         return module
@@ -198,8 +244,10 @@ class LocalShardedParameters(_LocalParameterForward):
 
     For per-head parameters of an attention module whose q/k/v projections are column-wise (each rank computes
     its own heads): attention sinks, per-head gate biases. transformers spells it ``local_params`` on the
-    module plus ``colwise`` on each parameter. Every sharded dim must divide by the TP size, so that the
-    shards line up with the heads."""
+    module plus ``colwise`` on each parameter. A name may be dotted (``conv1d.weight``): a child's parameter that
+    the module's own forward reads (a short convolution calling ``F.conv1d`` with its child's weight). Every sharded
+    dim must divide by the TP size, so that the shards line up with the heads (:meth:`check`, before any
+    collective)."""
 
     def __init__(self, params: Mapping[str, int]) -> None:
         super().__init__()
@@ -210,25 +258,74 @@ class LocalShardedParameters(_LocalParameterForward):
     def _local(self, param: DTensor) -> torch.Tensor:
         return param.to_local()
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        own = dict(module.named_parameters(recurse=False))
+    def _owner(self, module: nn.Module, name: str) -> tuple[nn.Module, str]:
+        """The module holding parameter ``name`` (dotted: a descendant of ``module``) and its own name for it."""
+        path, _, own = name.rpartition(".")
+        try:
+            owner = module.get_submodule(path)
+        except AttributeError as exc:
+            raise PlanError(f"{type(self).__name__}: {type(module).__name__} has no submodule {path!r} holding "
+                            f"parameter {name!r}.") from exc
+        if own not in owner._parameters or owner._parameters[own] is None:
+            found = sorted(n for n, _ in module.named_parameters()) or "none"
+            raise PlanError(f"{type(self).__name__}: {type(module).__name__} has no parameter {name!r} (it has "
+                            f"{found}).")
+        return owner, own
+
+    def _localized(self, module: nn.Module) -> list[tuple[nn.Module, str]]:
+        return [self._owner(module, name) for name in self.params]
+
+    def check(self, module: nn.Module, tp_size: int) -> None:
+        """:class:`PlanError` for a missing parameter or one whose dim does not divide by ``tp_size``."""
         for name, dim in self.params.items():
-            param = own.get(name)
-            if param is None:
-                raise PlanError(f"{type(self).__name__}: {type(module).__name__} has no parameter {name!r} of its "
-                                f"own (it has {sorted(own) or 'none'}).")
+            owner, own = self._owner(module, name)
+            param = owner._parameters[own]
             if isinstance(param, DTensor):
                 continue
-            if param.ndim == 0 or param.shape[dim] % device_mesh.size():
+            if param.ndim == 0 or param.shape[dim] % tp_size:
                 raise PlanError(f"{type(self).__name__}: parameter {name!r} of {type(module).__name__} with shape "
-                                f"{tuple(param.shape)} cannot be split in {device_mesh.size()} equal parts along "
-                                f"dim {dim}; per-head parameters must divide by the TP size like the heads.")
-            sharded = distribute_tensor(param.detach(), device_mesh, [Shard(dim)])
-            module.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+                                f"{tuple(param.shape)} cannot be split in {tp_size} equal parts along dim {dim}; "
+                                "per-head parameters must divide by the TP size like the heads.")
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        self.check(module, device_mesh.size())
+        for name, dim in self.params.items():
+            owner, own = self._owner(module, name)
+            param = owner._parameters[own]
+            if not isinstance(param, DTensor):
+                sharded = distribute_tensor(param.detach(), device_mesh, [Shard(dim)])
+                owner.register_parameter(own, nn.Parameter(sharded, requires_grad=param.requires_grad))
         return self._run_on_local_parameters(module)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params})"
+
+
+class LocalHeadCount(ParallelStyle):
+    """Divides the module's integer head-count attributes (``attributes``, default ``num_heads``) by the TP size:
+    for a module whose forward reshapes by its own head count (``view(..., self.num_heads, -1)``) while its
+    column-wise projections give it this rank's heads only. :meth:`check` refuses a count that does not divide."""
+
+    def __init__(self, attributes: Sequence[str] = ("num_heads",)) -> None:
+        super().__init__()
+        self.attributes = tuple(attributes)
+
+    def check(self, module: nn.Module, tp_size: int) -> None:
+        """:class:`PlanError` for a missing or non-integer attribute, or one that does not divide by ``tp_size``."""
+        for name in self.attributes:
+            value = getattr(module, name, None)
+            if not isinstance(value, int) or isinstance(value, bool) or value % tp_size:
+                raise PlanError(f"{type(self).__name__}: {type(module).__name__}.{name} = {value!r} must be an "
+                                f"integer divisible by the TP size {tp_size}.")
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        self.check(module, device_mesh.size())
+        for name in self.attributes:
+            setattr(module, name, getattr(module, name) // device_mesh.size())
+        return module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({list(self.attributes)})"
 
 
 class MlaKvAProjParallel(ParallelStyle):
@@ -280,15 +377,17 @@ class KeepReplicated(ParallelStyle):
 
 # --- inputs ------------------------------------------------------------------------------------------
 class PrepareHiddenStates(ParallelStyle):
-    """Redistribute the hidden-states input (first positional argument, else keyword ``argument``) from
-    ``input_layout`` to ``desired_layout``; a plain tensor input is taken to be in ``input_layout``."""
+    """Redistribute the hidden-states input (positional argument ``position``, else keyword ``argument``) from
+    ``input_layout`` to ``desired_layout``; a plain tensor input is taken to be in ``input_layout``, a non-tensor
+    (``None``) is passed on as is. Another input works the same way: name it and give its position."""
 
     def __init__(self, input_layout: Placement, desired_layout: Placement, *, argument: str = "hidden_states",
-                 use_local_output: bool = False) -> None:
+                 position: int = 0, use_local_output: bool = False) -> None:
         super().__init__()
         self.input_layouts = (input_layout,)
         self.desired_input_layouts = (desired_layout,)
         self.argument = argument
+        self.position = position
         self.use_local_output = use_local_output
 
     def _convert(self, value: Any, mesh: DeviceMesh) -> Any:
@@ -302,18 +401,21 @@ class PrepareHiddenStates(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def prepare(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            if args:
-                return (self._convert(args[0], device_mesh), *args[1:]), kwargs
+            index = self.position
+            if len(args) > index:
+                return (*args[:index], self._convert(args[index], device_mesh), *args[index + 1:]), kwargs
             if self.argument in kwargs:
                 return args, {**kwargs, self.argument: self._convert(kwargs[self.argument], device_mesh)}
-            raise PlanError(f"{type(mod).__name__} was called without a positional input or "
-                            f"{self.argument}=...; {type(self).__name__} cannot find its hidden states.")
+            raise PlanError(f"{type(mod).__name__} was called without positional input {index} or "
+                            f"{self.argument}=...; {type(self).__name__} cannot find its {self.argument}.")
 
         module.register_forward_pre_hook(prepare, with_kwargs=True)
         return module
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.input_layouts[0]} -> {self.desired_input_layouts[0]}, "
+        where = "" if (self.argument, self.position) == ("hidden_states", 0) else \
+            f"{self.argument} (position {self.position}), "
+        return (f"{type(self).__name__}({where}{self.input_layouts[0]} -> {self.desired_input_layouts[0]}, "
                 f"use_local_output={self.use_local_output})")
 
 
@@ -359,6 +461,13 @@ class ChainedStyles(ParallelStyle):
         super().__init__()
         self.styles = tuple(styles)
 
+    def check(self, module: nn.Module, tp_size: int) -> None:
+        """Each part's own ``check`` (before any collective), where it has one."""
+        for style in self.styles:
+            check = getattr(style, "check", None)
+            if callable(check):
+                check(module, tp_size)
+
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         for style in self.styles:
             module = style._apply(module, device_mesh)
@@ -385,6 +494,8 @@ def supported_modules(style: ParallelStyle) -> tuple[type[nn.Module], ...] | Non
     """
     if isinstance(style, _Packed):
         return (nn.Linear,)
+    if isinstance(style, VocabParallelEmbedding):
+        return (nn.Embedding,)
     for torch_style in (ColwiseParallel, RowwiseParallel):
         if isinstance(style, torch_style) and type(style)._apply is torch_style._apply:
             return (nn.Linear, nn.Embedding)
@@ -410,7 +521,7 @@ def predicted_placement(style: ParallelStyle | None, module: nn.Module, param_na
     ``"unsharded"`` when the style leaves it alone (or there is no style); ``None`` when it cannot be known
     without applying the style. Used to refuse tied parameters that would be split differently.
     """
-    if style is None or isinstance(style, (KeepReplicated, PrepareHiddenStates, MlaKvAProjParallel)):
+    if style is None or isinstance(style, (KeepReplicated, PrepareHiddenStates, MlaKvAProjParallel, LocalHeadCount)):
         return "unsharded"
     if isinstance(style, LocalShardedParameters):
         return str(Shard(style.params[param_name])) if param_name in style.params else "unsharded"

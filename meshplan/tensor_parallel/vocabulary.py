@@ -10,7 +10,9 @@ Meanings follow NeMo AutoModel for its five names and transformers 5.x for the r
 ``rowwise_rep``                 ``RowwiseParallel(input_layouts=Replicate())``: split a replicated input
 ``rowwise_split_input``         same as ``rowwise_rep`` (transformers' name)
 ``sequence_parallel``           ``SequenceParallel()``: norms/dropout sharded along the sequence
-``embedding_rowwise``           vocab-parallel embedding: ``RowwiseParallel(input_layouts=Replicate())``
+``embedding_rowwise``           vocab-parallel embedding (``VocabParallelEmbedding``: torch's
+                                ``RowwiseParallel(input_layouts=Replicate())``, which also takes an embedding whose
+                                forward applies child modules, e.g. a norm, to the all-reduced lookup)
 ``embedding_colwise``           embedding dim sharded, output gathered
 ``packed_colwise``              column-wise for a fused ``[a; b]`` projection: each rank keeps its slice of
                                 both halves (``PackedColwiseParallel(parts=2)``; pass ``sizes=`` for
@@ -73,7 +75,7 @@ BUILTIN_STYLES: dict[str, str] = {
     "rowwise_rep": f"{_TORCH}:rowwise_split_input",
     "rowwise_split_input": f"{_TORCH}:rowwise_split_input",
     "sequence_parallel": f"{_TORCH}:sequence_parallel",
-    "embedding_rowwise": f"{_TORCH}:rowwise_split_input",
+    "embedding_rowwise": f"{_CUSTOM}:VocabParallelEmbedding",
     "embedding_colwise": f"{_TORCH}:embedding_colwise",
     "packed_colwise": f"{_CUSTOM}:PackedColwiseParallel",
     "packed_rowwise": f"{_CUSTOM}:PackedRowwiseParallel",

@@ -13,10 +13,11 @@ pytestmark = pytest.mark.distributed
 BUILTIN = {"llama": "meshplan.plans.llama", "mistral": "meshplan.plans.llama", "qwen2": "meshplan.plans.qwen",
            "qwen3": "meshplan.plans.qwen", "gemma3_text": "meshplan.plans.gemma3", "phi3": "meshplan.plans.phi3",
            "mixtral": "meshplan.plans.mixtral", "qwen3_moe": "meshplan.plans.qwen3_moe",
-           "deepseek_v3": "meshplan.plans.deepseek"}
+           "deepseek_v3": "meshplan.plans.deepseek", "inkling2_text": "meshplan.plans.inkling"}
 #: without a built-in provider: tied embeddings + biases, softcapping, MoE experts + shared expert, MLA + MoE with
-#: identity experts, experts whose plan says ``colwise`` for a concatenated ``[gate; up]`` with a softcapped SwiGLU
-FALLBACK = ("starcoder2", "gemma2", "qwen2_moe", "longcat_flash", "inkling2_text")
+#: identity experts (Inkling 2's built-in plan translates its transformers plan: experts whose plan says ``colwise``
+#: for a concatenated ``[gate; up]`` with a softcapped SwiGLU)
+FALLBACK = ("starcoder2", "gemma2", "qwen2_moe", "longcat_flash")
 
 
 @pytest.mark.parametrize("model_type", [*BUILTIN, *FALLBACK])
