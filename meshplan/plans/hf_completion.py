@@ -47,10 +47,16 @@ NOT_COMPLETED = {
                    "the hyper-connection head's hc_scale then differs by 1.1e-5 relative from one process, above the "
                    "conformance sweep's 1e-5 tolerance",
 }
-#: Query, key, value (column-wise) and output (row-wise) projections of the attention blocks completed.
-ATTENTION_INPUTS, ATTENTION_OUTPUT = ("q_proj", "k_proj", "v_proj"), "o_proj"
-#: Per-head norms an attention block may apply to its query and key heads (weights of ``head_dim`` elements).
-HEAD_NORMS = ("q_norm", "k_norm")
+#: Query, key and value projections (column-wise) of the attention blocks completed.
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
+#: Accepted names of their output projection (row-wise); a block has exactly one.
+ATTENTION_OUTPUTS = ("o_proj", "out_proj")
+#: Accepted names of their output gates: a projection of the hidden states, as wide as the queries, whose sigmoid
+#: scales the attention output feature by feature before the output projection (column-wise with the heads).
+ATTENTION_GATES = ("gate_proj",)
+#: Accepted names of the per-head norms an attention block may apply to its query and key heads (weights of
+#: ``head_dim`` elements); shard-local children of the block (see :mod:`meshplan.plans.hf_translation`).
+HEAD_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm")
 #: Accepted names of a multi-head latent attention's output gate: one output per head, whose sigmoid scales that
 #: head's attention output (BailingHybrid's ``g_proj``; column-wise with the heads).
 MLA_HEAD_GATES = ("g_proj",)
@@ -133,26 +139,32 @@ def mlp_split(module: nn.Module) -> BlockSplit | None:
 
 
 def attention_split(module: nn.Module) -> BlockSplit | None:
-    """The split of ``module`` if it is a standard attention block (see the module docstring), else ``None``."""
+    """The split of ``module`` if it is a standard attention block, optionally gated (see the module docstring),
+    else ``None``."""
     head_dim = getattr(module, "head_dim", None)
     parameterized = _parameterized_children(module)
-    norms = parameterized - {*ATTENTION_INPUTS, ATTENTION_OUTPUT}
-    if not isinstance(head_dim, int) or head_dim < 1 or not {*ATTENTION_INPUTS, ATTENTION_OUTPUT} <= parameterized \
-            or not norms <= set(HEAD_NORMS):
+    outputs = [name for name in ATTENTION_OUTPUTS if name in parameterized]
+    gates = tuple(name for name in ATTENTION_GATES if name in parameterized)
+    norms = parameterized - {*ATTENTION_INPUTS, *outputs, *gates}
+    if not isinstance(head_dim, int) or head_dim < 1 or len(outputs) != 1 \
+            or not set(ATTENTION_INPUTS) <= parameterized or not norms <= set(HEAD_NORMS):
         return None
-    q, k, v, o = (getattr(module, name) for name in (*ATTENTION_INPUTS, ATTENTION_OUTPUT))
-    if not all(type(linear) is nn.Linear for linear in (q, k, v, o)):
+    q, k, v, o, *gate_linears = (getattr(module, name) for name in (*ATTENTION_INPUTS, *outputs, *gates))
+    if not all(type(linear) is nn.Linear for linear in (q, k, v, o, *gate_linears)):
         return None
     hidden = o.out_features
     if {q.in_features, k.in_features, v.in_features} != {hidden} or o.in_features != q.out_features \
             or k.out_features != v.out_features or q.out_features % head_dim or k.out_features % head_dim:
+        return None
+    if any((gate.in_features, gate.out_features) != (hidden, q.out_features) for gate in gate_linears):
         return None
     if any(p.numel() != head_dim for name in norms for p in getattr(module, name).parameters()):
         return None
     own = dict(module.named_parameters(recurse=False))
     if own and (own.keys() != {"sinks"} or tuple(own["sinks"].shape) != (q.out_features // head_dim,)):
         return None
-    return BlockSplit("an attention", ATTENTION_INPUTS, ATTENTION_OUTPUT, (("sinks", 0),) if own else ())
+    kind = "a gated attention" if gates else "an attention"
+    return BlockSplit(kind, (*ATTENTION_INPUTS, *gates), outputs[0], (("sinks", 0),) if own else ())
 
 
 def latent_attention_split(module: nn.Module) -> BlockSplit | None:

@@ -70,7 +70,7 @@ from ..tensor_parallel.custom_styles import LocalShardedParameters, MlaKvAProjPa
 from ..tensor_parallel.matching import generalize, match_key, match_parameter_key
 from ..tensor_parallel.vocabulary import make_style
 from .decoder import add_sequence_parallel, are_tied, embedding_modules, find_decoder_layout, module_name
-from .hf_completion import BlockSplit, uncovered_blocks, uncovered_experts, uncovered_mixers
+from .hf_completion import HEAD_NORMS, BlockSplit, uncovered_blocks, uncovered_experts, uncovered_mixers
 from .hf_linear_attention import REPLICATED_OUTPUT, uncovered_projections
 
 if TYPE_CHECKING:
@@ -86,10 +86,11 @@ LOCAL_PARAMS, MLA_KV_A_PROJ, ALL_REDUCE = "local_params", "mla_kv_a_proj", "all_
 #: Style of a parameter entry under a ``local_params`` module -> the parameter dim it shards (per head).
 LOCAL_PARAMETER_DIMS = {"colwise": 0}
 #: Child names that, directly under a block with column-wise projections and absent from the plan, run on this
-#: rank's column shard: per-head QK norms (after column-wise q/k projections) and activation modules (after
+#: rank's column shard: per-head QK norms (after column-wise q/k projections, named as in
+#: :data:`~meshplan.plans.hf_completion.HEAD_NORMS`) and activation modules (after
 #: column-wise gate/up projections). Names, not structure, decide: a norm on a replicated activation (MLA's
 #: ``kv_a_layernorm``, an indexer's ``k_norm``) or an MoE router sits in the same blocks and must not be summed.
-SHARD_LOCAL_CHILDREN = frozenset({"q_norm", "k_norm", "act_fn", "act", "activation_fn"})
+SHARD_LOCAL_CHILDREN = frozenset({*HEAD_NORMS, "act_fn", "act", "activation_fn"})
 
 
 @dataclass
