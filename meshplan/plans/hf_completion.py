@@ -15,17 +15,25 @@ does, and adds them only where the structure leaves no doubt about the math:
   (``down_proj``; ``w2``) of matching widths, the other children parameter-free (the activation). The inputs become
   ``colwise``, the output ``rowwise``: the activation and product act on each intermediate feature alone;
 * an *attention block* that no plan entry covers, in those layer stacks: ``nn.Linear`` ``q_proj`` / ``k_proj`` /
-  ``v_proj`` (``colwise``, whole heads of its ``head_dim``) and ``o_proj`` (``rowwise``), optional per-head
-  ``q_norm`` / ``k_norm`` over ``head_dim`` (which the fallback gives ``replicated_with_grad_allreduce``), an
-  optional per-head ``sinks`` parameter (sharded with the heads) and nothing else; as transformers' own attention
-  plans do, this relies on the forward reshaping by ``head_dim`` (``view(..., -1, head_dim)``). The head counts
-  must divide by the TP size (checked before any collective);
+  ``v_proj`` (``colwise``, whole heads of its ``head_dim``) and one output projection (``rowwise``; a name of
+  :data:`ATTENTION_OUTPUTS`: ``o_proj``, LFM2's ``out_proj``), optional per-head query/key norms over ``head_dim``
+  (names in :data:`HEAD_NORMS`: ``q_norm``, LFM2's ``q_layernorm``, HunYuan's ``query_layernorm``, ...; the
+  fallback gives them ``replicated_with_grad_allreduce``), an optional output gate (:data:`ATTENTION_GATES`:
+  AFMoE's ``gate_proj``, as wide as the queries; ``colwise`` like them, so each rank gates its own heads' output),
+  an optional per-head ``sinks`` parameter (sharded with the heads) and nothing else; as transformers' own
+  attention plans do, this relies on the forward reshaping by ``head_dim`` (``view(..., -1, head_dim)``) and, for
+  the gate, on its naming convention (every transformers attention ``gate_proj`` scales the attention output
+  elementwise by its sigmoid before the output projection). The head counts must divide by the TP size (checked
+  before any collective);
 * a *multi-head latent attention* block that no plan entry covers, in those layer stacks, made exactly of
   DeepSeek-V2/V3's parts (``q_a_proj`` / ``q_a_layernorm`` / ``q_b_proj`` or ``q_proj``, ``kv_a_proj_with_mqa`` /
   ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``): split by heads as the built-in DeepSeek plan
   (:mod:`meshplan.plans.deepseek`) and transformers' DeepSeek-V2 plan do (``kv_a_proj_with_mqa``:
   ``mla_kv_a_proj``, which needs the config's ``qk_rope_head_dim``; without it the block stays whole), optionally
   with a per-head output gate (:data:`MLA_HEAD_GATES`, ``colwise`` with the heads).
+
+* an untied ``nn.Linear`` output embedding that no plan key covers (:func:`uncovered_lm_head`): vocab-parallel,
+  as transformers plans ``lm_head`` elsewhere (Nemotron-H's causal LM declares none).
 
 A module is covered when a plan entry (translated or left replicated) names it, an ancestor or a descendant.
 Model types in :data:`NOT_COMPLETED` keep their plan as transformers wrote it.
@@ -40,6 +48,7 @@ from torch import nn
 
 from ..core.errors import PlanError
 from ..experts.modules import ExpertParamLayout, find_expert_modules, infer_param_layouts
+from .decoder import are_tied, embedding_modules, module_name
 
 #: Model types whose plan is not completed, and why.
 NOT_COMPLETED = {
@@ -89,6 +98,20 @@ def uncovered_experts(model: nn.Module, planned: set[str]) -> tuple[dict[str, di
         except PlanError as exc:
             left[fqn] = str(exc)
     return split, left
+
+
+def uncovered_lm_head(model: nn.Module, plan: Iterable[str]) -> str | None:
+    """The name of the model's output embedding when the plan (keys ``plan``) lacks it and it can be split
+    vocab-parallel on its own: an ``nn.Linear`` not tied to the input embedding (a tied pair is completed
+    together, by :func:`~meshplan.plans.hf_translation.complete_embeddings`). It gets the style transformers gives
+    ``lm_head`` elsewhere, column-wise with its logits gathered, which is exact whatever the rest of the plan does.
+    ``None`` otherwise, and for the model types in :data:`NOT_COMPLETED`."""
+    embedding, head = embedding_modules(model)
+    name = module_name(model, head)
+    if name is None or type(head) is not nn.Linear or are_tied(embedding, head) or not is_completed(model) \
+            or is_covered(name, plan):
+        return None
+    return name
 
 
 def _stacks(fqns: Iterable[str]) -> set[str]:

@@ -45,9 +45,10 @@ Entries torch styles cannot express are never dropped silently: the local-parame
 whose modules are correct when simply left replicated, are listed in a warning (rank 0); any other (whose
 omission could leave gradients partial) raises :class:`UntranslatableStyleError`.
 
-Embeddings: an untied input embedding missing from the plan is made vocab-parallel; a tied ``lm_head`` is
-never sharded apart from its embedding (whichever of the two the plan names, the other gets the matching
-vocab-parallel style, so both are ``Shard(0)`` and are re-tied after sharding).
+Embeddings: an untied input embedding missing from the plan is made vocab-parallel, and so is an untied
+``nn.Linear`` ``lm_head`` (column-wise, logits gathered: Nemotron-H's causal LM declares no ``lm_head`` entry);
+a tied ``lm_head`` is never sharded apart from its embedding (whichever of the two the plan names, the other
+gets the matching vocab-parallel style, so both are ``Shard(0)`` and are re-tied after sharding).
 """
 
 from __future__ import annotations
@@ -70,7 +71,14 @@ from ..tensor_parallel.custom_styles import LocalShardedParameters, MlaKvAProjPa
 from ..tensor_parallel.matching import generalize, match_key, match_parameter_key
 from ..tensor_parallel.vocabulary import make_style
 from .decoder import add_sequence_parallel, are_tied, embedding_modules, find_decoder_layout, module_name
-from .hf_completion import HEAD_NORMS, BlockSplit, uncovered_blocks, uncovered_experts, uncovered_mixers
+from .hf_completion import (
+    HEAD_NORMS,
+    BlockSplit,
+    uncovered_blocks,
+    uncovered_experts,
+    uncovered_lm_head,
+    uncovered_mixers,
+)
 from .hf_linear_attention import REPLICATED_OUTPUT, uncovered_projections
 
 if TYPE_CHECKING:
@@ -153,11 +161,15 @@ def complete_embeddings(plan: dict[str, Any], embed: str, lm_head: str | None, t
 
 
 def _complete_embeddings(model: nn.Module, plan: dict[str, Any]) -> None:
-    """:func:`complete_embeddings` for the model's own input and output embedding modules."""
+    """:func:`complete_embeddings` for the model's own input and output embedding modules, and a vocab-parallel
+    untied ``lm_head`` the plan lacks (:func:`~meshplan.plans.hf_completion.uncovered_lm_head`)."""
     embedding, head = embedding_modules(model)
     embed = module_name(model, embedding)
     if embed is not None:
         complete_embeddings(plan, embed, module_name(model, head), are_tied(embedding, head))
+    lm_head = uncovered_lm_head(model, plan)
+    if lm_head is not None:
+        plan[lm_head] = VOCAB_HEAD
 
 
 def _config_value(model: nn.Module, fqn: str, attribute: str) -> Any:
