@@ -160,9 +160,10 @@ def complete_embeddings(plan: dict[str, Any], embed: str, lm_head: str | None, t
         plan.setdefault(lm_head, VOCAB_HEAD)
 
 
-def _complete_embeddings(model: nn.Module, plan: dict[str, Any]) -> None:
+def _complete_embeddings(model: nn.Module, plan: dict[str, Any]) -> str | None:
     """:func:`complete_embeddings` for the model's own input and output embedding modules, and a vocab-parallel
-    untied ``lm_head`` the plan lacks (:func:`~meshplan.plans.hf_completion.uncovered_lm_head`)."""
+    untied ``lm_head`` the plan lacks (:func:`~meshplan.plans.hf_completion.uncovered_lm_head`), whose key is
+    returned."""
     embedding, head = embedding_modules(model)
     embed = module_name(model, embedding)
     if embed is not None:
@@ -170,6 +171,7 @@ def _complete_embeddings(model: nn.Module, plan: dict[str, Any]) -> None:
     lm_head = uncovered_lm_head(model, plan)
     if lm_head is not None:
         plan[lm_head] = VOCAB_HEAD
+    return lm_head
 
 
 def _config_value(model: nn.Module, fqn: str, attribute: str) -> Any:
@@ -358,8 +360,10 @@ def translate_hf_plan(model: nn.Module, registry: Registry | None = None) -> HFP
     merged = merged_hf_plan(model)
     if not merged:
         return HFPlan()
-    _complete_embeddings(model, merged)
+    lm_head = _complete_embeddings(model, merged)
     result = HFPlan()
+    if lm_head is not None:
+        result.derived[lm_head] = f"{VOCAB_HEAD} (an untied lm_head the plan does not name: vocab-parallel)"
     local_owners = {key for key, style in merged.items() if style == LOCAL_PARAMS}
     local_params: dict[str, dict[str, int]] = {}  # owner module fqn -> {parameter: sharded dim}
     experts_owners = {key for key, style in merged.items() if style == EXPERTS}
