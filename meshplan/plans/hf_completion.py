@@ -19,23 +19,25 @@ does, and adds them only where the structure leaves no doubt about the math:
   :data:`ATTENTION_OUTPUTS`: ``o_proj``, LFM2's ``out_proj``), optional per-head query/key norms over ``head_dim``
   (names in :data:`HEAD_NORMS`: ``q_norm``, LFM2's ``q_layernorm``, HunYuan's ``query_layernorm``, ...; the
   fallback gives them ``replicated_with_grad_allreduce``), an optional output gate (:data:`ATTENTION_GATES`:
-  AFMoE's ``gate_proj``, as wide as the queries; ``colwise`` like them, so each rank gates its own heads' output),
-  an optional per-head ``sinks`` parameter (sharded with the heads) and nothing else; as transformers' own
-  attention plans do, this relies on the forward reshaping by ``head_dim`` (``view(..., -1, head_dim)``) and, for
-  the gate, on its naming convention (every transformers attention ``gate_proj`` scales the attention output
-  elementwise by its sigmoid before the output projection). The head counts must divide by the TP size (checked
-  before any collective);
+  AFMoE's ``gate_proj``, as wide as the queries; ``colwise`` like them, so each rank gates its own heads' output)
+  or a ``q_proj`` twice as wide as the heads (each head's ``[query; gate]``, Qwen3-Next's layout, in Qwen4-Exp), an
+  optional per-head ``sinks`` parameter (sharded with the heads), an optional sparse-attention indexer
+  (:data:`ATTENTION_INDEXERS`, left as the plan has it) and nothing else; as transformers' own attention plans do,
+  this relies on the forward reshaping by ``head_dim`` (``view(..., -1, head_dim)``) and, for the gates, on their
+  naming conventions (every transformers attention ``gate_proj``, and the gate half of every double-width
+  ``q_proj``, scales the attention output elementwise by its sigmoid before the output projection). The head
+  counts must divide by the TP size (checked before any collective);
 * a *multi-head latent attention* block that no plan entry covers, in those layer stacks, made exactly of
   DeepSeek-V2/V3's parts (``q_a_proj`` / ``q_a_layernorm`` / ``q_b_proj`` or ``q_proj``, ``kv_a_proj_with_mqa`` /
   ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``): split by heads as the built-in DeepSeek plan
   (:mod:`meshplan.plans.deepseek`) and transformers' DeepSeek-V2 plan do (``kv_a_proj_with_mqa``:
   ``mla_kv_a_proj``, which needs the config's ``qk_rope_head_dim``; without it the block stays whole), optionally
-  with a per-head output gate (:data:`MLA_HEAD_GATES`, ``colwise`` with the heads).
-
+  with a per-head output gate (:data:`MLA_HEAD_GATES`, ``colwise`` with the heads);
 * an untied ``nn.Linear`` output embedding that no plan key covers (:func:`uncovered_lm_head`): vocab-parallel,
   as transformers plans ``lm_head`` elsewhere (Nemotron-H's causal LM declares none).
 
-A module is covered when a plan entry (translated or left replicated) names it, an ancestor or a descendant.
+A module is covered when a plan entry (translated or left replicated) names it, an ancestor or a descendant
+outside its indexer.
 Model types in :data:`NOT_COMPLETED` keep their plan as transformers wrote it.
 """
 
@@ -73,6 +75,10 @@ ATTENTION_GATES = ("gate_proj",)
 #: Accepted names of the per-head norms an attention block may apply to its query and key heads (weights of
 #: ``head_dim`` elements); shard-local children of the block (see :mod:`meshplan.plans.hf_translation`).
 HEAD_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm")
+#: Accepted names of a sparse-attention indexer an attention block may hold: it only selects the keys each query
+#: attends to (indices or a boolean mask, without gradient), from replicated inputs, so the split leaves it as the
+#: plan has it (Qwen4-Exp's ``indexer``, whose projection the plan names) and it does not make the block covered.
+ATTENTION_INDEXERS = ("indexer",)
 #: Accepted names of a multi-head latent attention's output gate: one output per head, whose sigmoid scales that
 #: head's attention output (BailingHybrid's ``g_proj``; column-wise with the heads).
 MLA_HEAD_GATES = ("g_proj",)
@@ -172,7 +178,7 @@ def attention_split(module: nn.Module) -> BlockSplit | None:
     """The split of ``module`` if it is a standard attention block, optionally gated (see the module docstring),
     else ``None``."""
     head_dim = getattr(module, "head_dim", None)
-    parameterized = _parameterized_children(module)
+    parameterized = _parameterized_children(module) - set(ATTENTION_INDEXERS)
     outputs = [name for name in ATTENTION_OUTPUTS if name in parameterized]
     gates = tuple(name for name in ATTENTION_GATES if name in parameterized)
     norms = parameterized - {*ATTENTION_INPUTS, *outputs, *gates}
@@ -182,18 +188,20 @@ def attention_split(module: nn.Module) -> BlockSplit | None:
     q, k, v, o, *gate_linears = (getattr(module, name) for name in (*ATTENTION_INPUTS, *outputs, *gates))
     if not all(type(linear) is nn.Linear for linear in (q, k, v, o, *gate_linears)):
         return None
-    hidden = o.out_features
-    if {q.in_features, k.in_features, v.in_features} != {hidden} or o.in_features != q.out_features \
-            or k.out_features != v.out_features or q.out_features % head_dim or k.out_features % head_dim:
+    hidden, heads_width = o.out_features, o.in_features
+    packed_gate = q.out_features == 2 * heads_width  # each head's [query; gate], as the forward chunks it
+    if {q.in_features, k.in_features, v.in_features} != {hidden} \
+            or q.out_features not in {heads_width, 2 * heads_width} or k.out_features != v.out_features \
+            or heads_width % head_dim or k.out_features % head_dim:
         return None
-    if any((gate.in_features, gate.out_features) != (hidden, q.out_features) for gate in gate_linears):
+    if any((gate.in_features, gate.out_features) != (hidden, heads_width) for gate in gate_linears):
         return None
     if any(p.numel() != head_dim for name in norms for p in getattr(module, name).parameters()):
         return None
     own = dict(module.named_parameters(recurse=False))
-    if own and (own.keys() != {"sinks"} or tuple(own["sinks"].shape) != (q.out_features // head_dim,)):
+    if own and (own.keys() != {"sinks"} or tuple(own["sinks"].shape) != (heads_width // head_dim,)):
         return None
-    kind = "a gated attention" if gates else "an attention"
+    kind = "a gated attention" if gates or packed_gate else "an attention"
     return BlockSplit(kind, (*ATTENTION_INPUTS, *gates), outputs[0], (("sinks", 0),) if own else ())
 
 
@@ -229,7 +237,9 @@ def uncovered_blocks(model: nn.Module, planned: set[str]) -> dict[str, BlockSpli
     found = {}
     for fqn, module in model.named_modules():
         inside = any(fqn.startswith(f"{stack}.") if stack else fqn[:1].isdigit() for stack in stacks)
-        if inside and not is_covered(fqn, planned):
+        outside_indexers = {p for p in planned if not any(p == f"{fqn}.{name}" or p.startswith(f"{fqn}.{name}.")
+                                                          for name in ATTENTION_INDEXERS)}
+        if inside and not is_covered(fqn, outside_indexers):
             split = mlp_split(module) or attention_split(module) or latent_attention_split(module)
             if split is not None:
                 found[fqn] = split

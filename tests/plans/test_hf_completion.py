@@ -1,8 +1,8 @@
 """The Hugging Face fallback completes MoE plans that leave parts whole (:mod:`meshplan.plans.hf_completion`):
 GPT-OSS's plan names neither its experts nor its attention (with per-head sinks), Cohere2-MoE's no shared experts,
-AFMoE's no gated attention, LFM2-MoE's no attention (``out_proj``, ``q_layernorm``), Nemotron-H's causal LM no
-``lm_head``. They are now split, with TP=2 parity (the conformance sweep's check) and most parameter elements
-sharded; blocks whose split is not certain stay whole."""
+AFMoE's no gated attention, LFM2-MoE's no attention (``out_proj``, ``q_layernorm``), Qwen4-Exp's only its
+attention's indexer, Nemotron-H's causal LM no ``lm_head``. They are now split, with TP=2 parity (the conformance
+sweep's check) and most parameter elements sharded; blocks whose split is not certain stay whole."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from tests.conformance_check import build_model, check_architecture, merge_rank_
 #: at least, at the tiny conformance widths; the part left whole would fall below it)
 UNCOVERED = {"gpt_oss": ("experts and attention", 0.89), "cohere2_moe": ("shared experts", 0.89),
              "afmoe": ("gated attention", 0.99), "lfm2_moe": ("attention named out_proj / q_layernorm", 0.99),
-             "nemotron_h": ("lm_head", 0.995)}
+             "nemotron_h": ("lm_head", 0.995), "qwen4_exp_text": ("gated attention beside a planned indexer", 0.84)}
 
 
 def tiny(model_type: str) -> nn.Module:
@@ -93,6 +93,12 @@ def test_attention_names_and_output_gates_from_the_tables():
     assert attention_split(attention) is None
     attention.k_layernorm, attention.extra_norm = nn.LayerNorm(head_dim), nn.LayerNorm(head_dim)  # name unknown
     assert attention_split(attention) is None
+    del attention.extra_norm
+    attention.indexer = nn.Linear(hidden, 8)  # a sparse-attention indexer: left as the plan has it
+    attention.q_proj = nn.Linear(hidden, 2 * width)  # each head's [query; gate] (Qwen3-Next's layout)
+    assert attention_split(attention) == BlockSplit("a gated attention", qkv, "out_proj")
+    attention.q_proj = nn.Linear(hidden, 3 * width)
+    assert attention_split(attention) is None
 
     lfm2 = translate_hf_plan(tiny("lfm2_moe"))
     assert isinstance(lfm2.styles["model.layers.*.self_attn.out_proj"], RowwiseParallel)
@@ -101,6 +107,10 @@ def test_attention_names_and_output_gates_from_the_tables():
     gate = translate_hf_plan(afmoe).styles["model.layers.*.self_attn.gate_proj"]
     assert isinstance(gate, ColwiseParallel) and gate.output_layouts == (Shard(-1),)
     assert predicted_placement(gate, afmoe.model.layers[0].self_attn.gate_proj, "weight") == str(Shard(0))
+    qwen4 = translate_hf_plan(tiny("qwen4_exp_text"))  # the plan names the indexer's projection only
+    assert "model.layers.*.self_attn.indexer.index_qk_proj" in qwen4.styles
+    assert "gated attention" in qwen4.derived["model.layers.*.self_attn"]
+    assert isinstance(qwen4.styles["model.layers.*.self_attn.q_proj"], ColwiseParallel)
 
 
 def test_an_untied_lm_head_the_plan_lacks_becomes_vocab_parallel():
