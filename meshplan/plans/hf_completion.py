@@ -19,7 +19,7 @@ does, and adds them only where the structure leaves no doubt about the math:
   :data:`ATTENTION_OUTPUTS`: ``o_proj``, LFM2's ``out_proj``), optional per-head query/key norms over ``head_dim``
   (names in :data:`HEAD_NORMS`: ``q_norm``, LFM2's ``q_layernorm``, HunYuan's ``query_layernorm``, ...; the
   fallback gives them ``replicated_with_grad_allreduce``), an optional output gate (:data:`ATTENTION_GATES`:
-  AFMoE's ``gate_proj``, as wide as the queries; ``colwise`` like them, so each rank gates its own heads' output)
+  AFMoE's ``gate_proj``, as wide as the heads' output; ``colwise`` like them, so each rank gates its own heads)
   or a ``q_proj`` twice as wide as the heads (each head's ``[query; gate]``, Qwen3-Next's layout, in Qwen4-Exp), an
   optional per-head ``sinks`` parameter (sharded with the heads), an optional sparse-attention indexer
   (:data:`ATTENTION_INDEXERS`, left as the plan has it) and nothing else; as transformers' own attention plans do,
@@ -69,8 +69,8 @@ NOT_COMPLETED = {
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
 #: Accepted names of their output projection (row-wise); a block has exactly one.
 ATTENTION_OUTPUTS = ("o_proj", "out_proj")
-#: Accepted names of their output gates: a projection of the hidden states, as wide as the queries, whose sigmoid
-#: scales the attention output feature by feature before the output projection (column-wise with the heads).
+#: Accepted names of their output gates: a projection of the hidden states, as wide as the attention output, whose
+#: sigmoid scales that output feature by feature before the output projection (column-wise with the heads).
 ATTENTION_GATES = ("gate_proj",)
 #: Accepted names of the per-head norms an attention block may apply to its query and key heads (weights of
 #: ``head_dim`` elements); shard-local children of the block (see :mod:`meshplan.plans.hf_translation`).
@@ -228,6 +228,12 @@ def latent_attention_split(module: nn.Module) -> BlockSplit | None:
                       others=(("kv_a_proj_with_mqa", "mla_kv_a_proj"),))
 
 
+def _outside_indexers(fqn: str, planned: set[str]) -> set[str]:
+    """``planned`` without the modules inside the indexer of the block ``fqn`` (:data:`ATTENTION_INDEXERS`)."""
+    indexers = tuple(f"{fqn}.{name}" for name in ATTENTION_INDEXERS)
+    return {p for p in planned if not any(p == indexer or p.startswith(f"{indexer}.") for indexer in indexers)}
+
+
 def uncovered_blocks(model: nn.Module, planned: set[str]) -> dict[str, BlockSplit]:
     """``{fqn: split}`` of the MLPs and attention blocks no plan entry covers, in the layer stacks of the model's
     fused experts."""
@@ -237,9 +243,7 @@ def uncovered_blocks(model: nn.Module, planned: set[str]) -> dict[str, BlockSpli
     found = {}
     for fqn, module in model.named_modules():
         inside = any(fqn.startswith(f"{stack}.") if stack else fqn[:1].isdigit() for stack in stacks)
-        outside_indexers = {p for p in planned if not any(p == f"{fqn}.{name}" or p.startswith(f"{fqn}.{name}.")
-                                                          for name in ATTENTION_INDEXERS)}
-        if inside and not is_covered(fqn, outside_indexers):
+        if inside and not is_covered(fqn, _outside_indexers(fqn, planned)):
             split = mlp_split(module) or attention_split(module) or latent_attention_split(module)
             if split is not None:
                 found[fqn] = split
