@@ -15,19 +15,29 @@ does, and adds them only where the structure leaves no doubt about the math:
   (``down_proj``; ``w2``) of matching widths, the other children parameter-free (the activation). The inputs become
   ``colwise``, the output ``rowwise``: the activation and product act on each intermediate feature alone;
 * an *attention block* that no plan entry covers, in those layer stacks: ``nn.Linear`` ``q_proj`` / ``k_proj`` /
-  ``v_proj`` (``colwise``, whole heads of its ``head_dim``) and ``o_proj`` (``rowwise``), optional per-head
-  ``q_norm`` / ``k_norm`` over ``head_dim`` (which the fallback gives ``replicated_with_grad_allreduce``), an
-  optional per-head ``sinks`` parameter (sharded with the heads) and nothing else; as transformers' own attention
-  plans do, this relies on the forward reshaping by ``head_dim`` (``view(..., -1, head_dim)``). The head counts
-  must divide by the TP size (checked before any collective);
+  ``v_proj`` (``colwise``, whole heads of its ``head_dim``) and one output projection (``rowwise``; a name of
+  :data:`ATTENTION_OUTPUTS`: ``o_proj``, LFM2's ``out_proj``), optional per-head query/key norms over ``head_dim``
+  (names in :data:`HEAD_NORMS`: ``q_norm``, LFM2's ``q_layernorm``, HunYuan's ``query_layernorm``, ...; the
+  fallback gives them ``replicated_with_grad_allreduce``), an optional output gate (:data:`ATTENTION_GATES`:
+  AFMoE's ``gate_proj``, as wide as the heads' output; ``colwise`` like them, so each rank gates its own heads)
+  or a ``q_proj`` twice as wide as the heads (each head's ``[query; gate]``, Qwen3-Next's layout, in Qwen4-Exp), an
+  optional per-head ``sinks`` parameter (sharded with the heads), an optional sparse-attention indexer
+  (:data:`ATTENTION_INDEXERS`, left as the plan has it) and nothing else; as transformers' own attention plans do,
+  this relies on the forward reshaping by ``head_dim`` (``view(..., -1, head_dim)``) and, for the gates, on their
+  naming conventions (every transformers attention ``gate_proj``, and the gate half of every double-width
+  ``q_proj``, scales the attention output elementwise by its sigmoid before the output projection). The head
+  counts must divide by the TP size (checked before any collective);
 * a *multi-head latent attention* block that no plan entry covers, in those layer stacks, made exactly of
   DeepSeek-V2/V3's parts (``q_a_proj`` / ``q_a_layernorm`` / ``q_b_proj`` or ``q_proj``, ``kv_a_proj_with_mqa`` /
   ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``): split by heads as the built-in DeepSeek plan
   (:mod:`meshplan.plans.deepseek`) and transformers' DeepSeek-V2 plan do (``kv_a_proj_with_mqa``:
   ``mla_kv_a_proj``, which needs the config's ``qk_rope_head_dim``; without it the block stays whole), optionally
-  with a per-head output gate (:data:`MLA_HEAD_GATES`, ``colwise`` with the heads).
+  with a per-head output gate (:data:`MLA_HEAD_GATES`, ``colwise`` with the heads);
+* an untied ``nn.Linear`` output embedding that no plan key covers (:func:`uncovered_lm_head`): vocab-parallel,
+  as transformers plans ``lm_head`` elsewhere (Nemotron-H's causal LM declares none).
 
-A module is covered when a plan entry (translated or left replicated) names it, an ancestor or a descendant.
+A module is covered when a plan entry (translated or left replicated) names it, an ancestor or a descendant
+outside its indexer.
 Model types in :data:`NOT_COMPLETED` keep their plan as transformers wrote it.
 """
 
@@ -40,17 +50,35 @@ from torch import nn
 
 from ..core.errors import PlanError
 from ..experts.modules import ExpertParamLayout, find_expert_modules, infer_param_layouts
+from .decoder import are_tied, embedding_modules, module_name
 
-#: Model types whose plan is not completed, and why.
+#: Model types whose plan is not completed, and why. DeepSeek-V4, measured at the conformance sweep's tiny widths
+#: with the float32 casts inside its norms and hyper-connections lifted: with its shared experts split as MLPs, TP=2
+#: matches one process to 1.7e-14 in float64, and to 1.4e-14 with its attention also split by heads (a prototype:
+#: ``q_b_proj`` column-wise, the grouped ``o_a_proj`` by whole groups, ``o_b_proj`` row-wise, ``sinks`` per head, the
+#: single KV head and the compressor replicated with their output gradients summed, the local head count set on the
+#: module). In float32 the one-process gradient of ``hc_head.hc_scale`` is itself 8.3e-6 off the float64 one, the
+#: TP=2 one under 3e-6: the 1.05e-5 between the two float32 runs is float32 rounding of the reference.
 NOT_COMPLETED = {
-    "deepseek_v4": "its split shared experts are exact in float64 (6e-15 relative), but in float32 the gradient of "
-                   "the hyper-connection head's hc_scale then differs by 1.1e-5 relative from one process, above the "
-                   "conformance sweep's 1e-5 tolerance",
+    "deepseek_v4": "its split shared experts are exact in float64 (1.7e-14 relative), but in float32 the gradient "
+                   "of the hyper-connection head's hc_scale then differs by 1.05e-5 relative from one process (whose "
+                   "own float32 gradient is 8.3e-6 off the float64 one), above the conformance sweep's 1e-5 "
+                   "tolerance",
 }
-#: Query, key, value (column-wise) and output (row-wise) projections of the attention blocks completed.
-ATTENTION_INPUTS, ATTENTION_OUTPUT = ("q_proj", "k_proj", "v_proj"), "o_proj"
-#: Per-head norms an attention block may apply to its query and key heads (weights of ``head_dim`` elements).
-HEAD_NORMS = ("q_norm", "k_norm")
+#: Query, key and value projections (column-wise) of the attention blocks completed.
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
+#: Accepted names of their output projection (row-wise); a block has exactly one.
+ATTENTION_OUTPUTS = ("o_proj", "out_proj")
+#: Accepted names of their output gates: a projection of the hidden states, as wide as the attention output, whose
+#: sigmoid scales that output feature by feature before the output projection (column-wise with the heads).
+ATTENTION_GATES = ("gate_proj",)
+#: Accepted names of the per-head norms an attention block may apply to its query and key heads (weights of
+#: ``head_dim`` elements); shard-local children of the block (see :mod:`meshplan.plans.hf_translation`).
+HEAD_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm")
+#: Accepted names of a sparse-attention indexer an attention block may hold: it only selects the keys each query
+#: attends to (indices or a boolean mask, without gradient), from replicated inputs, so the split leaves it as the
+#: plan has it (Qwen4-Exp's ``indexer``, whose projection the plan names) and it does not make the block covered.
+ATTENTION_INDEXERS = ("indexer",)
 #: Accepted names of a multi-head latent attention's output gate: one output per head, whose sigmoid scales that
 #: head's attention output (BailingHybrid's ``g_proj``; column-wise with the heads).
 MLA_HEAD_GATES = ("g_proj",)
@@ -83,6 +111,20 @@ def uncovered_experts(model: nn.Module, planned: set[str]) -> tuple[dict[str, di
         except PlanError as exc:
             left[fqn] = str(exc)
     return split, left
+
+
+def uncovered_lm_head(model: nn.Module, plan: Iterable[str]) -> str | None:
+    """The name of the model's output embedding when the plan (keys ``plan``) lacks it and it can be split
+    vocab-parallel on its own: an ``nn.Linear`` not tied to the input embedding (a tied pair is completed
+    together, by :func:`~meshplan.plans.hf_translation.complete_embeddings`). It gets the style transformers gives
+    ``lm_head`` elsewhere, column-wise with its logits gathered, which is exact whatever the rest of the plan does.
+    ``None`` otherwise, and for the model types in :data:`NOT_COMPLETED`."""
+    embedding, head = embedding_modules(model)
+    name = module_name(model, head)
+    if name is None or type(head) is not nn.Linear or are_tied(embedding, head) or not is_completed(model) \
+            or is_covered(name, plan):
+        return None
+    return name
 
 
 def _stacks(fqns: Iterable[str]) -> set[str]:
@@ -133,26 +175,34 @@ def mlp_split(module: nn.Module) -> BlockSplit | None:
 
 
 def attention_split(module: nn.Module) -> BlockSplit | None:
-    """The split of ``module`` if it is a standard attention block (see the module docstring), else ``None``."""
+    """The split of ``module`` if it is a standard attention block, optionally gated (see the module docstring),
+    else ``None``."""
     head_dim = getattr(module, "head_dim", None)
-    parameterized = _parameterized_children(module)
-    norms = parameterized - {*ATTENTION_INPUTS, ATTENTION_OUTPUT}
-    if not isinstance(head_dim, int) or head_dim < 1 or not {*ATTENTION_INPUTS, ATTENTION_OUTPUT} <= parameterized \
-            or not norms <= set(HEAD_NORMS):
+    parameterized = _parameterized_children(module) - set(ATTENTION_INDEXERS)
+    outputs = [name for name in ATTENTION_OUTPUTS if name in parameterized]
+    gates = tuple(name for name in ATTENTION_GATES if name in parameterized)
+    norms = parameterized - {*ATTENTION_INPUTS, *outputs, *gates}
+    if not isinstance(head_dim, int) or head_dim < 1 or len(outputs) != 1 \
+            or not set(ATTENTION_INPUTS) <= parameterized or not norms <= set(HEAD_NORMS):
         return None
-    q, k, v, o = (getattr(module, name) for name in (*ATTENTION_INPUTS, ATTENTION_OUTPUT))
-    if not all(type(linear) is nn.Linear for linear in (q, k, v, o)):
+    q, k, v, o, *gate_linears = (getattr(module, name) for name in (*ATTENTION_INPUTS, *outputs, *gates))
+    if not all(type(linear) is nn.Linear for linear in (q, k, v, o, *gate_linears)):
         return None
-    hidden = o.out_features
-    if {q.in_features, k.in_features, v.in_features} != {hidden} or o.in_features != q.out_features \
-            or k.out_features != v.out_features or q.out_features % head_dim or k.out_features % head_dim:
+    hidden, heads_width = o.out_features, o.in_features
+    packed_gate = q.out_features == 2 * heads_width  # each head's [query; gate], as the forward chunks it
+    if {q.in_features, k.in_features, v.in_features} != {hidden} \
+            or q.out_features not in {heads_width, 2 * heads_width} or k.out_features != v.out_features \
+            or heads_width % head_dim or k.out_features % head_dim:
+        return None
+    if any((gate.in_features, gate.out_features) != (hidden, heads_width) for gate in gate_linears):
         return None
     if any(p.numel() != head_dim for name in norms for p in getattr(module, name).parameters()):
         return None
     own = dict(module.named_parameters(recurse=False))
-    if own and (own.keys() != {"sinks"} or tuple(own["sinks"].shape) != (q.out_features // head_dim,)):
+    if own and (own.keys() != {"sinks"} or tuple(own["sinks"].shape) != (heads_width // head_dim,)):
         return None
-    return BlockSplit("an attention", ATTENTION_INPUTS, ATTENTION_OUTPUT, (("sinks", 0),) if own else ())
+    kind = "a gated attention" if gates or packed_gate else "an attention"
+    return BlockSplit(kind, (*ATTENTION_INPUTS, *gates), outputs[0], (("sinks", 0),) if own else ())
 
 
 def latent_attention_split(module: nn.Module) -> BlockSplit | None:
@@ -178,6 +228,12 @@ def latent_attention_split(module: nn.Module) -> BlockSplit | None:
                       others=(("kv_a_proj_with_mqa", "mla_kv_a_proj"),))
 
 
+def _outside_indexers(fqn: str, planned: set[str]) -> set[str]:
+    """``planned`` without the modules inside the indexer of the block ``fqn`` (:data:`ATTENTION_INDEXERS`)."""
+    indexers = tuple(f"{fqn}.{name}" for name in ATTENTION_INDEXERS)
+    return {p for p in planned if not any(p == indexer or p.startswith(f"{indexer}.") for indexer in indexers)}
+
+
 def uncovered_blocks(model: nn.Module, planned: set[str]) -> dict[str, BlockSplit]:
     """``{fqn: split}`` of the MLPs and attention blocks no plan entry covers, in the layer stacks of the model's
     fused experts."""
@@ -187,7 +243,7 @@ def uncovered_blocks(model: nn.Module, planned: set[str]) -> dict[str, BlockSpli
     found = {}
     for fqn, module in model.named_modules():
         inside = any(fqn.startswith(f"{stack}.") if stack else fqn[:1].isdigit() for stack in stacks)
-        if inside and not is_covered(fqn, planned):
+        if inside and not is_covered(fqn, _outside_indexers(fqn, planned)):
             split = mlp_split(module) or attention_split(module) or latent_attention_split(module)
             if split is not None:
                 found[fqn] = split

@@ -45,9 +45,10 @@ Entries torch styles cannot express are never dropped silently: the local-parame
 whose modules are correct when simply left replicated, are listed in a warning (rank 0); any other (whose
 omission could leave gradients partial) raises :class:`UntranslatableStyleError`.
 
-Embeddings: an untied input embedding missing from the plan is made vocab-parallel; a tied ``lm_head`` is
-never sharded apart from its embedding (whichever of the two the plan names, the other gets the matching
-vocab-parallel style, so both are ``Shard(0)`` and are re-tied after sharding).
+Embeddings: an untied input embedding missing from the plan is made vocab-parallel, and so is an untied
+``nn.Linear`` ``lm_head`` (column-wise, logits gathered: Nemotron-H's causal LM declares no ``lm_head`` entry);
+a tied ``lm_head`` is never sharded apart from its embedding (whichever of the two the plan names, the other
+gets the matching vocab-parallel style, so both are ``Shard(0)`` and are re-tied after sharding).
 """
 
 from __future__ import annotations
@@ -70,7 +71,14 @@ from ..tensor_parallel.custom_styles import LocalShardedParameters, MlaKvAProjPa
 from ..tensor_parallel.matching import generalize, match_key, match_parameter_key
 from ..tensor_parallel.vocabulary import make_style
 from .decoder import add_sequence_parallel, are_tied, embedding_modules, find_decoder_layout, module_name
-from .hf_completion import BlockSplit, uncovered_blocks, uncovered_experts, uncovered_mixers
+from .hf_completion import (
+    HEAD_NORMS,
+    BlockSplit,
+    uncovered_blocks,
+    uncovered_experts,
+    uncovered_lm_head,
+    uncovered_mixers,
+)
 from .hf_linear_attention import REPLICATED_OUTPUT, uncovered_projections
 
 if TYPE_CHECKING:
@@ -86,10 +94,11 @@ LOCAL_PARAMS, MLA_KV_A_PROJ, ALL_REDUCE = "local_params", "mla_kv_a_proj", "all_
 #: Style of a parameter entry under a ``local_params`` module -> the parameter dim it shards (per head).
 LOCAL_PARAMETER_DIMS = {"colwise": 0}
 #: Child names that, directly under a block with column-wise projections and absent from the plan, run on this
-#: rank's column shard: per-head QK norms (after column-wise q/k projections) and activation modules (after
+#: rank's column shard: per-head QK norms (after column-wise q/k projections, named as in
+#: :data:`~meshplan.plans.hf_completion.HEAD_NORMS`) and activation modules (after
 #: column-wise gate/up projections). Names, not structure, decide: a norm on a replicated activation (MLA's
 #: ``kv_a_layernorm``, an indexer's ``k_norm``) or an MoE router sits in the same blocks and must not be summed.
-SHARD_LOCAL_CHILDREN = frozenset({"q_norm", "k_norm", "act_fn", "act", "activation_fn"})
+SHARD_LOCAL_CHILDREN = frozenset({*HEAD_NORMS, "act_fn", "act", "activation_fn"})
 
 
 @dataclass
@@ -151,12 +160,18 @@ def complete_embeddings(plan: dict[str, Any], embed: str, lm_head: str | None, t
         plan.setdefault(lm_head, VOCAB_HEAD)
 
 
-def _complete_embeddings(model: nn.Module, plan: dict[str, Any]) -> None:
-    """:func:`complete_embeddings` for the model's own input and output embedding modules."""
+def _complete_embeddings(model: nn.Module, plan: dict[str, Any]) -> str | None:
+    """:func:`complete_embeddings` for the model's own input and output embedding modules, and a vocab-parallel
+    untied ``lm_head`` the plan lacks (:func:`~meshplan.plans.hf_completion.uncovered_lm_head`), whose key is
+    returned."""
     embedding, head = embedding_modules(model)
     embed = module_name(model, embedding)
     if embed is not None:
         complete_embeddings(plan, embed, module_name(model, head), are_tied(embedding, head))
+    lm_head = uncovered_lm_head(model, plan)
+    if lm_head is not None:
+        plan[lm_head] = VOCAB_HEAD
+    return lm_head
 
 
 def _config_value(model: nn.Module, fqn: str, attribute: str) -> Any:
@@ -345,8 +360,10 @@ def translate_hf_plan(model: nn.Module, registry: Registry | None = None) -> HFP
     merged = merged_hf_plan(model)
     if not merged:
         return HFPlan()
-    _complete_embeddings(model, merged)
+    lm_head = _complete_embeddings(model, merged)
     result = HFPlan()
+    if lm_head is not None:
+        result.derived[lm_head] = f"{VOCAB_HEAD} (an untied lm_head the plan does not name: vocab-parallel)"
     local_owners = {key for key, style in merged.items() if style == LOCAL_PARAMS}
     local_params: dict[str, dict[str, int]] = {}  # owner module fqn -> {parameter: sharded dim}
     experts_owners = {key for key, style in merged.items() if style == EXPERTS}
