@@ -147,7 +147,8 @@ def enumeration() -> dict[str, Any]:
     return {"causal_lm_types": len(where), "types": [t for t, w in where.items() if w],
             "ep_types": model_types_with_ep_plan(),
             "config": sum(w == "config" for w in where.values()),
-            "class_only": [t for t, w in where.items() if w == "class"]}
+            "class_only": [t for t, w in where.items() if w == "class"],
+            "meshplan_only": [t for t, w in where.items() if w == "meshplan"]}
 
 
 def select_types(args: argparse.Namespace, found: dict[str, Any], key: str = "types") -> list[str]:
@@ -384,11 +385,13 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any],
     lines = [
         "# TP plan conformance sweep",
         "",
-        f"Every causal-LM model type of the installed transformers whose config declares a TP plan "
+        f"Every causal-LM model type of the installed transformers that has a TP plan "
         f"(`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`: {found['with_plan']} of {found['causal_lm_types']} types, "
         f"{found['config']} through `base_model_tp_plan` on the config or a sub-config and "
         f"{len(found['class_only'])} only through the model class's `_tp_plan`: "
-        f"{', '.join(found['class_only']) or 'none'}) is built from a tiny config "
+        f"{', '.join(found['class_only']) or 'none'}; plus {len(found.get('meshplan_only', ()))} without a "
+        f"transformers plan that a built-in meshplan plan serves: {', '.join(found.get('meshplan_only', ())) or 'none'}"
+        ") is built from a tiny config "
         "with random weights and run once unsharded and once with tensor parallelism of size 2 on 2 gloo ranks "
         "(CPU, fp32), with the plan `meshplan.parallelize` resolves and validates (a test-only strategy that "
         "applies only TP). A model type passes when the logits and every gathered parameter gradient match the "

@@ -132,8 +132,9 @@ OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
 
 # --- enumeration -----------------------------------------------------------------------------------
 def plan_declaration(model_type: str) -> str | None:
-    """Where ``model_type`` declares its transformers TP plan: ``"config"`` (``base_model_tp_plan`` on the config
-    or a sub-config, class or default instance), ``"class"`` (only the model class ``_tp_plan``) or ``None``."""
+    """Where ``model_type``'s TP plan comes from: ``"config"`` (``base_model_tp_plan`` on the config or a
+    sub-config, class or default instance), ``"class"`` (only the model class ``_tp_plan``), ``"meshplan"`` (no
+    transformers plan, but a built-in meshplan provider serves the class, e.g. ZAYA) or ``None``."""
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -149,7 +150,18 @@ def plan_declaration(model_type: str) -> str | None:
                                   for c in [config, *_sub_configs(config).values()]):
         return "config"
     model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type], None)
-    return "class" if getattr(model_class, "_tp_plan", None) else None
+    if getattr(model_class, "_tp_plan", None):
+        return "class"
+    return "meshplan" if model_class is not None and _builtin_provider(model_class) else None
+
+
+def _builtin_provider(model_class: type) -> bool:
+    """Whether a built-in meshplan provider other than the Hugging Face fallback serves ``model_class``."""
+    from meshplan.plugins.manager import get_registry
+
+    found = get_registry().find_tp_plan(model_class)
+    name = found[1].target_name() if found else ""
+    return name.startswith("meshplan.plans.") and not name.startswith("meshplan.plans.hf")
 
 
 def _sub_config_classes(config_class: type) -> list[type]:
@@ -162,7 +174,8 @@ def _sub_config_classes(config_class: type) -> list[type]:
 
 
 def model_types_with_tp_plan() -> list[str]:
-    """Causal-LM model types (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``) that declare a transformers TP plan."""
+    """Causal-LM model types (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``) that declare a transformers TP plan or that a
+    built-in meshplan provider serves."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return [t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if plan_declaration(t)]
