@@ -26,7 +26,7 @@ restores the original order.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -188,6 +188,31 @@ def all_reduce_backward(tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
     return replicated.to_local(grad_placements=[Partial()])
 
 
+#: ``(owner module, parameter name, DTensor -> local tensor)`` for each parameter a forward reads locally
+LocalizedParameters = list[tuple[nn.Module, str, Callable[[DTensor], torch.Tensor]]]
+
+
+def run_on_local_parameters(module: nn.Module, localized: Callable[[], LocalizedParameters]) -> nn.Module:
+    """Wrap ``module.forward`` so that it (and its children) read local tensors of the DTensor parameters that
+    ``localized()`` names, each made by its converter (through which gradients reach the DTensor); the DTensors
+    are put back afterwards. ``localized`` is called on every forward: FSDP may replace parameters between calls."""
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def local_forward(*args: Any, **kwargs: Any) -> Any:
+        originals = [(owner, name, owner._parameters[name], to_local) for owner, name, to_local in localized()]
+        for owner, name, param, to_local in originals:
+            owner._parameters[name] = to_local(param)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            for owner, name, param, _ in originals:
+                owner._parameters[name] = param
+
+    module.forward = local_forward
+    return module
+
+
 class _LocalParameterForward(ParallelStyle):
     """Shared part of the styles whose module runs its forward on local tensors of its DTensor parameters
     (by default its own parameters only, not its children's); gradients reach the DTensor parameters through
@@ -201,21 +226,8 @@ class _LocalParameterForward(ParallelStyle):
         return [(module, name) for name, param in module._parameters.items() if isinstance(param, DTensor)]
 
     def _run_on_local_parameters(self, module: nn.Module) -> nn.Module:
-        forward = module.forward
-
-        @functools.wraps(forward)
-        def local_forward(*args: Any, **kwargs: Any) -> Any:
-            originals = [(owner, name, owner._parameters[name]) for owner, name in self._localized(module)]
-            for owner, name, param in originals:
-                owner._parameters[name] = self._local(param)
-            try:
-                return forward(*args, **kwargs)
-            finally:
-                for owner, name, param in originals:
-                    owner._parameters[name] = param
-
-        module.forward = local_forward
-        return module
+        return run_on_local_parameters(module, lambda: [(owner, name, self._local)
+                                                        for owner, name in self._localized(module)])
 
 
 class ReplicatedWithGradAllReduce(_LocalParameterForward):

@@ -46,7 +46,13 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from ..core.errors import PlanError, TensorParallelSizeError
 from ..core.log import get_logger, log_rank0
 from ..experts.tp_styles import _replicated_local, all_reduce_forward
-from .custom_styles import PACKED_ATTRIBUTE, all_reduce_backward, pack_rank_major
+from .custom_styles import (
+    PACKED_ATTRIBUTE,
+    LocalizedParameters,
+    all_reduce_backward,
+    pack_rank_major,
+    run_on_local_parameters,
+)
 
 logger = get_logger(__name__)
 
@@ -365,26 +371,14 @@ def _reduce_output(module: nn.Module, args: tuple, output: Any, *, mesh: DeviceM
 
 def _run_on_local_parameters(module: nn.Module, split: MixerSplit) -> nn.Module:
     """Wrap ``module.forward`` so that it (and its children) read this rank's local tensors of the split
-    parameters; the DTensor parameters are put back afterwards (FSDP may have replaced them between calls, so
-    they are looked up on every call)."""
-    forward = module.forward
-    owners = [(name.rpartition(".")[0], name.rpartition(".")[2], param_split)
-              for name, param_split in split.params.items()]
-
-    @functools.wraps(forward)
-    def local_forward(*args: Any, **kwargs: Any) -> Any:
-        swapped = []
-        for owner_name, param_name, param_split in owners:
+    parameters (:func:`~meshplan.tensor_parallel.custom_styles.run_on_local_parameters`)."""
+    def localized() -> LocalizedParameters:
+        found = []
+        for name, param_split in split.params.items():
+            owner_name, _, param_name = name.rpartition(".")
             owner = module.get_submodule(owner_name)
-            param = owner._parameters[param_name]
-            if isinstance(param, DTensor):
-                swapped.append((owner, param_name, param))
-                owner._parameters[param_name] = _local(param, param_split)
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            for owner, param_name, param in swapped:
-                owner._parameters[param_name] = param
+            if isinstance(owner._parameters[param_name], DTensor):
+                found.append((owner, param_name, functools.partial(_local, split=param_split)))
+        return found
 
-    module.forward = local_forward
-    return module
+    return run_on_local_parameters(module, localized)
