@@ -42,6 +42,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "meshplan.strategies.ddp",
     "meshplan.strategies.megatron_fsdp",
     "meshplan.plans.llama",
+    "meshplan.plans.llama4",
     "meshplan.plans.qwen",
     "meshplan.plans.gemma3",
     "meshplan.plans.gemma3n",

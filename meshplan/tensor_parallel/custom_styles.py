@@ -466,6 +466,22 @@ class PrepareHiddenStatesOutput(ParallelStyle):
                 f"use_local_output={self.use_local_output})")
 
 
+class OwnedOutput(ParallelStyle):
+    """The module returns a copy of its tensor output: a row-wise projection's output is a view made inside a
+    custom autograd function (``to_local``), which a caller may not update in place (Llama 4's MoE does
+    ``shared_out.add_(routed_out)``, as transformers' own TP allows)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def copy(mod: nn.Module, args: tuple, output: Any) -> Any:
+            return output.clone() if isinstance(output, torch.Tensor) else output
+
+        module.register_forward_hook(copy)
+        return module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
 class ChainedStyles(ParallelStyle):
     """Apply several styles to the same module, in order."""
 
@@ -533,7 +549,8 @@ def predicted_placement(style: ParallelStyle | None, module: nn.Module, param_na
     ``"unsharded"`` when the style leaves it alone (or there is no style); ``None`` when it cannot be known
     without applying the style. Used to refuse tied parameters that would be split differently.
     """
-    if style is None or isinstance(style, (KeepReplicated, PrepareHiddenStates, MlaKvAProjParallel, LocalHeadCount)):
+    if style is None or isinstance(style, (KeepReplicated, PrepareHiddenStates, PrepareHiddenStatesOutput, OwnedOutput,
+                                           MlaKvAProjParallel, LocalHeadCount)):
         return "unsharded"
     if isinstance(style, LocalShardedParameters):
         return str(Shard(style.params[param_name])) if param_name in style.params else "unsharded"

@@ -18,6 +18,8 @@ PLANS = {
     # experts weighted by the router's gammas
     "inkling_text": ("meshplan.plans.inkling", 0.85),
     "inkling2_text": ("meshplan.plans.inkling", 0.85),
+    # the MoE block adds the routed output in place to the shared expert's (row-wise) output
+    "llama4_text": ("meshplan.plans.llama4", 0.95),
 }
 
 
