@@ -44,6 +44,12 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
                                     "first_k_dense_replace": 1, "n_shared_experts": 1, "q_lora_rank": 32,
                                     "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
                                     "v_head_dim": 16}),
+    # a hybrid: a Mamba2 layer (8 heads in 2 groups) and an attention layer, MoE MLPs with a shared MLP
+    "granitemoehybrid": ("granitemoehybrid", {"intermediate_size": 32, "shared_intermediate_size": 32,
+                                              "num_local_experts": 4, "num_experts_per_tok": 2,
+                                              "layer_types": ["mamba", "attention"], "mamba_n_heads": 8,
+                                              "mamba_d_head": 16, "mamba_n_groups": 2, "mamba_d_state": 16,
+                                              "mamba_chunk_size": 16, "mamba_expand": 2}),
 }
 BUILTIN = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "gemma3_vlm")
 

@@ -93,3 +93,15 @@ def test_mixer_whose_groups_do_not_divide_is_refused_or_left_whole(fake_pg, capl
             meshplan.prepare(model, tp_mesh(), strategy="tp_test").apply()  # the fallback leaves it whole
     assert type(mixer.in_proj.weight) is nn.Parameter and mixer.n_groups == 1
     assert caplog.text.count("left replicated (every mixer of these sizes): its n_groups (1)") == 1
+
+
+@pytest.mark.distributed
+def test_mamba2_mixer_under_fsdp2_and_activation_checkpointing(ranks4):
+    """dp_shard=2 x tp=2 with full activation checkpointing, 3 SGD steps: the mixer's local forward runs on the
+    parameters FSDP2 all-gathers, also when the layer is recomputed in backward."""
+    from tests.experts.helpers import sgd_parity_cases
+
+    cases = [("granitemoehybrid", {"dp_shard_cp": 2, "tp": 2}, {"activation_checkpointing": "full"}, {})]
+    result = ranks4.run(sgd_parity_cases, cases, timeout=600)[0][0]
+    assert isinstance(result, dict), result
+    assert max(result["loss"], result["grad"][0], result["param"][0]) <= 1e-5, result
