@@ -53,7 +53,7 @@ from ..plugins.manager import get_registry
 from ..state.unshard import unshard_fsdp2_model as unshard_units
 from ..tensor_parallel.apply import apply_tensor_parallel
 from ..tensor_parallel.plan import call_plan_function, resolve_plan
-from ..tensor_parallel.validation import match_and_check, validate_tp_size
+from ..tensor_parallel.validation import fit_to_tp_size, match_and_check, validate_tp_size
 from ..tensor_parallel.vocabulary import copy_style, make_style
 from .nvfsdp import MegatronFSDPShim, megatron_fsdp_shim
 from .parallelize_functions import ParallelizeFunctions
@@ -261,13 +261,14 @@ def parallelize_module(
     """torch's ``parallelize_module`` signature, with meshplan's tensor parallelism behind it.
 
     A plan (dict of key patterns, dotted path, callable, or ``None`` for the model's registered / Hugging Face
-    plan) is resolved, matched strictly and checked for tied parameters before anything is sharded, then
+    plan) is resolved, matched strictly and checked for tied parameters and the mesh size before anything is
+    sharded, then
     applied keeping tied parameters tied. A single ``ParallelStyle`` goes straight to torch.
     """
     if isinstance(parallelize_plan, ParallelStyle):
         return torch_parallelize_module(module, device_mesh, parallelize_plan, **kwargs)
     plan = match_and_check(module, resolve_plan(module, get_registry(), parallelize_plan))
-    return apply_tensor_parallel(module, device_mesh, plan)
+    return apply_tensor_parallel(module, device_mesh, fit_to_tp_size(module, plan, device_mesh.size()))
 
 
 def fsdp2_strategy_parallelize(

@@ -32,7 +32,6 @@ with a warning.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +43,6 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..core.errors import PlanError, TensorParallelSizeError
-from ..core.log import get_logger, log_rank0
 from ..experts.tp_styles import _replicated_local, all_reduce_forward
 from .custom_styles import (
     PACKED_ATTRIBUTE,
@@ -53,8 +51,6 @@ from .custom_styles import (
     pack_rank_major,
     run_on_local_parameters,
 )
-
-logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -238,8 +234,9 @@ def _local(param: DTensor, split: ParamSplit) -> torch.Tensor:
 class MixerParallel(ParallelStyle):
     """Shared part of the mixer styles: a subclass names its family's :attr:`split` function.
 
-    ``replicate_if_indivisible``: leave a mixer whose sizes do not divide by the TP size whole (a warning names
-    it) instead of refusing it with :class:`TensorParallelSizeError`.
+    ``replicate_if_indivisible``: a mixer whose sizes do not divide by the TP size is taken out of the plan when it
+    is fitted to the TP size (:meth:`whole_reason`; one warning per reason) instead of being refused with
+    :class:`TensorParallelSizeError`.
     """
 
     #: ``module -> MixerSplit`` (PlanError when the module is not of the family)
@@ -248,7 +245,6 @@ class MixerParallel(ParallelStyle):
     def __init__(self, *, replicate_if_indivisible: bool = False) -> None:
         super().__init__()
         self.replicate_if_indivisible = replicate_if_indivisible
-        self._warned: set[str] = set()  # reasons already logged: one warning for all the layers they hold for
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(replicate_if_indivisible={self.replicate_if_indivisible})"
@@ -257,29 +253,27 @@ class MixerParallel(ParallelStyle):
         """The TP placement, as text, of each parameter of ``module`` (names relative to it)."""
         return {name: split.placement() for name, split in self.split(module).params.items()}
 
-    def check(self, module: nn.Module, tp_size: int) -> None:
-        """Typed errors for a module this style cannot split in ``tp_size`` (no collective; same on every rank)."""
-        self._indivisible(module, tp_size)
+    def whole_reason(self, module: nn.Module, tp_size: int) -> str | None:
+        """Why ``module`` stays whole at ``tp_size`` (``replicate_if_indivisible`` only; the plan is then fitted
+        without it, :func:`~meshplan.tensor_parallel.validation.fit_to_tp_size`), else ``None``."""
+        return self.split(module).indivisible(module, tp_size) if self.replicate_if_indivisible else None
 
-    def _indivisible(self, module: nn.Module, tp_size: int) -> str | None:
-        """Why ``module`` stays whole (``replicate_if_indivisible``), ``None`` when it splits; else raises."""
-        why = self.split(module).indivisible(module, tp_size)
-        if why is not None and not self.replicate_if_indivisible:
+    def check(self, module: nn.Module, tp_size: int) -> None:
+        """:class:`TensorParallelSizeError` for a module this style cannot split in ``tp_size`` (no collective;
+        the same on every rank)."""
+        self._refuse_indivisible(module, self.split(module), tp_size)
+
+    def _refuse_indivisible(self, module: nn.Module, split: MixerSplit, tp_size: int) -> None:
+        why = split.indivisible(module, tp_size)
+        if why is not None:
             raise TensorParallelSizeError(
                 f"{type(self).__name__} cannot split {type(module).__name__}: {why}. Use a TP size that divides it, "
                 "or leave the mixer out of the TP plan (it then stays replicated).")
-        return why
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         tp_size = device_mesh.size()
-        why = self._indivisible(module, tp_size)
-        if why is not None:
-            if why not in self._warned:
-                self._warned.add(why)
-                log_rank0(logger, logging.WARNING, "%s: %s left replicated (every mixer of these sizes): %s.",
-                          type(self).__name__, type(module).__name__, why)
-            return module
         split = self.split(module)
+        self._refuse_indivisible(module, split, tp_size)
         for name, param_split in split.params.items():
             _distribute(module, name, param_split, device_mesh)
         for name, value in split.attributes.items():

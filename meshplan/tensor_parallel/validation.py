@@ -66,7 +66,6 @@ def validate_tp_size(model: nn.Module, tp_size: int) -> None:
 def match_and_check(model: nn.Module, plan: ResolvedPlan, strict: bool = True, axis: str = "TP") -> ResolvedPlan:
     """Match every plan key to modules; a key matching nothing is an error (or one warning if not strict).
     ``axis`` names the plan in messages (``"TP"``, ``"EP"``)."""
-    from .custom_styles import shards_parameters  # DTensor styles: imported when a plan is used
     matches = match_plan(model, plan.styles)
     unmatched = [key for key, found in matches.items() if not found]
     if unmatched:
@@ -82,21 +81,51 @@ def match_and_check(model: nn.Module, plan: ResolvedPlan, strict: bool = True, a
     matches = {k: v for k, v in matches.items() if v}
     check_module_types(model, styles, matches)
     check_tied_parameters(model, styles, matches)
+    return dataclasses.replace(plan, styles=styles, matches=matches,
+                               replicated_linears=_replicated_linears(model, styles, matches))
+
+
+def _replicated_linears(model: nn.Module, styles: dict, matches: dict[str, list[str]]) -> tuple[str, ...]:
+    """The ``nn.Linear`` modules that no parameter-sharding style covers."""
+    from .custom_styles import shards_parameters  # DTensor styles: imported when a plan is used
+
     sharded = (fqn for key, found in matches.items() if shards_parameters(styles[key]) for fqn in found)
-    return dataclasses.replace(
-        plan, styles=styles, matches=matches, replicated_linears=replicated_linears(model, sharded),
-    )
+    return replicated_linears(model, sharded)
 
 
-def check_style_fit(model: nn.Module, plan: ResolvedPlan, tp_size: int) -> None:
-    """Ask every style that can tell in advance (a ``check(module, tp_size)`` method, e.g. the experts' style
-    for a TP size that does not divide the expert intermediate size) whether it fits each module it matched;
-    typed errors, before any collective and the same on every rank."""
+def fit_to_tp_size(model: nn.Module, plan: ResolvedPlan, tp_size: int) -> ResolvedPlan:
+    """``plan`` fitted to ``tp_size``, before any collective and the same on every rank.
+
+    Every style that can tell in advance (a ``check(module, tp_size)`` method, e.g. the experts' style for a TP
+    size that does not divide the expert intermediate size) checks each module it matched and raises a typed
+    error. A style that may instead leave a module whole (``whole_reason(module, tp_size)``, the fallback's mixer
+    styles) loses that match, with one warning per reason, so the report, explain and ``apply`` all see the
+    module replicated.
+    """
+    matches: dict[str, list[str]] = {}
+    whole: dict[str, list[str]] = {}
     for key, style in plan.styles.items():
-        check = getattr(style, "check", None)
-        if callable(check):
-            for fqn in plan.matches.get(key, ()):
-                check(model.get_submodule(fqn), tp_size)
+        matches[key] = []
+        for fqn in plan.matches.get(key, ()):
+            module = model.get_submodule(fqn)
+            whole_reason = getattr(style, "whole_reason", None)
+            reason = whole_reason(module, tp_size) if callable(whole_reason) else None
+            if reason is not None:
+                whole.setdefault(f"{type(module).__name__}: {reason}", []).append(fqn)
+                continue
+            check = getattr(style, "check", None)
+            if callable(check):
+                check(module, tp_size)
+            matches[key].append(fqn)
+    if not whole:
+        return plan
+    for reason, fqns in whole.items():
+        log_rank0(logger, logging.WARNING, "TP=%d leaves %d module(s) replicated (%s): %s.", tp_size, len(fqns),
+                  ", ".join(fqns[:3]) + (", ..." if len(fqns) > 3 else ""), reason)
+    styles = {key: style for key, style in plan.styles.items() if matches[key]}
+    matches = {key: found for key, found in matches.items() if found}
+    return dataclasses.replace(plan, styles=styles, matches=matches,
+                               replicated_linears=_replicated_linears(model, styles, matches))
 
 
 def check_module_types(model: nn.Module, styles: dict, matches: dict[str, list[str]]) -> None:

@@ -90,9 +90,12 @@ def test_mixer_whose_groups_do_not_divide_is_refused_or_left_whole(fake_pg, capl
             meshplan.prepare(model, tp_mesh(), strategy="tp_test", tp_plan={"model.layers.*.mamba": "mamba2_mixer"})
         assert not any(isinstance(p, DTensor) for p in model.parameters()), "nothing applied"
         with caplog.at_level(logging.WARNING, logger="meshplan"):
-            meshplan.prepare(model, tp_mesh(), strategy="tp_test").apply()  # the fallback leaves it whole
+            prepared = meshplan.prepare(model, tp_mesh(), strategy="tp_test")  # the fallback leaves it whole
+            prepared.apply()
     assert type(mixer.in_proj.weight) is nn.Parameter and mixer.n_groups == 1
-    assert caplog.text.count("left replicated (every mixer of these sizes): its n_groups (1)") == 1
+    assert caplog.text.count("its n_groups (1)") == 1, "one warning for all the mixers of these sizes"
+    assert not any(isinstance(s, Mamba2MixerParallel) for s in prepared.plan.styles.values()), prepared.plan.styles
+    assert {f"{n}.in_proj" for n, m in model.named_modules() if m is mixer} <= set(prepared.plan.replicated_linears)
 
 
 @pytest.mark.distributed
