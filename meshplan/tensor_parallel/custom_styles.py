@@ -421,7 +421,9 @@ class PrepareHiddenStates(ParallelStyle):
             raise PlanError(f"{type(mod).__name__} was called without positional input {index} or "
                             f"{self.argument}=...; {type(self).__name__} cannot find its {self.argument}.")
 
-        module.register_forward_pre_hook(prepare, with_kwargs=True)
+        # first of the module's pre-hooks: ``input_layout`` is the input as the caller passes it, before any other
+        # style on the module (a mixer's, which takes the gathered sequence) prepares it
+        module.register_forward_pre_hook(prepare, with_kwargs=True, prepend=True)
         return module
 
     def __repr__(self) -> str:

@@ -108,3 +108,17 @@ def test_mamba2_mixer_under_fsdp2_and_activation_checkpointing(ranks4):
     result = ranks4.run(sgd_parity_cases, cases, timeout=600)[0][0]
     assert isinstance(result, dict), result
     assert max(result["loss"], result["grad"][0], result["param"][0]) <= 1e-5, result
+
+
+def _nemotron_h_sequence_parallel() -> dict:
+    return run_check("nemotron_h", tiny_config("nemotron_h"), tp_mesh, TensorParallelOnly, "TP",
+                     sequence_parallel=True)
+
+
+@pytest.mark.distributed
+def test_sequence_parallel_through_a_mixer_style(ranks2):
+    """Nemotron-H's MoE, Mamba2 and attention layers share one block name; with sequence parallel each block first
+    gathers the sequence, then the mixer style takes it (the gather's pre-hook runs first), and the block returns
+    its slice."""
+    for result in ranks2.run(_nemotron_h_sequence_parallel, timeout=240):
+        assert result["status"] == "pass", f"{result['reason']}\n{result.get('traceback', '')}"
