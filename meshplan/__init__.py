@@ -28,6 +28,7 @@ _LAZY: dict[str, str] = {
     "UnmatchedPlanKeyError": ".core.errors", "UnsupportedConfigurationError": ".core.errors",
     "UntranslatableStyleError": ".core.errors", "ContextParallelError": ".core.errors",
     "SequenceLengthError": ".core.errors", "UnsupportedAttentionError": ".core.errors",
+    "CheckpointLayoutError": ".core.errors",
     # dispatcher and registry
     "parallelize": ".api", "prepare": ".api", "Prepared": ".api", "get_report": ".api", "get_strategy": ".api",
     "register_strategy": ".api", "register_tp_plan": ".api", "register_style": ".api",
@@ -84,6 +85,7 @@ if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plug
     from .context_parallel.apply import apply_context_parallel as apply_context_parallel
     from .context_parallel.batch import gather_sequence as gather_sequence
     from .context_parallel.batch import shard_batch as shard_batch
+    from .core.errors import CheckpointLayoutError as CheckpointLayoutError
     from .core.errors import ConflictError as ConflictError
     from .core.errors import ContextParallelError as ContextParallelError
     from .core.errors import ImportPathError as ImportPathError

@@ -66,7 +66,8 @@ SHRINK: dict[str, Any] = {
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
     "linear_value_head_dim": 16, "linear_num_heads": 4, "linear_head_dim": 16, "linear_conv_kernel_dim": 4,
     "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_n_groups": 2, "mamba_chunk_size": 16,
-    "mamba_d_ssm": 64, "mamba_dt_rank": 8, "mamba_num_heads": 8, "mamba_head_dim": 16, "ssm_state_size": 16, "kv_n_heads": 2, "num_kv_shared_layers": 0,
+    "mamba_d_ssm": 64, "mamba_dt_rank": 8,
+    "mamba_num_heads": 8, "mamba_head_dim": 16, "ssm_state_size": 16, "kv_n_heads": 2, "num_kv_shared_layers": 0,
     "rel_extent": 128,  # relative-position bias distances (Inkling), shrunk with max_position_embeddings
     "unpadded_vocab_size": VOCAB, "H_cycles": 1, "L_cycles": 1,
     "hc_lowrank": 16, "adapter_in_dim": 64, "adapter_out_dim": 64, "adapter_input_size": 64,

@@ -11,13 +11,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from meshplan.core.naming import unwrapped_name
 from meshplan.plugins.testing import TensorParallelOnly, tp_mesh
 
 __all__ = ["Block", "TensorParallelOnly", "TinyStack", "clean_name", "full", "full_grads", "full_params",
            "perturb", "relative_error", "tiny_hf", "tp_mesh"]
 
-#: Module names that wrappers insert into parameter names (activation checkpointing, FSDP1).
-WRAPPER_COMPONENTS = frozenset({"_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
 
 
 # --- numbers -------------------------------------------------------------------------------------------
@@ -36,10 +35,7 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
 
 
-def clean_name(name: str) -> str:
-    """A parameter name without the components wrappers insert (:data:`WRAPPER_COMPONENTS`); whole dotted
-    components only, so a module called ``L_module`` keeps its name."""
-    return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
+clean_name = unwrapped_name
 
 
 def _gathered(model: nn.Module, named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -115,3 +115,8 @@ class SequenceLengthError(ContextParallelError):
 
 class UnsupportedAttentionError(ContextParallelError):
     """The model's attention cannot be wrapped for context parallelism (it names the class)."""
+
+
+class CheckpointLayoutError(MeshplanError, ValueError):
+    """A checkpoint's parameters are laid out for another TP size than the model loading it (packed parameters
+    stored rank-major)."""

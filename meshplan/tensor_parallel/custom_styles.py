@@ -36,6 +36,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
 
 from ..core.errors import PlanError, StyleModuleTypeError
+from ..core.naming import unwrapped_name
 
 
 # --- packed (fused) projections ---------------------------------------------------------------------
@@ -54,17 +55,37 @@ def unpack_rank_major(packed: torch.Tensor, sizes: Sequence[int], world: int, di
 PACKED_ATTRIBUTE = "_meshplan_packed"
 
 
+def packed_parameters(model: nn.Module) -> dict[str, tuple[tuple[int, ...], int, int]]:
+    """``{parameter name: (part sizes, TP size, dim)}`` of the model's parameters stored rank-major (names as
+    ``named_parameters`` gives them)."""
+    return {f"{fqn}.{name}" if fqn else name: (tuple(sizes), world, dim)
+            for fqn, module in model.named_modules()
+            for name, (sizes, world, dim) in getattr(module, PACKED_ATTRIBUTE, {}).items()}
+
+
 def unpack_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Restore the original order of packed parameters in a *full* (gathered) state dict, in place.
 
-    Keys are the model's parameter names (wrapper prefixes such as FSDP's are not stripped).
+    Keys may be the model's parameter names or those names without wrapper components (activation checkpointing),
+    as torch's distributed state-dict helpers give them; keys not in ``state_dict`` are skipped.
     """
-    for fqn, module in model.named_modules():
-        for name, (sizes, world, dim) in getattr(module, PACKED_ATTRIBUTE, {}).items():
-            key = f"{fqn}.{name}" if fqn else name
-            if key in state_dict:
-                state_dict[key] = unpack_rank_major(state_dict[key], sizes, world, dim)
+    for name, (sizes, world, dim) in packed_parameters(model).items():
+        key = next((k for k in (name, unwrapped_name(name)) if k in state_dict), None)
+        if key is not None:
+            state_dict[key] = unpack_rank_major(state_dict[key], sizes, world, dim)
     return state_dict
+
+
+def pack_full_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of a *full* state dict (the original layout) with the model's packed parameters stored rank-major,
+    as their DTensors hold them, so that loading it gives each rank its own parts; the inverse of
+    :func:`unpack_full_state_dict`."""
+    packed = dict(state_dict)
+    for name, (sizes, world, dim) in packed_parameters(model).items():
+        key = next((k for k in (name, unwrapped_name(name)) if k in packed), None)
+        if key is not None:
+            packed[key] = pack_rank_major(packed[key], sizes, world, dim)
+    return packed
 
 
 class _Packed:
