@@ -35,7 +35,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
 
-from ..core.errors import PlanError, StyleModuleTypeError
+from ..core.errors import PlanError, StyleModuleTypeError, TensorParallelSizeError
 from ..core.naming import unwrapped_name
 
 
@@ -306,19 +306,22 @@ class LocalShardedParameters(_LocalParameterForward):
         return owner, own
 
     def _localized(self, module: nn.Module) -> list[tuple[nn.Module, str]]:
-        return [self._owner(module, name) for name in self.params]
+        owners = (self._owner(module, name) for name in self.params)
+        return [(owner, own) for owner, own in owners if isinstance(owner._parameters[own], DTensor)]
 
     def check(self, module: nn.Module, tp_size: int) -> None:
-        """:class:`PlanError` for a missing parameter or one whose dim does not divide by ``tp_size``."""
+        """:class:`PlanError` for a missing parameter, :class:`TensorParallelSizeError` for one whose dim does not
+        divide by ``tp_size``."""
         for name, dim in self.params.items():
             owner, own = self._owner(module, name)
             param = owner._parameters[own]
             if isinstance(param, DTensor):
                 continue
             if param.ndim == 0 or param.shape[dim] % tp_size:
-                raise PlanError(f"{type(self).__name__}: parameter {name!r} of {type(module).__name__} with shape "
-                                f"{tuple(param.shape)} cannot be split in {tp_size} equal parts along dim {dim}; "
-                                "per-head parameters must divide by the TP size like the heads.")
+                raise TensorParallelSizeError(
+                    f"{type(self).__name__}: parameter {name!r} of {type(module).__name__} with shape "
+                    f"{tuple(param.shape)} cannot be split in {tp_size} equal parts along dim {dim}; per-head "
+                    "parameters must divide by the TP size like the heads.")
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         self.check(module, device_mesh.size())
@@ -344,12 +347,16 @@ class LocalHeadCount(ParallelStyle):
         self.attributes = tuple(attributes)
 
     def check(self, module: nn.Module, tp_size: int) -> None:
-        """:class:`PlanError` for a missing or non-integer attribute, or one that does not divide by ``tp_size``."""
+        """:class:`PlanError` for a missing or non-integer attribute, :class:`TensorParallelSizeError` for one that
+        does not divide by ``tp_size``."""
         for name in self.attributes:
             value = getattr(module, name, None)
-            if not isinstance(value, int) or isinstance(value, bool) or value % tp_size:
+            if not isinstance(value, int) or isinstance(value, bool):
                 raise PlanError(f"{type(self).__name__}: {type(module).__name__}.{name} = {value!r} must be an "
-                                f"integer divisible by the TP size {tp_size}.")
+                                "integer head count.")
+            if value % tp_size:
+                raise TensorParallelSizeError(f"{type(self).__name__}: {type(module).__name__}.{name} = {value} "
+                                              f"must be divisible by the TP size {tp_size}.")
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         self.check(module, device_mesh.size())

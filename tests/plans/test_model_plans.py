@@ -49,16 +49,16 @@ def test_sequence_parallel_is_refused_with_the_reason(model_type, plan, why):
 def test_head_styles_refuse_counts_that_do_not_divide_before_any_collective():
     from torch import nn
 
-    from meshplan.core.errors import PlanError
+    from meshplan.core.errors import PlanError, TensorParallelSizeError
     from meshplan.tensor_parallel.custom_styles import ChainedStyles, LocalHeadCount, LocalShardedParameters
 
     module = nn.Module()
     module.num_heads = 3
     module.conv1d = nn.Conv1d(6, 6, 2, groups=6, bias=False)
-    with pytest.raises(PlanError, match="num_heads = 3"):
+    with pytest.raises(TensorParallelSizeError, match="num_heads = 3"):
         ChainedStyles(LocalHeadCount(), LocalShardedParameters({"conv1d.weight": 0})).check(module, 2)
     LocalShardedParameters({"conv1d.weight": 0}).check(module, 2)  # 6 channels split in 2
-    with pytest.raises(PlanError, match="cannot be split in 4"):
+    with pytest.raises(TensorParallelSizeError, match="cannot be split in 4"):
         LocalShardedParameters({"conv1d.weight": 0}).check(module, 4)
     with pytest.raises(PlanError, match="no parameter 'conv1d.bias'"):
         LocalShardedParameters({"conv1d.bias": 0}).check(module, 2)
