@@ -29,29 +29,15 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from ..tensor_parallel.custom_styles import (
     PACKED_ATTRIBUTE,
     _LocalParameterForward,
-    all_reduce_backward,
+    all_reduce_forward,
     pack_rank_major,
+    replicated_local_input,
 )
 from .modules import SUMMAND, ExpertParamLayout, check_param_layouts, infer_param_layouts
 
 #: Keyword names transformers' MoE blocks use for the routing weights when they are not passed positionally
 #: (``gammas``: the per-token weights of Inkling's shared experts).
 ROUTING_WEIGHT_KEYWORDS = ("top_k_weights", "topk_weights", "routing_weights", "router_scores", "gammas")
-
-
-def all_reduce_forward(tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
-    """Sum of ``tensor`` over ``mesh`` in forward; in backward each rank gets the (replicated) gradient as is."""
-    partial = DTensor.from_local(tensor, mesh, [Partial()], run_check=False)
-    return partial.redistribute(placements=[Replicate()]).to_local()
-
-
-def _replicated_local(value: Any, mesh: DeviceMesh) -> Any:
-    """A floating tensor argument as a local tensor whose gradient is summed over ``mesh`` in backward."""
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        return value
-    if isinstance(value, DTensor):
-        value = value.redistribute(placements=[Replicate()]).to_local()
-    return all_reduce_backward(value, mesh)
 
 
 class ExpertsTensorParallel(_LocalParameterForward):
@@ -111,8 +97,8 @@ class ExpertsTensorParallel(_LocalParameterForward):
     @staticmethod
     def _inputs(mesh: DeviceMesh) -> Any:
         def prepare(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            args = tuple(_replicated_local(a, mesh) if i in (0, 2) else a for i, a in enumerate(args))
-            kwargs = {k: _replicated_local(v, mesh) if k == "hidden_states" or k in ROUTING_WEIGHT_KEYWORDS else v
+            args = tuple(replicated_local_input(a, mesh) if i in (0, 2) else a for i, a in enumerate(args))
+            kwargs = {k: replicated_local_input(v, mesh) if k == "hidden_states" or k in ROUTING_WEIGHT_KEYWORDS else v
                       for k, v in kwargs.items()}
             return args, kwargs
 
@@ -138,4 +124,4 @@ class IdentityExpertParallel(ParallelStyle):
         return module
 
 
-__all__ = ["SUMMAND", "ExpertParamLayout", "ExpertsTensorParallel", "IdentityExpertParallel", "all_reduce_forward"]
+__all__ = ["SUMMAND", "ExpertParamLayout", "ExpertsTensorParallel", "IdentityExpertParallel"]

@@ -36,7 +36,7 @@ from torch.distributed.tensor.parallel import (
 from ..core.errors import PlanError
 from ..experts.modules import find_expert_modules
 from ..tensor_parallel.custom_styles import ChainedStyles, PrepareHiddenStates, PrepareHiddenStatesOutput
-from ..tensor_parallel.matching import match_key
+from ..tensor_parallel.matching import match_key, within
 
 SEQUENCE = Shard(1)
 
@@ -170,9 +170,7 @@ def _blocks_with_unplanned_parameters(model: nn.Module, plan: Mapping[str, Paral
     for block in layout.blocks:
         for fqn in match_key(model, f"{layout.layers}.*.{block}"):
             for name, module in model.get_submodule(fqn).named_modules(prefix=fqn):
-                owns = next(module.parameters(recurse=False), None) is not None
-                parts = name.split(".")
-                if owns and not any(".".join(parts[:depth]) in planned for depth in range(1, len(parts) + 1)):
+                if next(module.parameters(recurse=False), None) is not None and not within(name, planned):
                     found.add(block)
     return found
 

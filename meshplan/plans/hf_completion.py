@@ -50,6 +50,7 @@ from torch import nn
 
 from ..core.errors import PlanError
 from ..experts.modules import ExpertParamLayout, find_expert_modules, infer_param_layouts
+from ..tensor_parallel.matching import within
 from .decoder import are_tied, embedding_modules, module_name
 
 #: Model types whose plan is not completed, and why. DeepSeek-V4, measured at the conformance sweep's tiny widths
@@ -88,7 +89,8 @@ MLP_NAMINGS = ((("gate_proj", "up_proj"), "down_proj"), (("up_proj",), "down_pro
 
 def is_covered(fqn: str, planned: Iterable[str]) -> bool:
     """Whether a planned module is ``fqn``, one of its ancestors or one of its descendants."""
-    return any(p == fqn or fqn.startswith(f"{p}.") or p.startswith(f"{fqn}.") or p == "" for p in planned)
+    planned = set(planned)
+    return within(fqn, planned) or any(p.startswith(f"{fqn}.") for p in planned)
 
 
 def is_completed(model: nn.Module) -> bool:
@@ -127,7 +129,7 @@ def uncovered_lm_head(model: nn.Module, plan: Iterable[str]) -> str | None:
     return name
 
 
-def _stacks(fqns: Iterable[str]) -> set[str]:
+def layer_stacks(fqns: Iterable[str]) -> set[str]:
     """The layer stacks (``model.layers``) holding modules ``fqns`` (``model.layers.3.mlp.experts``)."""
     found: set[str] = set()
     for fqn in fqns:
@@ -239,7 +241,7 @@ def uncovered_blocks(model: nn.Module, planned: set[str]) -> dict[str, BlockSpli
     fused experts."""
     if not is_completed(model):
         return {}
-    stacks = _stacks(fqn for fqn, _ in find_expert_modules(model))
+    stacks = layer_stacks(fqn for fqn, _ in find_expert_modules(model))
     found = {}
     for fqn, module in model.named_modules():
         inside = any(fqn.startswith(f"{stack}.") if stack else fqn[:1].isdigit() for stack in stacks)

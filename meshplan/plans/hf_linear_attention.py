@@ -35,8 +35,8 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle
 
 from ..experts.modules import find_expert_modules
-from ..tensor_parallel.matching import match_key
-from .hf_completion import _stacks, is_completed
+from ..tensor_parallel.matching import match_key, within
+from .hf_completion import is_completed, layer_stacks
 
 #: The transformers style the completion gives every projection of a linear-attention block.
 REPLICATED_OUTPUT = "colwise_gather_output"
@@ -75,14 +75,14 @@ def uncovered_projections(model: nn.Module, styles: Mapping[str, ParallelStyle],
         return set()
     planned = {fqn: style for key, style in styles.items() for fqn in match_key(model, key)}
     planned.update({fqn: None for key in left_replicated for fqn in match_key(model, key)})
-    stacks = _stacks(fqn for fqn, _ in find_expert_modules(model))
+    stacks = layer_stacks(fqn for fqn, _ in find_expert_modules(model))
     found: set[str] = set()
     for block, module in model.named_modules():
         if not any(block.startswith(f"{stack}.") if stack else block[:1].isdigit() for stack in stacks) \
                 or not is_linear_attention(module):
             continue
         inside = {fqn: style for fqn, style in planned.items() if fqn.startswith(f"{block}.")}
-        whole = not any(block == fqn or block.startswith(f"{fqn}.") or fqn == "" for fqn in planned)
+        whole = not within(block, planned)
         if whole and all(style is not None and is_replicated_output(style) for style in inside.values()):
             found.update(f"{block}.{name}" for name, child in module.named_modules()
                          if type(child) is nn.Linear and f"{block}.{name}" not in inside)

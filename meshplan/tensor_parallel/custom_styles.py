@@ -209,6 +209,22 @@ def all_reduce_backward(tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
     return replicated.to_local(grad_placements=[Partial()])
 
 
+def all_reduce_forward(tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """Sum of ``tensor`` over ``mesh`` in forward; in backward each rank gets the (replicated) gradient as is."""
+    partial = DTensor.from_local(tensor, mesh, [Partial()], run_check=False)
+    return partial.redistribute(placements=[Replicate()]).to_local()
+
+
+def replicated_local_input(value: Any, mesh: DeviceMesh) -> Any:
+    """A floating tensor argument (plain, or a DTensor made replicated) as a local tensor whose gradient is summed
+    over ``mesh`` in backward; anything else as it is."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return value
+    if isinstance(value, DTensor):
+        value = value.redistribute(placements=[Replicate()]).to_local()
+    return all_reduce_backward(value, mesh)
+
+
 #: ``(owner module, parameter name, DTensor -> local tensor)`` for each parameter a forward reads locally
 LocalizedParameters = list[tuple[nn.Module, str, Callable[[DTensor], torch.Tensor]]]
 

@@ -7,7 +7,7 @@ exactly one path segment (``model.layers.*.mlp.up_proj``).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from fnmatch import fnmatch
 
 from torch import nn
@@ -59,15 +59,16 @@ def suggest_keys(model: nn.Module, key: str, n: int = 3) -> list[str]:
     return closest(key, patterns, n=n)
 
 
+def within(fqn: str, selected: Collection[str]) -> bool:
+    """Whether ``fqn`` or one of its ancestors (the model itself: ``""``) is in ``selected``."""
+    parts = fqn.split(".") if fqn else []
+    return any(".".join(parts[:depth]) in selected for depth in range(len(parts) + 1))
+
+
 def replicated_linears(model: nn.Module, matched: Iterable[str]) -> tuple[str, ...]:
     """``nn.Linear`` modules that no plan key selected, directly or through an ancestor (a module-level style such
     as a mixer style shards its descendants' parameters): they stay replicated across TP ranks."""
     covered = set(matched)
-
-    def selected(name: str) -> bool:
-        parts = name.split(".")
-        return any(".".join(parts[:depth]) in covered for depth in range(len(parts) + 1))
-
     return tuple(
-        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and not selected(name)
+        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and not within(name, covered)
     )

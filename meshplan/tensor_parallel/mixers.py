@@ -43,12 +43,13 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..core.errors import PlanError, TensorParallelSizeError
-from ..experts.tp_styles import _replicated_local, all_reduce_forward
 from .custom_styles import (
     PACKED_ATTRIBUTE,
     LocalizedParameters,
     all_reduce_backward,
+    all_reduce_forward,
     pack_rank_major,
+    replicated_local_input,
     run_on_local_parameters,
 )
 
@@ -348,9 +349,9 @@ def _prepare_input(module: nn.Module, args: tuple, kwargs: dict, *, mesh: Device
     """The hidden states (first positional argument or ``hidden_states=``) as a replicated local tensor whose
     gradient is summed over TP in backward."""
     if args:
-        return (_replicated_local(args[0], mesh), *args[1:]), kwargs
+        return (replicated_local_input(args[0], mesh), *args[1:]), kwargs
     if "hidden_states" in kwargs:
-        return args, {**kwargs, "hidden_states": _replicated_local(kwargs["hidden_states"], mesh)}
+        return args, {**kwargs, "hidden_states": replicated_local_input(kwargs["hidden_states"], mesh)}
     raise PlanError(f"{type(module).__name__} was called without a positional input or hidden_states=...; its "
                     "TP style cannot find its hidden states.")
 
