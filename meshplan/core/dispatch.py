@@ -81,9 +81,9 @@ def prepare(
     roles = resolve_roles(device_mesh, opts.mesh_roles(), strategy.name, ep_size=getattr(opts, "ep_size", 1))
     plan = None
     if roles.size("tp") > 1:
-        validate_tp_size(model, roles.size("tp"))
-        plan = resolve_plan(model, registry, tp_plan, opts.sequence_parallel)
-        plan = fit_to_tp_size(model, match_and_check(model, plan, strict=opts.strict), roles.size("tp"))
+        plan = match_and_check(model, resolve_plan(model, registry, tp_plan, opts.sequence_parallel), opts.strict)
+        validate_tp_size(model, roles.size("tp"), plan)
+        plan = fit_to_tp_size(model, plan, roles.size("tp"))
     if ep_plan is not None and roles.ep_size == 1:
         raise OptionsError(f"ep_plan was given but ep_size is 1: pass ep_size=N to strategy {strategy.name!r} "
                            "for expert parallelism.")

@@ -11,7 +11,7 @@ from torch import nn
 from ..core.errors import TensorParallelSizeError, UnmatchedPlanKeyError
 from ..core.log import get_logger, log_rank0
 from .apply import shared_parameters, tied_layout_error
-from .matching import match_plan, replicated_linears, suggest_keys
+from .matching import match_plan, replicated_linears, suggest_keys, within
 from .plan import ResolvedPlan
 
 logger = get_logger(__name__)
@@ -38,13 +38,24 @@ def head_counts(config: Any) -> set[tuple[int, int]]:
     return counts
 
 
-def validate_tp_size(model: nn.Module, tp_size: int) -> None:
+def splits_attention(model: nn.Module, plan: ResolvedPlan) -> bool:
+    """Whether ``plan`` gives a style (other than keeping it whole) to an attention module (a class named
+    ``*Attention*``) or to a module inside one, i.e. may split attention heads."""
+    from .custom_styles import KeepReplicated  # DTensor styles: imported when a plan is used
+
+    attention = {fqn for fqn, module in model.named_modules() if "Attention" in type(module).__name__}
+    return any(within(fqn, attention) for key, found in plan.matches.items()
+               if not isinstance(plan.styles[key], KeepReplicated) for fqn in found)
+
+
+def validate_tp_size(model: nn.Module, tp_size: int, plan: ResolvedPlan | None = None) -> None:
     """Attention heads and KV heads (of every layer kind) must divide by the TP size (skipped without such a
-    config)."""
+    config, and when the matched ``plan`` leaves every attention module whole: DeepSeek-V4's plan splits only its
+    experts, and its single KV head must not forbid that)."""
     if tp_size <= 1:
         return
     config = attention_config(model)
-    if config is None:
+    if config is None or (plan is not None and not splits_attention(model, plan)):
         return
     counts = head_counts(config)
     for heads, kv_heads in sorted(counts):
