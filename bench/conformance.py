@@ -76,7 +76,14 @@ CAUSES: list[tuple[str, str, Any]] = [
      "after the column-wise `up_proj`) and Sarvam-MoE's per-head `q_norm`/`k_norm` (`use_qk_norm`, not in the "
      "Glm4Moe plan it reuses). The error of ~1 is the missing other rank's half. Adding these modules as "
      "`replicated_with_grad_allreduce` makes all three pass (verified).",
-     lambda r: re.search(r"grad \S+\.(act_fn|q_norm|k_norm)\.", r["reason"]) is not None),
+     lambda r: re.search(r"grad \S+\.(act_fn|q_norm|k_norm)\.", r["reason"]) is not None
+     and r.get("grad_error", 0.0) > 0.1),
+    ("Float32 rounding of an ill-conditioned gradient (Lara)",
+     "Lara-Mini's `linear_attn.A_log` gradient goes through the gated delta rule's recurrence. In float64, TP=2 "
+     "matches one process exactly (that gradient's error is 0, logits 3e-16); in float32 the one-process gradient "
+     "is itself 2.4e-5 from the float64 one and TP=2's 4.5e-5 on the other side, so the two float32 runs differ "
+     "by ~7e-5 with nothing left partial (`tests/plans/test_linear_attention.py` checks it at 2e-4).",
+     lambda r: "linear_attn.A_log" in r["reason"]),
     ("In-place update of a TP output",
      "Llama 4's MoE adds the routed output in place (`out.add_(...)`) to the shared expert's output, which is the "
      "local view `RowwiseParallel` returns (`to_local()`), and autograd forbids in-place updates of that view.",
