@@ -68,7 +68,7 @@ from ..core.log import get_logger, log_rank0
 from ..experts.modules import hf_layout_corrections, layouts_from_hf
 from ..experts.tp_styles import ExpertsTensorParallel, IdentityExpertParallel
 from ..tensor_parallel.custom_styles import LocalShardedParameters, MlaKvAProjParallel, ReplicatedWithGradAllReduce
-from ..tensor_parallel.matching import generalize, match_key, match_parameter_key
+from ..tensor_parallel.matching import covering_keys, match_key, match_parameter_key
 from ..tensor_parallel.vocabulary import make_style
 from .decoder import add_sequence_parallel, are_tied, embedding_modules, find_decoder_layout, module_name
 from .hf_completion import (
@@ -216,17 +216,7 @@ def _shard_local_children(model: nn.Module, result: HFPlan) -> dict[str, Paralle
             has_parameters = next(child.parameters(recurse=False), None) is not None
             if name in SHARD_LOCAL_CHILDREN and fqn not in planned and has_parameters:
                 found.add(fqn)
-    return {key: ReplicatedWithGradAllReduce() for key in _covering_keys(model, found)}
-
-
-def _covering_keys(model: nn.Module, fqns: set[str]) -> list[str]:
-    """Plan keys selecting exactly ``fqns``: the generalized pattern (``layers.*``) of each group of names where
-    it selects no other module, else the names themselves."""
-    groups: dict[str, set[str]] = {}
-    for fqn in fqns:
-        groups.setdefault(generalize(fqn), set()).add(fqn)
-    return [key for pattern, group in sorted(groups.items())
-            for key in ([pattern] if set(match_key(model, pattern)) == group else sorted(group))]
+    return {key: ReplicatedWithGradAllReduce() for key in covering_keys(model, found)}
 
 
 def _local_parameter_styles(model: nn.Module, local: dict[str, dict[str, int]]) -> dict[str, ParallelStyle]:
@@ -235,7 +225,7 @@ def _local_parameter_styles(model: nn.Module, local: dict[str, dict[str, int]]) 
     for owner, params in local.items():
         by_parameters.setdefault(tuple(sorted(params.items())), set()).add(owner)
     return {key: LocalShardedParameters(dict(params))
-            for params, owners in by_parameters.items() for key in _covering_keys(model, owners)}
+            for params, owners in by_parameters.items() for key in covering_keys(model, owners)}
 
 
 def _experts_style(model: nn.Module, key: str, entries: dict[str, str], result: HFPlan,
@@ -296,7 +286,7 @@ def _complete_moe(model: nn.Module, result: HFPlan, registry: Registry) -> None:
     for fqn, layouts in experts.items():
         by_layouts.setdefault(tuple(sorted(layouts.items(), key=lambda item: item[0])), set()).add(fqn)
     for layouts, fqns in by_layouts.items():
-        for key in _covering_keys(model, fqns):
+        for key in covering_keys(model, fqns):
             result.styles[key] = ExpertsTensorParallel(params=dict(layouts))
             result.derived[key] = f"{EXPERTS} (fused experts the plan does not name; layouts read off the module)"
     for fqn, why in unsplittable.items():
@@ -305,7 +295,7 @@ def _complete_moe(model: nn.Module, result: HFPlan, registry: Registry) -> None:
     for fqn, split in uncovered_blocks(model, planned).items():
         by_split.setdefault(split, set()).add(fqn)
     for split, fqns in by_split.items():
-        for key in _covering_keys(model, fqns):
+        for key in covering_keys(model, fqns):
             others = {f"{key}.{name}": _mla_kv_a_proj(model, f"{key}.{name}") if style == MLA_KV_A_PROJ else style
                       for name, style in split.others}
             if any(isinstance(style, str) for style in others.values()):
@@ -325,7 +315,7 @@ def _complete_linear_attention(model: nn.Module, result: HFPlan, registry: Regis
     """``colwise_gather_output`` for the projections of linear-attention blocks the plan leaves whole
     (:mod:`meshplan.plans.hf_linear_attention`); recorded in :attr:`HFPlan.derived`."""
     fqns = uncovered_projections(model, result.styles, result.left_replicated)
-    for key in _covering_keys(model, fqns):
+    for key in covering_keys(model, fqns):
         result.styles[key] = make_style(REPLICATED_OUTPUT, registry)
         result.derived[key] = f"{REPLICATED_OUTPUT} (a projection of a linear-attention block the plan leaves whole)"
 
@@ -339,7 +329,7 @@ def _complete_mixers(model: nn.Module, result: HFPlan) -> None:
     for fqn, name in uncovered_mixers(model, _planned_modules(model, result)).items():
         by_name.setdefault(name, set()).add(fqn)
     for name, fqns in by_name.items():
-        for key in _covering_keys(model, fqns):
+        for key in covering_keys(model, fqns):
             result.styles[key] = MIXER_STYLES[name](replicate_if_indivisible=True)
             result.derived[key] = f"{name} (a sequence mixer the plan does not name; split by its channels)"
 

@@ -152,7 +152,8 @@ def inkling_plan(model: nn.Module, sequence_parallel: bool = False, registry: Re
     """The translated transformers plan, a vocab-parallel embedding, every attention block split by heads and fused
     shared experts split along their intermediate size."""
     from ..experts.tp_styles import ExpertsTensorParallel
-    from ..tensor_parallel.vocabulary import builtin_style
+    from ..tensor_parallel.matching import covering_keys
+    from ..tensor_parallel.vocabulary import builtin_style, copy_style
     from .decoder import embedding_modules, module_name
     from .hf_translation import hf_tp_plan
 
@@ -166,13 +167,19 @@ def inkling_plan(model: nn.Module, sequence_parallel: bool = False, registry: Re
     embed = module_name(model, embedding_modules(model)[0])
     if embed is not None:
         plan[embed] = builtin_style("embedding_rowwise")
+    entries: dict[str, ParallelStyle] = {}
     for fqn, module in model.named_modules():
         styles = attention_styles(module)
         if styles is not None:
-            plan.update({f"{fqn}.{key}" if key else fqn: style for key, style in styles.items()})
+            entries.update({f"{fqn}.{key}" if key else fqn: style for key, style in styles.items()})
         elif is_fused_shared_experts(fqn, module):
-            plan[fqn] = ExpertsTensorParallel()
+            entries[fqn] = ExpertsTensorParallel()
             shared.append(fqn)
+    by_style: dict[str, list[str]] = {}
+    for fqn, style in entries.items():
+        by_style.setdefault(repr(style), []).append(fqn)
+    for fqns in by_style.values():  # one ``layers.*`` key per style where it selects exactly these modules
+        plan.update({key: copy_style(entries[fqns[0]]) for key in covering_keys(model, fqns)})
     if shared:
         log_rank0(logger, logging.INFO, "TP plan of %s: the shared experts the transformers plan leaves replicated "
                   "are split along their intermediate size: %s.", type(model).__qualname__, ", ".join(shared))

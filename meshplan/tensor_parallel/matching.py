@@ -53,6 +53,16 @@ def generalize(fqn: str) -> str:
     return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", fqn)
 
 
+def covering_keys(model: nn.Module, fqns: Iterable[str]) -> list[str]:
+    """Plan keys selecting exactly ``fqns``: the generalized pattern (``layers.*``) of each group of names where
+    it selects no other module, else the names themselves."""
+    groups: dict[str, set[str]] = {}
+    for fqn in fqns:
+        groups.setdefault(generalize(fqn), set()).add(fqn)
+    return [key for pattern, group in sorted(groups.items())
+            for key in ([pattern] if set(match_key(model, pattern)) == group else sorted(group))]
+
+
 def suggest_keys(model: nn.Module, key: str, n: int = 3) -> list[str]:
     """Module patterns closest to an unmatched key."""
     patterns = dict.fromkeys(generalize(name) for name, _ in model.named_modules() if name)
