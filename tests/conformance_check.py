@@ -141,7 +141,7 @@ def plan_declaration(model_type: str) -> str | None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     config_class = CONFIG_MAPPING[model_type]
-    if any(getattr(c, "base_model_tp_plan", None) for c in [config_class, *_sub_config_classes(config_class)]):
+    if any(getattr(c, "base_model_tp_plan", None) for c in [config_class, *sub_config_classes(config_class)]):
         return "config"
     try:
         config = config_class()
@@ -165,7 +165,7 @@ def _builtin_provider(model_class: type) -> bool:
     return name.startswith("meshplan.plans.") and not name.startswith("meshplan.plans.hf")
 
 
-def _sub_config_classes(config_class: type) -> list[type]:
+def sub_config_classes(config_class: type) -> list[type]:
     found = []
     for spec in dict(getattr(config_class, "sub_configs", None) or {}).values():
         cls = getattr(spec, "config_class", spec)
@@ -373,7 +373,7 @@ def largest_replicated(model: nn.Module, count: int = 3) -> list[tuple[str, floa
     return [(name, size / total) for name, size in whole.most_common(count)] if total else []
 
 
-def _reason(stage: str, exc: BaseException) -> str:
+def failure_reason(stage: str, exc: BaseException) -> str:
     message = " ".join(str(exc).split())
     if len(message) > 240:
         message = message[:237] + "..."
@@ -471,7 +471,7 @@ def run_check(model_type: str, config: Any, mesh: Callable[[], Any], strategy: t
         if strict_error:
             result["reason"] = f"{strict_error}; with strict=False: {result['reason'] or f'{axis} parity holds'}"
     except Exception as exc:  # noqa: BLE001 - reported in the result
-        result["reason"] = _reason(stage, exc)
+        result["reason"] = failure_reason(stage, exc)
         if strict_error:
             result["reason"] = f"{strict_error}; with strict=False: {result['reason']}"
         result["traceback"] = traceback.format_exc(limit=-6)
@@ -495,7 +495,7 @@ def check_architecture(model_type: str, rtol: float = RTOL, tp_plan: Any = None)
     try:
         config = tiny_config(model_type)
     except Exception as exc:  # noqa: BLE001 - reported in the result
-        return {"model_type": model_type, "status": "fail", "reason": _reason("config", exc), "stage": "config",
+        return {"model_type": model_type, "status": "fail", "reason": failure_reason("config", exc), "stage": "config",
                 "rank": dist.get_rank()}
     result = run_check(model_type, config, tp_mesh, TensorParallelOnly, "TP", rtol, tp_plan=tp_plan)
     return result | {"rank": dist.get_rank()}

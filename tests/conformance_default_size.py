@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from tests.conformance_check import OVERRIDES, _reason, largest_replicated, sharded_fraction
+from tests.conformance_check import OVERRIDES, failure_reason, largest_replicated, sharded_fraction
 
 WORLD_SIZE = 2
 AXES = ("TP", "EP")
@@ -95,9 +95,9 @@ def measure(model_type: str, axis: str, strategies: dict[str, type]) -> dict[str
         stage = f"apply {axis} plan"
         prepared.apply()
     except (TensorParallelSizeError, ExpertParallelError) as exc:  # validation refuses this size
-        return {"reason": _reason(f"{axis} refused", exc)}
+        return {"reason": failure_reason(f"{axis} refused", exc)}
     except Exception as exc:  # noqa: BLE001 - reported in the result
-        return {"reason": _reason(stage, exc)}
+        return {"reason": failure_reason(stage, exc)}
     return {"sharded_fraction": sharded_fraction(model), "parameters": sum(p.numel() for p in model.parameters()),
             "largest_replicated": largest_replicated(model)}
 
@@ -107,10 +107,10 @@ def measure_all(tp_types: list[str], ep_types: list[str]) -> dict[str, dict[str,
     :data:`WORLD_SIZE` ranks that this call opens."""
     import meshplan
     from meshplan.core.fake_pg import fake_process_group
-    from tests.conformance_ep_check import _ep_only_strategy
+    from tests.conformance_ep_check import ep_only_strategy
     from tests.support import TensorParallelOnly
 
-    strategies = {"TP": TensorParallelOnly, "EP": _ep_only_strategy()}
+    strategies = {"TP": TensorParallelOnly, "EP": ep_only_strategy()}
     found: dict[str, dict[str, dict[str, Any]]] = {axis: {} for axis in AXES}
     with fake_process_group(WORLD_SIZE):
         for strategy in strategies.values():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from tests.conformance_check import RTOL, _reason, _sub_config_classes, run_check, tiny_config
+from tests.conformance_check import RTOL, failure_reason, run_check, sub_config_classes, tiny_config
 
 EP_SIZE = 2
 #: Config fields that select the MoE variant of a model type whose default config is dense (set after the tiny
@@ -40,7 +40,7 @@ def ep_plan_declared(model_type: str) -> bool:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     config_class = CONFIG_MAPPING[model_type]
-    return any(getattr(c, "base_model_ep_plan", None) for c in [config_class, *_sub_config_classes(config_class)])
+    return any(getattr(c, "base_model_ep_plan", None) for c in [config_class, *sub_config_classes(config_class)])
 
 
 def model_types_with_ep_plan() -> list[str]:
@@ -50,7 +50,7 @@ def model_types_with_ep_plan() -> list[str]:
     return [t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if ep_plan_declared(t)]
 
 
-def _ep_only_strategy():
+def ep_only_strategy():
     from meshplan.core.strategy import Strategy, StrategyOptions
     from meshplan.experts.apply import apply_expert_parallel
 
@@ -88,5 +88,5 @@ def check_architecture_ep(model_type: str, rtol: float = RTOL) -> dict[str, Any]
     try:
         config = moe_config(model_type)
     except Exception as exc:  # noqa: BLE001 - reported in the result
-        return {"model_type": model_type, "status": "fail", "reason": _reason("config", exc), "stage": "config"}
-    return run_check(model_type, config, ep_mesh, _ep_only_strategy(), "EP", rtol)
+        return {"model_type": model_type, "status": "fail", "reason": failure_reason("config", exc), "stage": "config"}
+    return run_check(model_type, config, ep_mesh, ep_only_strategy(), "EP", rtol)
