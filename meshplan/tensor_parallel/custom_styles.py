@@ -267,6 +267,14 @@ class _LocalParameterForward(ParallelStyle):
                                                         for owner, name in self._localized(module)])
 
 
+def replicate_parameters(module: nn.Module, mesh: DeviceMesh) -> None:
+    """Make the module's own plain parameters replicated DTensors on ``mesh`` (those already DTensors stay)."""
+    for name, param in list(module.named_parameters(recurse=False)):
+        if not isinstance(param, DTensor):
+            replicated = distribute_tensor(param.detach(), mesh, [Replicate()])
+            module.register_parameter(name, nn.Parameter(replicated, requires_grad=param.requires_grad))
+
+
 class ReplicatedWithGradAllReduce(_LocalParameterForward):
     """Parameters become replicated DTensors; the module computes on local views whose gradients are
     declared partial, so each rank's contribution is summed across the mesh (transformers'
@@ -279,10 +287,7 @@ class ReplicatedWithGradAllReduce(_LocalParameterForward):
         return f"{type(self).__name__}()"
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        for name, param in list(module.named_parameters(recurse=False)):
-            if not isinstance(param, DTensor):
-                replicated = distribute_tensor(param.detach(), device_mesh, [Replicate()])
-                module.register_parameter(name, nn.Parameter(replicated, requires_grad=param.requires_grad))
+        replicate_parameters(module, device_mesh)
         return self._run_on_local_parameters(module)
 
 
@@ -595,8 +600,10 @@ def predicted_placement(style: ParallelStyle | None, module: nn.Module, param_na
     ``"unsharded"`` when the style leaves it alone (or there is no style); ``None`` when it cannot be known
     without applying the style. Used to refuse tied parameters that would be split differently.
     """
+    from .kv_replication import ReplicatedKeyValueAttention, ReplicatedKeyValueProjection  # it imports this module
+
     if style is None or isinstance(style, (KeepReplicated, PrepareHiddenStates, PrepareHiddenStatesOutput, OwnedOutput,
-                                           MlaKvAProjParallel, LocalHeadCount)):
+                                           MlaKvAProjParallel, LocalHeadCount, ReplicatedKeyValueAttention)):
         return "unsharded"
     if isinstance(style, LocalShardedParameters):
         return str(Shard(style.params[param_name])) if param_name in style.params else "unsharded"
@@ -612,7 +619,7 @@ def predicted_placement(style: ParallelStyle | None, module: nn.Module, param_na
         if param_name == "bias" and not colwise:
             return str(Replicate())
         return packed + str(Shard(0) if colwise else Shard(1))
-    if isinstance(style, (ReplicatedWithGradAllReduce, SequenceParallel)):
+    if isinstance(style, (ReplicatedWithGradAllReduce, SequenceParallel, ReplicatedKeyValueProjection)):
         return str(Replicate())
     if callable(getattr(style, "placements", None)):  # {parameter name relative to the module: placement}
         try:

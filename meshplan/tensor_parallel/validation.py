@@ -38,20 +38,32 @@ def head_counts(config: Any) -> set[tuple[int, int]]:
     return counts
 
 
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{fqn: module}`` of the model's attention modules (classes named ``*Attention*``)."""
+    return {fqn: module for fqn, module in model.named_modules() if "Attention" in type(module).__name__}
+
+
 def splits_attention(model: nn.Module, plan: ResolvedPlan) -> bool:
     """Whether ``plan`` gives a style (other than keeping it whole) to an attention module (a class named
     ``*Attention*``) or to a module inside one, i.e. may split attention heads."""
     from .custom_styles import KeepReplicated  # DTensor styles: imported when a plan is used
 
-    attention = {fqn for fqn, module in model.named_modules() if "Attention" in type(module).__name__}
+    attention = set(attention_modules(model))
     return any(within(fqn, attention) for key, found in plan.matches.items()
                if not isinstance(plan.styles[key], KeepReplicated) for fqn in found)
 
 
+def fits_tp_size(heads: int, kv_heads: int, tp_size: int) -> bool:
+    """Whether ``tp_size`` divides the attention heads, and divides the KV heads or is a multiple of them (KV heads
+    then replicated: :mod:`meshplan.tensor_parallel.kv_replication`)."""
+    return heads % tp_size == 0 and (kv_heads % tp_size == 0 or tp_size % kv_heads == 0)
+
+
 def validate_tp_size(model: nn.Module, tp_size: int, plan: ResolvedPlan | None = None) -> None:
-    """Attention heads and KV heads (of every layer kind) must divide by the TP size (skipped without such a
-    config, and when the matched ``plan`` leaves every attention module whole: DeepSeek-V4's plan splits only its
-    experts, and its single KV head must not forbid that)."""
+    """Attention heads (of every layer kind) must divide by the TP size, and KV heads must divide by it or divide
+    it (fewer KV heads than TP ranks are replicated, when the fitted plan can: :func:`fit_to_tp_size`). Skipped
+    without such a config, and when the matched ``plan`` leaves every attention module whole: DeepSeek-V4's plan
+    splits only its experts, and its single KV head must not forbid that."""
     if tp_size <= 1:
         return
     config = attention_config(model)
@@ -59,13 +71,16 @@ def validate_tp_size(model: nn.Module, tp_size: int, plan: ResolvedPlan | None =
         return
     counts = head_counts(config)
     for heads, kv_heads in sorted(counts):
-        for label, count in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
-            if count % tp_size:
-                divisors = [d for d in range(1, count + 1) if all(h % d == 0 for pair in counts for h in pair)]
-                raise TensorParallelSizeError(
-                    f"{label} ({count}) must be divisible by TP size ({tp_size}) for "
-                    f"{type(model).__qualname__}; TP sizes that divide every head count: {divisors}."
-                )
+        if fits_tp_size(heads, kv_heads, tp_size):
+            continue
+        label, count, rule = (("num_attention_heads", heads, "") if heads % tp_size else
+                              ("num_key_value_heads", kv_heads, ", or divide it (KV heads replicated)"))
+        sizes = [d for d in range(1, max(max(pair) for pair in counts) + 1)
+                 if all(fits_tp_size(h, kv, d) for h, kv in counts)]
+        raise TensorParallelSizeError(
+            f"{label} ({count}) must be divisible by TP size ({tp_size}){rule} for {type(model).__qualname__}; "
+            f"TP sizes that fit every head count: {sizes}."
+        )
     vocab = getattr(config, "vocab_size", None)
     if vocab and vocab % tp_size:
         log_rank0(logger, logging.INFO, "vocab_size %d is not divisible by TP size %d: vocab-parallel "
@@ -107,17 +122,24 @@ def _replicated_linears(model: nn.Module, styles: dict, matches: dict[str, list[
 def fit_to_tp_size(model: nn.Module, plan: ResolvedPlan, tp_size: int) -> ResolvedPlan:
     """``plan`` fitted to ``tp_size``, before any collective and the same on every rank.
 
-    Every style that can tell in advance (a ``check(module, tp_size)`` method, e.g. the experts' style for a TP
-    size that does not divide the expert intermediate size) checks each module it matched and raises a typed
-    error. A style that may instead leave a module whole (``whole_reason(module, tp_size)``, the fallback's mixer
-    styles) loses that match, with one warning per reason, so the report, explain and ``apply`` all see the
-    module replicated.
+    An attention block split by the plan whose KV heads are fewer than the TP size gets replicated KV heads
+    (:func:`~meshplan.tensor_parallel.kv_replication.replicate_key_value_heads`; refused with
+    :class:`TensorParallelSizeError` where it cannot). Every style that can tell in advance (a
+    ``check(module, tp_size)`` method, e.g. the experts' style for a TP size that does not divide the expert
+    intermediate size) checks each module it matched and raises a typed error. A style that may instead leave a
+    module whole (``whole_reason(module, tp_size)``, the fallback's mixer styles) loses that match, with one warning
+    per reason, so the report, explain and ``apply`` all see the module replicated.
     """
+    from .kv_replication import replicate_key_value_heads  # DTensor styles: imported when a plan is used
+
+    config = attention_config(model)
+    kv_heads = {kv for _, kv in head_counts(config)} if config is not None and tp_size > 1 else set()
+    fitted = replicate_key_value_heads(plan, tp_size, attention_modules(model), kv_heads)
     matches: dict[str, list[str]] = {}
     whole: dict[str, list[str]] = {}
-    for key, style in plan.styles.items():
+    for key, style in fitted.styles.items():
         matches[key] = []
-        for fqn in plan.matches.get(key, ()):
+        for fqn in fitted.matches.get(key, ()):
             module = model.get_submodule(fqn)
             whole_reason = getattr(style, "whole_reason", None)
             reason = whole_reason(module, tp_size) if callable(whole_reason) else None
@@ -128,14 +150,14 @@ def fit_to_tp_size(model: nn.Module, plan: ResolvedPlan, tp_size: int) -> Resolv
             if callable(check):
                 check(module, tp_size)
             matches[key].append(fqn)
-    if not whole:
+    if not whole and fitted is plan:
         return plan
     for reason, fqns in whole.items():
         log_rank0(logger, logging.WARNING, "TP=%d leaves %d module(s) replicated (%s): %s.", tp_size, len(fqns),
                   ", ".join(fqns[:3]) + (", ..." if len(fqns) > 3 else ""), reason)
-    styles = {key: style for key, style in plan.styles.items() if matches[key]}
+    styles = {key: style for key, style in fitted.styles.items() if matches[key]}
     matches = {key: found for key, found in matches.items() if found}
-    return dataclasses.replace(plan, styles=styles, matches=matches,
+    return dataclasses.replace(fitted, styles=styles, matches=matches,
                                replicated_linears=_replicated_linears(model, styles, matches))
 
 

@@ -1,0 +1,279 @@
+"""Tensor parallelism over more ranks than key/value heads: each KV head replicated on ``tp // kv_heads`` ranks.
+
+With ``kv_heads < tp`` (and ``tp % kv_heads == 0``; Qwen3-235B-A22B's 4 KV heads at TP=8, a one-KV-head model at
+TP=2) the column-wise ``k_proj`` / ``v_proj`` of an attention block cannot give each rank whole KV heads. As vLLM
+does, TP rank ``r`` keeps its query heads ``[r*H/tp, (r+1)*H/tp)`` (column-wise ``q_proj``, unchanged), which all
+share KV head ``g = r // (tp // kv_heads)``:
+
+* :class:`ReplicatedKeyValueProjection` (``k_proj`` / ``v_proj``): the weight and bias stay whole on every rank as
+  replicated DTensors (so FSDP2, state dicts, DCP and ``explain`` see ordinary replicated parameters); each rank
+  computes the whole projection and keeps head ``g``. The projection output's gradient is summed over the TP ranks
+  (:func:`~meshplan.tensor_parallel.custom_styles.all_reduce_backward`) before it reaches the weight and the input,
+  so their gradients are complete and identical on every rank and are not reduced again.
+* :class:`ReplicatedKeyValueAttention` (the attention module): it computes with one local KV head, so its
+  ``num_key_value_groups`` (what transformers' eager / sdpa attention repeat the KV heads by) becomes this rank's
+  query-head count, and a KV head count it stores becomes 1.
+* :func:`replicate_key_value_heads`: the step of :func:`~meshplan.tensor_parallel.validation.fit_to_tp_size` that
+  puts them in place of the column-wise styles of every standard attention block whose KV heads do not divide by
+  the TP size, and refuses (:class:`TensorParallelSizeError`) a block it cannot handle, before any collective.
+
+Both styles need the block's head counts, so plans do not name them: the fitting step builds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle
+
+from ..core.errors import PlanError, TensorParallelSizeError
+from ..core.log import get_logger, log_rank0
+from .custom_styles import (
+    ChainedStyles,
+    KeepReplicated,
+    PrepareHiddenStates,
+    all_reduce_backward,
+    replicate_parameters,
+    run_on_local_parameters,
+)
+from .matching import generalize, within
+from .plan import ResolvedPlan, describe_style
+
+logger = get_logger(__name__)
+
+#: The key and value projections of a standard attention block (children of the attention module).
+KEY_VALUE_PROJECTIONS = ("k_proj", "v_proj")
+#: Integer KV-head counts an attention module may store and read in its forward (set to 1, the local count).
+KEY_VALUE_HEAD_COUNTS = ("num_key_value_heads", "num_kv_heads")
+
+
+class ReplicatedKeyValueProjection(ParallelStyle):
+    """A key or value ``nn.Linear`` of ``kv_heads`` heads of ``head_dim`` features, replicated on every TP rank;
+    rank ``r`` returns the plain local tensor of head ``r // (tp // kv_heads)`` (see the module docstring). The input
+    may be a DTensor (made ``Replicate``, as sequence parallel gives it) or a plain tensor in ``input_layout``
+    (the layout the replaced column-wise style took it in)."""
+
+    def __init__(self, kv_heads: int, head_dim: int, *, input_layout: Placement | None = None) -> None:
+        super().__init__()
+        self.kv_heads = int(kv_heads)
+        self.head_dim = int(head_dim)
+        self.input_layout = input_layout if input_layout is not None else Replicate()
+
+    def check(self, module: nn.Module, tp_size: int) -> None:
+        """:class:`PlanError` for a module that is no ``nn.Linear`` of ``kv_heads * head_dim`` outputs,
+        :class:`TensorParallelSizeError` for a TP size that ``kv_heads`` does not divide."""
+        if not isinstance(module, nn.Linear) or module.out_features != self.kv_heads * self.head_dim:
+            raise PlanError(f"{type(self).__name__}: {type(module).__name__} is no nn.Linear with "
+                            f"{self.kv_heads} x {self.head_dim} output features.")
+        if tp_size % self.kv_heads:
+            raise TensorParallelSizeError(f"{type(self).__name__}: the TP size {tp_size} is no multiple of the "
+                                          f"{self.kv_heads} key/value heads.")
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        tp_size = device_mesh.size()
+        self.check(module, tp_size)
+        replicate_parameters(module, device_mesh)
+        start = device_mesh.get_local_rank() // (tp_size // self.kv_heads) * self.head_dim
+
+        def own_head(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return all_reduce_backward(output, device_mesh).narrow(-1, start, self.head_dim).contiguous()
+
+        PrepareHiddenStates(self.input_layout, Replicate(), argument="input", use_local_output=True)._apply(
+            module, device_mesh)
+        module.register_forward_hook(own_head)
+        # the local views' gradients are complete (the output gradient is summed): declared Replicate, not reduced
+        return run_on_local_parameters(module, lambda: [(module, name, DTensor.to_local)
+                                                        for name, param in module._parameters.items()
+                                                        if isinstance(param, DTensor)])
+
+    def __repr__(self) -> str:
+        layout = "" if self.input_layout == Replicate() else f", input_layout={self.input_layout}"
+        return f"{type(self).__name__}(kv_heads={self.kv_heads}, head_dim={self.head_dim}{layout})"
+
+
+class ReplicatedKeyValueAttention(ParallelStyle):
+    """The attention module whose ``kv_heads`` key/value heads are replicated (:class:`ReplicatedKeyValueProjection`)
+    computes with one local KV head: ``num_key_value_groups`` becomes the local query-head count
+    ``num_key_value_groups * kv_heads // tp``, and an integer ``num_key_value_heads`` / ``num_kv_heads`` becomes 1."""
+
+    def __init__(self, kv_heads: int) -> None:
+        super().__init__()
+        self.kv_heads = int(kv_heads)
+
+    def check(self, module: nn.Module, tp_size: int) -> None:
+        """:class:`PlanError` without an integer ``num_key_value_groups``, :class:`TensorParallelSizeError` for a TP
+        size that is no multiple of the KV heads or does not divide the query heads."""
+        groups = getattr(module, "num_key_value_groups", None)
+        if not isinstance(groups, int) or isinstance(groups, bool):
+            raise PlanError(f"{type(self).__name__}: {type(module).__name__}.num_key_value_groups = {groups!r} must "
+                            "be an integer.")
+        if tp_size % self.kv_heads or groups * self.kv_heads % tp_size:
+            raise TensorParallelSizeError(
+                f"{type(self).__name__}: {type(module).__name__} has {groups * self.kv_heads} query heads and "
+                f"{self.kv_heads} key/value heads; the TP size {tp_size} must divide the first and be a multiple of "
+                "the second.")
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        tp_size = device_mesh.size()
+        self.check(module, tp_size)
+        module.num_key_value_groups = module.num_key_value_groups * self.kv_heads // tp_size
+        for name in KEY_VALUE_HEAD_COUNTS:
+            if isinstance(getattr(module, name, None), int):
+                setattr(module, name, 1)
+        return module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kv_heads={self.kv_heads})"
+
+
+# --- fitting a plan ---------------------------------------------------------------------------------------------
+def key_value_heads(module: nn.Module) -> int | None:
+    """The KV head count of an attention module: its ``k_proj`` width over its ``head_dim`` (a standard block),
+    else an integer ``num_key_value_heads`` / ``num_kv_heads`` it stores; ``None`` when it says neither."""
+    standard = _standard_head_dim(module)
+    if standard is not None:
+        return module.k_proj.out_features // standard
+    counts = (getattr(module, name, None) for name in KEY_VALUE_HEAD_COUNTS)
+    return next((count for count in counts if isinstance(count, int) and not isinstance(count, bool)), None)
+
+
+def _standard_head_dim(module: nn.Module) -> int | None:
+    """``head_dim`` of a standard attention block: an integer ``head_dim`` and ``num_key_value_groups``, ``nn.Linear``
+    ``k_proj`` and ``v_proj`` of the same whole number of heads; ``None`` for any other module."""
+    head_dim, groups = getattr(module, "head_dim", None), getattr(module, "num_key_value_groups", None)
+    k, v = (getattr(module, name, None) for name in KEY_VALUE_PROJECTIONS)
+    if not (isinstance(head_dim, int) and head_dim > 0 and isinstance(groups, int)
+            and isinstance(k, nn.Linear) and isinstance(v, nn.Linear)):
+        return None
+    return head_dim if k.out_features == v.out_features and k.out_features % head_dim == 0 else None
+
+
+def _local_colwise(style: ParallelStyle | None) -> bool:
+    """Whether ``style`` is torch's column-wise split of a Linear whose local output columns are this rank's heads."""
+    return (isinstance(style, ColwiseParallel) and type(style)._apply is ColwiseParallel._apply
+            and style.use_local_output and tuple(style.output_layouts) == (Shard(-1),))
+
+
+def _gathered_colwise(style: ParallelStyle | None) -> bool:
+    """Whether ``style`` is a column-wise Linear split whose output is gathered (``colwise_gather_output``)."""
+    return isinstance(style, ColwiseParallel) and tuple(style.output_layouts) == (Replicate(),)
+
+
+def _refusal(fqn: str, module: nn.Module, kv_heads: int, tp_size: int, reason: str) -> TensorParallelSizeError:
+    return TensorParallelSizeError(
+        f"{fqn} ({type(module).__name__}) has {kv_heads} key/value head(s), fewer than the TP size {tp_size} and not "
+        f"divisible by it, so they must be replicated, but {reason}. Use a TP size that divides {kv_heads}, or a plan "
+        "that leaves this attention whole.")
+
+
+def _kv_plan(fqn: str, module: nn.Module, tp_size: int, style_of: dict[str, ParallelStyle]
+             ) -> tuple[int, int] | None:
+    """``(kv_heads, head_dim)`` when the split attention block ``fqn`` needs replicated KV heads, ``None`` when it
+    does not (heads divide by the TP size, or the plan gathers its keys and values); raises when it cannot have
+    them."""
+    kv_heads = key_value_heads(module)
+    if kv_heads is None:
+        raise TensorParallelSizeError(
+            f"{fqn} ({type(module).__name__}) is split by the plan, the model's config has fewer key/value heads than "
+            f"the TP size {tp_size}, and meshplan cannot tell this module's KV head count (no nn.Linear k_proj / "
+            "v_proj of head_dim features, no integer num_key_value_heads), so it cannot replicate them. Use a TP size "
+            "that divides the KV heads, or a plan that leaves this attention whole.")
+    if kv_heads % tp_size == 0:
+        return None
+    if tp_size % kv_heads:
+        raise _refusal(fqn, module, kv_heads, tp_size, f"the TP size is no multiple of {kv_heads}")
+    head_dim = _standard_head_dim(module)
+    if head_dim is None:
+        raise _refusal(fqn, module, kv_heads, tp_size, "meshplan replicates KV heads only for separate nn.Linear "
+                       "k_proj / v_proj of whole heads in a module with head_dim and num_key_value_groups (a fused "
+                       "qkv projection cannot keep whole KV heads on each rank)")
+    styles = {name: style_of.get(f"{fqn}.{name}") for name in KEY_VALUE_PROJECTIONS}
+    if all(_gathered_colwise(style) for style in styles.values()):
+        return None  # every rank sees every KV head
+    for name, style in styles.items():
+        if not _local_colwise(style):
+            shown = "no style" if style is None else f"style {describe_style(style)}"
+            raise _refusal(fqn, module, kv_heads, tp_size, f"its {name} has {shown}, not the column-wise split "
+                           "(ColwiseParallel with local output) whose place the replicated projection takes")
+    width = kv_heads * head_dim
+    for name, child in module.named_children():
+        if kv_heads > 1 and not isinstance(child, nn.Linear) and any(width in p.shape for p in child.parameters()):
+            raise _refusal(fqn, module, kv_heads, tp_size, f"its {name} has parameters as wide as all {kv_heads} "
+                           "key/value heads together (a norm over the whole projection needs every head)")
+    return kv_heads, head_dim
+
+
+def replicate_key_value_heads(plan: ResolvedPlan, tp_size: int, attention: dict[str, nn.Module],
+                              kv_heads: set[int]) -> ResolvedPlan:
+    """``plan`` with replicated KV heads in every attention module of ``attention`` (``{fqn: module}``) that the
+    plan splits and whose KV heads do not divide by ``tp_size``: its ``k_proj`` / ``v_proj`` styles replaced by
+    :class:`ReplicatedKeyValueProjection`, :class:`ReplicatedKeyValueAttention` added to the module (chained after
+    a style the plan gives it). Logged at INFO on rank 0. ``plan`` itself when nothing changes, and at once when
+    every count of the model config's ``kv_heads`` divides by ``tp_size``."""
+    if all(count % tp_size == 0 for count in kv_heads):
+        return plan
+    style_of = {fqn: plan.styles[key] for key, found in plan.matches.items() for fqn in found}
+    split = [fqn for key, found in plan.matches.items() if not isinstance(plan.styles[key], KeepReplicated)
+             for fqn in found]
+    replaced: dict[str, ParallelStyle] = {}
+    added: dict[str, ParallelStyle] = {}
+    for fqn, module in attention.items():
+        if not any(within(name, {fqn}) and name != fqn for name in split):
+            continue
+        heads = _kv_plan(fqn, module, tp_size, style_of)
+        if heads is None:
+            continue
+        added[fqn] = ReplicatedKeyValueAttention(heads[0])
+        for name in KEY_VALUE_PROJECTIONS:
+            input_layout = style_of[f"{fqn}.{name}"].input_layouts[0]
+            replaced[f"{fqn}.{name}"] = ReplicatedKeyValueProjection(*heads, input_layout=input_layout)
+    if not added:
+        return plan
+    counts = sorted({style.kv_heads for style in added.values()})
+    names = list(added)
+    log_rank0(logger, logging.INFO, "TP=%d exceeds the %s key/value head(s) of %d attention module(s) (%s): k_proj / "
+              "v_proj replicated on every rank, rank r keeps KV head r // (TP / KV heads) (%s).", tp_size,
+              "/".join(map(str, counts)), len(names), ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""),
+              ReplicatedKeyValueProjection.__name__)
+    styles, matches = _regrouped(plan, lambda fqn, style: replaced.get(fqn) or (
+        ChainedStyles(style, added[fqn]) if fqn in added else None))
+    for fqn, style in added.items():
+        if not any(fqn in found for found in plan.matches.values()):
+            _put(styles, matches, generalize(fqn), style, fqn)
+    return dataclasses.replace(plan, styles=styles, matches=matches)
+
+
+def _regrouped(plan: ResolvedPlan, changed: Callable[[str, ParallelStyle], ParallelStyle | None]
+               ) -> tuple[dict[str, ParallelStyle], dict[str, list[str]]]:
+    """The plan's entries with each module's style replaced by ``changed(fqn, style)`` where that is not ``None``:
+    modules whose styles print alike share a new entry, under the original key if no module is left under it."""
+    styles: dict[str, ParallelStyle] = {}
+    matches: dict[str, list[str]] = {}
+    for key, style in plan.styles.items():
+        found = plan.matches.get(key, [])
+        new = {fqn: changed(fqn, style) for fqn in found}
+        kept = [fqn for fqn in found if new[fqn] is None]
+        if kept or not found:
+            _put(styles, matches, key, style, *kept)
+        for fqn in found:
+            if new[fqn] is not None:
+                _put(styles, matches, key, new[fqn], fqn)
+    return styles, matches
+
+
+def _put(styles: dict[str, ParallelStyle], matches: dict[str, list[str]], key: str, style: ParallelStyle,
+         *fqns: str) -> None:
+    """Add ``fqns`` to the entry of ``key`` if it has a style that prints as ``style`` does, else to a new entry
+    (``key`` with a suffix if taken)."""
+    name, number = key, 1
+    while name in styles and describe_style(styles[name]) != describe_style(style):
+        number += 1
+        name = f"{key} ({number})"
+    styles.setdefault(name, style)
+    matches.setdefault(name, []).extend(fqns)
