@@ -173,10 +173,14 @@ def test_validate_tp_mesh(fake_pg):
     with fake_pg(4):
         P.validate_tp_mesh(model, init_device_mesh("cpu", (4, 1), mesh_dim_names=("dp", "tp"))["tp"])  # no-op
         tp4 = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
-        with pytest.raises(AssertionError, match=r"num_key_value_heads \(2\) must be divisible by TP size \(4\)"):
+        P.validate_tp_mesh(model, tp4)  # 2 KV heads divide TP=4: replicated
+        model.config.num_attention_heads, model.config.num_key_value_heads = 12, 3
+        with pytest.raises(AssertionError, match=r"num_key_value_heads \(3\) must be divisible by TP size \(4\)"):
             P.validate_tp_mesh(model, tp4)
+        vlm = tiny_vlm()
+        vlm.config.text_config.num_key_value_heads = 3
         with pytest.raises(AssertionError, match="num_key_value_heads"):
-            P.validate_tp_mesh(tiny_vlm(), tp4)  # heads come from the VLM's text config
+            P.validate_tp_mesh(vlm, tp4)  # heads come from the VLM's text config
 
 
 # --- get_lm_ac_layers -------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Parity: 3 SGD steps in fp32 against one process (every loss, gathered gradient and gathered parameter within 1e-5
 relative), checked on every rank, since the ranks sharing a KV head and those holding another one compute
-differently: MQA Llama and Qwen2 (k/v biases) at TP=2, with and without sequence parallel; Qwen3 (per-head k_norm) with
-2 KV heads at TP=4; MQA Llama under FSDP2 (dp_shard=2 x tp=2). Refusals come before any collective.
+differently: at TP=2 MQA Llama (with and without sequence parallel), Qwen2 (k/v biases) and Gemma2 (the Hugging Face
+fallback's plan); Qwen3 (per-head k_norm) with 2 KV heads at TP=4; MQA Llama under FSDP2 (dp_shard=2 x tp=2) with
+activation checkpointing. Refusals come before any collective.
 """
 
 from __future__ import annotations
@@ -48,18 +49,19 @@ def test_tp2_with_one_kv_head_matches_single_process(ranks2):
     from tests.experts.helpers import sgd_parity_cases
 
     tp2 = {"dp_shard_cp": 1, "tp": 2}
-    cases = [("llama", tp2, {}, MQA), ("llama", tp2, {"sequence_parallel": True}, MQA), ("qwen2", tp2, {}, MQA)]
+    cases = [("llama", tp2, {}, MQA), ("llama", tp2, {"sequence_parallel": True}, MQA), ("qwen2", tp2, {}, MQA),
+             ("gemma2", tp2, {}, MQA)]
     _assert_parity(ranks2.run(sgd_parity_cases, cases, timeout=600), cases)
 
 
 @pytest.mark.distributed
 def test_tp4_with_two_kv_heads_and_fsdp2_match_single_process(ranks4):
     """Ranks 0-1 share KV head 0 and ranks 2-3 KV head 1 (Qwen3, whose k_norm gradient is summed over TP); MQA
-    Llama with its replicated k/v projections sharded by FSDP2 along dp_shard."""
+    Llama with its replicated k/v projections sharded by FSDP2 along dp_shard, each layer recomputed in backward."""
     from tests.experts.helpers import sgd_parity_cases
 
     cases = [("qwen3", {"dp_shard_cp": 1, "tp": 4}, {}, {"num_attention_heads": 4, "num_key_value_heads": 2}),
-             ("llama", {"dp_shard_cp": 2, "tp": 2}, {}, MQA)]
+             ("llama", {"dp_shard_cp": 2, "tp": 2}, {"activation_checkpointing": "full"}, MQA)]
     _assert_parity(ranks4.run(sgd_parity_cases, cases, timeout=600), cases)
 
 

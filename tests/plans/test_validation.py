@@ -148,13 +148,19 @@ def test_head_counts_of_a_heterogeneous_config_are_checked_per_layer_kind():
 
 def test_heads_need_to_divide_only_when_the_plan_splits_attention(mesh2):
     """DeepSeek-V4 has one KV head and a transformers plan that splits only its experts: TP=2 is accepted and the
-    attention stays whole. A plan that splits the attention of a one-KV-head model is refused before anything runs."""
+    attention stays whole. A plan that splits the attention of a one-KV-head model replicates its KV heads
+    (tests/plans/test_kv_replication.py); KV heads that neither divide by the TP size nor divide it are refused before
+    anything runs."""
     from meshplan.core.errors import TensorParallelSizeError
+    from meshplan.tensor_parallel.kv_replication import ReplicatedKeyValueProjection
     from tests.conformance_check import build_model, tiny_config
 
     config = tiny_config("deepseek_v4")
     config.num_key_value_heads = 1
     prepared = meshplan.prepare(build_model(config), mesh2, strategy="tp_test")
     assert prepared.plan.styles and not any("attn" in key for key in prepared.plan.styles), prepared.plan.styles
-    with pytest.raises(TensorParallelSizeError, match=r"num_key_value_heads \(1\) must be divisible by TP size"):
-        meshplan.prepare(build("llama", num_key_value_heads=1), mesh2, strategy="tp_test")
+    styles = meshplan.prepare(build("llama", num_key_value_heads=1), mesh2, strategy="tp_test").plan.styles
+    assert isinstance(styles["model.layers.*.self_attn.k_proj"], ReplicatedKeyValueProjection), styles
+    with pytest.raises(TensorParallelSizeError, match=r"num_key_value_heads \(3\) must be divisible by TP size"):
+        meshplan.prepare(build("llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=3), mesh2,
+                         strategy="tp_test")

@@ -176,8 +176,9 @@ def parallelize_only(mesh_shape: dict[str, int], overrides: dict, kwargs: dict) 
 BAD_INPUTS = {
     "no-dp-dim": ({"foo": 2}, {}, {}, MeshError, "Mesh dim 'foo' (size 2) has no role in strategy 'fsdp2'"),
     "replicate-only": ({"dp_replicate": 2}, {}, {}, MeshError, "needs a data-parallel shard dim: looked for"),
-    "tp-vs-kv-heads": ({"dp_shard_cp": 1, "tp": 2}, {"num_key_value_heads": 1}, {}, TensorParallelSizeError,
-                       "num_key_value_heads (1)"),
+    "tp-vs-kv-heads": ({"dp_shard_cp": 1, "tp": 2}, {"hidden_size": 48, "intermediate_size": 96,
+                                                      "num_attention_heads": 6, "num_key_value_heads": 3},
+                       {}, TensorParallelSizeError, "num_key_value_heads (3)"),
     "tp-vs-heads": ({"dp_shard_cp": 1, "tp": 2}, {"hidden_size": 48, "intermediate_size": 96,
                                                    "num_attention_heads": 3, "num_key_value_heads": 3},
                     {}, TensorParallelSizeError, "num_attention_heads (3)"),
