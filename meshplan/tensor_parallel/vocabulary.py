@@ -46,7 +46,10 @@ Not in the vocabulary: ``grouped_gemm`` (parameter entries of an ``ep_dispatch_e
 ``ExpertParallel``), and ``local_params``, whose meaning depends on the plan entries of
 the module's parameters; the Hugging Face fallback (``meshplan.plans.hf``) translates ``local_params`` with those
 entries into ``LocalShardedParameters``, and the ``packed_colwise`` / ``rowwise`` entries of a ``moe_tp_experts``
-module's parameters into the layouts of its ``ExpertsTensorParallel``.
+module's parameters into the layouts of its ``ExpertsTensorParallel``. Nor are the styles of replicated key/value
+heads (:mod:`meshplan.tensor_parallel.kv_replication`: ``ReplicatedKeyValueProjection`` on ``k_proj`` / ``v_proj``,
+``ReplicatedKeyValueAttention`` on their attention module), which need the block's head counts: fitting a plan to
+a TP size larger than the KV head count puts them in place of the column-wise ``k_proj`` / ``v_proj`` styles.
 """
 
 from __future__ import annotations
