@@ -83,10 +83,10 @@ def test_unmatched_key_is_strict_by_default(fake_pg):
 
 def test_heads_must_divide_tp_size_before_any_work(fake_pg):
     meshplan.register_strategy(RecordingStrategy)
-    model = tiny_hf("llama", num_attention_heads=4, num_key_value_heads=2)
+    model = tiny_hf("llama", hidden_size=48, num_attention_heads=12, num_key_value_heads=3)
     with fake_pg(4):
         mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
-        with pytest.raises(TensorParallelSizeError, match=r"num_key_value_heads \(2\).*TP size \(4\)") as info:
+        with pytest.raises(TensorParallelSizeError, match=r"num_key_value_heads \(3\).*TP size \(4\)") as info:
             meshplan.parallelize(model, mesh, strategy="recording")
     assert isinstance(info.value, AssertionError) and isinstance(info.value, MeshplanError)
     assert not hasattr(model, "seen")
