@@ -133,8 +133,10 @@ def fit_to_tp_size(model: nn.Module, plan: ResolvedPlan, tp_size: int) -> Resolv
     from .kv_replication import replicate_key_value_heads  # DTensor styles: imported when a plan is used
 
     config = attention_config(model)
-    kv_heads = {kv for _, kv in head_counts(config)} if config is not None and tp_size > 1 else set()
-    fitted = replicate_key_value_heads(plan, tp_size, attention_modules(model), kv_heads)
+    fitted = plan
+    if tp_size > 1 and config is not None and splits_attention(model, plan):  # as validate_tp_size reads them
+        kv_heads = {kv for _, kv in head_counts(config)}
+        fitted = replicate_key_value_heads(plan, tp_size, attention_modules(model), kv_heads)
     matches: dict[str, list[str]] = {}
     whole: dict[str, list[str]] = {}
     for key, style in fitted.styles.items():
