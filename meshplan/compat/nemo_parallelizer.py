@@ -127,7 +127,9 @@ def translate_to_torch_parallel_style(style: str) -> ParallelStyle:
 
 
 def validate_tp_mesh(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """Heads and KV heads (top level or the VLM text config) must divide by the TP size (no-op at 1)."""
+    """Heads (top level or the VLM text config) must divide by the TP size, and KV heads divide it or be divided by
+    it (no-op at 1). Fewer KV heads than the TP size work only through meshplan's ``parallelize_module`` /
+    ``parallelize``, which replicate them (torch's ``parallelize_module`` does not)."""
     validate_tp_size(model, tp_mesh.size())
 
 
@@ -261,13 +263,14 @@ def parallelize_module(
     """torch's ``parallelize_module`` signature, with meshplan's tensor parallelism behind it.
 
     A plan (dict of key patterns, dotted path, callable, or ``None`` for the model's registered / Hugging Face
-    plan) is resolved, matched strictly and checked for tied parameters and the mesh size before anything is
-    sharded, then
+    plan) is resolved, matched strictly and checked for tied parameters, head counts and the mesh size before
+    anything is sharded, then
     applied keeping tied parameters tied. A single ``ParallelStyle`` goes straight to torch.
     """
     if isinstance(parallelize_plan, ParallelStyle):
         return torch_parallelize_module(module, device_mesh, parallelize_plan, **kwargs)
     plan = match_and_check(module, resolve_plan(module, get_registry(), parallelize_plan))
+    validate_tp_size(module, device_mesh.size(), plan)
     return apply_tensor_parallel(module, device_mesh, fit_to_tp_size(module, plan, device_mesh.size()))
 
 

@@ -22,9 +22,9 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     return f" Did you mean {hits[0]!r}?" if hits else ""
 
 
-#: Module names that wrappers insert into parameter names (activation checkpointing, FSDP1); torch's
-#: distributed state-dict helpers leave them out of the keys.
-WRAPPER_COMPONENTS = frozenset({"_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+#: Module names that wrappers insert into parameter names (activation checkpointing, FSDP1, ``torch.compile``);
+#: torch's distributed state-dict helpers leave them out of the keys.
+WRAPPER_COMPONENTS = frozenset({"_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod"})
 
 
 def unwrapped_name(name: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -46,7 +47,8 @@ def gather_full_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[st
     from ..tensor_parallel.custom_styles import unpack_full_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
-    return unpack_full_state_dict(model, get_model_state_dict(model, options=options))
+    full = get_model_state_dict(model, options=options)
+    return unpack_full_state_dict(model, full, strict=bool(full))
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -96,11 +98,13 @@ def _packed_layout(model: nn.Module) -> str:
 
 def _check_packed_layout(model: nn.Module, checkpoint_id: str | os.PathLike[str]) -> None:
     """:class:`CheckpointLayoutError` (the same on every rank) unless the checkpoint's rank-major parameters were
-    saved in the layout ``model`` has now (a checkpoint without the record counts as having none)."""
+    saved in the layout ``model`` has now; a checkpoint written without the record (before meshplan kept it) is
+    not checked. Any storage ``dcp.load`` reads (paths, fsspec URLs)."""
     saved: dict[str, Any] = {PACKED_KEY: ""}
-    if PACKED_KEY in dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata:
-        dcp.load(saved, checkpoint_id=checkpoint_id)
-    before, now = json.loads(saved[PACKED_KEY] or "{}"), json.loads(_packed_layout(model))
+    dcp.load(saved, checkpoint_id=checkpoint_id, planner=DefaultLoadPlanner(allow_partial_load=True))
+    if not saved[PACKED_KEY]:  # written before the layout was recorded: unknown, not checked
+        return
+    before, now = json.loads(saved[PACKED_KEY]), json.loads(_packed_layout(model))
     differing = sorted(name for name in before.keys() | now.keys() if before.get(name) != now.get(name))
     if differing:
         def describe(layout: dict[str, Any], name: str) -> str:

@@ -235,7 +235,7 @@ def materialize_meta_model(
     initialize_sharded(model, seed=seed, init_fn=init_fn, parameters=not loading)
     if loading:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        source = pack_full_state_dict(model, with_tied_keys(model, state_dict or {})) \
+        source = pack_full_state_dict(model, with_tied_keys(model, state_dict or {}), strict=True) \
             if (not broadcast_from_rank0 or rank == 0) else {}
         set_model_state_dict(model, source, options=StateDictOptions(
             full_state_dict=True, broadcast_from_rank0=broadcast_from_rank0, strict=True))

@@ -26,7 +26,7 @@ restores the original order.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,28 +63,40 @@ def packed_parameters(model: nn.Module) -> dict[str, tuple[tuple[int, ...], int,
             for name, (sizes, world, dim) in getattr(module, PACKED_ATTRIBUTE, {}).items()}
 
 
-def unpack_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _packed_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool
+                 ) -> Iterator[tuple[str, tuple[tuple[int, ...], int, int]]]:
+    """``(key in state_dict, layout)`` of each packed parameter: its name, or its name without wrapper components
+    (as torch's distributed state-dict helpers write it). ``strict``: :class:`PlanError` for one that is missing."""
+    for name, layout in packed_parameters(model).items():
+        key = next((k for k in (name, unwrapped_name(name)) if k in state_dict), None)
+        if key is not None:
+            yield key, layout
+        elif strict:
+            raise PlanError(f"The state dict has no key for the packed parameter {name!r} (nor "
+                            f"{unwrapped_name(name)!r}), so its rank-major order cannot be converted.")
+
+
+def unpack_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = False
+                           ) -> dict[str, torch.Tensor]:
     """Restore the original order of packed parameters in a *full* (gathered) state dict, in place.
 
     Keys may be the model's parameter names or those names without wrapper components (activation checkpointing),
-    as torch's distributed state-dict helpers give them; keys not in ``state_dict`` are skipped.
+    as torch's distributed state-dict helpers give them; keys not in ``state_dict`` are skipped, or raise with
+    ``strict``.
     """
-    for name, (sizes, world, dim) in packed_parameters(model).items():
-        key = next((k for k in (name, unwrapped_name(name)) if k in state_dict), None)
-        if key is not None:
-            state_dict[key] = unpack_rank_major(state_dict[key], sizes, world, dim)
+    for key, (sizes, world, dim) in _packed_keys(model, state_dict, strict):
+        state_dict[key] = unpack_rank_major(state_dict[key], sizes, world, dim)
     return state_dict
 
 
-def pack_full_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def pack_full_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = False
+                         ) -> dict[str, torch.Tensor]:
     """A copy of a *full* state dict (the original layout) with the model's packed parameters stored rank-major,
     as their DTensors hold them, so that loading it gives each rank its own parts; the inverse of
     :func:`unpack_full_state_dict`."""
     packed = dict(state_dict)
-    for name, (sizes, world, dim) in packed_parameters(model).items():
-        key = next((k for k in (name, unwrapped_name(name)) if k in packed), None)
-        if key is not None:
-            packed[key] = pack_rank_major(packed[key], sizes, world, dim)
+    for key, (sizes, world, dim) in _packed_keys(model, packed, strict):
+        packed[key] = pack_rank_major(packed[key], sizes, world, dim)
     return packed
 
 

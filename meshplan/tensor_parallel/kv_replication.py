@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -42,7 +41,7 @@ from .custom_styles import (
     replicate_parameters,
     run_on_local_parameters,
 )
-from .matching import generalize, within
+from .matching import covering_keys, match_key, within
 from .plan import ResolvedPlan, describe_style
 
 logger = get_logger(__name__)
@@ -194,7 +193,12 @@ def _kv_plan(fqn: str, module: nn.Module, tp_size: int, style_of: dict[str, Para
                        "k_proj / v_proj of whole heads in a module with head_dim and num_key_value_groups (a fused "
                        "qkv projection cannot keep whole KV heads on each rank)")
     styles = {name: style_of.get(f"{fqn}.{name}") for name in KEY_VALUE_PROJECTIONS}
+    if all(isinstance(style, ReplicatedKeyValueProjection) for style in styles.values()):
+        return None  # a plan fitted before (``prepared.plan.styles`` passed back as ``tp_plan``)
     if all(_gathered_colwise(style) for style in styles.values()):
+        if _local_colwise(style_of.get(f"{fqn}.q_proj")):
+            raise _refusal(fqn, module, kv_heads, tp_size, "its k_proj / v_proj outputs are gathered while q_proj is "
+                           "split, so every rank would repeat all key/value heads against its local query heads")
         return None  # every rank sees every KV head
     for name, style in styles.items():
         if not _local_colwise(style):
@@ -209,20 +213,20 @@ def _kv_plan(fqn: str, module: nn.Module, tp_size: int, style_of: dict[str, Para
     return kv_heads, head_dim
 
 
-def replicate_key_value_heads(plan: ResolvedPlan, tp_size: int, attention: dict[str, nn.Module],
+def replicate_key_value_heads(model: nn.Module, plan: ResolvedPlan, tp_size: int, attention: dict[str, nn.Module],
                               kv_heads: set[int]) -> ResolvedPlan:
-    """``plan`` with replicated KV heads in every attention module of ``attention`` (``{fqn: module}``) that the
-    plan splits and whose KV heads do not divide by ``tp_size``: its ``k_proj`` / ``v_proj`` styles replaced by
-    :class:`ReplicatedKeyValueProjection`, :class:`ReplicatedKeyValueAttention` added to the module (chained after
-    a style the plan gives it). Logged at INFO on rank 0. ``plan`` itself when nothing changes, and at once when
-    every count of the model config's ``kv_heads`` divides by ``tp_size``."""
+    """``plan`` with replicated KV heads in every attention module of ``attention`` (``{fqn: module}`` in
+    ``model``) that the plan splits and whose KV heads do not divide by ``tp_size``: its ``k_proj`` / ``v_proj``
+    styles replaced by :class:`ReplicatedKeyValueProjection`, :class:`ReplicatedKeyValueAttention` added to the
+    module (chained after a style the plan gives it). Logged at INFO on rank 0. ``plan`` itself when nothing
+    changes, and at once when every count of the model config's ``kv_heads`` divides by ``tp_size``."""
     if all(count % tp_size == 0 for count in kv_heads):
         return plan
     style_of = {fqn: plan.styles[key] for key, found in plan.matches.items() for fqn in found}
     split = [fqn for key, found in plan.matches.items() if not isinstance(plan.styles[key], KeepReplicated)
              for fqn in found]
-    replaced: dict[str, ParallelStyle] = {}
-    added: dict[str, ParallelStyle] = {}
+    changed: dict[str, ParallelStyle] = {}
+    added: dict[str, ReplicatedKeyValueAttention] = {}
     for fqn, module in attention.items():
         if not any(within(name, {fqn}) and name != fqn for name in split):
             continue
@@ -230,9 +234,10 @@ def replicate_key_value_heads(plan: ResolvedPlan, tp_size: int, attention: dict[
         if heads is None:
             continue
         added[fqn] = ReplicatedKeyValueAttention(heads[0])
+        changed[fqn] = ChainedStyles(style_of[fqn], added[fqn]) if fqn in style_of else added[fqn]
         for name in KEY_VALUE_PROJECTIONS:
             input_layout = style_of[f"{fqn}.{name}"].input_layouts[0]
-            replaced[f"{fqn}.{name}"] = ReplicatedKeyValueProjection(*heads, input_layout=input_layout)
+            changed[f"{fqn}.{name}"] = ReplicatedKeyValueProjection(*heads, input_layout=input_layout)
     if not added:
         return plan
     counts = sorted({style.kv_heads for style in added.values()})
@@ -241,39 +246,20 @@ def replicate_key_value_heads(plan: ResolvedPlan, tp_size: int, attention: dict[
               "v_proj replicated on every rank, rank r keeps KV head r // (TP / KV heads) (%s).", tp_size,
               "/".join(map(str, counts)), len(names), ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""),
               ReplicatedKeyValueProjection.__name__)
-    styles, matches = _regrouped(plan, lambda fqn, style: replaced.get(fqn) or (
-        ChainedStyles(style, added[fqn]) if fqn in added else None))
-    for fqn, style in added.items():
-        if not any(fqn in found for found in plan.matches.values()):
-            _put(styles, matches, generalize(fqn), style, fqn)
-    return dataclasses.replace(plan, styles=styles, matches=matches)
-
-
-def _regrouped(plan: ResolvedPlan, changed: Callable[[str, ParallelStyle], ParallelStyle | None]
-               ) -> tuple[dict[str, ParallelStyle], dict[str, list[str]]]:
-    """The plan's entries with each module's style replaced by ``changed(fqn, style)`` where that is not ``None``:
-    modules whose styles print alike share a new entry, under the original key if no module is left under it."""
+    groups: list[tuple[ParallelStyle, list[str]]] = []  # (style, modules): one or more plan keys each
+    for key, style in plan.styles.items():
+        by_style: dict[str, tuple[ParallelStyle, list[str]]] = {}
+        for fqn in plan.matches.get(key, ()):
+            new = changed.get(fqn, style)
+            by_style.setdefault(describe_style(new), (new, []))[1].append(fqn)
+        groups.extend(by_style.values())
+    unplanned: dict[str, tuple[ParallelStyle, list[str]]] = {}
+    for fqn in (fqn for fqn in added if fqn not in style_of):
+        unplanned.setdefault(describe_style(changed[fqn]), (changed[fqn], []))[1].append(fqn)
+    groups.extend(unplanned.values())
     styles: dict[str, ParallelStyle] = {}
     matches: dict[str, list[str]] = {}
-    for key, style in plan.styles.items():
-        found = plan.matches.get(key, [])
-        new = {fqn: changed(fqn, style) for fqn in found}
-        kept = [fqn for fqn in found if new[fqn] is None]
-        if kept or not found:
-            _put(styles, matches, key, style, *kept)
-        for fqn in found:
-            if new[fqn] is not None:
-                _put(styles, matches, key, new[fqn], fqn)
-    return styles, matches
-
-
-def _put(styles: dict[str, ParallelStyle], matches: dict[str, list[str]], key: str, style: ParallelStyle,
-         *fqns: str) -> None:
-    """Add ``fqns`` to the entry of ``key`` if it has a style that prints as ``style`` does, else to a new entry
-    (``key`` with a suffix if taken)."""
-    name, number = key, 1
-    while name in styles and describe_style(styles[name]) != describe_style(style):
-        number += 1
-        name = f"{key} ({number})"
-    styles.setdefault(name, style)
-    matches.setdefault(name, []).extend(fqns)
+    for style, fqns in groups:  # keys that select exactly their modules, so the plan can be passed back as tp_plan
+        for key in covering_keys(model, fqns):
+            styles[key], matches[key] = style, match_key(model, key)
+    return dataclasses.replace(plan, styles=styles, matches=matches)

@@ -38,19 +38,29 @@ def head_counts(config: Any) -> set[tuple[int, int]]:
     return counts
 
 
+#: Attributes that mark a module as the attention itself (not a decoder layer named ``*AttentionDecoderLayer``).
+ATTENTION_MARKS = ("k_proj", "head_dim", "num_key_value_heads")
+
+
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """``{fqn: module}`` of the model's attention modules (classes named ``*Attention*``)."""
-    return {fqn: module for fqn, module in model.named_modules() if "Attention" in type(module).__name__}
+    """``{fqn: module}`` of the model's attention modules: classes named ``*Attention*`` that have a ``k_proj``,
+    ``head_dim`` or ``num_key_value_heads`` and hold no such module (Jamba's ``JambaAttentionDecoderLayer`` is a
+    layer, its ``self_attn`` the attention)."""
+    named = {fqn: module for fqn, module in model.named_modules()
+             if "Attention" in type(module).__name__ and any(hasattr(module, mark) for mark in ATTENTION_MARKS)}
+    return {fqn: module for fqn, module in named.items()
+            if not any(other.startswith(f"{fqn}.") or (fqn == "" and other) for other in named)}
 
 
 def splits_attention(model: nn.Module, plan: ResolvedPlan) -> bool:
-    """Whether ``plan`` gives a style (other than keeping it whole) to an attention module (a class named
-    ``*Attention*``) or to a module inside one, i.e. may split attention heads."""
-    from .custom_styles import KeepReplicated  # DTensor styles: imported when a plan is used
+    """Whether ``plan`` shards parameters of an attention module (:func:`attention_modules`) or of a module inside
+    one, i.e. may split attention heads; styles that only move activations (sequence parallel's gathers) or keep
+    modules whole do not count."""
+    from .custom_styles import shards_parameters  # DTensor styles: imported when a plan is used
 
     attention = set(attention_modules(model))
     return any(within(fqn, attention) for key, found in plan.matches.items()
-               if not isinstance(plan.styles[key], KeepReplicated) for fqn in found)
+               if shards_parameters(plan.styles[key]) for fqn in found)
 
 
 def fits_tp_size(heads: int, kv_heads: int, tp_size: int) -> bool:
@@ -136,7 +146,7 @@ def fit_to_tp_size(model: nn.Module, plan: ResolvedPlan, tp_size: int) -> Resolv
     fitted = plan
     if tp_size > 1 and config is not None and splits_attention(model, plan):  # as validate_tp_size reads them
         kv_heads = {kv for _, kv in head_counts(config)}
-        fitted = replicate_key_value_heads(plan, tp_size, attention_modules(model), kv_heads)
+        fitted = replicate_key_value_heads(model, plan, tp_size, attention_modules(model), kv_heads)
     matches: dict[str, list[str]] = {}
     whole: dict[str, list[str]] = {}
     for key, style in fitted.styles.items():

@@ -114,3 +114,26 @@ def test_a_key_norm_over_all_kv_heads_is_refused(fake_pg):
     meshplan.register_strategy(TensorParallelOnly)
     with fake_pg(4), pytest.raises(TensorParallelSizeError, match="its k_norm has parameters as wide as all 2"):
         meshplan.prepare(build("olmo2"), tp_mesh(), strategy="tp_test", tp_plan=plan)
+
+
+def test_the_fitted_plan_can_be_passed_back_and_layers_are_found_inside_hybrids(mesh2):
+    """The fitted plan's keys select exactly their modules, so ``prepared.plan.styles`` works as a ``tp_plan``;
+    Jamba's ``JambaAttentionDecoderLayer`` is a layer, not the attention: its ``self_attn`` gets the replication."""
+    from tests.conformance_check import build_model, tiny_config
+
+    plan = meshplan.prepare(build("llama", **MQA), mesh2, strategy="tp_test").plan
+    again = meshplan.prepare(build("llama", **MQA), mesh2, strategy="tp_test", tp_plan=dict(plan.styles)).plan
+    assert again.matches == plan.matches
+    config = tiny_config("jamba")
+    config.num_key_value_heads, config.attn_layer_period, config.attn_layer_offset = 1, 2, 1  # layer 1: attention
+    jamba = meshplan.prepare(build_model(config), mesh2, strategy="tp_test").plan
+    attention = [fqn for key, found in jamba.matches.items()
+                 if isinstance(jamba.styles[key], ReplicatedKeyValueAttention) for fqn in found]
+    assert attention and all(fqn.endswith(".self_attn") for fqn in attention), attention
+
+
+def test_gathered_keys_and_values_next_to_split_queries_are_refused(mesh2):
+    plan = {"model.layers.*.self_attn.q_proj": "colwise", "model.layers.*.self_attn.k_proj": "colwise_gather_output",
+            "model.layers.*.self_attn.v_proj": "colwise_gather_output", "model.layers.*.self_attn.o_proj": "rowwise"}
+    with pytest.raises(TensorParallelSizeError, match="gathered while q_proj is split"):
+        meshplan.prepare(build("llama", **MQA), mesh2, strategy="tp_test", tp_plan=plan)

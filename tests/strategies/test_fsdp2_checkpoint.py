@@ -269,7 +269,11 @@ def packed_parameters_round_trip(path: str) -> dict:
     original tensors; the same checkpoint refuses to load into a model without TP."""
     import copy
 
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
     from meshplan.core.errors import CheckpointLayoutError
+    from meshplan.state.distributed_checkpoint import MODEL_KEY
     from tests.plans.helpers import build
 
     reference = build("mixtral")
@@ -290,9 +294,17 @@ def packed_parameters_round_trip(path: str) -> dict:
         problems["refused without TP"] = "loaded"
     except CheckpointLayoutError as exc:
         problems["refused without TP"] = [] if "saved rank-major for TP=2, unpacked here" in str(exc) else str(exc)
+    unrecorded = f"{path}-unrecorded"  # as written before the layout was recorded: loads, unchecked
+    dcp.save({MODEL_KEY: get_model_state_dict(model)}, checkpoint_id=unrecorded)
+    load_distributed_checkpoint(reloaded := _parallelize(build("mixtral", seed=1), tp), unrecorded)
+    problems["unrecorded, at tp=2"] = _differences(gather_full_state_dict(reloaded, rank0_only=False), original)
+    save_distributed_checkpoint(model, f"file://{path}-url")  # fsspec storage, chosen by dcp itself
+    load_distributed_checkpoint(reloaded := _parallelize(build("mixtral", seed=1), tp), f"file://{path}-url")
+    problems["file:// url"] = _differences(gather_full_state_dict(reloaded, rank0_only=False), original)
     return problems
 
 
 def test_packed_parameters_survive_gathering_meta_init_and_checkpoints(ranks2, tmp_path):
     for result in ranks2.run(packed_parameters_round_trip, str(tmp_path / "ckpt"), timeout=240):
-        assert result == {"gathered": [], "meta init": [], "reloaded at tp=2": [], "refused without TP": []}, result
+        assert result == {"gathered": [], "meta init": [], "reloaded at tp=2": [], "refused without TP": [],
+                          "unrecorded, at tp=2": [], "file:// url": []}, result
