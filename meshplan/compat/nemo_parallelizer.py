@@ -270,7 +270,6 @@ def parallelize_module(
     if isinstance(parallelize_plan, ParallelStyle):
         return torch_parallelize_module(module, device_mesh, parallelize_plan, **kwargs)
     plan = match_and_check(module, resolve_plan(module, get_registry(), parallelize_plan))
-    validate_tp_size(module, device_mesh.size(), plan)
     return apply_tensor_parallel(module, device_mesh, fit_to_tp_size(module, plan, device_mesh.size()))
 
 

@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from ..experts.plan import experts_tp_sharded, resolve_expert_plan
 from ..tensor_parallel.plan import ResolvedPlan, resolve_plan
-from ..tensor_parallel.validation import fit_to_tp_size, match_and_check, validate_tp_size
+from ..tensor_parallel.validation import fit_to_tp_size, match_and_check
 from .errors import OptionsError, StrategyUnavailableError, UnsupportedConfigurationError
 from .registry import Registry
 from .roles import MeshRoles, resolve_roles
@@ -82,7 +82,6 @@ def prepare(
     plan = None
     if roles.size("tp") > 1:
         plan = match_and_check(model, resolve_plan(model, registry, tp_plan, opts.sequence_parallel), opts.strict)
-        validate_tp_size(model, roles.size("tp"), plan)
         plan = fit_to_tp_size(model, plan, roles.size("tp"))
     if ep_plan is not None and roles.ep_size == 1:
         raise OptionsError(f"ep_plan was given but ep_size is 1: pass ep_size=N to strategy {strategy.name!r} "

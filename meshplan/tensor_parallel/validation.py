@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Collection
 from typing import Any
 
 from torch import nn
@@ -52,13 +53,12 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
             if not any(other.startswith(f"{fqn}.") or (fqn == "" and other) for other in named)}
 
 
-def splits_attention(model: nn.Module, plan: ResolvedPlan) -> bool:
-    """Whether ``plan`` shards parameters of an attention module (:func:`attention_modules`) or of a module inside
-    one, i.e. may split attention heads; styles that only move activations (sequence parallel's gathers) or keep
-    modules whole do not count."""
+def splits_attention(attention: Collection[str], plan: ResolvedPlan) -> bool:
+    """Whether ``plan`` shards parameters of one of the ``attention`` modules (:func:`attention_modules`) or of a
+    module inside one, i.e. may split attention heads; styles that only move activations (sequence parallel's
+    gathers) or keep modules whole do not count."""
     from .custom_styles import shards_parameters  # DTensor styles: imported when a plan is used
 
-    attention = set(attention_modules(model))
     return any(within(fqn, attention) for key, found in plan.matches.items()
                if shards_parameters(plan.styles[key]) for fqn in found)
 
@@ -69,15 +69,12 @@ def fits_tp_size(heads: int, kv_heads: int, tp_size: int) -> bool:
     return heads % tp_size == 0 and (kv_heads % tp_size == 0 or tp_size % kv_heads == 0)
 
 
-def validate_tp_size(model: nn.Module, tp_size: int, plan: ResolvedPlan | None = None) -> None:
+def validate_tp_size(model: nn.Module, tp_size: int) -> None:
     """Attention heads (of every layer kind) must divide by the TP size, and KV heads must divide by it or divide
-    it (fewer KV heads than TP ranks are replicated, when the fitted plan can: :func:`fit_to_tp_size`). Skipped
-    without such a config, and when the matched ``plan`` leaves every attention module whole: DeepSeek-V4's plan
-    splits only its experts, and its single KV head must not forbid that."""
-    if tp_size <= 1:
-        return
+    it (fewer KV heads than TP ranks are replicated, when the fitted plan can: :func:`fit_to_tp_size`, which runs
+    this check only when its plan splits attention). Skipped without such a config."""
     config = attention_config(model)
-    if config is None or (plan is not None and not splits_attention(model, plan)):
+    if tp_size <= 1 or config is None:
         return
     counts = head_counts(config)
     for heads, kv_heads in sorted(counts):
@@ -91,7 +88,11 @@ def validate_tp_size(model: nn.Module, tp_size: int, plan: ResolvedPlan | None =
             f"{label} ({count}) must be divisible by TP size ({tp_size}){rule} for {type(model).__qualname__}; "
             f"TP sizes that fit every head count: {sizes}."
         )
-    vocab = getattr(config, "vocab_size", None)
+
+
+def _log_uneven_vocabulary(model: nn.Module, tp_size: int) -> None:
+    """One INFO line (rank 0) when vocab-parallel embeddings will be sharded unevenly."""
+    vocab = getattr(attention_config(model), "vocab_size", None)
     if vocab and vocab % tp_size:
         log_rank0(logger, logging.INFO, "vocab_size %d is not divisible by TP size %d: vocab-parallel "
                   "embeddings / lm_head are sharded unevenly (the last rank holds fewer rows, DTensor handles "
@@ -132,7 +133,9 @@ def _replicated_linears(model: nn.Module, styles: dict, matches: dict[str, list[
 def fit_to_tp_size(model: nn.Module, plan: ResolvedPlan, tp_size: int) -> ResolvedPlan:
     """``plan`` fitted to ``tp_size``, before any collective and the same on every rank.
 
-    An attention block split by the plan whose KV heads are fewer than the TP size gets replicated KV heads
+    When the plan splits attention, the head counts must fit the TP size (:func:`validate_tp_size`; not otherwise:
+    DeepSeek-V4's plan splits only its experts, and its single KV head must not forbid that), and an attention block
+    whose KV heads are fewer than the TP size gets replicated KV heads
     (:func:`~meshplan.tensor_parallel.kv_replication.replicate_key_value_heads`; refused with
     :class:`TensorParallelSizeError` where it cannot). Every style that can tell in advance (a
     ``check(module, tp_size)`` method, e.g. the experts' style for a TP size that does not divide the expert
@@ -144,9 +147,13 @@ def fit_to_tp_size(model: nn.Module, plan: ResolvedPlan, tp_size: int) -> Resolv
 
     config = attention_config(model)
     fitted = plan
-    if tp_size > 1 and config is not None and splits_attention(model, plan):  # as validate_tp_size reads them
-        kv_heads = {kv for _, kv in head_counts(config)}
-        fitted = replicate_key_value_heads(model, plan, tp_size, attention_modules(model), kv_heads)
+    if tp_size > 1 and config is not None:
+        attention = attention_modules(model)
+        if splits_attention(attention, plan):
+            validate_tp_size(model, tp_size)
+            kv_heads = {kv for _, kv in head_counts(config)}
+            fitted = replicate_key_value_heads(model, plan, tp_size, attention, kv_heads)
+    _log_uneven_vocabulary(model, tp_size)
     matches: dict[str, list[str]] = {}
     whole: dict[str, list[str]] = {}
     for key, style in fitted.styles.items():
