@@ -23,14 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..tensor_parallel.custom_styles import (
-    PACKED_ATTRIBUTE,
     _LocalParameterForward,
     all_reduce_forward,
-    pack_rank_major,
+    distribute_parameter,
     replicated_local_input,
 )
 from .modules import SUMMAND, ExpertParamLayout, check_param_layouts, infer_param_layouts
@@ -69,26 +68,11 @@ class ExpertsTensorParallel(_LocalParameterForward):
         world = device_mesh.size()
         layouts = self.layouts(module)
         check_param_layouts(module, layouts, world)
-        packed = getattr(module, PACKED_ATTRIBUTE, {})
         for name, layout in layouts.items():
             param = getattr(module, name)
-            if isinstance(param, DTensor):
-                continue
-            data = param.detach()
-            if layout.dim is None:
-                placement = Replicate()
-            else:
-                dim = layout.dim % param.ndim
-                placement = Shard(dim)
-                if layout.parts > 1:
-                    sizes = (param.shape[dim] // layout.parts,) * layout.parts
-                    if data.device.type != "meta":
-                        data = pack_rank_major(data, sizes, world, dim)
-                    packed[name] = (sizes, world, dim)
-            sharded = distribute_tensor(data, device_mesh, [placement])
-            module.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
-        if packed:
-            setattr(module, PACKED_ATTRIBUTE, packed)
+            dim = None if layout.dim is None else layout.dim % param.ndim
+            parts = (param.shape[dim] // layout.parts,) * layout.parts if dim is not None else ()
+            distribute_parameter(module, name, device_mesh, dim, parts)
         module.register_forward_pre_hook(self._inputs(device_mesh), with_kwargs=True)
         module.register_forward_hook(lambda mod, args, out: all_reduce_forward(out, device_mesh)
                                      if isinstance(out, torch.Tensor) else out)

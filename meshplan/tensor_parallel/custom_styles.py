@@ -55,6 +55,30 @@ def unpack_rank_major(packed: torch.Tensor, sizes: Sequence[int], world: int, di
 PACKED_ATTRIBUTE = "_meshplan_packed"
 
 
+def record_packed(module: nn.Module, name: str, sizes: Sequence[int], world: int, dim: int) -> None:
+    """Mark ``module``'s parameter ``name`` as stored rank-major (read by :func:`packed_parameters`)."""
+    packed = getattr(module, PACKED_ATTRIBUTE, {})
+    packed[name] = (tuple(sizes), world, dim)
+    setattr(module, PACKED_ATTRIBUTE, packed)
+
+
+def distribute_parameter(owner: nn.Module, name: str, mesh: DeviceMesh, dim: int | None,
+                         parts: Sequence[int] = ()) -> None:
+    """Replace ``owner``'s parameter ``name`` by a DTensor on ``mesh``: replicated when ``dim`` is ``None``, else
+    ``Shard(dim)``, its ``parts`` (when more than one) packed rank-major first and recorded. A DTensor stays."""
+    param = owner._parameters[name]
+    if isinstance(param, DTensor):
+        return
+    data = param.detach()
+    if len(parts) > 1:
+        if data.device.type != "meta":
+            data = pack_rank_major(data, parts, mesh.size(), dim)
+        record_packed(owner, name, parts, mesh.size(), dim)
+    placement = Replicate() if dim is None else Shard(dim)
+    sharded = distribute_tensor(data, mesh, [placement])
+    owner.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+
+
 def packed_parameters(model: nn.Module) -> dict[str, tuple[tuple[int, ...], int, int]]:
     """``{parameter name: (part sizes, TP size, dim)}`` of the model's parameters stored rank-major (names as
     ``named_parameters`` gives them)."""
@@ -137,11 +161,10 @@ class _Packed:
                 param = getattr(module, name, None)
                 if param is None:
                     continue
+                param_dim = dim if param.ndim > 1 else 0
                 if param.device.type != "meta":
-                    param.copy_(pack_rank_major(param, sizes, world, dim if param.ndim > 1 else 0))
-                packed = getattr(module, PACKED_ATTRIBUTE, {})
-                packed[name] = (sizes, world, dim if param.ndim > 1 else 0)
-                setattr(module, PACKED_ATTRIBUTE, packed)
+                    param.copy_(pack_rank_major(param, sizes, world, param_dim))
+                record_packed(module, name, sizes, world, param_dim)
 
 
 class PackedColwiseParallel(_Packed, ColwiseParallel):
@@ -449,6 +472,17 @@ class KeepReplicated(ParallelStyle):
 
 
 # --- inputs ------------------------------------------------------------------------------------------
+def redistributed(value: torch.Tensor, mesh: DeviceMesh, layouts: tuple[Placement, ...],
+                  desired: tuple[Placement, ...], local: bool) -> torch.Tensor:
+    """``value`` (a plain tensor is taken to be in ``layouts``) redistributed to ``desired``; its local tensor if
+    ``local``."""
+    if not isinstance(value, DTensor):
+        value = DTensor.from_local(value, mesh, layouts, run_check=False)
+    if value.placements != desired:
+        value = value.redistribute(placements=desired)
+    return value.to_local() if local else value
+
+
 class PrepareHiddenStates(ParallelStyle):
     """Redistribute the hidden-states input (positional argument ``position``, else keyword ``argument``) from
     ``input_layout`` to ``desired_layout``; a plain tensor input is taken to be in ``input_layout``, a non-tensor
@@ -466,11 +500,7 @@ class PrepareHiddenStates(ParallelStyle):
     def _convert(self, value: Any, mesh: DeviceMesh) -> Any:
         if not isinstance(value, torch.Tensor):
             return value
-        if not isinstance(value, DTensor):
-            value = DTensor.from_local(value, mesh, self.input_layouts, run_check=False)
-        if value.placements != self.desired_input_layouts:
-            value = value.redistribute(placements=self.desired_input_layouts)
-        return value.to_local() if self.use_local_output else value
+        return redistributed(value, mesh, self.input_layouts, self.desired_input_layouts, self.use_local_output)
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def prepare(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -506,11 +536,7 @@ class PrepareHiddenStatesOutput(ParallelStyle):
         self.use_local_output = use_local_output
 
     def _convert(self, value: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
-        if not isinstance(value, DTensor):
-            value = DTensor.from_local(value, mesh, self.output_layouts, run_check=False)
-        if value.placements != self.desired_output_layouts:
-            value = value.redistribute(placements=self.desired_output_layouts)
-        return value.to_local() if self.use_local_output else value
+        return redistributed(value, mesh, self.output_layouts, self.desired_output_layouts, self.use_local_output)
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def prepare(mod: nn.Module, args: tuple, output: Any) -> Any:

@@ -39,16 +39,15 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..core.errors import PlanError, TensorParallelSizeError
 from .custom_styles import (
-    PACKED_ATTRIBUTE,
     LocalizedParameters,
     all_reduce_backward,
     all_reduce_forward,
-    pack_rank_major,
+    distribute_parameter,
     replicated_local_input,
     run_on_local_parameters,
 )
@@ -326,23 +325,8 @@ def mixer_style_name(module: nn.Module) -> str | None:
 def _distribute(module: nn.Module, name: str, split: ParamSplit, mesh: DeviceMesh) -> None:
     """Replace parameter ``name`` (relative to ``module``) by its DTensor, packing its parts rank-major first."""
     owner_name, _, param_name = name.rpartition(".")
-    owner = module.get_submodule(owner_name)
-    param = owner.get_parameter(param_name)
-    if isinstance(param, DTensor):
-        return
-    data = param.detach()
-    if split.dim is None:
-        placement = Replicate()
-    else:
-        placement = Shard(split.dim)
-        if len(split.parts) > 1:
-            if data.device.type != "meta":
-                data = pack_rank_major(data, split.parts, mesh.size(), split.dim)
-            packed = getattr(owner, PACKED_ATTRIBUTE, {})
-            packed[param_name] = (split.parts, mesh.size(), split.dim)
-            setattr(owner, PACKED_ATTRIBUTE, packed)
-    sharded = distribute_tensor(data, mesh, [placement])
-    owner.register_parameter(param_name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+    distribute_parameter(module.get_submodule(owner_name), param_name, mesh, split.dim,
+                         split.parts if split.dim is not None else ())
 
 
 def _prepare_input(module: nn.Module, args: tuple, kwargs: dict, *, mesh: DeviceMesh) -> tuple[tuple, dict]:
