@@ -28,6 +28,7 @@ _LAZY: dict[str, str] = {
     "UnmatchedPlanKeyError": ".core.errors", "UnsupportedConfigurationError": ".core.errors",
     "UntranslatableStyleError": ".core.errors", "ContextParallelError": ".core.errors",
     "SequenceLengthError": ".core.errors", "UnsupportedAttentionError": ".core.errors",
+    "UnsupportedSequenceMixerError": ".core.errors",
     "CheckpointLayoutError": ".core.errors",
     # dispatcher and registry
     "parallelize": ".api", "prepare": ".api", "Prepared": ".api", "get_report": ".api", "get_strategy": ".api",
@@ -109,6 +110,7 @@ if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plug
     from .core.errors import UnmatchedPlanKeyError as UnmatchedPlanKeyError
     from .core.errors import UnsupportedAttentionError as UnsupportedAttentionError
     from .core.errors import UnsupportedConfigurationError as UnsupportedConfigurationError
+    from .core.errors import UnsupportedSequenceMixerError as UnsupportedSequenceMixerError
     from .core.errors import UntranslatableStyleError as UntranslatableStyleError
     from .core.fake_pg import fake_process_group as fake_process_group
     from .core.imports import import_class_from_path as import_class_from_path

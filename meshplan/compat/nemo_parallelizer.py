@@ -47,7 +47,8 @@ from ..core.errors import (
 )
 from ..core.imports import import_class_from_path
 from ..core.log import get_logger, log_rank0
-from ..plans.decoder import are_tied, embedding_modules, module_name
+from ..introspection.config import config_value
+from ..introspection.embeddings import are_tied, embedding_modules, module_name
 from ..plans.hf_translation import complete_embeddings, merged_hf_plan
 from ..plugins.manager import get_registry
 from ..state.unshard import unshard_fsdp2_model as unshard_units
@@ -151,12 +152,7 @@ def _inner_model_prefix(model: nn.Module) -> str:
 
 
 def _config_ties(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    for candidate in (config, getattr(config, "text_config", None)):
-        tied = getattr(candidate, "tie_word_embeddings", None)
-        if tied is not None:
-            return bool(tied)
-    return False
+    return bool(config_value(model, "tie_word_embeddings"))
 
 
 def get_hf_tp_shard_plan(model: nn.Module) -> dict[str, ParallelStyle]:

@@ -22,8 +22,15 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..core.errors import ContextParallelError, OptionsError, UnsupportedAttentionError
+from ..core.errors import (
+    ContextParallelError,
+    OptionsError,
+    UnsupportedAttentionError,
+    UnsupportedSequenceMixerError,
+)
 from ..core.log import get_logger, log_rank0
+from ..introspection.attention import attention_modules
+from ..introspection.mixers import sequence_mixers
 from . import sequence_layout as layout
 from .attention import ATTENTION_NAME, describe, register, takes_dense_mask
 from .collectives import all_gather_sequence
@@ -43,14 +50,26 @@ def _config(model: nn.Module) -> Any:
 
 
 def attention_classes(model: nn.Module) -> dict[type, bool]:
-    """Classes named ``*Attention*`` in ``model`` -> whether their modeling file dispatches through
-    transformers' attention interface (``ALL_ATTENTION_FUNCTIONS``)."""
-    found: dict[type, bool] = {}
-    for module in model.modules():
-        cls = type(module)
-        if "attention" in cls.__name__.lower() and cls not in found:
-            found[cls] = hasattr(sys.modules.get(cls.__module__), "ALL_ATTENTION_FUNCTIONS")
-    return found
+    """The classes of the model's attention modules (:func:`~meshplan.introspection.attention.attention_modules`)
+    -> whether their modeling file dispatches through transformers' attention interface
+    (``ALL_ATTENTION_FUNCTIONS``)."""
+    classes = dict.fromkeys(type(module) for module in attention_modules(model).values())
+    return {cls: hasattr(sys.modules.get(cls.__module__), "ALL_ATTENTION_FUNCTIONS") for cls in classes}
+
+
+def check_sequence_mixers(model: nn.Module) -> None:
+    """:class:`UnsupportedSequenceMixerError` naming every sequence mixer of ``model`` other than attention
+    (:func:`~meshplan.introspection.mixers.sequence_mixers`): context parallelism splits the sequence and wraps only
+    the attention, so a convolution or recurrence along the sequence would see only this rank's chunks."""
+    mixers = sequence_mixers(model)
+    if not mixers:
+        return
+    shown = ", ".join(str(mixer) for mixer in mixers[:4]) + (f", and {len(mixers) - 4} more" if len(mixers) > 4 else "")
+    raise UnsupportedSequenceMixerError(
+        f"{type(model).__qualname__} mixes tokens with {len(mixers)} module(s) that context parallelism cannot split "
+        f"along the sequence: {shown}. CP wraps only the attention; a convolution or recurrence over the sequence "
+        "would see only this rank's chunks and compute wrong outputs and gradients. Use cp=1 for this model "
+        "(tensor and data parallelism still apply).")
 
 
 def _uses_sliding_window(config: Any) -> bool:
@@ -78,6 +97,7 @@ def validate_context_parallel(model: nn.Module, implementation: str, device_type
         return
     config = _config(model)
     name = type(model).__qualname__
+    check_sequence_mixers(model)
     if not getattr(model, "_supports_attention_backend", False):
         raise UnsupportedAttentionError(
             f"{name} does not declare _supports_attention_backend: its attention does not go through "

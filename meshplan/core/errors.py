@@ -117,6 +117,11 @@ class UnsupportedAttentionError(ContextParallelError):
     """The model's attention cannot be wrapped for context parallelism (it names the class)."""
 
 
+class UnsupportedSequenceMixerError(ContextParallelError):
+    """The model mixes tokens with something context parallelism cannot split along the sequence (a convolution,
+    a state-space or linear-attention recurrence); the error names each such module and its type."""
+
+
 class CheckpointLayoutError(MeshplanError, ValueError):
     """A checkpoint's parameters are laid out for another TP size than the model loading it (packed parameters
     stored rank-major)."""

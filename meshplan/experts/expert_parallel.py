@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..core.errors import ExpertParallelError
-from .modules import expert_count as fused_expert_count
+from ..introspection.experts import expert_count as fused_expert_count
 from .token_dispatch import combine, dispatch, gather_tokens, split_tokens
 
 #: Attribute that marks a module the style was applied to: ``(global experts, EP size)``.
@@ -40,8 +40,9 @@ EP_ATTRIBUTE = "_meshplan_expert_parallel"
 
 
 def split_count(module: nn.Module, params: Sequence[str] | None = None) -> int | None:
-    """How many experts the style splits: a fused experts module's count (:func:`~.modules.expert_count`), else
-    its integer ``num_experts``, else the common dim 0 of ``params``."""
+    """How many experts the style splits: a fused experts module's count
+    (:func:`~meshplan.introspection.experts.expert_count`), else its integer ``num_experts``, else the common dim 0
+    of ``params``."""
     declared = getattr(module, EP_ATTRIBUTE, None)
     if declared is not None:
         return declared[0]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from ..core.errors import ExpertParallelError, PlanError, PlanNotFoundError
+from ..introspection.experts import find_expert_modules
 
 if TYPE_CHECKING:
     from ..core.registry import Registry
@@ -61,7 +62,6 @@ def resolve_expert_plan(model: nn.Module, registry: Registry, ep_plan: Any, ep_s
     divide an experts module's expert count, :class:`UnmatchedPlanKeyError` for a key that matches nothing."""
     from ..tensor_parallel.plan import resolve_plan
     from ..tensor_parallel.validation import match_and_check
-    from .modules import find_expert_modules
 
     name = type(model).__qualname__
     try:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .modules import expert_parameter_names
+from ..introspection.experts import expert_parameter_names
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import Shard

@@ -34,7 +34,8 @@ from torch.distributed.tensor.parallel import (
 )
 
 from ..core.errors import PlanError
-from ..experts.modules import find_expert_modules
+from ..introspection.embeddings import embedding_modules, module_name
+from ..introspection.experts import find_expert_modules
 from ..tensor_parallel.custom_styles import ChainedStyles, PrepareHiddenStates, PrepareHiddenStatesOutput
 from ..tensor_parallel.matching import match_key, within
 
@@ -56,32 +57,12 @@ class DecoderLayout:
     moe_blocks: tuple[str, ...] = ()
 
 
-def module_name(model: nn.Module, target: nn.Module | None) -> str | None:
-    """The fully qualified name of ``target`` inside ``model`` (``None`` if absent)."""
-    if target is None:
-        return None
-    return next((name for name, module in model.named_modules() if module is target), None)
-
-
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower()
 
 
 def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
-
-
-def embedding_modules(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
-    """``(input embedding, output embedding)`` from the transformers API, ``None`` where unavailable."""
-
-    def call(name: str) -> nn.Module | None:
-        getter = getattr(model, name, None)
-        try:
-            return getter() if callable(getter) else None
-        except (NotImplementedError, AttributeError):
-            return None
-
-    return call("get_input_embeddings"), call("get_output_embeddings")
 
 
 def find_decoder_layout(model: nn.Module) -> DecoderLayout:
@@ -124,12 +105,6 @@ def _blocks_holding_experts(model: nn.Module, layers: str, blocks: tuple[str, ..
     parts = [fqn[len(prefix):].split(".") for fqn, _ in find_expert_modules(model) if fqn.startswith(prefix)]
     found = {names[1] for names in parts if len(names) > 1}
     return tuple(block for block in blocks if block in found)
-
-
-def are_tied(embedding: nn.Module | None, head: nn.Module | None) -> bool:
-    """Whether the output embedding shares its weight with the input embedding."""
-    weight = getattr(head, "weight", None)
-    return weight is not None and weight is getattr(embedding, "weight", None)
 
 
 def vocab_parallel_entries(layout: DecoderLayout) -> dict[str, ParallelStyle]:

@@ -42,7 +42,7 @@ PER_LAYER_INPUT, PER_LAYER_INPUT_POSITION = "per_layer_input", 1
 
 def text_model_name(model: nn.Module) -> str:
     """The fully qualified name of the Gemma 4 text model (the parent of the input embedding)."""
-    from .decoder import embedding_modules, module_name
+    from ..introspection.embeddings import embedding_modules, module_name
 
     embed = module_name(model, embedding_modules(model)[0])
     if embed is None:
@@ -75,7 +75,7 @@ def per_layer_input_styles(text: str) -> dict[str, ParallelStyle]:
 
 def _plan(model: nn.Module, sequence_parallel: bool, registry: Registry | None, replicate_embeddings: bool,
           ) -> dict[str, ParallelStyle]:
-    from .decoder import embedding_modules, module_name
+    from ..introspection.embeddings import embedding_modules, module_name
     from .hf_translation import hf_tp_plan
 
     if not has_per_layer_inputs(model):

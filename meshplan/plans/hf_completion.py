@@ -6,7 +6,7 @@ and Cohere2-MoE's no shared expert, AFMoE's no dense MLP of its first layers. Th
 self-contained — replicated input, one all-reduce of the output — so it is correct whatever the rest of the plan
 does, and adds them only where the structure leaves no doubt about the math:
 
-* a fused experts module (:func:`~meshplan.experts.modules.find_expert_modules`) that no plan entry covers gets
+* a fused experts module (:func:`~meshplan.introspection.experts.find_expert_modules`) that no plan entry covers gets
   :class:`~meshplan.experts.tp_styles.ExpertsTensorParallel` when every parameter's layout is known
   (:func:`~meshplan.experts.modules.infer_param_layouts`; not for a norm on each expert's output);
 * an *MLP* that no plan entry covers, inside the same layer stack as fused experts (shared experts, dense MLP
@@ -49,9 +49,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..core.errors import PlanError
-from ..experts.modules import ExpertParamLayout, find_expert_modules, infer_param_layouts
+from ..experts.modules import ExpertParamLayout, infer_param_layouts
+from ..introspection.embeddings import are_tied, embedding_modules, module_name
+from ..introspection.experts import find_expert_modules
 from ..tensor_parallel.matching import within
-from .decoder import are_tied, embedding_modules, module_name
 
 #: Model types whose plan is not completed, and why. DeepSeek-V4, measured at the conformance sweep's tiny widths
 #: with the float32 casts inside its norms and hyper-connections lifted: with its shared experts split as MLPs, TP=2

@@ -13,11 +13,12 @@ sharded after loading).
 
 The completion (:func:`uncovered_projections`, applied by :mod:`meshplan.plans.hf_translation`) gives the same
 ``colwise_gather_output`` to every ``nn.Linear`` inside a linear-attention block of the MoE layer stacks that the
-plan leaves whole or splits that way only. A *linear-attention block* is a module with a depthwise ``nn.Conv1d``
-child ``conv1d`` (as many groups as channels) and query/key/value projections: ``q_proj`` / ``k_proj`` /
-``v_proj``, or a fused ``in_proj_qkv*`` (Mamba mixers convolve x/B/C, not q/k/v, and are left to their own
-styles). A block is left alone when a plan entry names it or an ancestor, or splits any of its parts another way
-(column-wise heads, row-wise output), since its forward then runs on local heads.
+plan leaves whole or splits that way only. A *linear-attention block*
+(:func:`~meshplan.introspection.mixers.is_linear_attention`) is a module with a depthwise ``nn.Conv1d`` child
+``conv1d`` (as many groups as channels) and query/key/value projections: ``q_proj`` / ``k_proj`` / ``v_proj``, or a
+fused ``in_proj_qkv*`` (Mamba mixers convolve x/B/C, not q/k/v, and are left to their own styles). A block is left
+alone when a plan entry names it or an ancestor, or splits any of its parts another way (column-wise heads,
+row-wise output), since its forward then runs on local heads.
 
 Not split by heads: the forwards read stored widths (BailingHybrid and Kimi-Linear split the convolved channels by
 ``self.qkv_dim``, BailingHybrid's forget gate views by ``self.num_heads``), the depthwise convolution runs over the
@@ -34,31 +35,13 @@ from torch import nn
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle
 
-from ..experts.modules import find_expert_modules
+from ..introspection.experts import find_expert_modules
+from ..introspection.mixers import is_linear_attention
 from ..tensor_parallel.matching import match_key, within
 from .hf_completion import is_completed, layer_stacks
 
 #: The transformers style the completion gives every projection of a linear-attention block.
 REPLICATED_OUTPUT = "colwise_gather_output"
-#: The depthwise convolution child of a linear-attention block.
-CONVOLUTION = "conv1d"
-#: Separate query/key/value projections of a linear-attention block.
-QKV_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
-#: Name prefix of a fused query/key/value(/z) projection (Qwen3.5's ``in_proj_qkv``, Qwen3-Next's ``in_proj_qkvz``).
-FUSED_QKV_PREFIX = "in_proj_qkv"
-
-
-def is_linear_attention(module: nn.Module) -> bool:
-    """Whether ``module`` is a linear-attention block (see the module docstring)."""
-    conv = getattr(module, CONVOLUTION, None)
-    if type(conv) is not nn.Conv1d or not conv.in_channels == conv.out_channels == conv.groups:
-        return False
-    children = dict(module.named_children())
-    separate = all(type(children.get(name)) is nn.Linear for name in QKV_PROJECTIONS)
-    fused = any(name.startswith(FUSED_QKV_PREFIX) and type(child) is nn.Linear for name, child in children.items())
-    return separate or fused
-
-
 def is_replicated_output(style: ParallelStyle) -> bool:
     """Whether ``style`` is column-wise with a replicated input and a gathered (replicated) output."""
     return isinstance(style, ColwiseParallel) and style.input_layouts == (Replicate(),) \

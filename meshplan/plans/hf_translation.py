@@ -67,10 +67,12 @@ from ..core.errors import PlanError, PlanNotFoundError, SequenceParallelUnsuppor
 from ..core.log import get_logger, log_rank0
 from ..experts.modules import hf_layout_corrections, layouts_from_hf
 from ..experts.tp_styles import ExpertsTensorParallel, IdentityExpertParallel
+from ..introspection.config import model_configs
+from ..introspection.embeddings import are_tied, embedding_modules, module_name
 from ..tensor_parallel.custom_styles import LocalShardedParameters, MlaKvAProjParallel, ReplicatedWithGradAllReduce
 from ..tensor_parallel.matching import covering_keys, match_key, match_parameter_key
 from ..tensor_parallel.vocabulary import make_style
-from .decoder import add_sequence_parallel, are_tied, embedding_modules, find_decoder_layout, module_name
+from .decoder import add_sequence_parallel, find_decoder_layout
 from .hf_completion import (
     HEAD_NORMS,
     BlockSplit,
@@ -134,8 +136,7 @@ def merged_hf_plan(model: nn.Module, axis: str = "tp") -> dict[str, Any]:
     """The model's transformers TP plan (``axis="ep"``: its EP plan, from ``base_model_ep_plan`` and ``_ep_plan``)
     with fully qualified keys (style strings, untranslated)."""
     plan: dict[str, Any] = {}
-    config = getattr(model, "config", None)
-    for cfg in (config, getattr(config, "text_config", None)):
+    for cfg in model_configs(model):
         declared = getattr(cfg, f"base_model_{axis}_plan", None)
         prefix = _base_model_name(model, cfg) if declared else None
         if prefix is not None:

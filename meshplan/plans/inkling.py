@@ -152,9 +152,9 @@ def inkling_plan(model: nn.Module, sequence_parallel: bool = False, registry: Re
     """The translated transformers plan, a vocab-parallel embedding, every attention block split by heads and fused
     shared experts split along their intermediate size."""
     from ..experts.tp_styles import ExpertsTensorParallel
+    from ..introspection.embeddings import embedding_modules, module_name
     from ..tensor_parallel.matching import covering_keys
     from ..tensor_parallel.vocabulary import builtin_style, copy_style
-    from .decoder import embedding_modules, module_name
     from .hf_translation import hf_tp_plan
 
     if sequence_parallel:

@@ -30,13 +30,13 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..core.activation_checkpointing import CheckpointingOptions
-from ..core.blocks import find_blocks
+from ..activation_checkpointing import CheckpointingOptions
 from ..core.errors import MeshError, StrategyUnavailableError, UnsupportedConfigurationError
 from ..core.log import get_logger, log_rank0
 from ..core.mesh import dim_names
 from ..core.roles import MeshRoles, RoleDims, role_dims
 from ..core.strategy import Strategy, StrategyOptions
+from ..introspection.blocks import find_blocks
 from ..plugins.hookspecs import hookimpl
 from ..tensor_parallel.apply import apply_tensor_parallel
 from ..tensor_parallel.plan import ResolvedPlan
@@ -60,7 +60,7 @@ class DDPOptions(CheckpointingOptions):
             replication tolerates them anyway.
         static_graph: tell DDP the set of used parameters never changes (enables its optimizations). Not with TP.
         activation_checkpointing / activation_checkpointing_every: see
-            :class:`meshplan.core.activation_checkpointing.CheckpointingOptions`.
+            :class:`meshplan.activation_checkpointing.CheckpointingOptions`.
     """
 
     dp_mesh_name: str = "dp"

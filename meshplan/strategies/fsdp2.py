@@ -11,9 +11,9 @@ The composition order is fixed:
    **Expert parallel** with ``ep_size`` > 1: the EP plan's experts modules keep their own experts and get their
    tokens by all-to-all (:func:`meshplan.experts.apply.apply_expert_parallel`) on ranks carved from
    ``dp_shard`` x ``cp`` (and ``tp`` when the TP plan leaves the experts whole; :mod:`meshplan.core.roles`).
-2. **Activation checkpointing** (:mod:`meshplan.core.activation_checkpointing`) of the model's blocks.
+2. **Activation checkpointing** (:mod:`meshplan.activation_checkpointing`) of the model's blocks.
 3. **FSDP2** (``torch.distributed.fsdp.fully_shard``) of every block found structurally by
-   :func:`meshplan.core.blocks.find_blocks`; the last block does not reshard after forward (backward
+   :func:`meshplan.introspection.blocks.find_blocks`; the last block does not reshard after forward (backward
    needs it first). Fused expert parameters ``[num_experts, ...]`` are sharded on a dim that splits evenly
    when dim 0 does not (more shards than experts; :mod:`meshplan.experts.sharding`). Under EP each experts
    module is its own unit first, on the ranks that hold the same experts (``roles.expert_data_parallel``),
@@ -38,13 +38,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..core.activation_checkpointing import CheckpointingOptions
-from ..core.blocks import find_blocks
+from ..activation_checkpointing import CheckpointingOptions
 from ..core.errors import MeshError, OptionsError, UnsupportedConfigurationError
 from ..core.expert_mesh import dense_data_parallel_size
 from ..core.log import get_logger, log_rank0
 from ..core.roles import MeshRoles, RoleDims, role_dims
 from ..core.strategy import Strategy, StrategyOptions
+from ..introspection.blocks import find_blocks
 from ..plugins.hookspecs import hookimpl
 from ..tensor_parallel.apply import apply_tensor_parallel
 from ..tensor_parallel.plan import ResolvedPlan

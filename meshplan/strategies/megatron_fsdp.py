@@ -31,8 +31,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
-from ..core.activation_checkpointing import CheckpointingOptions
-from ..core.blocks import find_blocks
+from ..activation_checkpointing import CheckpointingOptions
 from ..core.errors import (
     ImportPathError,
     MeshError,
@@ -46,6 +45,7 @@ from ..core.mesh import dim_names, submesh
 from ..core.naming import did_you_mean
 from ..core.roles import MeshRoles, RoleDims, role_dims
 from ..core.strategy import Strategy, StrategyOptions
+from ..introspection.blocks import find_blocks
 from ..plugins.hookspecs import hookimpl
 from ..tensor_parallel.apply import apply_tensor_parallel
 from ..tensor_parallel.plan import ResolvedPlan
@@ -87,7 +87,7 @@ class MegatronFSDPOptions(CheckpointingOptions):
             build the optimizer from the returned model's parameters, then call
             ``megatron_fsdp.fully_shard_optimizer(optimizer)``.
         activation_checkpointing / activation_checkpointing_every: see
-            :class:`meshplan.core.activation_checkpointing.CheckpointingOptions`; applied after TP and before wrapping.
+            :class:`meshplan.activation_checkpointing.CheckpointingOptions`; applied after TP and before wrapping.
     """
 
     nvfsdp_unit_modules: Sequence[str | type] | None = None
@@ -169,8 +169,8 @@ STRUCTURAL_TARGETS: dict[str, str] = {
 MESHPLAN_OPTIONS: dict[str, str] = {
     "sequence_parallel": "meshplan: TP plan variant",
     "strict": "meshplan: TP plan key matching",
-    "activation_checkpointing": "meshplan: core.activation_checkpointing before wrapping",
-    "activation_checkpointing_every": "meshplan: core.activation_checkpointing before wrapping",
+    "activation_checkpointing": "meshplan: activation_checkpointing before wrapping",
+    "activation_checkpointing_every": "meshplan: activation_checkpointing before wrapping",
 }
 
 #: Keywords the strategy always passes; an installed version lacking one of them is unsupported.

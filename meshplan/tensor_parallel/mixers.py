@@ -22,9 +22,10 @@ all-reduced once; a row-wise bias stays replicated and each rank adds ``1 / tp``
 stored rank-major like :class:`~meshplan.tensor_parallel.custom_styles.PackedColwiseParallel` (a gathered full
 tensor goes through :func:`~meshplan.tensor_parallel.custom_styles.unpack_full_state_dict`).
 
-A mixer is recognized by structure (:func:`mixer_style_name`): exactly the parameters and children named above,
-with widths that agree with the attributes its forward reads, and no buffers. What does not divide by the TP size
-is refused with :class:`~meshplan.core.errors.TensorParallelSizeError` before any collective
+A mixer is recognized by structure (:func:`mixer_style_name`: its kind,
+:func:`~meshplan.introspection.mixers.mixer_kind`, then its family's split): exactly the parameters and children
+named above, with widths that agree with the attributes its forward reads, and no buffers. What does not divide by
+the TP size is refused with :class:`~meshplan.core.errors.TensorParallelSizeError` before any collective
 (:meth:`MixerParallel.check`), or, with ``replicate_if_indivisible=True`` (the Hugging Face fallback), left whole
 with a warning.
 """
@@ -43,6 +44,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..core.errors import PlanError, TensorParallelSizeError
+from ..introspection.mixers import mixer_kind
 from .custom_styles import (
     LocalizedParameters,
     all_reduce_backward,
@@ -310,15 +312,21 @@ MIXER_STYLES: dict[str, type[MixerParallel]] = {"mamba2_mixer": Mamba2MixerParal
                                                  "short_conv_mixer": ShortConvParallel}
 
 
+#: The style (vocabulary name) of each mixer kind :func:`~meshplan.introspection.mixers.mixer_kind` finds.
+STYLE_OF_KIND = {"mamba2": "mamba2_mixer", "mamba": "mamba_mixer", "short_conv": "short_conv_mixer"}
+
+
 def mixer_style_name(module: nn.Module) -> str | None:
-    """The vocabulary name of the mixer style whose family ``module`` is, or ``None``."""
-    for name, style in MIXER_STYLES.items():
-        try:
-            style.split(module)
-        except PlanError:
-            continue
-        return name
-    return None
+    """The vocabulary name of the mixer style whose family ``module`` is (its kind, and a split that fits it
+    exactly), or ``None``."""
+    name = STYLE_OF_KIND.get(mixer_kind(module))
+    if name is None:
+        return None
+    try:
+        MIXER_STYLES[name].split(module)
+    except PlanError:
+        return None
+    return name
 
 
 # --- applying a split ----------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from torch import nn
 
 from ..core.errors import TensorParallelSizeError, UnmatchedPlanKeyError
 from ..core.log import get_logger, log_rank0
+from ..introspection.attention import head_attention_modules
+from ..introspection.config import model_configs
 from .apply import shared_parameters, tied_layout_error
 from .matching import match_plan, replicated_linears, suggest_keys, within
 from .plan import ResolvedPlan
@@ -20,12 +22,9 @@ logger = get_logger(__name__)
 
 def attention_config(model: nn.Module) -> Any | None:
     """The config that carries the attention head counts: the model's, else its ``text_config``."""
-    config = getattr(model, "config", None)
-    for candidate in (config, getattr(config, "text_config", None)):
-        if candidate is not None and (getattr(candidate, "is_heterogeneous", False)
-                                      or getattr(candidate, "num_attention_heads", None) is not None):
-            return candidate
-    return None
+    return next((candidate for candidate in model_configs(model)
+                 if getattr(candidate, "is_heterogeneous", False)
+                 or getattr(candidate, "num_attention_heads", None) is not None), None)
 
 
 def head_counts(config: Any) -> set[tuple[int, int]]:
@@ -39,24 +38,11 @@ def head_counts(config: Any) -> set[tuple[int, int]]:
     return counts
 
 
-#: Attributes that mark a module as the attention itself (not a decoder layer named ``*AttentionDecoderLayer``).
-ATTENTION_MARKS = ("k_proj", "head_dim", "num_key_value_heads")
-
-
-def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """``{fqn: module}`` of the model's attention modules: classes named ``*Attention*`` that have a ``k_proj``,
-    ``head_dim`` or ``num_key_value_heads`` and hold no such module (Jamba's ``JambaAttentionDecoderLayer`` is a
-    layer, its ``self_attn`` the attention)."""
-    named = {fqn: module for fqn, module in model.named_modules()
-             if "Attention" in type(module).__name__ and any(hasattr(module, mark) for mark in ATTENTION_MARKS)}
-    return {fqn: module for fqn, module in named.items()
-            if not any(other.startswith(f"{fqn}.") or (fqn == "" and other) for other in named)}
-
-
 def splits_attention(attention: Collection[str], plan: ResolvedPlan) -> bool:
-    """Whether ``plan`` shards parameters of one of the ``attention`` modules (:func:`attention_modules`) or of a
-    module inside one, i.e. may split attention heads; styles that only move activations (sequence parallel's
-    gathers) or keep modules whole do not count."""
+    """Whether ``plan`` shards parameters of one of the ``attention`` modules
+    (:func:`~meshplan.introspection.attention.head_attention_modules`) or of a module inside one, i.e. may split
+    attention heads; styles that only move activations (sequence parallel's gathers) or keep modules whole do not
+    count."""
     from .custom_styles import shards_parameters  # DTensor styles: imported when a plan is used
 
     return any(within(fqn, attention) for key, found in plan.matches.items()
@@ -148,7 +134,7 @@ def fit_to_tp_size(model: nn.Module, plan: ResolvedPlan, tp_size: int) -> Resolv
     config = attention_config(model)
     fitted = plan
     if tp_size > 1 and config is not None:
-        attention = attention_modules(model)
+        attention = head_attention_modules(model)
         if splits_attention(attention, plan):
             validate_tp_size(model, tp_size)
             kv_heads = {kv for _, kv in head_counts(config)}

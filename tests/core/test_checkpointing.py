@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from meshplan.core.activation_checkpointing import apply_activation_checkpointing, checkpoint_targets
-from meshplan.core.blocks import find_blocks
+from meshplan.activation_checkpointing import apply_activation_checkpointing, checkpoint_targets
 from meshplan.core.errors import UnsupportedConfigurationError
+from meshplan.introspection.blocks import find_blocks
 from tests.support import TinyStack, tiny_hf
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from meshplan.experts.modules import find_expert_modules
+from meshplan.introspection.experts import find_expert_modules
 from tests.plans.helpers import build
 from tests.support import full_grads, full_params, relative_error
 

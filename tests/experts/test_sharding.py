@@ -12,8 +12,8 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
 import meshplan
-from meshplan.experts.modules import expert_parameter_names
 from meshplan.experts.sharding import even_shard_dim
+from meshplan.introspection.experts import expert_parameter_names
 from tests.support import tiny_hf
 
 MIXTRAL_8 = dict(intermediate_size=64, num_local_experts=8, num_experts_per_tok=2)

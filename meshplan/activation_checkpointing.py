@@ -18,24 +18,17 @@ from dataclasses import dataclass
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from .blocks import find_blocks
-from .errors import UnsupportedConfigurationError
-from .log import get_logger, log_rank0
-from .strategy import StrategyOptions
+from .core.errors import UnsupportedConfigurationError
+from .core.log import get_logger, log_rank0
+from .core.strategy import StrategyOptions
+from .introspection.blocks import MLP_NAMES, find_blocks, mlp_name
+from .introspection.config import model_configs
 
 logger = get_logger(__name__)
 
-MLP_NAMES = ("mlp", "feed_forward", "ffn")
 MODES = (False, True, "mlp", "full", "selective")
 
 Blocks = Sequence[tuple[str, nn.Module]]
-
-
-def _mlp_name(block: nn.Module) -> str | None:
-    for name in MLP_NAMES:
-        if isinstance(getattr(block, name, None), nn.Module):
-            return name
-    return None
 
 
 def check_mode(mode: bool | str, every: int = 2) -> None:
@@ -60,7 +53,7 @@ def checkpoint_targets(blocks: Blocks, mode: bool | str, every: int = 2) -> list
         return []
     if mode in (True, "mlp"):
         targets = [f"{fqn}.{name}" if fqn else name
-                   for fqn, block in blocks if (name := _mlp_name(block)) is not None]
+                   for fqn, block in blocks if (name := mlp_name(block)) is not None]
     elif mode == "full":
         targets = [fqn for fqn, _ in blocks]
     else:
@@ -78,10 +71,8 @@ def _disable_kv_cache(model: nn.Module) -> bool:
     Recomputing a whole decoder layer in backward would append its keys/values to the forward's cache a
     second time (transformers' own gradient checkpointing turns the cache off for the same reason).
     """
-    config = getattr(model, "config", None)
-    configs = {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c is not None}
     was_on = False
-    for candidate in configs.values():
+    for candidate in model_configs(model):
         if getattr(candidate, "use_cache", False):
             candidate.use_cache = False
             was_on = True

@@ -46,3 +46,13 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         for fqn, container in find_block_containers(model)
         for name, block in container.named_children()
     ]
+
+
+#: Names of the MLP child of a decoder block (``mlp``: most decoders; ``feed_forward``: Llama4, Mixtral-style
+#: and others; ``ffn``).
+MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+def mlp_name(block: nn.Module) -> str | None:
+    """The name of ``block``'s MLP child (the first of :data:`MLP_NAMES` it has as a module), else ``None``."""
+    return next((name for name in MLP_NAMES if isinstance(getattr(block, name, None), nn.Module)), None)
