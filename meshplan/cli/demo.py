@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from ..context_parallel.batch import shard_batch
 from ..core.errors import MeshError, MeshplanError, OptionsError, UnsupportedConfigurationError
+from ..introspection.config import text_config
 from .launch import in_launched_job, launch_local
 
 #: Relative tolerance for "the ranks hold the same model" (checksums of gathered parameters).
@@ -240,7 +241,7 @@ def _parallel_model(config: DemoConfig, device: torch.device) -> tuple[nn.Module
 def _train(config: DemoConfig, device: torch.device) -> DemoResult:
     model, mesh, described = _parallel_model(config, device)
     _say(f"meshplan demo: {described}")
-    vocab_size = model.config.get_text_config().vocab_size
+    vocab_size = text_config(model.config).vocab_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     losses, seconds = [], []
     for step in range(config.steps):

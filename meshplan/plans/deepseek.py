@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..introspection.config import text_config
 from ..plugins.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plugin discovery
@@ -42,7 +43,7 @@ def deepseek_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str
     """TP plan for DeepSeek-V2 / V3 (with sequence parallel if asked)."""
     from .moe import moe_plan
 
-    rope_dim = model.config.get_text_config().qk_rope_head_dim
+    rope_dim = text_config(model.config).qk_rope_head_dim
     return moe_plan(model, deepseek_layer_styles(rope_dim), sequence_parallel)
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..introspection.config import text_config
 from ..plugins.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plugin discovery
@@ -23,9 +24,9 @@ if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plu
 
 def sparse_layers(config: Any) -> frozenset[int]:
     """Indices of the decoder layers whose MLP applies activation sparsity."""
-    pattern = getattr(config.get_text_config(), "activation_sparsity_pattern", None) or ()
+    pattern = getattr(text_config(config), "activation_sparsity_pattern", None) or ()
     if isinstance(pattern, (int, float)):
-        pattern = [pattern] * config.get_text_config().num_hidden_layers
+        pattern = [pattern] * text_config(config).num_hidden_layers
     return frozenset(i for i, sparsity in enumerate(pattern) if sparsity > 0)
 
 
@@ -39,7 +40,7 @@ def gemma3n_plan(model: nn.Module, sequence_parallel: bool = False, registry: Re
     sparse = sparse_layers(model.config)
     if not sparse:
         return plan
-    layers = range(model.config.get_text_config().num_hidden_layers)
+    layers = range(text_config(model.config).num_hidden_layers)
     result: dict[str, ParallelStyle] = {}
     for key, style in plan.items():
         head, wildcard, tail = key.partition(".*.")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from ..core.errors import PlanError, SequenceParallelUnsupportedError
+from ..introspection.config import text_config
 from ..plugins.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plugin discovery
@@ -52,7 +53,7 @@ def text_model_name(model: nn.Module) -> str:
 
 def has_per_layer_inputs(model: nn.Module) -> bool:
     """Whether the config gives every decoder layer a per-layer input (Gemma 4's PLE)."""
-    return bool(getattr(model.config.get_text_config(), "hidden_size_per_layer_input", 0))
+    return bool(getattr(text_config(model.config), "hidden_size_per_layer_input", 0))
 
 
 def per_layer_input_styles(text: str) -> dict[str, ParallelStyle]:

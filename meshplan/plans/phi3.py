@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..introspection.config import text_config
 from ..plugins.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plugin discovery
@@ -26,7 +27,7 @@ def phi3_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, Pa
     from .decoder import decoder_plan
     from .phi3_attention import Phi3LocalHeads
 
-    config = model.config.get_text_config()
+    config = text_config(model.config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     layer_styles: dict[str, ParallelStyle] = {
