@@ -1,4 +1,4 @@
-"""Fused expert modules: how to find them and how their parameters are laid out.
+"""Fused expert modules: how their parameters are laid out and split by tensor parallelism.
 
 A *fused experts module* holds every expert of one MoE layer in parameters ``[num_experts, ...]`` and is called
 as ``experts(hidden_states [tokens, hidden], top_k_index [tokens, k], top_k_weights [tokens, k])``; they are found

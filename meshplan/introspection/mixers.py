@@ -32,9 +32,9 @@ from .blocks import find_block_containers
 from .config import text_config
 from .embeddings import embedding_modules, module_name
 
-#: transformers ``layer_types`` of layers whose token mixing is a recurrence or a convolution (its
-#: ``configuration_utils.ALLOWED_ATTN_LAYER_TYPES``: "Recurrent layers (mamba / mamba2 / GDN / minimax-lightning)",
-#: ``conv`` and the attention + state ``hybrid`` layers).
+#: Values of a config's ``layer_types`` (transformers 5.24 lists the allowed ones in ``configuration_utils``) whose
+#: layers mix tokens by a recurrence or a convolution: state-space and linear-attention layers, short convolutions
+#: and the hybrids of attention with a recurrent state.
 MIXER_LAYER_TYPES = ("linear_attention", "conv", "mamba", "hybrid", "hybrid_sliding", "recurrent")
 #: The depthwise convolution child of a linear-attention block.
 CONVOLUTION = "conv1d"

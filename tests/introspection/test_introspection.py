@@ -121,3 +121,17 @@ def test_model_configs_and_text_config():
 def test_mlp_name():
     assert mlp_name(Layer(ShortConv())) == "mlp"
     assert mlp_name(ShortConv()) is None
+
+
+def test_text_config_when_transformers_finds_it_ambiguous():
+    """Several text sub-configs make ``get_text_config()`` raise (the old activation-checkpointing copy let that
+    ValueError out); the one named ``text_config`` is the language model's."""
+
+    class Config:
+        text_config = object()
+
+        def get_text_config(self):
+            raise ValueError("Multiple valid text configs were found")
+
+    config = Config()
+    assert text_config(config) is Config.text_config
