@@ -51,12 +51,12 @@ _LAZY: dict[str, str] = {
     "gather_full_state_dict": ".state.distributed_checkpoint",
     "save_distributed_checkpoint": ".state.distributed_checkpoint",
     "load_distributed_checkpoint": ".state.distributed_checkpoint",
+    "unpack_full_state_dict": ".state.packing",
     # custom parallel styles
     "PackedColwiseParallel": ".tensor_parallel.custom_styles",
     "PackedRowwiseParallel": ".tensor_parallel.custom_styles",
     "ReplicatedWithGradAllReduce": ".tensor_parallel.custom_styles", "KeepReplicated": ".tensor_parallel.custom_styles",
     "PrepareHiddenStates": ".tensor_parallel.custom_styles", "ChainedStyles": ".tensor_parallel.custom_styles",
-    "unpack_full_state_dict": ".tensor_parallel.custom_styles",
     "ExpertsTensorParallel": ".experts.tp_styles", "ExpertParamLayout": ".experts.tp_styles",
     "IdentityExpertParallel": ".experts.tp_styles",
     # context parallelism
@@ -128,6 +128,7 @@ if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plug
     from .state.distributed_checkpoint import save_distributed_checkpoint as save_distributed_checkpoint
     from .state.meta_init import initialize_sharded as initialize_sharded
     from .state.meta_init import materialize_meta_model as materialize_meta_model
+    from .state.packing import unpack_full_state_dict as unpack_full_state_dict
     from .state.unshard import unshard_fsdp2_model as unshard_fsdp2_model
     from .strategies.ddp import DDPOptions as DDPOptions
     from .strategies.ddp import DDPStrategy as DDPStrategy
@@ -142,7 +143,6 @@ if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plug
     from .tensor_parallel.custom_styles import PackedRowwiseParallel as PackedRowwiseParallel
     from .tensor_parallel.custom_styles import PrepareHiddenStates as PrepareHiddenStates
     from .tensor_parallel.custom_styles import ReplicatedWithGradAllReduce as ReplicatedWithGradAllReduce
-    from .tensor_parallel.custom_styles import unpack_full_state_dict as unpack_full_state_dict
     from .tensor_parallel.plan import ResolvedPlan as ResolvedPlan
 
 

@@ -39,7 +39,7 @@ clean_name = unwrapped_name
 
 
 def _gathered(model: nn.Module, named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    from meshplan.tensor_parallel.custom_styles import unpack_full_state_dict
+    from meshplan.state.packing import unpack_full_state_dict
 
     unpacked = unpack_full_state_dict(model, {name: full(tensor) for name, tensor in named})
     return {clean_name(name): tensor for name, tensor in unpacked.items()}

@@ -6,7 +6,7 @@ and ``moe_tp_experts`` on the module:
 
 * ``gate_up_proj [E, 2*I, H]`` -> ``Shard(1)``, packed: each rank keeps ``[gate_r; up_r]`` of every expert (stored
   rank-major like :class:`~meshplan.tensor_parallel.custom_styles.PackedColwiseParallel`, so a gathered tensor
-  goes through :func:`~meshplan.tensor_parallel.custom_styles.unpack_full_state_dict`);
+  goes through :func:`~meshplan.state.packing.unpack_full_state_dict`);
 * ``down_proj [E, H, I]`` -> ``Shard(2)``; a ``down_proj_bias`` stays replicated and each rank adds ``1 / tp``;
 * the module's own forward (any experts implementation: eager loop, ``grouped_mm``, ``batched_mm``) runs on the
   local shards with the full routing, so its output is this rank's partial sum, all-reduced once over TP;

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.tensor import DTensor
 
 from ..core.errors import UnsupportedConfigurationError
-from ..tensor_parallel.custom_styles import pack_full_state_dict
+from .packing import pack_full_state_dict
 
 ModuleInit = Callable[[nn.Module], None]
 

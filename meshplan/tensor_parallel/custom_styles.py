@@ -18,15 +18,15 @@
 * :class:`ChainedStyles` — several styles on one module, applied in order.
 
 Packed layout: a packed parameter is stored *rank-major* — the parts' rank-``r`` slices are contiguous —
-and sharded with a plain ``Shard``, so gradients, FSDP2 and sharded (DCP) checkpoints work unchanged. A
-gathered full tensor (``full_tensor()``, full state dicts) is in rank-major order; :func:`unpack_rank_major`
-restores the original order.
+and sharded with a plain ``Shard``, so gradients and FSDP2 work unchanged; :mod:`meshplan.state.packing` holds the
+layout and its conversions (a gathered ``full_tensor()`` is rank-major, ``gather_full_state_dict`` and distributed
+checkpoints are in the model's order).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,32 +36,10 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
 
 from ..core.errors import PlanError, StyleModuleTypeError, TensorParallelSizeError
-from ..core.naming import unwrapped_name
+from ..state.packing import pack_rank_major, record_packed
 
 
 # --- packed (fused) projections ---------------------------------------------------------------------
-def pack_rank_major(full: torch.Tensor, sizes: Sequence[int], world: int, dim: int = 0) -> torch.Tensor:
-    """``[a; b]`` -> ``[a_0; b_0; a_1; b_1; ...]``: each part split in ``world`` chunks, grouped by rank."""
-    chunks = [part.chunk(world, dim) for part in full.split(list(sizes), dim)]
-    return torch.cat([chunks[i][r] for r in range(world) for i in range(len(sizes))], dim)
-
-
-def unpack_rank_major(packed: torch.Tensor, sizes: Sequence[int], world: int, dim: int = 0) -> torch.Tensor:
-    """Inverse of :func:`pack_rank_major` (e.g. on the ``full_tensor()`` of a packed parameter)."""
-    per_rank = [block.split([s // world for s in sizes], dim) for block in packed.chunk(world, dim)]
-    return torch.cat([per_rank[r][i] for i in range(len(sizes)) for r in range(world)], dim)
-
-
-PACKED_ATTRIBUTE = "_meshplan_packed"
-
-
-def record_packed(module: nn.Module, name: str, sizes: Sequence[int], world: int, dim: int) -> None:
-    """Mark ``module``'s parameter ``name`` as stored rank-major (read by :func:`packed_parameters`)."""
-    packed = getattr(module, PACKED_ATTRIBUTE, {})
-    packed[name] = (tuple(sizes), world, dim)
-    setattr(module, PACKED_ATTRIBUTE, packed)
-
-
 def distribute_parameter(owner: nn.Module, name: str, mesh: DeviceMesh, dim: int | None,
                          parts: Sequence[int] = ()) -> None:
     """Replace ``owner``'s parameter ``name`` by a DTensor on ``mesh``: replicated when ``dim`` is ``None``, else
@@ -77,51 +55,6 @@ def distribute_parameter(owner: nn.Module, name: str, mesh: DeviceMesh, dim: int
     placement = Replicate() if dim is None else Shard(dim)
     sharded = distribute_tensor(data, mesh, [placement])
     owner.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
-
-
-def packed_parameters(model: nn.Module) -> dict[str, tuple[tuple[int, ...], int, int]]:
-    """``{parameter name: (part sizes, TP size, dim)}`` of the model's parameters stored rank-major (names as
-    ``named_parameters`` gives them)."""
-    return {f"{fqn}.{name}" if fqn else name: (tuple(sizes), world, dim)
-            for fqn, module in model.named_modules()
-            for name, (sizes, world, dim) in getattr(module, PACKED_ATTRIBUTE, {}).items()}
-
-
-def _packed_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool
-                 ) -> Iterator[tuple[str, tuple[tuple[int, ...], int, int]]]:
-    """``(key in state_dict, layout)`` of each packed parameter: its name, or its name without wrapper components
-    (as torch's distributed state-dict helpers write it). ``strict``: :class:`PlanError` for one that is missing."""
-    for name, layout in packed_parameters(model).items():
-        key = next((k for k in (name, unwrapped_name(name)) if k in state_dict), None)
-        if key is not None:
-            yield key, layout
-        elif strict:
-            raise PlanError(f"The state dict has no key for the packed parameter {name!r} (nor "
-                            f"{unwrapped_name(name)!r}), so its rank-major order cannot be converted.")
-
-
-def unpack_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = False
-                           ) -> dict[str, torch.Tensor]:
-    """Restore the original order of packed parameters in a *full* (gathered) state dict, in place.
-
-    Keys may be the model's parameter names or those names without wrapper components (activation checkpointing),
-    as torch's distributed state-dict helpers give them; keys not in ``state_dict`` are skipped, or raise with
-    ``strict``.
-    """
-    for key, (sizes, world, dim) in _packed_keys(model, state_dict, strict):
-        state_dict[key] = unpack_rank_major(state_dict[key], sizes, world, dim)
-    return state_dict
-
-
-def pack_full_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = False
-                         ) -> dict[str, torch.Tensor]:
-    """A copy of a *full* state dict (the original layout) with the model's packed parameters stored rank-major,
-    as their DTensors hold them, so that loading it gives each rank its own parts; the inverse of
-    :func:`unpack_full_state_dict`."""
-    packed = dict(state_dict)
-    for key, (sizes, world, dim) in _packed_keys(model, packed, strict):
-        packed[key] = pack_rank_major(packed[key], sizes, world, dim)
-    return packed
 
 
 class _Packed:

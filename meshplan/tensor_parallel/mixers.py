@@ -20,7 +20,7 @@ Every style is self-contained, so it is correct whatever the rest of the plan do
 input is used replicated (its gradient summed over TP in backward), its output is this rank's partial sum,
 all-reduced once; a row-wise bias stays replicated and each rank adds ``1 / tp`` of it. Packed parameters are
 stored rank-major like :class:`~meshplan.tensor_parallel.custom_styles.PackedColwiseParallel` (a gathered full
-tensor goes through :func:`~meshplan.tensor_parallel.custom_styles.unpack_full_state_dict`).
+tensor goes through :func:`~meshplan.state.packing.unpack_full_state_dict`).
 
 A mixer is recognized by structure (:func:`mixer_style_name`: its kind,
 :func:`~meshplan.introspection.mixers.mixer_kind`, then its family's split): exactly the parameters and children

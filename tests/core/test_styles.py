@@ -61,7 +61,7 @@ def test_transformers_styles_beyond_nemo():
 def test_rank_major_packing_round_trips_and_groups_each_ranks_slices():
     import torch
 
-    from meshplan.tensor_parallel.custom_styles import pack_rank_major, unpack_rank_major
+    from meshplan.state.packing import pack_rank_major, unpack_rank_major
 
     full = torch.arange(16.0).reshape(8, 2)  # parts of 4 (q), 2 (k), 2 (v) rows
     packed = pack_rank_major(full, (4, 2, 2), world=2)

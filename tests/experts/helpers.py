@@ -107,7 +107,7 @@ def experts_module_parity(cases: list[tuple[str, str]], tp_plan_style: str = "mo
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
-    from meshplan.tensor_parallel.custom_styles import unpack_full_state_dict
+    from meshplan.state.packing import unpack_full_state_dict
     from meshplan.tensor_parallel.vocabulary import builtin_style
     from tests.conformance_check import build_model, tiny_config
 

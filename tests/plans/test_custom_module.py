@@ -63,7 +63,7 @@ class _RankScaled(torch.nn.Module):
 
 def _packed_and_all_reduce_styles() -> dict:
     import meshplan
-    from meshplan.tensor_parallel.custom_styles import unpack_full_state_dict
+    from meshplan.state.packing import unpack_full_state_dict
 
     meshplan.register_strategy(TensorParallelOnly)
     torch.manual_seed(0)
