@@ -123,5 +123,5 @@ class UnsupportedSequenceMixerError(ContextParallelError):
 
 
 class CheckpointLayoutError(MeshplanError, ValueError):
-    """A checkpoint's parameters are laid out for another TP size than the model loading it (packed parameters
-    stored rank-major)."""
+    """A checkpoint records a layout of its parameters (packed parameters stored rank-major, by earlier meshplan
+    versions) that does not fit the model loading it."""

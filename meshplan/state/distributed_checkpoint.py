@@ -1,12 +1,25 @@
 """Checkpoints of parallelized models: torch Distributed Checkpoint (DCP) and full state dicts.
 
-A DCP checkpoint stores every parameter's global shape and each rank's shard under the parameter's plain
-name (no FSDP / checkpoint-wrapper prefixes), so it loads under any other mesh or strategy
-(TP=2 -> FSDP=2, HSDP -> FSDP, ...), except for parameters that TP stores rank-major (packed ``[gate; up]``
-projections, split mixers): their global order depends on the TP size, so the checkpoint records that layout
-and loading it under another one raises :class:`~meshplan.core.errors.CheckpointLayoutError` (gather a full state
-dict to move such a model to another TP size). :func:`gather_full_state_dict` builds the plain-tensor state dict
-that ``save_pretrained`` expects. All functions here are collective: call them on every rank.
+A DCP checkpoint stores every parameter (and optimizer state) in the model's own order, under its plain name (no
+FSDP / checkpoint-wrapper prefixes), each rank writing the chunks it holds at their global offsets, so it loads
+under any other mesh or strategy: another TP, EP or FSDP size, HSDP, with or without CP.
+
+Parameters that TP stores rank-major (:mod:`meshplan.state.packing`: packed ``[gate; up]`` experts, ``[q; k; v]``,
+split Mamba mixers) hold, on each rank, slices that are not one contiguous block of the model-order tensor. They are
+written as several chunks: the rank's local tensor is cut where its model-order positions stop being consecutive and
+each piece is given to DCP at its model-order offset (torch's ``LocalShardsWrapper`` inside a DTensor of the
+parameter's global shape, the multi-chunk form DCP reads and writes natively); loading reads each piece from
+wherever the saving ranks put it. This works for parts of any sizes and for any FSDP2 sharding on top, as the
+offsets come from torch's own ``compute_local_shape_and_global_offset``. Describing the packing as a placement
+(torch's ``_StridedShard(dim, split_factor=parts)``) was measured on torch 2.13 and not chosen: it only describes
+equal parts (not GQA ``[q; k; v]`` nor a Mamba2 ``in_proj``), and DCP's planner refuses it (one chunk per rank:
+"overlapping chunks").
+
+Checkpoints written before (meshplan <= the layout record) stored packed parameters rank-major and record that
+layout (``PACKED_KEY``); they are read through the same chunk views, from the recorded layout's positions. New
+checkpoints record an empty layout: nothing is stored rank-major. :func:`gather_full_state_dict` builds the
+plain-tensor state dict that ``save_pretrained`` expects. All functions here are collective: call them on every
+rank.
 """
 
 from __future__ import annotations
@@ -26,13 +39,23 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from ..core.errors import CheckpointLayoutError
-from ..core.naming import unwrapped_name
+from .packing import (
+    PackedLayout,
+    contiguous_runs,
+    model_positions,
+    packed_state_keys,
+    stored_positions,
+    unpack_full_state_dict,
+    unpack_rank_major,
+)
 
 MODEL_KEY = "model"
 OPTIMIZER_KEY = "optimizer"
-#: the rank-major parameter layouts of the saved model, as JSON (``{name: [part sizes, TP size, dim]}``)
+#: the parameters the checkpoint stores rank-major, as JSON ``{name: [part sizes, TP size, dim]}``: empty since
+#: meshplan stores the model's order; checkpoints written before list their packed parameters
 PACKED_KEY = "meshplan_packed_layout"
 
 
@@ -44,8 +67,6 @@ def gather_full_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[st
     other ranks get ``{}`` (what ``save_pretrained`` on rank 0 needs). ``False``: every rank gets every
     tensor on the model's device.
     """
-    from ..tensor_parallel.custom_styles import unpack_full_state_dict
-
     options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
     full = get_model_state_dict(model, options=options)
     return unpack_full_state_dict(model, full, strict=bool(full))
@@ -61,11 +82,14 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[st
 def save_distributed_checkpoint(
     model: nn.Module, checkpoint_id: str | os.PathLike[str], optimizer: torch.optim.Optimizer | None = None,
 ) -> None:
-    """Save the model's (and optionally the optimizer's) sharded state with DCP under ``checkpoint_id``.
+    """Save the model's (and optionally the optimizer's) sharded state with DCP under ``checkpoint_id``, in the
+    model's order (rank-major packed parameters included).
 
     Each rank writes only its own shards; ``checkpoint_id`` must be a directory all ranks can reach.
     """
-    dcp.save({**_state(model, optimizer), PACKED_KEY: _packed_layout(model)}, checkpoint_id=checkpoint_id)
+    state = _state(model, optimizer)
+    dcp.save({**_checkpoint_views(state, packed_state_keys(model), {}), PACKED_KEY: json.dumps({})},
+             checkpoint_id=checkpoint_id)
 
 
 def load_distributed_checkpoint(
@@ -73,14 +97,16 @@ def load_distributed_checkpoint(
 ) -> None:
     """Load a DCP checkpoint into ``model`` (and ``optimizer``) in place, resharding to the current layout.
 
-    The checkpoint may come from a different mesh shape or strategy; only parameter names and global
-    shapes must agree, and parameters stored rank-major must have been saved with the same layout
-    (:class:`CheckpointLayoutError` otherwise, before any tensor is read). Missing or unexpected keys raise
-    (strict loading).
+    The checkpoint may come from any other mesh shape or strategy (TP, EP, FSDP sizes, HSDP, CP); only parameter
+    names and global shapes must agree. Checkpoints of earlier meshplan versions, which stored packed parameters
+    rank-major, load too (:class:`CheckpointLayoutError` when their recorded layout does not fit this model, before
+    any tensor is read). Missing or unexpected keys raise (strict loading).
     """
-    _check_packed_layout(model, checkpoint_id)
+    now = packed_state_keys(model)
     state = _state(model, optimizer)
-    dcp.load(state, checkpoint_id=checkpoint_id)
+    stored = _stored_layout(checkpoint_id, state[MODEL_KEY], now)
+    dcp.load(_checkpoint_views(state, now, stored), checkpoint_id=checkpoint_id)
+    _unpack_plain_tensors(state, now, stored)
     if optimizer is None:
         set_model_state_dict(model, state[MODEL_KEY])
     else:
@@ -88,31 +114,88 @@ def load_distributed_checkpoint(
                        optim_state_dict=state[OPTIMIZER_KEY])
 
 
-def _packed_layout(model: nn.Module) -> str:
-    """The model's rank-major parameter layouts as JSON, keyed by state-dict names."""
-    from ..tensor_parallel.custom_styles import packed_parameters
+# --- packed parameters in a checkpoint ----------------------------------------------------------------------
+def _packed_tensors(state: dict[str, Any], names: set[str]) -> list[tuple[dict[str, Any], str, str]]:
+    """``(container, key, parameter name)`` of each tensor of ``state`` laid out like one of the parameters
+    ``names``: the parameter itself and its per-parameter optimizer state of the same shape (AdamW's moments)."""
+    model_state = state[MODEL_KEY]
+    found = [(model_state, name, name) for name in sorted(names) if name in model_state]
+    per_param = state.get(OPTIMIZER_KEY, {}).get("state", {})
+    for name in sorted(names & per_param.keys()):
+        found += [(per_param[name], key, name) for key, value in sorted(per_param[name].items())
+                  if isinstance(value, torch.Tensor) and value.shape == model_state[name].shape]
+    return found
 
-    return json.dumps({unwrapped_name(name): [list(sizes), world, dim]
-                       for name, (sizes, world, dim) in sorted(packed_parameters(model).items())})
+
+def _checkpoint_views(state: dict[str, Any], now: dict[str, PackedLayout], stored: dict[str, PackedLayout]
+                      ) -> dict[str, Any]:
+    """A copy of ``state`` in which every DTensor of a parameter that is stored (``stored``) or held (``now``) in
+    another order than the model's is replaced by :func:`_chunk_view`; the views share the tensors' memory."""
+    views = {key: dict(value) for key, value in state.items()}
+    if OPTIMIZER_KEY in views:
+        per_param = {name: dict(entries) for name, entries in views[OPTIMIZER_KEY].get("state", {}).items()}
+        views[OPTIMIZER_KEY]["state"] = per_param
+    for container, key, name in _packed_tensors(views, now.keys() | stored.keys()):
+        if now.get(name) != stored.get(name) and isinstance(container[key], DTensor):
+            container[key] = _chunk_view(container[key], now.get(name), stored.get(name))
+    return views
 
 
-def _check_packed_layout(model: nn.Module, checkpoint_id: str | os.PathLike[str]) -> None:
-    """:class:`CheckpointLayoutError` (the same on every rank) unless the checkpoint's rank-major parameters were
-    saved in the layout ``model`` has now; a checkpoint written without the record (before meshplan kept it) is
-    not checked. Any storage ``dcp.load`` reads (paths, fsspec URLs)."""
+def _chunk_view(tensor: DTensor, held: PackedLayout | None, stored: PackedLayout | None) -> DTensor:
+    """``tensor`` (local tensor in the rank-major layout ``held``, or in model order) as a DTensor whose chunks
+    are the runs of its local tensor that the checkpoint stores contiguously (in the rank-major layout ``stored``,
+    or in model order), each at its offset there."""
+    from torch.distributed.tensor._shards_wrapper import LocalShardsWrapper  # DCP's multi-chunk local tensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    dim = (held or stored)[2]
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    positions = torch.arange(offset[dim], offset[dim] + shape[dim])
+    if held is not None:
+        positions = model_positions(held, positions)
+    if stored is not None:
+        positions = stored_positions(stored, positions)
+    runs = contiguous_runs(positions)
+    if not runs:  # this rank holds nothing of the tensor
+        return tensor
+    with torch.no_grad():
+        local = tensor.to_local()
+    pieces = [local.narrow(dim, start, length) for start, _, length in runs]
+    offsets = [tuple(at if d == dim else offset[d] for d in range(tensor.ndim)) for _, at, _ in runs]
+    # the constructor, not from_local (which views the local tensor: LocalShardsWrapper has no view for ndim > 2)
+    return DTensor(LocalShardsWrapper(pieces, offsets), tensor._spec, requires_grad=False)
+
+
+def _unpack_plain_tensors(state: dict[str, Any], now: dict[str, PackedLayout], stored: dict[str, PackedLayout]
+                          ) -> None:
+    """Plain (unsharded: DDP, one process) tensors loaded from a checkpoint that stores them rank-major, put back
+    in model order in place."""
+    for container, key, name in _packed_tensors(state, stored.keys() - now.keys()):
+        value = container[key]
+        if not isinstance(value, DTensor):
+            sizes, world, dim = stored[name]
+            with torch.no_grad():
+                value.copy_(unpack_rank_major(value.clone(), sizes, world, dim))
+
+
+def _stored_layout(checkpoint_id: str | os.PathLike[str], model_state: dict[str, Any], now: dict[str, PackedLayout]
+                   ) -> dict[str, PackedLayout]:
+    """The rank-major layouts the checkpoint stores its packed parameters in (empty for checkpoints in model
+    order). A checkpoint without a record (written before meshplan kept one) is taken to be in ``now``'s layout, as
+    it was then loaded. :class:`CheckpointLayoutError` (the same on every rank) for a recorded layout that does
+    not fit the parameters of ``model_state``. Any storage ``dcp.load`` reads (paths, fsspec URLs)."""
     saved: dict[str, Any] = {PACKED_KEY: ""}
     dcp.load(saved, checkpoint_id=checkpoint_id, planner=DefaultLoadPlanner(allow_partial_load=True))
-    if not saved[PACKED_KEY]:  # written before the layout was recorded: unknown, not checked
-        return
-    before, now = json.loads(saved[PACKED_KEY]), json.loads(_packed_layout(model))
-    differing = sorted(name for name in before.keys() | now.keys() if before.get(name) != now.get(name))
-    if differing:
-        def describe(layout: dict[str, Any], name: str) -> str:
-            return f"rank-major for TP={layout[name][1]}" if name in layout else "unpacked"
-
-        shown = "; ".join(f"{name}: saved {describe(before, name)}, {describe(now, name)} here"
-                          for name in differing[:3])
+    if not saved[PACKED_KEY]:
+        return now
+    stored = {name: (tuple(sizes), world, dim) for name, (sizes, world, dim) in json.loads(saved[PACKED_KEY]).items()}
+    shapes = {name: tuple(tensor.shape) for name, tensor in model_state.items()}
+    unfit = [name for name, (sizes, world, dim) in stored.items()
+             if name not in shapes or dim >= len(shapes[name]) or sum(sizes) != shapes[name][dim]
+             or any(size % world for size in sizes)]
+    if unfit:
         raise CheckpointLayoutError(
-            f"{len(differing)} parameter(s) of this checkpoint are stored in another order than this model's "
-            f"({shown}{'; ...' if len(differing) > 3 else ''}): their TP size differs. Load it under the TP size it "
-            "was saved with, then gather_full_state_dict() and load that full state dict into the new layout.")
+            f"The checkpoint records {len(unfit)} parameter(s) stored rank-major in a layout that does not fit this "
+            f"model ({', '.join(unfit[:3])}{', ...' if len(unfit) > 3 else ''}: missing, or part sizes that do not "
+            "add up to the parameter's dim): it was saved from another architecture or configuration.")
+    return stored

@@ -265,46 +265,51 @@ def test_meta_broadcast_load_of_tied_save_pretrained_folder(ranks2, tmp_path):
 # --- parameters TP stores rank-major (packed [gate; up] of the experts) -------------------------------------------
 def packed_parameters_round_trip(path: str) -> dict:
     """Mixtral at TP=2, whose experts' ``gate_up_proj`` is stored rank-major: the gathered full state dict, a
-    meta-device model loaded from the full state dict, and a DCP checkpoint reloaded at TP=2 all give back the
-    original tensors; the same checkpoint refuses to load into a model without TP."""
+    meta-device model loaded from the full state dict, and a DCP checkpoint reloaded at TP=2 and without TP all give
+    back the original tensors; so do checkpoints written the way earlier meshplan versions did (rank-major, with or
+    without the layout record)."""
     import copy
+    import json
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    from meshplan.core.errors import CheckpointLayoutError
-    from meshplan.state.distributed_checkpoint import MODEL_KEY
+    from meshplan.state.distributed_checkpoint import MODEL_KEY, PACKED_KEY
+    from meshplan.state.packing import packed_state_keys
     from tests.plans.helpers import build
 
     reference = build("mixtral")
     original = reference.state_dict()
-    tp = {"dp_shard_cp": 1, "tp": 2}
+    tp, fsdp = {"dp_shard_cp": 1, "tp": 2}, {"dp_shard_cp": 2}
     model = _parallelize(copy.deepcopy(reference), tp)
     problems = {"gathered": _differences(gather_full_state_dict(model, rank0_only=False), original)}
     with torch.device("meta"):
         meta = build("mixtral", seed=1)
     materialize_meta_model(_parallelize(meta, tp), original)
     problems["meta init"] = _differences(gather_full_state_dict(meta, rank0_only=False), original)
+
+    def reloaded(checkpoint: str, mesh_shape: dict[str, int]) -> list[str]:
+        fresh = _parallelize(build("mixtral", seed=1), mesh_shape)
+        load_distributed_checkpoint(fresh, checkpoint)
+        return _differences(gather_full_state_dict(fresh, rank0_only=False), original)
+
     save_distributed_checkpoint(model, path)
-    reloaded = _parallelize(build("mixtral", seed=1), tp)
-    load_distributed_checkpoint(reloaded, path)
-    problems["reloaded at tp=2"] = _differences(gather_full_state_dict(reloaded, rank0_only=False), original)
-    try:
-        load_distributed_checkpoint(_parallelize(build("mixtral", seed=1), {"dp_shard_cp": 2}), path)
-        problems["refused without TP"] = "loaded"
-    except CheckpointLayoutError as exc:
-        problems["refused without TP"] = [] if "saved rank-major for TP=2, unpacked here" in str(exc) else str(exc)
-    unrecorded = f"{path}-unrecorded"  # as written before the layout was recorded: loads, unchecked
+    problems["reloaded at tp=2"] = reloaded(path, tp)
+    problems["reloaded without TP"] = reloaded(path, fsdp)
+    recorded = f"{path}-recorded"  # as meshplan wrote it before: rank-major, the layout recorded
+    dcp.save({MODEL_KEY: get_model_state_dict(model), PACKED_KEY: json.dumps(
+        {name: [list(sizes), world, dim] for name, (sizes, world, dim) in packed_state_keys(model).items()})},
+        checkpoint_id=recorded)
+    problems["recorded rank-major, without TP"] = reloaded(recorded, fsdp)
+    unrecorded = f"{path}-unrecorded"  # as written before the layout was recorded: loads as it was, at tp=2
     dcp.save({MODEL_KEY: get_model_state_dict(model)}, checkpoint_id=unrecorded)
-    load_distributed_checkpoint(reloaded := _parallelize(build("mixtral", seed=1), tp), unrecorded)
-    problems["unrecorded, at tp=2"] = _differences(gather_full_state_dict(reloaded, rank0_only=False), original)
+    problems["unrecorded, at tp=2"] = reloaded(unrecorded, tp)
     save_distributed_checkpoint(model, f"file://{path}-url")  # fsspec storage, chosen by dcp itself
-    load_distributed_checkpoint(reloaded := _parallelize(build("mixtral", seed=1), tp), f"file://{path}-url")
-    problems["file:// url"] = _differences(gather_full_state_dict(reloaded, rank0_only=False), original)
+    problems["file:// url"] = reloaded(f"file://{path}-url", fsdp)
     return problems
 
 
 def test_packed_parameters_survive_gathering_meta_init_and_checkpoints(ranks2, tmp_path):
     for result in ranks2.run(packed_parameters_round_trip, str(tmp_path / "ckpt"), timeout=240):
-        assert result == {"gathered": [], "meta init": [], "reloaded at tp=2": [], "refused without TP": [],
-                          "unrecorded, at tp=2": [], "file:// url": []}, result
+        assert result == {"gathered": [], "meta init": [], "reloaded at tp=2": [], "reloaded without TP": [],
+                          "recorded rank-major, without TP": [], "unrecorded, at tp=2": [], "file:// url": []}, result
