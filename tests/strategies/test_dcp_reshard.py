@@ -2,7 +2,7 @@
 
 A tiny MoE model trains one AdamW step under TP (its experts' ``gate_up_proj``, and a hybrid's Mamba2 ``in_proj`` and
 ``conv1d``, are stored rank-major), is saved with DCP, and hops through other meshes: loaded under EP without TP,
-saved again, loaded under dense FSDP (with CP for the MoE models). After every load the gathered full state dict and
+saved again, loaded under dense FSDP with CP (the MoE models) or HSDP and then back under TP (the hybrid). After every load the gathered full state dict and
 the full optimizer state equal those of the first model bitwise.
 """
 
@@ -20,7 +20,8 @@ pytestmark = pytest.mark.distributed
 
 #: (mesh, parallelize options) of each hop: saved under the first, loaded (and saved again) under the next ones
 TP_EP_CP = [({"dp_shard": 2, "tp": 2}, {}), ({"dp_shard": 4}, {"ep_size": 2}), ({"dp_shard": 2, "cp": 2}, {})]
-TP_EP_DENSE = [({"dp_shard": 2, "tp": 2}, {}), ({"dp_shard": 4}, {"ep_size": 2}), ({"dp_shard": 4}, {})]
+TP_EP_HSDP_TP = [({"dp_shard": 2, "tp": 2}, {}), ({"dp_shard": 4}, {"ep_size": 2}),
+                 ({"dp_replicate": 2, "dp_shard": 2}, {}), ({"dp_replicate": 2, "dp_shard": 1, "tp": 2}, {})]
 
 
 def _parallelize(model: torch.nn.Module, mesh_shape: dict[str, int], options: dict) -> torch.nn.Module:
@@ -76,7 +77,7 @@ def reshard_hops(name: str, path: str, hops: list[tuple[dict[str, int], dict]]) 
 @pytest.mark.parametrize("name, hops, packed", [
     ("mixtral", TP_EP_CP, "model.layers.0.mlp.experts.gate_up_proj"),
     ("qwen3_moe", TP_EP_CP, "model.layers.1.mlp.experts.gate_up_proj"),
-    ("granitemoehybrid", TP_EP_DENSE, "model.layers.0.mamba.in_proj.weight"),
+    ("granitemoehybrid", TP_EP_HSDP_TP, "model.layers.0.mamba.in_proj.weight"),
 ])
 def test_dcp_reshards_packed_parameters_across_tp_ep_and_cp(ranks4, tmp_path, name, hops, packed):
     results = ranks4.run(reshard_hops, name, str(tmp_path), hops, timeout=240)
