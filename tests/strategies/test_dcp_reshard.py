@@ -1,9 +1,9 @@
 """Distributed checkpoints reshard everything, packed parameters included (``meshplan.state.distributed_checkpoint``).
 
-A tiny MoE model trains one AdamW step under TP (its experts' ``gate_up_proj``, and a hybrid's Mamba2 ``in_proj`` and
-``conv1d``, are stored rank-major), is saved with DCP, and hops through other meshes: loaded under EP without TP,
-saved again, loaded under dense FSDP with CP (the MoE models) or HSDP and then back under TP (the hybrid). After every load the gathered full state dict and
-the full optimizer state equal those of the first model bitwise.
+A tiny MoE model trains one AdamW step under TP (its experts' ``gate_up_proj``, and a hybrid's Mamba2 ``in_proj``
+and ``conv1d``, are stored rank-major), is saved with DCP, and hops through other meshes: loaded under EP without
+TP, saved again, loaded under FSDP with CP (the MoE models) or under HSDP and then back under TP (the hybrid).
+After every load the gathered full state dict and the full optimizer state equal the first model's bitwise.
 """
 
 from __future__ import annotations

@@ -274,6 +274,7 @@ def packed_parameters_round_trip(path: str) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    import meshplan
     from meshplan.state.distributed_checkpoint import MODEL_KEY, PACKED_KEY
     from meshplan.state.packing import packed_state_keys
     from tests.plans.helpers import build
@@ -288,8 +289,13 @@ def packed_parameters_round_trip(path: str) -> dict:
     materialize_meta_model(_parallelize(meta, tp), original)
     problems["meta init"] = _differences(gather_full_state_dict(meta, rank0_only=False), original)
 
-    def reloaded(checkpoint: str, mesh_shape: dict[str, int]) -> list[str]:
-        fresh = _parallelize(build("mixtral", seed=1), mesh_shape)
+    def reloaded(checkpoint: str, mesh_shape: dict[str, int], strategy: str = "fsdp2") -> list[str]:
+        fresh = build("mixtral", seed=1)
+        if strategy == "fsdp2":
+            fresh = _parallelize(fresh, mesh_shape)
+        else:  # plain tensors
+            mesh = init_device_mesh("cpu", tuple(mesh_shape.values()), mesh_dim_names=tuple(mesh_shape))
+            fresh = meshplan.parallelize(fresh, mesh, strategy=strategy)
         load_distributed_checkpoint(fresh, checkpoint)
         return _differences(gather_full_state_dict(fresh, rank0_only=False), original)
 
@@ -301,6 +307,7 @@ def packed_parameters_round_trip(path: str) -> dict:
         {name: [list(sizes), world, dim] for name, (sizes, world, dim) in packed_state_keys(model).items()})},
         checkpoint_id=recorded)
     problems["recorded rank-major, without TP"] = reloaded(recorded, fsdp)
+    problems["recorded rank-major, ddp"] = reloaded(recorded, {"dp": 2}, strategy="ddp")
     unrecorded = f"{path}-unrecorded"  # as written before the layout was recorded: loads as it was, at tp=2
     dcp.save({MODEL_KEY: get_model_state_dict(model)}, checkpoint_id=unrecorded)
     problems["unrecorded, at tp=2"] = reloaded(unrecorded, tp)
@@ -312,4 +319,5 @@ def packed_parameters_round_trip(path: str) -> dict:
 def test_packed_parameters_survive_gathering_meta_init_and_checkpoints(ranks2, tmp_path):
     for result in ranks2.run(packed_parameters_round_trip, str(tmp_path / "ckpt"), timeout=240):
         assert result == {"gathered": [], "meta init": [], "reloaded at tp=2": [], "reloaded without TP": [],
-                          "recorded rank-major, without TP": [], "unrecorded, at tp=2": [], "file:// url": []}, result
+                          "recorded rank-major, without TP": [], "recorded rank-major, ddp": [],
+                          "unrecorded, at tp=2": [], "file:// url": []}, result
