@@ -192,10 +192,11 @@ def _stored_layout(checkpoint_id: str | os.PathLike[str], model_state: dict[str,
     shapes = {name: tuple(tensor.shape) for name, tensor in model_state.items()}
     unfit = [name for name, (sizes, world, dim) in stored.items()
              if name not in shapes or dim >= len(shapes[name]) or sum(sizes) != shapes[name][dim]
-             or any(size % world for size in sizes)]
+             or any(size % world for size in sizes) or now.get(name, stored[name])[2] != dim]
     if unfit:
         raise CheckpointLayoutError(
             f"The checkpoint records {len(unfit)} parameter(s) stored rank-major in a layout that does not fit this "
-            f"model ({', '.join(unfit[:3])}{', ...' if len(unfit) > 3 else ''}: missing, or part sizes that do not "
-            "add up to the parameter's dim): it was saved from another architecture or configuration.")
+            f"model ({', '.join(unfit[:3])}{', ...' if len(unfit) > 3 else ''}: missing, packed along another dim, or "
+            "part sizes that do not add up to the parameter's dim): it was saved from another architecture or "
+            "configuration.")
     return stored

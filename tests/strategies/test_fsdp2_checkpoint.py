@@ -275,6 +275,7 @@ def packed_parameters_round_trip(path: str) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     import meshplan
+    from meshplan.core.errors import CheckpointLayoutError
     from meshplan.state.distributed_checkpoint import MODEL_KEY, PACKED_KEY
     from meshplan.state.packing import packed_state_keys
     from tests.plans.helpers import build
@@ -308,6 +309,13 @@ def packed_parameters_round_trip(path: str) -> dict:
         checkpoint_id=recorded)
     problems["recorded rank-major, without TP"] = reloaded(recorded, fsdp)
     problems["recorded rank-major, ddp"] = reloaded(recorded, {"dp": 2}, strategy="ddp")
+    unfit = f"{path}-unfit"  # a recorded layout whose parts do not add up to the parameter's dim
+    dcp.save({MODEL_KEY: get_model_state_dict(model), PACKED_KEY: json.dumps(
+        {"model.layers.0.mlp.experts.gate_up_proj": [[2, 4], 2, 1]})}, checkpoint_id=unfit)
+    try:
+        problems["unfit layout refused"] = f"loaded: {reloaded(unfit, fsdp)}"
+    except CheckpointLayoutError as exc:
+        problems["unfit layout refused"] = [] if "gate_up_proj: missing, packed along" in str(exc) else str(exc)
     unrecorded = f"{path}-unrecorded"  # as written before the layout was recorded: loads as it was, at tp=2
     dcp.save({MODEL_KEY: get_model_state_dict(model)}, checkpoint_id=unrecorded)
     problems["unrecorded, at tp=2"] = reloaded(unrecorded, tp)
@@ -320,4 +328,4 @@ def test_packed_parameters_survive_gathering_meta_init_and_checkpoints(ranks2, t
     for result in ranks2.run(packed_parameters_round_trip, str(tmp_path / "ckpt"), timeout=240):
         assert result == {"gathered": [], "meta init": [], "reloaded at tp=2": [], "reloaded without TP": [],
                           "recorded rank-major, without TP": [], "recorded rank-major, ddp": [],
-                          "unrecorded, at tp=2": [], "file:// url": []}, result
+                          "unfit layout refused": [], "unrecorded, at tp=2": [], "file:// url": []}, result
