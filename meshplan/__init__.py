@@ -39,7 +39,11 @@ _LAZY: dict[str, str] = {
     "import_class_from_path": ".core.imports",
     # contracts
     "Strategy": ".core.strategy", "StrategyOptions": ".core.strategy", "OptionInfo": ".core.strategy",
-    "ResolvedPlan": ".tensor_parallel.plan", "MeshRoles": ".core.roles", "RoleDims": ".core.roles",
+    "ResolvedPlan": ".core.plans", "MeshRoles": ".core.roles", "RoleDims": ".core.roles",
+    "MatchedPlan": ".core.plans", "FittedPlan": ".core.plans", "PlanSet": ".core.plans",
+    "ExpertParallelOptions": ".core.axis_options", "ContextParallelOptions": ".core.axis_options",
+    "ComposedStrategy": ".strategies.composition", "Composition": ".strategies.composition",
+    "UnsupportedAxisError": ".core.errors",
     # built-in strategies
     "FSDP2Strategy": ".strategies.fsdp2", "FSDP2Options": ".strategies.fsdp2",
     "DDPStrategy": ".strategies.ddp", "DDPOptions": ".strategies.ddp",
@@ -86,6 +90,8 @@ if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plug
     from .context_parallel.apply import apply_context_parallel as apply_context_parallel
     from .context_parallel.batch import gather_sequence as gather_sequence
     from .context_parallel.batch import shard_batch as shard_batch
+    from .core.axis_options import ContextParallelOptions as ContextParallelOptions
+    from .core.axis_options import ExpertParallelOptions as ExpertParallelOptions
     from .core.errors import CheckpointLayoutError as CheckpointLayoutError
     from .core.errors import ConflictError as ConflictError
     from .core.errors import ContextParallelError as ContextParallelError
@@ -109,11 +115,16 @@ if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plug
     from .core.errors import UnknownStyleError as UnknownStyleError
     from .core.errors import UnmatchedPlanKeyError as UnmatchedPlanKeyError
     from .core.errors import UnsupportedAttentionError as UnsupportedAttentionError
+    from .core.errors import UnsupportedAxisError as UnsupportedAxisError
     from .core.errors import UnsupportedConfigurationError as UnsupportedConfigurationError
     from .core.errors import UnsupportedSequenceMixerError as UnsupportedSequenceMixerError
     from .core.errors import UntranslatableStyleError as UntranslatableStyleError
     from .core.fake_pg import fake_process_group as fake_process_group
     from .core.imports import import_class_from_path as import_class_from_path
+    from .core.plans import FittedPlan as FittedPlan
+    from .core.plans import MatchedPlan as MatchedPlan
+    from .core.plans import PlanSet as PlanSet
+    from .core.plans import ResolvedPlan as ResolvedPlan
     from .core.roles import MeshRoles as MeshRoles
     from .core.roles import RoleDims as RoleDims
     from .core.strategy import OptionInfo as OptionInfo
@@ -130,6 +141,8 @@ if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plug
     from .state.meta_init import materialize_meta_model as materialize_meta_model
     from .state.packing import unpack_full_state_dict as unpack_full_state_dict
     from .state.unshard import unshard_fsdp2_model as unshard_fsdp2_model
+    from .strategies.composition import ComposedStrategy as ComposedStrategy
+    from .strategies.composition import Composition as Composition
     from .strategies.ddp import DDPOptions as DDPOptions
     from .strategies.ddp import DDPStrategy as DDPStrategy
     from .strategies.fsdp2 import FSDP2Options as FSDP2Options
@@ -143,7 +156,6 @@ if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plug
     from .tensor_parallel.custom_styles import PackedRowwiseParallel as PackedRowwiseParallel
     from .tensor_parallel.custom_styles import PrepareHiddenStates as PrepareHiddenStates
     from .tensor_parallel.custom_styles import ReplicatedWithGradAllReduce as ReplicatedWithGradAllReduce
-    from .tensor_parallel.plan import ResolvedPlan as ResolvedPlan
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,8 @@
 """The public facade: ``parallelize``, ``prepare``, strategy lookup, runtime registration and listings.
 
 Everything here works on the process-wide registry that the plugin layer fills on first use; the
-machinery itself lives in :mod:`meshplan.core` (dispatch, registry) and :mod:`meshplan.plugins` (discovery).
+machinery itself lives in :mod:`meshplan.planning` (dispatch, plans), :mod:`meshplan.core` (contracts, registry)
+and :mod:`meshplan.plugins` (discovery).
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from typing import Any
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from .core import dispatch
-from .core.dispatch import Prepared, get_report
 from .core.errors import MeshplanError, UnknownStrategyError
 from .core.naming import did_you_mean
+from .core.plans import ResolvedPlan
 from .core.registry import Registration, Table, class_key
-from .core.strategy import Strategy
+from .core.strategy import Strategy, declared_axes
+from .planning import dispatch
+from .planning.dispatch import Prepared, get_report
+from .planning.resolve import resolve_plan
 from .plugins.manager import get_host, get_registry
-from .tensor_parallel.plan import ResolvedPlan, resolve_plan
 
 __all__ = [
     "Prepared", "get_report", "get_strategy", "get_tp_plan", "list_plugins", "list_strategies", "list_styles",
@@ -140,6 +142,8 @@ def list_strategies() -> list[dict[str, Any]]:
             strategy = None
         if strategy is not None:
             row["description"] = strategy.description
+            declared = declared_axes(strategy)
+            row["supports"] = None if declared is None else sorted(declared)
             row["options"] = [
                 {"name": o.name, "type": o.type, "default": repr(o.default)} for o in strategy.describe_options()
             ]

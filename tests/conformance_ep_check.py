@@ -51,11 +51,12 @@ def model_types_with_ep_plan() -> list[str]:
 
 
 def ep_only_strategy():
-    from meshplan.core.strategy import Strategy, StrategyOptions
+    from meshplan.core.axis_options import ExpertParallelOptions
+    from meshplan.core.strategy import Strategy
     from meshplan.experts.apply import apply_expert_parallel
 
     @dataclasses.dataclass
-    class ConformanceEPOptions(StrategyOptions):
+    class ConformanceEPOptions(ExpertParallelOptions):
         ep_size: int = EP_SIZE
 
     class ConformanceEP(Strategy):
@@ -63,12 +64,13 @@ def ep_only_strategy():
         batch, so the EP ranks split its tokens (as TP ranks do when EP borrows them)."""
 
         name = "conformance_ep"
+        supports = frozenset({"tp", "ep"})
         options_class = ConformanceEPOptions
 
-        def parallelize(self, model, roles, plan, options, ep_plan=None):
+        def parallelize(self, model, roles, plans, options, validated):
             meshes = roles.expert_meshes()
-            if ep_plan is not None:
-                apply_expert_parallel(model, ep_plan, dataclasses.replace(meshes, token_mesh=meshes.ep))
+            if plans.ep is not None:
+                apply_expert_parallel(model, plans.ep, dataclasses.replace(meshes, token_mesh=meshes.ep))
             return model
 
     return ConformanceEP

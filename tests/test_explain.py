@@ -108,17 +108,17 @@ def test_unmatched_plan_key_and_unknown_option_fail_before_apply():
 
 
 @dataclass
-class SeenOptions(meshplan.StrategyOptions):
+class SeenOptions(meshplan.ExpertParallelOptions):
     dp_mesh_name: str = "dp"
     dp_shard_cp_mesh_name: str = "dp_shard_cp"
-    ep_size: int = 1
 
 
 class SeeingStrategy(meshplan.Strategy):
     name = "seeing"
+    supports = frozenset({"tp", "ep"})
     options_class = SeenOptions
 
-    def parallelize(self, model, roles, plan, options):
+    def parallelize(self, model, roles, plans, options, validated):
         return model
 
 

@@ -49,12 +49,14 @@ from ..core.imports import import_class_from_path
 from ..core.log import get_logger, log_rank0
 from ..introspection.config import config_value
 from ..introspection.embeddings import are_tied, embedding_modules, module_name
+from ..planning.build import build_plan
+from ..planning.resolve import resolve_plan
 from ..plans.hf_translation import complete_embeddings, merged_hf_plan
 from ..plugins.manager import get_registry
 from ..state.unshard import unshard_fsdp2_model as unshard_units
 from ..tensor_parallel.apply import apply_tensor_parallel
-from ..tensor_parallel.plan import call_plan_function, resolve_plan
-from ..tensor_parallel.validation import fit_to_tp_size, match_and_check, validate_tp_size
+from ..tensor_parallel.plan import call_plan_function
+from ..tensor_parallel.validation import validate_tp_size
 from ..tensor_parallel.vocabulary import copy_style, make_style
 from .nvfsdp import MegatronFSDPShim, megatron_fsdp_shim
 from .parallelize_functions import ParallelizeFunctions
@@ -265,8 +267,8 @@ def parallelize_module(
     """
     if isinstance(parallelize_plan, ParallelStyle):
         return torch_parallelize_module(module, device_mesh, parallelize_plan, **kwargs)
-    plan = match_and_check(module, resolve_plan(module, get_registry(), parallelize_plan))
-    return apply_tensor_parallel(module, device_mesh, fit_to_tp_size(module, plan, device_mesh.size()))
+    plan = build_plan(module, resolve_plan(module, get_registry(), parallelize_plan), "tp", device_mesh.size())
+    return apply_tensor_parallel(module, device_mesh, plan)
 
 
 def fsdp2_strategy_parallelize(

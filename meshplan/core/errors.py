@@ -98,6 +98,11 @@ class UnsupportedConfigurationError(MeshplanError, ValueError):
     """The requested combination of options cannot work (e.g. CPU offload on a CPU-only mesh)."""
 
 
+class UnsupportedAxisError(UnsupportedConfigurationError):
+    """A parallel axis (``ep_size`` > 1, a ``cp`` or ``pp`` mesh dim > 1) the strategy does not declare in its
+    ``supports``."""
+
+
 # --- mixture of experts -------------------------------------------------------------------------
 class ExpertParallelError(MeshplanError, ValueError):
     """Expert parallelism cannot be laid out: ``ep_size`` does not divide the experts or the ranks it borrows,

@@ -41,7 +41,11 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 #: Roles in resolution order: the shard dim is resolved last so it can be told apart from cp / replicate.
-ROLE_ORDER = ("tp", "cp", "dp_replicate", "dp_shard")
+ROLE_ORDER = ("pp", "tp", "cp", "dp_replicate", "dp_shard")
+#: The canonical mesh dim of each model-parallel axis a strategy declares in ``Strategy.supports`` (data
+#: parallelism is the strategy's own job). A mesh dim of one of these names larger than 1 is refused before any
+#: work unless the strategy declares the axis.
+AXIS_DIMS = {"tp": "tp", "cp": "cp", "pp": "pp"}
 #: Roles whose sub-meshes are used whole by an unnamed 1-D mesh.
 DATA_ROLES = ("dp_shard", "dp_replicate")
 
@@ -108,6 +112,12 @@ class MeshRoles:
     def cp(self) -> DeviceMesh | None:
         """The context-parallel sub-mesh, ``None`` without CP (absent or size 1)."""
         return self.submesh("cp") if self.size("cp") > 1 else None
+
+    @property
+    def pp(self) -> DeviceMesh | None:
+        """The pipeline-parallel sub-mesh, ``None`` without PP (absent or size 1). Only strategies that declare
+        ``"pp"`` have the role (:func:`pipeline_role`)."""
+        return self.submesh("pp") if self.size("pp") > 1 else None
 
     @property
     def data_parallel(self) -> DataParallelMesh | None:
@@ -291,4 +301,11 @@ def role_dims(option: str | None, *candidates: DimSpec) -> RoleDims:
     return RoleDims(option, tuple(unique))
 
 
-__all__: Sequence[str] = ("MeshRoles", "RoleDims", "resolve_roles", "role_dims", "ROLE_ORDER")
+def pipeline_role(pp_mesh_name: str = "pp") -> RoleDims:
+    """The ``pp`` role of a strategy that declares pipeline parallelism: the ``pp_mesh_name`` option's dim, then
+    ``pp``. Its options' :meth:`~meshplan.StrategyOptions.mesh_roles` adds it as ``{"pp": pipeline_role(...)}``."""
+    return role_dims("pp_mesh_name", pp_mesh_name, AXIS_DIMS["pp"])
+
+
+__all__: Sequence[str] = ("AXIS_DIMS", "MeshRoles", "ROLE_ORDER", "RoleDims", "pipeline_role", "resolve_roles",
+                          "role_dims")

@@ -1,8 +1,18 @@
 """The Strategy contract that built-in and third-party strategies implement.
 
-A strategy receives a *finished* plan: the dispatcher has already resolved, normalized and validated
-it. The strategy composes the core helpers in a fixed order (tensor/sequence parallel ->
-activation checkpointing -> data-parallel wrapping) and never re-resolves plans.
+A strategy declares the parallel axes it supports (:attr:`Strategy.supports`, among :data:`AXES`; data
+parallelism is its own job), and receives *finished* plans: the planning layer (:mod:`meshplan.planning`) has
+resolved, matched and fitted them for every axis in use, once, into a :class:`~meshplan.core.plans.PlanSet`.
+
+* ``prepare()`` refuses an axis the strategy does not declare (:class:`UnsupportedAxisError`) before any
+  collective, then calls :meth:`Strategy.validate`, whose return value (what it computed) reaches
+  :meth:`Strategy.parallelize` as ``validated``.
+* The composition order (pipeline stages -> tensor parallel -> context parallel -> expert parallel ->
+  activation checkpointing -> regional compile -> data-parallel wrapping) is written once, in
+  :class:`meshplan.strategies.composition.ComposedStrategy`, which built-in strategies subclass.
+* A strategy that declares no ``supports`` is a pre-contract one (``parallelize(model, roles, plan, options,
+  ep_plan=None)``): it still runs for one release, through an adapter, with a ``DeprecationWarning``
+  (:mod:`meshplan.planning.legacy`).
 """
 
 from __future__ import annotations
@@ -15,11 +25,14 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..tensor_parallel.plan import ResolvedPlan
 from .errors import OptionsError
 from .naming import did_you_mean
 from .options import check_option_types
+from .plans import PlanSet
 from .roles import MeshRoles, RoleDims, role_dims
+
+#: The parallel axes a strategy may declare in :attr:`Strategy.supports`.
+AXES = frozenset({"tp", "ep", "cp", "pp"})
 
 
 @dataclass
@@ -66,13 +79,21 @@ class OptionInfo:
 class Strategy(ABC):
     """Base class of parallel strategies. Register a subclass through ``meshplan_register_strategies``.
 
-    Subclasses set ``name`` (and optionally ``aliases``, ``description``, ``options_class``) and implement
-    :meth:`parallelize`. :meth:`validate` and :meth:`unavailable_reason` run before any collective.
-    Both receive the mesh as :class:`MeshRoles` (resolved from ``options.mesh_roles()``): ``roles.tp``,
-    ``roles.data_parallel``, ``roles.cp`` ... and ``roles.mesh`` for the whole mesh.
+    Subclasses set ``name``, ``supports`` (and optionally ``aliases``, ``description``, ``options_class``) and
+    implement :meth:`parallelize` (or subclass :class:`~meshplan.strategies.composition.ComposedStrategy`, which
+    implements it in the shared order and asks only for the data-parallel wrapping). :meth:`validate` and
+    :meth:`unavailable_reason` run before any collective. Both receive the mesh as :class:`MeshRoles` (resolved
+    from ``options.mesh_roles()``): ``roles.tp``, ``roles.data_parallel``, ``roles.cp``, ``roles.pp`` ... and
+    ``roles.mesh`` for the whole mesh.
+
+    ``supports`` is the set of axes among :data:`AXES` the strategy applies: ``"tp"`` (a ``tp`` dim > 1),
+    ``"ep"`` (``ep_size`` > 1; options from :class:`~meshplan.core.axis_options.ExpertParallelOptions`),
+    ``"cp"`` (a ``cp`` dim > 1; :class:`~meshplan.core.axis_options.ContextParallelOptions`), ``"pp"`` (a ``pp``
+    dim > 1; :func:`~meshplan.core.roles.pipeline_role`). Any other axis in use is refused by ``prepare()``.
     """
 
     name: ClassVar[str]
+    supports: ClassVar[frozenset[str]]
     aliases: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
     options_class: ClassVar[type[StrategyOptions]] = StrategyOptions
@@ -112,17 +133,18 @@ class Strategy(ABC):
         """``None`` when the strategy can run here (on ``device_type`` if given), else why not."""
         return None
 
-    def validate(
-        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions,
-        ep_plan: ResolvedPlan | None = None,
-    ) -> None:
-        """Raise a :class:`MeshplanError` for bad inputs. Must be deterministic and collective-free.
-
-        ``ep_plan`` (expert parallelism) is passed only to strategies whose options have ``ep_size`` > 1;
-        their :meth:`parallelize` receives it as the same keyword."""
+    def validate(self, model: nn.Module, roles: MeshRoles, plans: PlanSet, options: StrategyOptions) -> Any:
+        """Raise a :class:`MeshplanError` for bad inputs; deterministic and collective-free. What it returns
+        (e.g. a call it built) is handed to :meth:`parallelize` as ``validated``, so nothing is computed twice."""
+        return None
 
     @abstractmethod
-    def parallelize(
-        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
-    ) -> nn.Module:
+    def parallelize(self, model: nn.Module, roles: MeshRoles, plans: PlanSet, options: StrategyOptions,
+                    validated: Any) -> nn.Module:
         """Apply the strategy and return the model (parallelized in place where possible)."""
+
+
+def declared_axes(strategy: Strategy) -> frozenset[str] | None:
+    """The axes ``strategy`` declares, or ``None`` for a pre-contract strategy that declares none."""
+    declared = getattr(type(strategy), "supports", None)
+    return None if declared is None else frozenset(declared)

@@ -8,7 +8,6 @@ the module's :class:`ExpertParallel`, so every remaining key names a module and 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +17,7 @@ from ..core.errors import ExpertParallelError, PlanError, PlanNotFoundError
 from ..introspection.experts import find_expert_modules
 
 if TYPE_CHECKING:
-    from ..core.registry import Registry
-    from ..tensor_parallel.plan import ResolvedPlan
+    from ..core.plans import FittedPlan, MatchedPlan, ResolvedPlan
 
 #: transformers' style for a fused expert parameter split by expert (dim 0).
 GROUPED_GEMM = "grouped_gemm"
@@ -55,30 +53,29 @@ def fold_expert_parameters(spec: Mapping[str, Any]) -> dict[str, Any]:
     return folded
 
 
-def resolve_expert_plan(model: nn.Module, registry: Registry, ep_plan: Any, ep_size: int,
-                        strict: bool = True) -> ResolvedPlan:
-    """Resolve, match and check the EP plan for ``ep_size`` ranks; typed errors before any collective, the same
-    on every rank: :class:`ExpertParallelError` for a model without experts or an ``ep_size`` that does not
-    divide an experts module's expert count, :class:`UnmatchedPlanKeyError` for a key that matches nothing."""
-    from ..tensor_parallel.plan import resolve_plan
-    from ..tensor_parallel.validation import match_and_check
+def missing_plan_error(model: nn.Module, ep_size: int,
+                       not_found: PlanNotFoundError) -> PlanNotFoundError | ExpertParallelError:
+    """The error for a model whose EP plan was found nowhere: :class:`ExpertParallelError` when it has no experts
+    at all (``ep_size`` is then the mistake), else ``not_found``."""
+    if next(find_expert_modules(model), None) is not None:
+        return not_found
+    error = ExpertParallelError(f"ep_size={ep_size} asks for expert parallelism, but {type(model).__qualname__} "
+                                "has no mixture-of-experts layers; drop ep_size.")
+    error.__cause__ = not_found
+    return error
 
-    name = type(model).__qualname__
-    try:
-        plan = resolve_plan(model, registry, ep_plan, axis="ep")
-    except PlanNotFoundError as exc:
-        if next(find_expert_modules(model), None) is None:
-            raise ExpertParallelError(f"ep_size={ep_size} asks for expert parallelism, but {name} has no "
-                                      "mixture-of-experts layers; drop ep_size.") from exc
-        raise
-    plan = match_and_check(model, plan, strict=strict, axis="EP")
+
+def fit_expert_plan(model: nn.Module, plan: MatchedPlan, ep_size: int) -> FittedPlan:
+    """The matched EP plan fitted to ``ep_size`` ranks; typed errors before any collective, the same on every rank:
+    :class:`ExpertParallelError` for a plan that splits no experts module or an ``ep_size`` that does not divide an
+    experts module's expert count."""
     experts = _expert_entries(plan)
     if not experts:
-        raise ExpertParallelError(f"ep_size={ep_size}: the EP plan of {name} ({plan.source}) splits no experts "
-                                  f"module; give an experts module the {DISPATCH_EXPERTS!r} style.")
+        raise ExpertParallelError(f"ep_size={ep_size}: the EP plan of {type(model).__qualname__} ({plan.source}) "
+                                  f"splits no experts module; give an experts module the {DISPATCH_EXPERTS!r} style.")
     for key, fqn in experts:
         plan.styles[key].check(model.get_submodule(fqn), ep_size)
-    return dataclasses.replace(plan, replicated_linears=())
+    return plan.fitted("ep", ep_size, replicated_linears=())
 
 
 def _expert_entries(plan: ResolvedPlan) -> list[tuple[str, str]]:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
@@ -28,12 +29,13 @@ from .hf_translation import merged_hf_plan
 logger = get_logger(__name__)
 
 
-def hf_ep_plan(model: nn.Module) -> dict[str, Any]:
-    """The model's transformers EP plan, translated (see the module docstring)."""
+def hf_ep_plan(model: nn.Module, declared: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The model's transformers EP plan, translated (see the module docstring); ``declared`` is its merged EP plan
+    when the caller has it already (:func:`merged_hf_plan` otherwise)."""
     name = type(model).__qualname__
     kept: dict[str, Any] = {}
     skipped: dict[str, str] = {}
-    for key, style in merged_hf_plan(model, "ep").items():
+    for key, style in (merged_hf_plan(model, "ep") if declared is None else declared).items():
         if style == GROUPED_GEMM and match_parameter_key(model, key):
             kept[key] = style
         elif style == DISPATCH_EXPERTS and match_key(model, key):

@@ -465,6 +465,7 @@ def hf_plans(model: nn.Module, sequence_parallel: bool = False, registry: Regist
     from .hf_expert_plan import hf_ep_plan
 
     plans: dict[str, Any] = {"tp": functools.partial(hf_tp_plan, model, sequence_parallel, registry=registry)}
-    if merged_hf_plan(model, "ep"):
-        plans["ep"] = functools.partial(hf_ep_plan, model)
+    declared = merged_hf_plan(model, "ep")
+    if declared:
+        plans["ep"] = functools.partial(hf_ep_plan, model, declared)  # merged once, here
     return plans

@@ -32,9 +32,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from ..core.fake_pg import fake_process_group
+from ..core.plans import PlanSet
 from ..core.roles import MeshRoles
-from ..core.strategy import Strategy, StrategyOptions
-from ..tensor_parallel.plan import ResolvedPlan
+from ..core.strategy import StrategyOptions
+from ..strategies.composition import ComposedStrategy, Composition
 from . import manager
 
 if TYPE_CHECKING:
@@ -163,19 +164,16 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: f
         pool.close(force=not pool.alive)
 
 
-class TensorParallelOnly(Strategy):
-    """Strategy ``"tp_test"``: apply the resolved, validated TP plan and nothing else (no data-parallel
+class TensorParallelOnly(ComposedStrategy):
+    """Strategy ``"tp_test"``: apply the resolved, validated TP plan (the shared order, with no data-parallel
     wrapping), to test a plan on its own. Register it with ``meshplan.register_strategy(TensorParallelOnly)``."""
 
     name = "tp_test"  # not "tp_only": the example strategy plugin uses that name
+    supports = frozenset({"tp"})
     description = "tensor parallelism only (for testing TP plans)"
 
-    def parallelize(self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None,
-                    options: StrategyOptions) -> nn.Module:
-        from ..tensor_parallel.apply import apply_tensor_parallel
-
-        if plan is not None:
-            apply_tensor_parallel(model, roles.tp, plan)
+    def wrap_data_parallel(self, model: nn.Module, roles: MeshRoles, plans: PlanSet, options: StrategyOptions,
+                           validated: Any, done: Composition) -> nn.Module:
         return model
 
 

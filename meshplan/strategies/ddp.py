@@ -34,12 +34,11 @@ from ..activation_checkpointing import CheckpointingOptions
 from ..core.errors import MeshError, StrategyUnavailableError, UnsupportedConfigurationError
 from ..core.log import get_logger, log_rank0
 from ..core.mesh import dim_names
+from ..core.plans import PlanSet
 from ..core.roles import MeshRoles, RoleDims, role_dims
-from ..core.strategy import Strategy, StrategyOptions
-from ..introspection.blocks import find_blocks
+from ..core.strategy import StrategyOptions
 from ..plugins.hookspecs import hookimpl
-from ..tensor_parallel.apply import apply_tensor_parallel
-from ..tensor_parallel.plan import ResolvedPlan
+from .composition import ComposedStrategy, Composition
 
 DDP_REPLICATE = "torch.distributed._composable.replicate"
 TP_REPLICATE = "torch.distributed._composable.replicate_with_fsdp"
@@ -114,26 +113,25 @@ def _mesh_device(device_mesh: DeviceMesh) -> torch.device:
     return torch.device(device_mesh.device_type, index)
 
 
-class DDPStrategy(Strategy):
+class DDPStrategy(ComposedStrategy):
     """Data-parallel replication over ``dp`` after tensor parallelism over ``tp`` (see the module docstring)."""
 
     name = "ddp"
+    supports = frozenset({"tp"})
     description = ("TP -> activation checkpointing -> data-parallel replication (DistributedDataParallel; "
                    "FSDP2-based replicate when TP is applied)")
     options_class = DDPOptions
 
-    def validate(
-        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
-    ) -> None:
-        options.check_checkpointing(find_blocks(model))
+    def validate(self, model: nn.Module, roles: MeshRoles, plans: PlanSet, options: StrategyOptions) -> Any:
+        """The data-parallel mesh and DDP's options; returns the ``replicate`` function the wrapping calls."""
+        super().validate(model, roles, plans, options)
         if "dp_replicate" not in roles.dims:
             data_parallel_mesh(roles, options)  # raises the MeshError
         cap = options.bucket_cap_mb
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap <= 0):
             raise UnsupportedConfigurationError(f"bucket_cap_mb must be a positive number (MiB) or None, got {cap!r}.")
-        if plan is None:
-            _import_replicate(DDP_REPLICATE)
-            return
+        if plans.tp is None:
+            return _import_replicate(DDP_REPLICATE)
         rejected = [f"{name}={getattr(options, name)!r}" for name, unset in (("bucket_cap_mb", None),
                                                                            ("static_graph", False))
                     if getattr(options, name) != unset]
@@ -144,30 +142,26 @@ class DDPStrategy(Strategy):
                 "all-reduces per block instead of in size buckets and needs no static-graph hint. Drop the "
                 "option(s), or use a mesh without TP."
             )
-        _import_replicate(TP_REPLICATE)
+        return _import_replicate(TP_REPLICATE)
 
-    def parallelize(
-        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
-    ) -> nn.Module:
+    def wrap_data_parallel(self, model: nn.Module, roles: MeshRoles, plans: PlanSet, options: StrategyOptions,
+                           validated: Any, done: Composition) -> nn.Module:
+        """``validated`` is the ``replicate`` function :meth:`validate` chose."""
         dp_mesh = data_parallel_mesh(roles, options)
-        blocks = find_blocks(model)
-        if plan is not None:  # also re-ties parameters shared before TP (tied embeddings)
-            apply_tensor_parallel(model, roles.tp, plan)
-        wrapped = options.apply_checkpointing(model, blocks)
-        if plan is None:
+        replicate = validated
+        if plans.tp is None:
             model.to(_mesh_device(roles.mesh))
-            _import_replicate(DDP_REPLICATE)(model, process_group=dp_mesh.get_group(), **ddp_kwargs(options))
+            replicate(model, process_group=dp_mesh.get_group(), **ddp_kwargs(options))
             how = f"DistributedDataParallel {ddp_kwargs(options)}"
         else:
-            replicate = _import_replicate(TP_REPLICATE)
-            for fqn, _ in blocks:  # looked up again: checkpointing may have replaced a block with its wrapper
+            for fqn, _ in done.blocks:  # looked up again: checkpointing may have replaced a block with its wrapper
                 replicate(model.get_submodule(fqn), mesh=dp_mesh)
             replicate(model, mesh=dp_mesh)
-            how = f"FSDP2-based replicate of {len(blocks)} block(s) + root, TP on {options.tp_mesh_name!r}"
+            how = f"FSDP2-based replicate of {len(done.blocks)} block(s) + root, TP on {options.tp_mesh_name!r}"
             if options.find_unused_parameters:
                 how += " (find_unused_parameters not needed: unused parameters are handled without it)"
         log_rank0(logger, logging.INFO, "ddp: dp=%d, %s; activation checkpointing of %d module(s)",
-                  dp_mesh.size(), how, len(wrapped))
+                  dp_mesh.size(), how, len(done.checkpointed))
         return model
 
 

@@ -1,6 +1,7 @@
 """The ``fsdp2`` strategy: tensor/sequence parallel -> activation checkpointing -> FSDP2 (or HSDP).
 
-The composition order is fixed:
+It supports ``tp``, ``cp`` and ``ep``. The composition order is the shared one
+(:class:`meshplan.strategies.composition.ComposedStrategy`):
 
 1. **Tensor parallel** on the ``tp`` mesh dim with the plan the dispatcher resolved and validated
    (:func:`meshplan.tensor_parallel.apply.apply_tensor_parallel`, which also keeps tied input/output
@@ -39,15 +40,15 @@ import torch
 from torch import nn
 
 from ..activation_checkpointing import CheckpointingOptions
+from ..core.axis_options import ContextParallelOptions, ExpertParallelOptions
 from ..core.errors import MeshError, OptionsError, UnsupportedConfigurationError
 from ..core.expert_mesh import dense_data_parallel_size
 from ..core.log import get_logger, log_rank0
+from ..core.plans import PlanSet
 from ..core.roles import MeshRoles, RoleDims, role_dims
-from ..core.strategy import Strategy, StrategyOptions
-from ..introspection.blocks import find_blocks
+from ..core.strategy import StrategyOptions
 from ..plugins.hookspecs import hookimpl
-from ..tensor_parallel.apply import apply_tensor_parallel
-from ..tensor_parallel.plan import ResolvedPlan
+from .composition import ComposedStrategy, Composition
 
 if TYPE_CHECKING:  # torch.distributed.fsdp is imported on use, so listing strategies stays fast
     from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy
@@ -58,8 +59,6 @@ logger = get_logger(__name__)
 SHARD_DIM_FALLBACKS = ("dp_shard_cp", "dp_shard", "dp")
 #: Replication dims tried after ``dp_replicate_mesh_name``, in order.
 REPLICATE_DIM_FALLBACKS = ("dp_replicate",)
-#: Context-parallel dims tried after ``cp_mesh_name``.
-CP_DIM_FALLBACKS = ("cp",)
 
 
 def default_mp_policy() -> MixedPrecisionPolicy:
@@ -71,20 +70,17 @@ def default_mp_policy() -> MixedPrecisionPolicy:
 
 
 @dataclass
-class FSDP2Options(CheckpointingOptions):
-    """Options of the ``fsdp2`` strategy (plus ``tp_mesh_name``, ``sequence_parallel``, ``strict``).
+class FSDP2Options(CheckpointingOptions, ContextParallelOptions, ExpertParallelOptions):
+    """Options of the ``fsdp2`` strategy (plus ``tp_mesh_name``, ``sequence_parallel``, ``strict``; ``cp_mesh_name``
+    and ``cp_implementation`` from :class:`~meshplan.core.axis_options.ContextParallelOptions`, ``ep_size`` from
+    :class:`~meshplan.core.axis_options.ExpertParallelOptions`, the activation-checkpointing options).
 
     Attributes:
         dp_replicate_mesh_name: mesh dim to replicate across (HSDP when its size is > 1); ``"dp_replicate"``
             is also tried.
         dp_shard_cp_mesh_name: mesh dim to shard across; ``"dp_shard_cp"``, ``"dp_shard"`` and ``"dp"`` are
-            tried after it. A dim of size 1 is fine (TP-only training still needs one).
-        cp_mesh_name: context-parallel mesh dim (``"cp"``); parameters are sharded over shard x cp.
-        cp_implementation: with a ``cp`` dim > 1, how attention sees the whole sequence: ``"allgather"``
-            (default: keys and values all-gathered, wraps the model's eager/SDPA attention on any device) or
-            ``"ring"`` (torch's ring attention; CUDA, SDPA, plain causal masks) or ``"external"`` (the model
-            is left as it is: the training loop runs CP itself, e.g. with torch's ``context_parallel`` context
-            manager; ``cp`` still shards parameters). See :mod:`meshplan.context_parallel`.
+            tried after it. A dim of size 1 is fine (TP-only training still needs one). Parameters are sharded
+            over shard x cp; with ``cp_implementation="external"`` ``cp`` still shards parameters.
         mp_policy: FSDP2 mixed precision. ``None`` (default) = bf16 parameters, fp32 gradient reduction and
             fp32 output. ``output_dtype`` is applied at the root only: casting every block's output (as NeMo
             AutoModel does) feeds fp32 activations to a bf16 ``lm_head`` and fails on transformers 5.x.
@@ -93,25 +89,18 @@ class FSDP2Options(CheckpointingOptions):
             mesh; on a CPU mesh it is rejected up front). ``None`` = no offload.
         reshard_after_forward: reshard block parameters after forward (ZeRO-3, default). ``False`` keeps
             them gathered until backward (ZeRO-2-like). The last block and the root never reshard.
-        ep_size: expert parallelism (1 = off): the experts of every MoE layer are split over ``ep_size`` ranks
-            carved from the data-parallel shard ranks (and the TP ranks when the TP plan leaves the experts
-            whole; :mod:`meshplan.core.roles`), tokens reach them by all-to-all, and each experts module is
-            FSDP-sharded over the ranks holding the same experts. The EP plan comes from the model's plan
-            providers (the Hugging Face fallback reads ``config.base_model_ep_plan``) or ``ep_plan=...``.
+        ep_size: with expert parallelism each experts module is FSDP-sharded over the ranks holding the same
+            experts (see :class:`~meshplan.core.axis_options.ExpertParallelOptions`).
     """
 
     dp_replicate_mesh_name: str = "dp_replicate"
     dp_shard_cp_mesh_name: str = "dp_shard_cp"
-    cp_mesh_name: str = "cp"
-    cp_implementation: str = "allgather"
     mp_policy: MixedPrecisionPolicy | None = None
     offload_policy: OffloadPolicy | None = None
     reshard_after_forward: bool = True
-    ep_size: int = 1
 
     def mesh_roles(self) -> dict[str, RoleDims]:
         return super().mesh_roles() | {
-            "cp": role_dims("cp_mesh_name", self.cp_mesh_name, *CP_DIM_FALLBACKS),
             "dp_replicate": role_dims("dp_replicate_mesh_name", self.dp_replicate_mesh_name,
                                       *REPLICATE_DIM_FALLBACKS),
             "dp_shard": role_dims("dp_shard_cp_mesh_name", self.dp_shard_cp_mesh_name, *SHARD_DIM_FALLBACKS),
@@ -146,78 +135,62 @@ def block_and_root_policies(
     return dataclasses.replace(root, output_dtype=None), root
 
 
-class FSDP2Strategy(Strategy):
-    """PyTorch FSDP2 (``fully_shard``) over the data-parallel mesh, after tensor parallelism."""
+class FSDP2Strategy(ComposedStrategy):
+    """PyTorch FSDP2 (``fully_shard``) over the data-parallel mesh, after the model-parallel axes."""
 
     name = "fsdp2"
-    description = "TP/SP -> activation checkpointing -> FSDP2 / HSDP (torch fully_shard)"
+    supports = frozenset({"tp", "cp", "ep"})
+    description = "TP/SP -> CP -> EP -> activation checkpointing -> FSDP2 / HSDP (torch fully_shard)"
     options_class = FSDP2Options
 
-    def validate(
-        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions,
-        ep_plan: ResolvedPlan | None = None,
-    ) -> None:
-        """Require a shard dim, reject offload on CPU and bad AC settings (``prepare`` checked the EP plan and
-        sizes; ``ep_plan`` is accepted so that strategies with expert parallelism share one signature)."""
+    def validate(self, model: nn.Module, roles: MeshRoles, plans: PlanSet, options: StrategyOptions) -> None:
+        """Require FSDP2 options and a shard dim, reject offload on CPU; the shared checks (CP, activation
+        checkpointing) run in :meth:`ComposedStrategy.validate` (``prepare`` checked the plans and EP sizes)."""
         from torch.distributed.fsdp import CPUOffloadPolicy
 
         require_fsdp2_options(options)
         require_shard_dim(roles, options)
-        if roles.size("cp") > 1:
-            from ..context_parallel import validate_context_parallel
-
-            validate_context_parallel(model, options.cp_implementation, roles.mesh.device_type)
+        super().validate(model, roles, plans, options)
         if isinstance(options.offload_policy, CPUOffloadPolicy) and roles.mesh.device_type == "cpu":
             raise UnsupportedConfigurationError(
                 "offload_policy=CPUOffloadPolicy() needs an accelerator mesh (cuda, ...): on a CPU mesh torch's "
                 "FSDP2 fails with 'Cannot access accelerator device'. Parameters already live on the CPU here; "
                 "drop offload_policy.")
-        options.check_checkpointing(find_blocks(model))
 
-    def parallelize(
-        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions,
-        ep_plan: ResolvedPlan | None = None,
-    ) -> nn.Module:
+    def wrap_data_parallel(self, model: nn.Module, roles: MeshRoles, plans: PlanSet, options: StrategyOptions,
+                           validated: None, done: Composition) -> nn.Module:
+        """FSDP2 units: each experts module (under EP), each block, then the root."""
         from torch.distributed.fsdp import OffloadPolicy, fully_shard
 
-        from ..experts.apply import apply_expert_parallel, shard_experts  # DTensor: imported on use
+        from ..experts.apply import shard_experts  # DTensor: imported on use
         from ..experts.sharding import expert_shard_placement_fn
 
-        require_fsdp2_options(options)
         dp = roles.data_parallel
-        blocks = find_blocks(model)
-        if plan is not None:  # also re-ties parameters shared before TP (tied embeddings)
-            apply_tensor_parallel(model, roles.tp, plan)
-        if roles.cp is not None:  # the sequence is split over cp; sequence parallel then works inside a CP shard
-            from ..context_parallel import apply_context_parallel
-
-            apply_context_parallel(model, roles.cp, options.cp_implementation, validate=False)
-        expert_meshes = roles.expert_meshes() if ep_plan is not None else None
-        experts = [] if expert_meshes is None else apply_expert_parallel(model, ep_plan, expert_meshes)
-        wrapped = options.apply_checkpointing(model, blocks)
         block_policy, root_policy = block_and_root_policies(options.mp_policy)
         offload = options.offload_policy or OffloadPolicy()
         placement = expert_shard_placement_fn(model, dp.shard_size)  # even expert shards; None for dense models
-        if experts:  # their own units on the expert data-parallel mesh, before the blocks that contain them
+        if done.experts:  # their own units on the expert data-parallel mesh, before the blocks that contain them
+            expert_meshes = roles.expert_meshes()
             expert_dp = expert_meshes.data_parallel
-            shard_experts(experts, expert_meshes, dense_data_parallel_size(dp), mp_policy=block_policy,
+            shard_experts(done.experts, expert_meshes, dense_data_parallel_size(dp), mp_policy=block_policy,
                           offload_policy=offload, reshard_after_forward=options.reshard_after_forward,
                           shard_placement_fn=expert_shard_placement_fn(model, expert_dp.shard_size))
             log_rank0(logger, logging.INFO, "fsdp2: %s; %d experts module(s)", expert_meshes.describe(),
-                      len(experts))
-        for index, (fqn, _) in enumerate(blocks):
-            last = index == len(blocks) - 1
+                      len(done.experts))
+        for index, (fqn, _) in enumerate(done.blocks):
+            last = index == len(done.blocks) - 1
             # Look the block up again: checkpointing may have replaced it with its wrapper.
             fully_shard(model.get_submodule(fqn), mesh=dp.mesh, mp_policy=block_policy, offload_policy=offload,
                         reshard_after_forward=options.reshard_after_forward and not last,
                         shard_placement_fn=placement)
         fully_shard(model, mesh=dp.mesh, mp_policy=root_policy, offload_policy=offload,
                     reshard_after_forward=False, shard_placement_fn=placement)
+        plan = plans.tp
         log_rank0(logger, logging.INFO, "fsdp2: %s; TP %s; CP %s; activation checkpointing of %d module(s); "
                   "%d block unit(s) + root", dp.describe(),
                   f"on {options.tp_mesh_name!r} ({len(plan.styles)} plan keys)" if plan else "off",
                   f"{options.cp_implementation} over {roles.size('cp')}" if roles.cp is not None else "off",
-                  len(wrapped), len(blocks))
+                  len(done.checkpointed), len(done.blocks))
         return model
 
 

@@ -43,12 +43,12 @@ from ..core.imports import import_class_from_path
 from ..core.log import get_logger, log_rank0
 from ..core.mesh import dim_names, submesh
 from ..core.naming import did_you_mean
+from ..core.plans import PlanSet
 from ..core.roles import MeshRoles, RoleDims, role_dims
-from ..core.strategy import Strategy, StrategyOptions
+from ..core.strategy import StrategyOptions
 from ..introspection.blocks import find_blocks
 from ..plugins.hookspecs import hookimpl
-from ..tensor_parallel.apply import apply_tensor_parallel
-from ..tensor_parallel.plan import ResolvedPlan
+from .composition import ComposedStrategy, Composition
 
 logger = get_logger(__name__)
 
@@ -447,8 +447,11 @@ def _device_available(device_type: str) -> bool:
         return False
 
 
-class MegatronFSDPStrategy(Strategy):
+class MegatronFSDPStrategy(ComposedStrategy):
     """NVIDIA Megatron-FSDP over the (dp x cp) mesh, after tensor parallelism over ``tp``.
+
+    It supports ``tp`` and ``cp``; a ``cp`` dim only shards parameters (over ``<dp>_<cp>``): attention is left
+    to the training loop, as NeMo AutoModel runs it.
 
     Args:
         device_types: mesh device types Megatron-FSDP may run on (``("cuda",)``). Widening it, e.g. to
@@ -457,6 +460,7 @@ class MegatronFSDPStrategy(Strategy):
     """
 
     name = "megatron_fsdp"
+    supports = frozenset({"tp", "cp"})
     aliases = ("nvfsdp", "mfsdp", "megatron-fsdp")
     description = "TP -> activation checkpointing -> NVIDIA Megatron-FSDP (megatron_fsdp.fully_shard); CUDA only"
     options_class = MegatronFSDPOptions
@@ -478,22 +482,18 @@ class MegatronFSDPStrategy(Strategy):
             missing.append(f"megatron-fsdp (not installed: pip install '{EXTRA}')")
         return f"needs {' and '.join(missing)}" if missing else None
 
-    def validate(
-        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
-    ) -> None:
-        build_call(model, roles, options, MegatronFSDPAPI.load())
-
-    def parallelize(
-        self, model: nn.Module, roles: MeshRoles, plan: ResolvedPlan | None, options: StrategyOptions
-    ) -> nn.Module:
-        """TP -> activation checkpointing -> Megatron-FSDP. Returns the wrapped model (a ``MegatronFSDP``
-        whose ``.module`` is ``model``); ``options.optimizer``, if given, is wrapped in place."""
+    def validate(self, model: nn.Module, roles: MeshRoles, plans: PlanSet,
+                 options: StrategyOptions) -> tuple[MegatronFSDPAPI, MegatronFSDPCall]:
+        """Load the installed Megatron-FSDP and map the options onto its call (:func:`build_call`, which also
+        checks activation checkpointing); both reach :meth:`wrap_data_parallel`."""
         api = MegatronFSDPAPI.load()
-        call = build_call(model, roles, options, api)
-        blocks = find_blocks(model)
-        if plan is not None:  # also re-ties parameters shared before TP (tied embeddings)
-            apply_tensor_parallel(model, roles.tp, plan)
-        options.apply_checkpointing(model, blocks)
+        return api, build_call(model, roles, options, api)
+
+    def wrap_data_parallel(self, model: nn.Module, roles: MeshRoles, plans: PlanSet, options: StrategyOptions,
+                           validated: tuple[MegatronFSDPAPI, MegatronFSDPCall], done: Composition) -> nn.Module:
+        """Megatron-FSDP. Returns the wrapped model (a ``MegatronFSDP`` whose ``.module`` is ``model``);
+        ``options.optimizer``, if given, is wrapped in place."""
+        api, call = validated
         wrapped, _ = shard(model, roles, call, api)
         return wrapped
 

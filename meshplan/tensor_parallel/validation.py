@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Collection
 from typing import Any
@@ -11,11 +10,11 @@ from torch import nn
 
 from ..core.errors import TensorParallelSizeError, UnmatchedPlanKeyError
 from ..core.log import get_logger, log_rank0
+from ..core.plans import FittedPlan, MatchedPlan, ResolvedPlan
 from ..introspection.attention import head_attention_modules
 from ..introspection.config import model_configs
 from .apply import shared_parameters, tied_layout_error
 from .matching import match_plan, replicated_linears, suggest_keys, within
-from .plan import ResolvedPlan
 
 logger = get_logger(__name__)
 
@@ -86,7 +85,7 @@ def _log_uneven_vocabulary(model: nn.Module, tp_size: int) -> None:
                   "for balanced memory.", vocab, tp_size)
 
 
-def match_and_check(model: nn.Module, plan: ResolvedPlan, strict: bool = True, axis: str = "TP") -> ResolvedPlan:
+def match_and_check(model: nn.Module, plan: ResolvedPlan, strict: bool = True, axis: str = "TP") -> MatchedPlan:
     """Match every plan key to modules; a key matching nothing is an error (or one warning if not strict).
     ``axis`` names the plan in messages (``"TP"``, ``"EP"``)."""
     matches = match_plan(model, plan.styles)
@@ -104,8 +103,8 @@ def match_and_check(model: nn.Module, plan: ResolvedPlan, strict: bool = True, a
     matches = {k: v for k, v in matches.items() if v}
     check_module_types(model, styles, matches)
     check_tied_parameters(model, styles, matches)
-    return dataclasses.replace(plan, styles=styles, matches=matches,
-                               replicated_linears=_replicated_linears(model, styles, matches))
+    return MatchedPlan(styles, plan.source, plan.sequence_parallel, matches,
+                       _replicated_linears(model, styles, matches))
 
 
 def _replicated_linears(model: nn.Module, styles: dict, matches: dict[str, list[str]]) -> tuple[str, ...]:
@@ -116,7 +115,7 @@ def _replicated_linears(model: nn.Module, styles: dict, matches: dict[str, list[
     return replicated_linears(model, sharded)
 
 
-def fit_to_tp_size(model: nn.Module, plan: ResolvedPlan, tp_size: int) -> ResolvedPlan:
+def fit_to_tp_size(model: nn.Module, plan: MatchedPlan, tp_size: int) -> FittedPlan:
     """``plan`` fitted to ``tp_size``, before any collective and the same on every rank.
 
     When the plan splits attention, the head counts must fit the TP size (:func:`validate_tp_size`; not otherwise:
@@ -156,14 +155,14 @@ def fit_to_tp_size(model: nn.Module, plan: ResolvedPlan, tp_size: int) -> Resolv
                 check(module, tp_size)
             matches[key].append(fqn)
     if not whole and fitted is plan:
-        return plan
+        return plan.fitted("tp", tp_size)
     for reason, fqns in whole.items():
         log_rank0(logger, logging.WARNING, "TP=%d leaves %d module(s) replicated (%s): %s.", tp_size, len(fqns),
                   ", ".join(fqns[:3]) + (", ..." if len(fqns) > 3 else ""), reason)
     styles = {key: style for key, style in fitted.styles.items() if matches[key]}
     matches = {key: found for key, found in matches.items() if found}
-    return dataclasses.replace(fitted, styles=styles, matches=matches,
-                               replicated_linears=_replicated_linears(model, styles, matches))
+    return fitted.fitted("tp", tp_size, styles=styles, matches=matches,
+                         replicated_linears=_replicated_linears(model, styles, matches))
 
 
 def check_module_types(model: nn.Module, styles: dict, matches: dict[str, list[str]]) -> None:

@@ -24,11 +24,12 @@ class RecordingOptions(StrategyOptions):
 
 class RecordingStrategy(Strategy):
     name = "recording"
+    supports = frozenset({"tp"})
     aliases = ("rec",)
     options_class = RecordingOptions
 
-    def parallelize(self, model, roles, plan, options):
-        model.seen = (plan, options)
+    def parallelize(self, model, roles, plans, options, validated):
+        model.seen = (plans.tp, options)
         return model
 
 

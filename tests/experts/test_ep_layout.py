@@ -106,26 +106,32 @@ def test_bad_inputs_raise_the_same_typed_error_on_every_rank(fake_pg, case):
     assert text in messages[0] and messages[0] == messages[1], messages
 
 
-def test_a_strategy_with_ep_size_must_take_the_ep_plan(fake_pg):
-    """A strategy that declares ``ep_size`` but whose ``parallelize`` has no ``ep_plan`` keyword is refused up front."""
+def test_expert_parallelism_needs_the_strategy_to_declare_it(fake_pg):
+    """EP switches on by ``supports``, never by an option's name: a strategy whose options carry ``ep_size`` but that
+    declares only ``{"tp"}`` is refused ``ep_size=2`` up front, with the same typed error on every rank."""
     import dataclasses
 
     import meshplan
-    from meshplan.core.errors import UnsupportedConfigurationError
-    from meshplan.core.strategy import Strategy, StrategyOptions
+    from meshplan import ComposedStrategy, ExpertParallelOptions, UnsupportedAxisError
 
     @dataclasses.dataclass
-    class Options(StrategyOptions):
-        ep_size: int = 1
+    class Options(ExpertParallelOptions):
+        pass
 
-    class NoEP(Strategy):
-        name = "no_ep_keyword"
+    class NoEP(ComposedStrategy):
+        name = "no_ep"
+        supports = frozenset({"tp"})
         options_class = Options
 
-        def parallelize(self, model, roles, plan, options):
+        def wrap_data_parallel(self, model, roles, plans, options, validated, done):
             return model
 
-    with fake_pg(2):
-        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("dp_shard",))
-        with pytest.raises(UnsupportedConfigurationError, match="takes no ep_plan keyword"):
-            meshplan.prepare(_meta(), mesh, strategy=NoEP(), ep_size=2)
+    messages = []
+    for rank in (0, 1):
+        with fake_pg(2, rank=rank):
+            mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("dp_shard",))
+            with pytest.raises(UnsupportedAxisError, match=r"'no_ep' does not support expert parallelism.*ep_size=2"
+                               r".*supports \['tp'\]") as info:
+                meshplan.prepare(_meta(), mesh, strategy=NoEP(), ep_size=2)
+            messages.append(str(info.value))
+    assert messages[0] == messages[1]

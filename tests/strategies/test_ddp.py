@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 import meshplan
-from meshplan import MeshError, UnsupportedConfigurationError
+from meshplan import MeshError, UnsupportedAxisError, UnsupportedConfigurationError
 from meshplan.strategies.ddp import DDPOptions, ddp_kwargs
 from tests.parity import ModelSpec, RunResult, assert_grad_parity, assert_parity, distributed, reference
 from tests.support import TinyStack
@@ -111,7 +111,11 @@ def test_mesh_dims_must_all_be_dp_or_tp(fake_pg):
     plan = STACK_PLAN
     with fake_pg(8):
         mesh = init_device_mesh("cpu", (2, 2, 2), mesh_dim_names=("dp", "cp", "tp"))
-        with pytest.raises(MeshError, match=r"Mesh dim 'cp' \(size 2\) has no role in strategy 'ddp'"):
+        with pytest.raises(UnsupportedAxisError, match=r"'ddp' does not support context parallelism \('cp'\), asked "
+                           r"for by mesh dim 'cp' of size 2: it supports \['tp'\]"):
+            meshplan.parallelize(TinyStack(), mesh, strategy="ddp", tp_plan=plan)
+        mesh = init_device_mesh("cpu", (2, 2, 2), mesh_dim_names=("dp", "seq", "tp"))
+        with pytest.raises(MeshError, match=r"Mesh dim 'seq' \(size 2\) has no role in strategy 'ddp'"):
             meshplan.parallelize(TinyStack(), mesh, strategy="ddp", tp_plan=plan)
         with pytest.raises(MeshError, match=r"dp_replicate: \['data', 'dp_replicate\+dp_shard'\]"):
             meshplan.parallelize(TinyStack(), mesh, strategy="ddp", tp_plan=plan, dp_mesh_name="data")
