@@ -29,3 +29,13 @@ def test_tp_only_needs_a_tp_dim():
         mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("dp",))
         with pytest.raises(meshplan.MeshError, match="tp_only needs a mesh dim 'tp'"):
             meshplan.parallelize(Tiny(), mesh, strategy="tp_only")
+
+
+def test_tp_only_refuses_the_axes_it_does_not_declare():
+    with fake_process_group(world_size=4):
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        with pytest.raises(meshplan.UnsupportedAxisError, match=r"expert parallelism.*it supports \['tp'\]"):
+            meshplan.parallelize(Tiny(), mesh, strategy="tp_only", ep_size=2)
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("cp", "tp"))
+        with pytest.raises(meshplan.UnsupportedAxisError, match="context parallelism"):
+            meshplan.parallelize(Tiny(), mesh, strategy="tp_only")
