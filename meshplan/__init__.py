@@ -29,6 +29,7 @@ _LAZY: dict[str, str] = {
     "UntranslatableStyleError": ".core.errors", "ContextParallelError": ".core.errors",
     "SequenceLengthError": ".core.errors", "UnsupportedAttentionError": ".core.errors",
     "UnsupportedSequenceMixerError": ".core.errors",
+    "UnshardedInputError": ".core.errors",
     "CheckpointLayoutError": ".core.errors",
     # dispatcher and registry
     "parallelize": ".api", "prepare": ".api", "Prepared": ".api", "get_report": ".api", "get_strategy": ".api",
@@ -114,6 +115,7 @@ if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plug
     from .core.errors import UnknownStrategyError as UnknownStrategyError
     from .core.errors import UnknownStyleError as UnknownStyleError
     from .core.errors import UnmatchedPlanKeyError as UnmatchedPlanKeyError
+    from .core.errors import UnshardedInputError as UnshardedInputError
     from .core.errors import UnsupportedAttentionError as UnsupportedAttentionError
     from .core.errors import UnsupportedAxisError as UnsupportedAxisError
     from .core.errors import UnsupportedConfigurationError as UnsupportedConfigurationError

@@ -5,10 +5,10 @@ the options, so every rank raises the same error. :func:`apply_context_parallel`
 
 1. registers the CP attention (:mod:`meshplan.context_parallel.attention`) and switches the model's
    ``config._attn_implementation`` to it, remembering the implementation it wraps;
-2. hooks the base model's forward: position ids default to the global positions of the local tokens (so
-   rotary embeddings are those of one process), a 2-D padding mask is all-gathered once per forward for the
-   keys, and a missing one is replaced by an all-ones mask (transformers would otherwise read the
-   non-contiguous global position ids as packed sequences).
+2. hooks the model's forward: the batch must carry the :class:`~meshplan.context_parallel.batch.SequenceShard`
+   of :func:`~meshplan.context_parallel.shard_batch` (:func:`check_shard`, no collective); position ids default to
+   the global positions of the local tokens (so rotary embeddings are those of one process); the whole
+   sequence's padding and documents go to the attention in a per-forward context (:mod:`.forward`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..core.errors import (
     ContextParallelError,
     OptionsError,
+    UnshardedInputError,
     UnsupportedAttentionError,
     UnsupportedSequenceMixerError,
 )
@@ -33,7 +34,8 @@ from ..introspection.attention import attention_modules
 from ..introspection.mixers import sequence_mixers
 from . import sequence_layout as layout
 from .attention import ATTENTION_NAME, describe, register, takes_dense_mask
-from .collectives import all_gather_sequence
+from .batch import SHARD_KEY, SequenceShard
+from .forward import ForwardContext, query_blocks, set_current
 from .state import IMPLEMENTATIONS, ContextParallelState, bind
 
 logger = get_logger(__name__)
@@ -136,8 +138,9 @@ def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh, implementation
     """Make ``model`` run context parallel over the 1-D ``cp_mesh`` (validated first unless the caller already ran
     :func:`validate_context_parallel`, as a strategy's ``validate`` does); returns it.
 
-    Batches must then be sharded with :func:`meshplan.context_parallel.shard_batch` (or laid out the same
-    way); a CP size of 1 changes nothing.
+    Batches must then be sharded with :func:`meshplan.context_parallel.shard_batch` (a batch without its
+    :class:`~meshplan.context_parallel.batch.SequenceShard` raises :class:`UnshardedInputError`); a CP size of 1
+    changes nothing.
     """
     if cp_mesh.ndim != 1:
         raise ContextParallelError(f"The CP mesh must be 1-D, got dims {cp_mesh.mesh_dim_names}.")
@@ -152,37 +155,75 @@ def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh, implementation
     bind(model, state)
     config._attn_implementation = ATTENTION_NAME
     model._meshplan_cp_inner = inner
-    base = getattr(model, "base_model", model)
-    base.register_forward_pre_hook(functools.partial(_shard_inputs, state=state), with_kwargs=True)
+    model.register_forward_pre_hook(functools.partial(_enter_forward, state=state), with_kwargs=True, prepend=True)
+    model.register_forward_hook(_leave_forward, with_kwargs=True, always_call=True)
     log_rank0(logger, logging.INFO, "context parallel: %s", describe(state))
     return model
 
 
-def _shard_inputs(module: nn.Module, args: tuple, kwargs: dict, state: ContextParallelState) -> tuple[tuple, dict]:
-    """Forward pre-hook of the base model: global position ids, gathered key padding, no cache."""
+def check_shard(shard: SequenceShard | None, local_len: int, cp_size: int, implementation: str) -> None:
+    """Raise a typed error unless ``shard`` describes a batch that :func:`shard_batch` cut for this CP group into
+    shards of ``local_len`` tokens. Collective-free: the same on every rank of a group that runs the same code."""
+    layout.check_local_length(local_len, cp_size)
+    how = ("Shard every batch with meshplan.context_parallel.shard_batch(batch, mesh['cp']) and call "
+           "model(**shard), which passes its description of the whole sequence (the model keyword "
+           f"{SHARD_KEY!r}).")
+    if shard is None:
+        raise UnshardedInputError(
+            f"This model runs context parallel over cp={cp_size}, but its input ({local_len} tokens per sequence) "
+            f"was not sharded for it: every rank would attend over a different sequence. {how}")
+    if not isinstance(shard, SequenceShard) or shard.cp_size != cp_size or shard.seq_len != local_len * cp_size:
+        raise UnshardedInputError(
+            f"The batch was sharded for {getattr(shard, 'cp_size', '?')} CP ranks and sequences of "
+            f"{getattr(shard, 'seq_len', '?')} tokens, but this model runs over cp={cp_size} and got {local_len} "
+            f"tokens per rank. {how}")
+    if implementation == "ring" and (shard.key_padding is not None or shard.documents is not None):
+        raise ContextParallelError(
+            "cp_implementation='ring' is plain causal attention: it takes no attention_mask and no packed rows "
+            "(position_ids that restart, seq_idx, cu_seq_lens_q); use cp_implementation='allgather'.")
+
+
+def _enter_forward(module: nn.Module, args: tuple, kwargs: dict, state: ContextParallelState) -> tuple[tuple, dict]:
+    """Forward pre-hook of the model: checks the shard, then global position ids, no cache, and this forward's
+    :class:`~meshplan.context_parallel.forward.ForwardContext` made current for the mask interface."""
+    shard = kwargs.pop(SHARD_KEY, None)
     tokens = kwargs.get("input_ids", args[0] if args else None)
     if tokens is None:
         tokens = kwargs.get("inputs_embeds")
     if tokens is None:
         raise ContextParallelError("Context parallelism needs input_ids or inputs_embeds to find the sequence length.")
     batch, local_len = tokens.shape[0], tokens.shape[1]
-    layout.check_local_length(local_len, state.size)
+    check_shard(shard, local_len, state.size, state.implementation)
     if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
         raise ContextParallelError("Context parallelism is for training: a KV cache is not supported.")
-    kwargs["use_cache"] = False
-    if kwargs.get("position_ids") is None:
-        positions, _ = state.indices(local_len, tokens.device)
-        kwargs["position_ids"] = positions.unsqueeze(0).expand(batch, -1)
     mask = kwargs.get("attention_mask")
-    if mask is None:
-        state.key_padding = None
-        kwargs["attention_mask"] = torch.ones((batch, local_len), dtype=torch.bool, device=tokens.device)
-    elif mask.ndim == 2:
-        if state.implementation == "ring":
-            raise ContextParallelError("cp_implementation='ring' supports no padding mask; use 'allgather'.")
-        gathered = all_gather_sequence(mask.to(torch.uint8), 1, state.group).bool()
-        state.key_padding = gathered.index_select(1, state.indices(local_len, tokens.device)[1])
-    else:
+    if mask is not None and mask.ndim != 2:
         raise ContextParallelError(
             f"Context parallelism takes a 2-D padding mask [batch, local tokens]; got a {mask.ndim}-D mask.")
+    kwargs["use_cache"] = False
+    positions, restore = state.indices(local_len, tokens.device)
+    if kwargs.get("position_ids") is None:
+        kwargs["position_ids"] = positions.unsqueeze(0).expand(batch, -1)
+    # The padding and the documents reach the attention through the context; transformers gets an all-ones
+    # mask, as it would otherwise take the non-contiguous global position ids for packed sequences.
+    kwargs["attention_mask"] = torch.ones((batch, local_len), dtype=torch.bool, device=tokens.device)
+    set_current(forward_context(shard, positions, restore, tokens.device))
     return args, kwargs
+
+
+def forward_context(shard: SequenceShard, positions: torch.Tensor, restore: torch.Tensor,
+                    device: torch.device) -> ForwardContext:
+    """The context of one forward: the shard's whole-sequence tensors on ``device`` and the query blocks, cut at
+    the documents that start among the local tokens (original ``positions``)."""
+    padding, documents, mask_positions = (None if t is None else t.to(device)
+                                          for t in (shard.key_padding, shard.documents, shard.positions))
+    starts = None
+    if documents is not None:
+        local = documents.index_select(1, positions)
+        starts = (local[:, 1:] != local[:, :-1]).any(dim=0).nonzero().flatten() + 1
+    return ForwardContext(positions, restore, query_blocks(len(positions), starts), padding, documents,
+                          mask_positions)
+
+
+def _leave_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    set_current(None)

@@ -19,14 +19,12 @@ from torch.utils.checkpoint import checkpoint
 
 from ..core.errors import ContextParallelError, UnsupportedAttentionError
 from .collectives import all_gather_key_value
-from .masks import DeferredMask, additive, attended_range, deferred_mask
+from .masks import DeferredMask, block_inputs, deferred_mask
 from .state import ContextParallelState, state_of
 
 #: The name the model's ``config._attn_implementation`` is switched to.
 ATTENTION_NAME = "meshplan_context_parallel"
 SEQ_DIM = 2  # transformers attention functions take [batch, heads, seq, head_dim]
-#: Most queries per call of the wrapped attention (bounds the mask of one call to QUERY_BLOCK x sequence).
-QUERY_BLOCK = 1024
 
 
 def register() -> None:
@@ -62,11 +60,12 @@ def context_parallel_attention(
 ) -> tuple[torch.Tensor, None]:
     """Attention of the local queries over the whole (gathered) sequence; same signature as transformers'.
 
-    Queries go in blocks of at most :data:`QUERY_BLOCK` (within one chunk, so their positions are
-    contiguous); each block sees only the keys its mask lets it attend (a causal head chunk skips the
-    future, a sliding window the distant past), which is exact and saves the masked work. The whole
-    gather-and-attend step is recomputed in backward instead of keeping the gathered keys, values and masks of
-    every layer alive (one more all-gather per layer). Attention weights are not returned.
+    Queries go in the blocks of the forward's context (at most :data:`~.forward.QUERY_BLOCK` within one chunk,
+    cut at document starts of packed rows); each block sees only the keys its mask lets it attend (a causal head
+    chunk skips the future, a sliding window the distant past, a document every other document), which is exact
+    and saves the masked work. The whole gather-and-attend step is recomputed in backward instead of keeping the
+    gathered keys, values and masks of every layer alive (one more all-gather per layer). Attention weights are
+    not returned.
     """
     state = state_of(module)
     if state.implementation == "ring":
@@ -79,19 +78,17 @@ def context_parallel_attention(
             "the context-parallel mask interface builds; pass a 2-D padding mask (or none) to the model, not a "
             "prepared 4-D mask.")
     inner = inner_function(module, state.inner)
-    local_len = query.shape[SEQ_DIM]
-    positions, restore = state.indices(local_len, query.device)
-    padding = state.key_padding  # this forward's, also when backward recomputes after another forward
+    boolean = takes_bool_mask(state.inner)
+    context = attention_mask.context  # this forward's, also when backward recomputes after other forwards
 
     def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         key, value = all_gather_key_value(key, value, SEQ_DIM, state.group)
-        key, value = key.index_select(SEQ_DIM, restore), value.index_select(SEQ_DIM, restore)
+        key, value = key.index_select(SEQ_DIM, context.restore), value.index_select(SEQ_DIM, context.restore)
         outputs = []
-        for start, stop in query_blocks(local_len):
-            mask = attention_mask.block(positions[start:stop], key.shape[SEQ_DIM], padding)
-            first, last = attended_range(mask)
-            out, _ = inner(module, query[:, :, start:stop], key[:, :, first:last], value[:, :, first:last],
-                           additive(mask[..., first:last], query.dtype), **kwargs)
+        for start, stop in context.blocks:
+            first, last, mask = block_inputs(attention_mask.block(start, stop), query.dtype, boolean)
+            out, _ = inner(module, query[:, :, start:stop], key[:, :, first:last], value[:, :, first:last], mask,
+                           **kwargs)
             outputs.append(out)
         return torch.cat(outputs, dim=1)  # transformers' layout: [batch, tokens, heads, head_dim]
 
@@ -100,12 +97,12 @@ def context_parallel_attention(
     return checkpoint(attend, query, key, value, use_reentrant=False), None
 
 
-def query_blocks(local_len: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` of the query blocks of a local shard: each of its two chunks cut into pieces of at
-    most :data:`QUERY_BLOCK` tokens."""
-    chunk = local_len // 2
-    return [(start, min(start + QUERY_BLOCK, base + chunk))
-            for base in (0, chunk) for start in range(base, base + chunk, QUERY_BLOCK)]
+def takes_bool_mask(inner: str) -> bool:
+    """Whether attention implementation ``inner`` gets a boolean mask in one process (SDPA's mask interface);
+    eager-style ones get an additive mask."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(inner) is sdpa_mask
 
 
 def takes_dense_mask(inner: str) -> bool:

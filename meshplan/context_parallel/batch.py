@@ -6,11 +6,15 @@ position predicts may live on another rank) and handed to transformers as ``shif
 divided by ``num_items_in_batch`` = (valid tokens of the whole sequence) / cp, so that the mean of the CP
 ranks' losses, which is what data-parallel gradient averaging over ``dp_shard x cp`` computes, is the
 per-token mean over the whole sequence, as in one process.
+
+What the ranks need to know about the whole sequence (its key padding, the documents of packed rows) travels
+in the shard as a :class:`SequenceShard` under :data:`SHARD_KEY`; a CP model refuses a batch without it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,11 +23,28 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..core.errors import ContextParallelError
 from . import sequence_layout as layout
 from .collectives import all_gather_sequence
+from .documents import DOCUMENT_KEYS, document_ids
 
 #: Batch entries split along dim 1 (the sequence); other entries are passed through unchanged.
 SEQUENCE_KEYS = ("input_ids", "inputs_embeds", "labels", "shift_labels", "position_ids", "attention_mask",
                  "token_type_ids")
 IGNORE_INDEX = -100
+#: The model keyword under which :func:`shard_batch` hands the CP model its :class:`SequenceShard`.
+SHARD_KEY = "meshplan_cp_shard"
+
+
+@dataclass(frozen=True)
+class SequenceShard:
+    """What every CP rank needs to know about the whole sequences of a sharded batch (original token order)."""
+
+    cp_size: int
+    seq_len: int
+    #: ``[batch, sequence]`` bool, True = a real token; ``None`` when the batch had no ``attention_mask``
+    key_padding: torch.Tensor | None = None
+    #: ``[batch, sequence]`` document index of each token of packed rows; ``None``: one document per row
+    documents: torch.Tensor | None = None
+    #: ``[batch, sequence]`` position ids the mask pattern sees inside documents (set with ``documents``)
+    positions: torch.Tensor | None = None
 
 
 def _tokens(batch: Mapping[str, Any]) -> torch.Tensor:
@@ -46,27 +67,36 @@ def shard_batch(batch: Mapping[str, Any], cp_mesh: DeviceMesh, ignore_index: int
 
     Args:
         batch: ``input_ids`` (or ``inputs_embeds``) ``[batch, sequence, ...]`` and optionally ``labels``
-            (unshifted, as for transformers causal LMs), ``position_ids``, a 2-D ``attention_mask``,
-            ``token_type_ids``; other entries are kept as they are. The same on every rank of the CP group.
+            (unshifted, as for transformers causal LMs), ``position_ids``, a 2-D ``attention_mask`` (padding,
+            left or right), ``token_type_ids``, and packed rows' ``seq_idx`` or ``cu_seq_lens_q`` (see
+            :func:`meshplan.context_parallel.documents.document_ids`); other entries are kept as they are. The
+            same on every rank of the CP group.
         cp_mesh: the 1-D context-parallel mesh (``mesh["cp"]``).
         ignore_index: label value that is not scored.
 
     Returns:
         The sequence entries sharded; ``position_ids`` (the global positions of the local tokens, created if
-        absent); with labels: ``shift_labels`` and ``labels`` (both the shifted local labels) and
-        ``num_items_in_batch`` (see the module docstring). A CP size of 1 returns the batch unchanged.
+        absent: restarting at every document of packed rows); with labels: ``shift_labels`` and ``labels``
+        (both the shifted local labels) and ``num_items_in_batch`` (see the module docstring); the
+        :class:`SequenceShard` under :data:`SHARD_KEY`. Document boundaries given as ``seq_idx`` /
+        ``cu_seq_lens_*`` / ``max_length_*`` are consumed (they describe the whole row). A CP size of 1 returns
+        the batch unchanged.
 
     Raises:
         SequenceLengthError: the sequence length is not divisible by ``2 x cp`` (before any collective).
+        ContextParallelError: an entry does not have the batch's ``[batch, sequence]`` shape.
     """
     size, rank = cp_mesh.size(), cp_mesh.get_local_rank()
     if size == 1:
         return dict(batch)
     batch_size, seq_len = _tokens(batch).shape[:2]
     layout.check_sequence_length(seq_len, size)
-    out = dict(batch)
+    documents, positions = document_ids(batch, batch_size, seq_len)
+    padding = batch.get("attention_mask")
+    out = {key: value for key, value in batch.items() if key not in DOCUMENT_KEYS}
     if out.get("position_ids") is None:
-        out["position_ids"] = torch.arange(seq_len).unsqueeze(0).expand(batch_size, -1)
+        out["position_ids"] = (positions if positions is not None
+                               else torch.arange(seq_len).unsqueeze(0).expand(batch_size, -1))
     if out.get("labels") is not None or out.get("shift_labels") is not None:
         shifted = out.get("shift_labels")
         if shifted is None:
@@ -83,6 +113,7 @@ def shard_batch(batch: Mapping[str, Any], cp_mesh: DeviceMesh, ignore_index: int
         out[key] = layout.shard_sequence(value, rank, size, dim=1)
     if out.get("shift_labels") is not None:
         out["labels"] = out["shift_labels"]  # transformers computes the loss only when labels is not None
+    out[SHARD_KEY] = SequenceShard(size, seq_len, None if padding is None else padding.bool(), documents, positions)
     return out
 
 

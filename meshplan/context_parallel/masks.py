@@ -6,7 +6,8 @@ sliding window, chunked, ...) handed to the mask interface registered for ``conf
 CP implementation registers :func:`deferred_mask` there: it keeps the mask function and returns a
 :class:`DeferredMask`, which the CP attention evaluates block by block for the original positions of its
 queries (:meth:`DeferredMask.block`). Sliding windows and any other index-based pattern of the model stay
-exactly those of a single process; the padding mask is the one gathered by the model's input hook.
+exactly those of a single process; padding and the documents of packed rows come from the forward's
+:class:`~meshplan.context_parallel.forward.ForwardContext`.
 """
 
 from __future__ import annotations
@@ -17,29 +18,41 @@ from typing import Any
 
 import torch
 
+from .forward import ForwardContext, current
+
 
 @dataclass(frozen=True)
 class DeferredMask:
-    """A model's mask pattern, turned into tensors by the CP attention for the shapes it really sees."""
+    """A model's mask pattern and the forward it belongs to, turned into tensors by the CP attention for the
+    query blocks it really computes."""
 
     mask_function: Callable[..., torch.Tensor]
     batch_size: int
+    context: ForwardContext
     use_vmap: bool = False
 
-    def block(self, q_positions: torch.Tensor, kv_length: int, padding: torch.Tensor | None) -> torch.Tensor:
-        """Bool ``[batch or 1, 1, len(q_positions), kv_length]`` (True = attend) for queries at the original
-        positions ``q_positions`` and keys at positions ``0 .. kv_length - 1``, and the key ``padding``
-        ``[batch, kv_length]`` (gathered, original order; ``None`` = none)."""
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        """Bool ``[batch or 1, 1, stop - start, sequence]`` (True = attend) for the local queries ``start:stop``
+        against every key of the sequence, as one process masks them: the pattern on the original positions
+        (on the position ids inside each document of packed rows, as transformers remaps them), keys of other
+        documents and padding keys masked."""
         from transformers.masking_utils import sdpa_mask
 
-        inner = self.mask_function
+        context, inner = self.context, self.mask_function
+        queries = context.query_positions[start:stop]
+        documents, positions = context.documents, context.positions
 
         def remapped(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> torch.Tensor:
-            return inner(batch_idx, head_idx, q_positions[q_idx], kv_idx)
+            q_idx = queries[q_idx]
+            if documents is None:
+                return inner(batch_idx, head_idx, q_idx, kv_idx)
+            return (inner(batch_idx, head_idx, positions[batch_idx, q_idx], positions[batch_idx, kv_idx])
+                    & (documents[batch_idx, q_idx] == documents[batch_idx, kv_idx]))
 
-        return sdpa_mask(batch_size=self.batch_size if padding is not None else 1, q_length=len(q_positions),
-                         kv_length=kv_length, mask_function=remapped, attention_mask=padding,
-                         allow_is_causal_skip=False, use_vmap=self.use_vmap, device=q_positions.device)
+        per_row = context.key_padding is not None or documents is not None
+        return sdpa_mask(batch_size=self.batch_size if per_row else 1, q_length=stop - start,
+                         kv_length=context.seq_len, mask_function=remapped, attention_mask=context.key_padding,
+                         allow_is_causal_skip=False, use_vmap=self.use_vmap, device=queries.device)
 
 
 def deferred_mask(
@@ -47,14 +60,15 @@ def deferred_mask(
     mask_function: Callable[..., torch.Tensor] | None = None, attention_mask: torch.Tensor | None = None,
     use_vmap: bool = False, **kwargs: Any,
 ) -> DeferredMask:
-    """The mask interface registered for the CP attention: keeps the pattern, defers the tensors.
+    """The mask interface registered for the CP attention: keeps the pattern and the running forward's context,
+    defers the tensors.
 
-    ``q_length`` / ``kv_length`` describe the local shard only and the padding mask is local too; both are
-    replaced by what the attention sees (its query blocks, the gathered keys, the gathered padding).
+    ``q_length`` / ``kv_length`` and the padding mask describe the local shard only; the attention replaces them
+    by what it sees (its query blocks, the gathered keys, the whole sequence's padding and documents).
     """
     from transformers.masking_utils import causal_mask_function
 
-    return DeferredMask(mask_function or causal_mask_function, batch_size, use_vmap)
+    return DeferredMask(mask_function or causal_mask_function, batch_size, current(), use_vmap)
 
 
 def attended_range(mask: torch.Tensor) -> tuple[int, int]:
@@ -63,6 +77,23 @@ def attended_range(mask: torch.Tensor) -> tuple[int, int]:
     if attended.numel() == 0:
         return 0, mask.shape[-1]
     return int(attended[0]), int(attended[-1]) + 1
+
+
+def block_inputs(mask: torch.Tensor, dtype: torch.dtype, boolean: bool) -> tuple[int, int, torch.Tensor]:
+    """``(first key, last key + 1, mask)`` for one call of the wrapped attention on a block's ``mask``.
+
+    Keys no query of the block attends are skipped. A query row that attends nothing (a left-padded position,
+    a padded one past a sliding window) gets what one process computes there: SDPA given a ``boolean`` mask
+    returns zeros (whatever keys it sees); eager attention, given an additive mask, the mean of the values of
+    every key of the sequence, so such a block keeps all keys. Otherwise the mask is additive, which SDPA takes too.
+    """
+    if bool(mask.any(dim=-1).all()):
+        first, last = attended_range(mask)
+        return first, last, additive(mask[..., first:last], dtype)
+    if boolean:
+        first, last = attended_range(mask)
+        return first, last, mask[..., first:last]
+    return 0, mask.shape[-1], additive(mask, dtype)
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Per-model context-parallel state, found from the attention module the attention function is called with."""
+"""Per-model context-parallel state (fixed when CP is applied), found from the attention module the attention
+function is called with."""
 
 from __future__ import annotations
 
@@ -21,13 +22,12 @@ IMPLEMENTATIONS: tuple[str, ...] = ("allgather", "ring", "external")
 
 @dataclass
 class ContextParallelState:
-    """What the CP attention of one model needs: the CP group, how to call the wrapped attention, and the
-    key padding mask of the current forward (gathered over CP, in original order; ``None`` = no padding)."""
+    """What the CP attention of one model needs whatever the batch: the CP group and how to call the wrapped
+    attention (what a forward adds is in :class:`~meshplan.context_parallel.forward.ForwardContext`)."""
 
     mesh: DeviceMesh
     implementation: str
     inner: str  # the attention implementation the model used before CP ("eager", "sdpa", ...)
-    key_padding: torch.Tensor | None = None
     _indices: dict = field(default_factory=dict, repr=False)
 
     @property

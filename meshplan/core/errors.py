@@ -111,7 +111,7 @@ class ExpertParallelError(MeshplanError, ValueError):
 
 # --- context parallelism ---------------------------------------------------------------------------
 class ContextParallelError(MeshplanError, ValueError):
-    """Context parallelism cannot run with these inputs (base of the two errors below)."""
+    """Context parallelism cannot run with these inputs (base of the errors below)."""
 
 
 class SequenceLengthError(ContextParallelError):
@@ -125,6 +125,10 @@ class UnsupportedAttentionError(ContextParallelError):
 class UnsupportedSequenceMixerError(ContextParallelError):
     """The model mixes tokens with something context parallelism cannot split along the sequence (a convolution,
     a state-space or linear-attention recurrence); the error names each such module and its type."""
+
+
+class UnshardedInputError(ContextParallelError):
+    """A context-parallel model was called with a batch that ``shard_batch`` did not shard for its CP group."""
 
 
 class CheckpointLayoutError(MeshplanError, ValueError):

@@ -52,9 +52,9 @@ def cp_by_hand(spec: ModelSpec, implementation: str = "allgather", query_block: 
     """Runs on every rank: CP over all ranks applied by hand, gradients averaged with all_reduce."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from meshplan.context_parallel import apply_context_parallel, attention, shard_batch
+    from meshplan.context_parallel import apply_context_parallel, forward, shard_batch
 
-    attention.QUERY_BLOCK = query_block
+    forward.QUERY_BLOCK = query_block
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("cp",))
     model = apply_context_parallel(spec.build(), mesh["cp"], implementation)

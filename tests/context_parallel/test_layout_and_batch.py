@@ -69,11 +69,15 @@ def test_attention_that_cannot_be_wrapped_is_named():
         validate_context_parallel(mistral, "ring", "cuda")
 
 
-def test_query_blocks_stay_inside_a_chunk(monkeypatch):
-    from meshplan.context_parallel import attention
+def test_query_blocks_stay_inside_a_chunk_and_cut_at_documents(monkeypatch):
+    from meshplan.context_parallel import forward
 
-    monkeypatch.setattr(attention, "QUERY_BLOCK", 3)
-    assert attention.query_blocks(8) == [(0, 3), (3, 4), (4, 7), (7, 8)]
+    monkeypatch.setattr(forward, "QUERY_BLOCK", 3)
+    assert forward.query_blocks(8) == ((0, 3), (3, 4), (4, 7), (7, 8))
+    monkeypatch.setattr(forward, "QUERY_BLOCK", 8)
+    monkeypatch.setattr(forward, "MIN_QUERY_BLOCK", 2)
+    # documents start at local 1 (too close to the block start), 3, 8 (a chunk start), 9 and 13
+    assert forward.query_blocks(16, torch.tensor([1, 3, 8, 9, 13])) == ((0, 3), (3, 8), (8, 13), (13, 16))
 
 
 def test_ring_is_accepted_for_causal_sdpa_on_cuda():
