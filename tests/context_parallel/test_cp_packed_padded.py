@@ -66,7 +66,8 @@ def test_two_forwards_then_one_backward_with_full_checkpointing(ranks2):
     """Gradient accumulation without no_sync: two differently left-padded micro-batches forwarded, then one
     backward that recomputes both (each with its own padding); cp=2 through ``fsdp2``."""
     kwargs = {"activation_checkpointing": "full", "activation_checkpointing_every": 1}
-    cases = [(_spec("llama", attention), padded_steps(VOCAB, "left", micro_batches=2)) for attention in ("sdpa", "eager")]
+    cases = [(_spec("llama", attention), padded_steps(VOCAB, "left", micro_batches=2))
+             for attention in ("sdpa", "eager")]
     _check(ranks2.run(cp_cases, cases, mesh_shape={"dp_shard": 1, "cp": 2}, kwargs=kwargs, timeout=180)[0], cases)
 
 

@@ -9,7 +9,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from meshplan.context_parallel import sequence_layout as layout
 from meshplan.context_parallel import shard_batch, validate_context_parallel
 from meshplan.context_parallel.batch import next_token_labels
-from meshplan.core.errors import OptionsError, SequenceLengthError, UnsupportedAttentionError
+from meshplan.core.errors import (
+    ContextParallelError,
+    OptionsError,
+    SequenceLengthError,
+    UnshardedInputError,
+    UnsupportedAttentionError,
+)
 from tests.support import TinyStack, tiny_hf
 
 
@@ -82,3 +88,52 @@ def test_query_blocks_stay_inside_a_chunk_and_cut_at_documents(monkeypatch):
 
 def test_ring_is_accepted_for_causal_sdpa_on_cuda():
     validate_context_parallel(tiny_hf("llama", num_hidden_layers=1, attn_implementation="sdpa"), "ring", "cuda")
+
+
+def test_documents_from_position_ids_seq_idx_and_cu_seq_lens_agree():
+    """The three ways packed rows mark documents give the same documents and in-document positions; position ids
+    count only without an attention mask (transformers' rule), and DataCollatorWithFlattening's output is read."""
+    from transformers import DataCollatorWithFlattening
+
+    from meshplan.context_parallel.documents import document_ids
+
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]])
+    from_positions = document_ids({"position_ids": positions}, 1, 9)
+    assert torch.equal(from_positions[0], seq_idx) and torch.equal(from_positions[1], positions)
+    for marks in ({"seq_idx": seq_idx}, {"cu_seq_lens_q": torch.tensor([0, 3, 5, 9], dtype=torch.int32)}):
+        documents, restarting = document_ids(marks, 1, 9)
+        assert torch.equal(documents, seq_idx) and torch.equal(restarting, positions)
+    assert document_ids({"position_ids": positions, "attention_mask": torch.ones(1, 9)}, 1, 9) == (None, None)
+    assert document_ids({"position_ids": torch.arange(9).unsqueeze(0)}, 1, 9) == (None, None)  # one document
+    collated = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_seq_idx=True)(
+        [{"input_ids": list(range(10, 13))}, {"input_ids": [20, 21]}, {"input_ids": [30, 31, 32, 33]}])
+    documents, restarting = document_ids(collated, 1, 9)
+    assert torch.equal(documents, seq_idx) and torch.equal(restarting, positions)
+    with pytest.raises(ContextParallelError, match="cu_seq_lens_q must be the cumulative document lengths"):
+        document_ids({"cu_seq_lens_q": torch.tensor([0, 3, 9])}, 2, 9)
+
+
+def test_shard_batch_carries_the_whole_sequence_for_the_attention(fake_pg):
+    from meshplan.context_parallel.apply import check_shard
+    from meshplan.context_parallel.batch import SHARD_KEY, SequenceShard
+
+    ids = torch.arange(8).reshape(1, 8)
+    with fake_pg(2):
+        cp_mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("cp",))["cp"]
+        packed = shard_batch({"input_ids": ids, "seq_idx": torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]]),
+                              "cu_seq_lens_q": torch.tensor([0, 3, 8]), "max_length_q": 5}, cp_mesh)
+        padded = shard_batch({"input_ids": ids, "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]])}, cp_mesh)
+    assert "seq_idx" not in packed and "cu_seq_lens_q" not in packed and "max_length_q" not in packed
+    assert packed["position_ids"].tolist() == [[0, 1, 3, 4]]  # restarting at the second document (token 3)
+    shard = packed[SHARD_KEY]
+    assert (shard.cp_size, shard.seq_len, shard.key_padding) == (2, 8, None)
+    assert shard.documents.tolist() == [[0, 0, 0, 1, 1, 1, 1, 1]]
+    assert padded[SHARD_KEY].key_padding.tolist() == [[False, False] + [True] * 6]
+    check_shard(shard, 4, 2, "allgather")
+    with pytest.raises(UnshardedInputError, match=r"not sharded for it.*shard_batch"):
+        check_shard(None, 4, 2, "allgather")
+    with pytest.raises(UnshardedInputError, match="sharded for 2 CP ranks and sequences of 8 tokens"):
+        check_shard(shard, 2, 4, "allgather")
+    with pytest.raises(ContextParallelError, match="'ring' is plain causal attention"):
+        check_shard(SequenceShard(2, 8, torch.ones(1, 8, dtype=torch.bool)), 4, 2, "ring")
