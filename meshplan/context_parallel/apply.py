@@ -35,6 +35,7 @@ from ..introspection.mixers import sequence_mixers
 from . import sequence_layout as layout
 from .attention import ATTENTION_NAME, describe, register, takes_dense_mask
 from .batch import SHARD_KEY, SequenceShard
+from .documents import document_spans
 from .forward import ForwardContext, query_blocks, set_current
 from .state import IMPLEMENTATIONS, ContextParallelState, bind
 
@@ -222,7 +223,7 @@ def forward_context(shard: SequenceShard, positions: torch.Tensor, restore: torc
         local = documents.index_select(1, positions)
         starts = (local[:, 1:] != local[:, :-1]).any(dim=0).nonzero().flatten() + 1
     return ForwardContext(positions, restore, query_blocks(len(positions), starts), padding, documents,
-                          mask_positions)
+                          mask_positions, None if documents is None else document_spans(documents))
 
 
 def _leave_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

@@ -86,7 +86,8 @@ def context_parallel_attention(
         key, value = key.index_select(SEQ_DIM, context.restore), value.index_select(SEQ_DIM, context.restore)
         outputs = []
         for start, stop in context.blocks:
-            first, last, mask = block_inputs(attention_mask.block(start, stop), query.dtype, boolean)
+            first, last, mask = block_inputs(*attention_mask.block(start, stop), context.seq_len, query.dtype,
+                                             boolean)
             out, _ = inner(module, query[:, :, start:stop], key[:, :, first:last], value[:, :, first:last], mask,
                            **kwargs)
             outputs.append(out)

@@ -38,12 +38,16 @@ def _from_cumulative_lengths(cu_seq_lens: torch.Tensor, batch_size: int, seq_len
     return torch.searchsorted(cu_seq_lens[1:].to(torch.long), torch.arange(seq_len), right=True).unsqueeze(0)
 
 
-def _restarting_positions(documents: torch.Tensor) -> torch.Tensor:
-    """Position ids that restart at 0 at every new document of ``documents`` ``[batch, sequence]``."""
+def document_spans(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, last + 1)``: where the document of every token of ``documents`` ``[batch, sequence]`` starts and
+    ends (documents are runs of equal ids)."""
     index = torch.arange(documents.shape[1], device=documents.device).expand_as(documents)
-    starts = torch.ones_like(documents, dtype=torch.bool)
-    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
-    return index - torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    changes = documents[:, 1:] != documents[:, :-1]
+    starts = torch.cat((torch.ones_like(documents[:, :1], dtype=torch.bool), changes), dim=1)
+    ends = torch.cat((changes, torch.ones_like(documents[:, :1], dtype=torch.bool)), dim=1)
+    first = torch.where(starts, index, 0).cummax(dim=1).values
+    last = torch.where(ends, index, documents.shape[1]).flip(1).cummin(dim=1).values.flip(1)
+    return first, last + 1
 
 
 def document_ids(batch: Mapping[str, Any], batch_size: int, seq_len: int
@@ -72,5 +76,6 @@ def document_ids(batch: Mapping[str, Any], batch_size: int, seq_len: int
         return None, None
     documents = documents.to(torch.long)
     if positions is None or positions.ndim != 2:
-        positions = _restarting_positions(documents)
+        index = torch.arange(seq_len, device=documents.device)
+        positions = index - document_spans(documents)[0]  # restarting at 0 in every document
     return documents, positions

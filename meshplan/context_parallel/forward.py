@@ -33,10 +33,20 @@ class ForwardContext:
     key_padding: torch.Tensor | None = None  # [batch, sequence] bool, True = real token
     documents: torch.Tensor | None = None  # [batch, sequence] document index of packed rows
     positions: torch.Tensor | None = None  # [batch, sequence] position ids the mask sees inside documents
+    document_spans: tuple[torch.Tensor, torch.Tensor] | None = None  # (first, last + 1) of each token's document
 
     @property
     def seq_len(self) -> int:
         return len(self.restore)
+
+    def key_span(self, start: int, stop: int) -> tuple[int, int]:
+        """``(first, last + 1)`` of the keys the local queries ``start:stop`` may attend: those of their documents
+        (the whole sequence for rows of one document)."""
+        if self.document_spans is None:
+            return 0, self.seq_len
+        queries = self.query_positions[start:stop]
+        first, end = self.document_spans
+        return int(first[:, queries].min()), int(end[:, queries].max())
 
 
 _CURRENT: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("meshplan_cp_forward", default=None)

@@ -31,11 +31,12 @@ class DeferredMask:
     context: ForwardContext
     use_vmap: bool = False
 
-    def block(self, start: int, stop: int) -> torch.Tensor:
-        """Bool ``[batch or 1, 1, stop - start, sequence]`` (True = attend) for the local queries ``start:stop``
-        against every key of the sequence, as one process masks them: the pattern on the original positions
-        (on the position ids inside each document of packed rows, as transformers remaps them), keys of other
-        documents and padding keys masked."""
+    def block(self, start: int, stop: int) -> tuple[int, torch.Tensor]:
+        """``(first, mask)``: bool ``[batch or 1, 1, stop - start, keys]`` (True = attend) for the local queries
+        ``start:stop`` against the keys ``first, first + 1, ...`` of the span their documents cover (every key of
+        rows of one document), as one process masks them: the pattern on the original positions (on the position
+        ids inside each document of packed rows, as transformers remaps them), keys of other documents and
+        padding keys masked; keys outside the span are those of other documents."""
         from transformers.masking_utils import sdpa_mask
 
         context, inner = self.context, self.mask_function
@@ -50,9 +51,11 @@ class DeferredMask:
                     & (documents[batch_idx, q_idx] == documents[batch_idx, kv_idx]))
 
         per_row = context.key_padding is not None or documents is not None
-        return sdpa_mask(batch_size=self.batch_size if per_row else 1, q_length=stop - start,
-                         kv_length=context.seq_len, mask_function=remapped, attention_mask=context.key_padding,
-                         allow_is_causal_skip=False, use_vmap=self.use_vmap, device=queries.device)
+        first, last = context.key_span(start, stop)
+        return first, sdpa_mask(batch_size=self.batch_size if per_row else 1, q_length=stop - start,
+                                kv_length=last - first, kv_offset=first, mask_function=remapped,
+                                attention_mask=context.key_padding, allow_is_causal_skip=False,
+                                use_vmap=self.use_vmap, device=queries.device)
 
 
 def deferred_mask(
@@ -79,21 +82,23 @@ def attended_range(mask: torch.Tensor) -> tuple[int, int]:
     return int(attended[0]), int(attended[-1]) + 1
 
 
-def block_inputs(mask: torch.Tensor, dtype: torch.dtype, boolean: bool) -> tuple[int, int, torch.Tensor]:
-    """``(first key, last key + 1, mask)`` for one call of the wrapped attention on a block's ``mask``.
+def block_inputs(first: int, mask: torch.Tensor, seq_len: int, dtype: torch.dtype, boolean: bool
+                 ) -> tuple[int, int, torch.Tensor]:
+    """``(first key, last key + 1, mask)`` for one call of the wrapped attention on a block's ``mask`` of the keys
+    ``first, first + 1, ...`` (:meth:`DeferredMask.block`; the others are masked) of a ``seq_len`` sequence.
 
     Keys no query of the block attends are skipped. A query row that attends nothing (a left-padded position,
     a padded one past a sliding window) gets what one process computes there: SDPA given a ``boolean`` mask
     returns zeros (whatever keys it sees); eager attention, given an additive mask, the mean of the values of
     every key of the sequence, so such a block keeps all keys. Otherwise the mask is additive, which SDPA takes too.
     """
-    if bool(mask.any(dim=-1).all()):
-        first, last = attended_range(mask)
-        return first, last, additive(mask[..., first:last], dtype)
-    if boolean:
-        first, last = attended_range(mask)
-        return first, last, mask[..., first:last]
-    return 0, mask.shape[-1], additive(mask, dtype)
+    every_row_attends = bool(mask.any(dim=-1).all())
+    if every_row_attends or boolean:
+        start, stop = attended_range(mask)
+        mask = mask[..., start:stop]
+        return first + start, first + stop, additive(mask, dtype) if every_row_attends else mask
+    whole = torch.nn.functional.pad(mask, (first, seq_len - first - mask.shape[-1]), value=False)
+    return 0, seq_len, additive(whole, dtype)
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
