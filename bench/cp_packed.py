@@ -101,8 +101,8 @@ def main() -> None:
     step = run_on_ranks(run_rank, 2, args.seq_len, args.steps, timeout=3600)[0]
     rate = {name: args.seq_len / seconds for name, seconds in step.items()}
     for name in LAYOUTS:
-        print(f"{name:>8}: step {step[name]:.2f} s, {rate[name]:,.0f} document tokens/s; packed / {name} = "
-              f"{rate['packed'] / rate[name]:.2f}x")
+        ratio = "" if name == "packed" else f"; packed / {name} = {rate['packed'] / rate[name]:.2f}x"
+        print(f"{name:>8}: step {step[name]:.2f} s, {rate[name]:,.0f} document tokens/s{ratio}")
 
 
 if __name__ == "__main__":
