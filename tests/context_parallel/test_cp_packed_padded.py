@@ -98,7 +98,7 @@ def forward_unsharded(tokens: int) -> None:
 @pytest.mark.distributed
 def test_unsharded_batch_is_refused_on_every_rank(ranks2):
     with pytest.raises(RankError) as info:
-        ranks2.run(forward_unsharded, 30, timeout=60)
+        ranks2.run(forward_unsharded, 30, timeout=180)
     assert sorted(info.value.errors) == [0, 1]
     for error in info.value.errors.values():
         assert isinstance(error, UnshardedInputError) and "shard_batch" in str(error), error
