@@ -12,67 +12,61 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import errors as _errors
 from ._version import __version__ as __version__
 from .plugins.hookspecs import hookimpl as hookimpl
 
-#: public name -> module it lives in (imported on first access)
-_LAZY: dict[str, str] = {
-    # errors (one hierarchy under MeshplanError)
-    "ConflictError": ".core.errors", "ImportPathError": ".core.errors", "MeshError": ".core.errors",
-    "MeshplanError": ".core.errors", "OptionsError": ".core.errors", "PlanError": ".core.errors",
-    "PlanNotFoundError": ".core.errors", "PlanSourceError": ".core.errors", "PluginLoadError": ".core.errors",
-    "RegistrationError": ".core.errors", "SequenceParallelUnsupportedError": ".core.errors",
-    "StrategyUnavailableError": ".core.errors", "TensorParallelSizeError": ".core.errors",
-    "StyleModuleTypeError": ".core.errors", "TiedParameterError": ".core.errors", "UnknownNameError": ".core.errors",
-    "UnknownStrategyError": ".core.errors", "UnknownStyleError": ".core.errors",
-    "UnmatchedPlanKeyError": ".core.errors", "UnsupportedConfigurationError": ".core.errors",
-    "UntranslatableStyleError": ".core.errors", "ContextParallelError": ".core.errors",
-    "SequenceLengthError": ".core.errors", "UnsupportedAttentionError": ".core.errors",
-    "UnsupportedSequenceMixerError": ".core.errors",
-    "UnshardedInputError": ".core.errors",
-    "CheckpointLayoutError": ".core.errors",
+#: The public API besides the errors: module -> the names it exports (imported on first access). The
+#: ``TYPE_CHECKING`` block below is generated from this table: after editing it, run
+#: ``python tests/plugins/test_public_api.py --write`` (tests/plugins/test_public_api.py checks they agree).
+_EXPORTS: dict[str, tuple[str, ...]] = {
     # dispatcher and registry
-    "parallelize": ".api", "prepare": ".api", "Prepared": ".api", "get_report": ".api", "get_strategy": ".api",
-    "register_strategy": ".api", "register_tp_plan": ".api", "register_style": ".api",
-    "unregister_tp_plan": ".api",
-    "get_tp_plan": ".api", "list_strategies": ".api", "list_tp_plans": ".api",
-    "list_styles": ".api", "list_plugins": ".api",
-    "import_class_from_path": ".core.imports",
+    ".api": (
+        "parallelize", "prepare", "Prepared", "get_report", "get_strategy", "register_strategy", "register_tp_plan",
+        "register_style", "unregister_tp_plan", "get_tp_plan", "list_strategies", "list_tp_plans", "list_styles",
+        "list_plugins",
+    ),
+    ".core.imports": ("import_class_from_path",),
     # contracts
-    "Strategy": ".core.strategy", "StrategyOptions": ".core.strategy", "OptionInfo": ".core.strategy",
-    "ResolvedPlan": ".core.plans", "MeshRoles": ".core.roles", "RoleDims": ".core.roles",
-    "MatchedPlan": ".core.plans", "FittedPlan": ".core.plans", "PlanSet": ".core.plans",
-    "ExpertParallelOptions": ".core.axis_options", "ContextParallelOptions": ".core.axis_options",
-    "ComposedStrategy": ".strategies.composition", "Composition": ".strategies.composition",
-    "UnsupportedAxisError": ".core.errors",
+    ".core.strategy": ("Strategy", "StrategyOptions", "OptionInfo"),
+    ".core.plans": ("ResolvedPlan", "MatchedPlan", "FittedPlan", "PlanSet"),
+    ".core.axis_options": ("ExpertParallelOptions", "ContextParallelOptions"),
+    ".core.roles": ("MeshRoles", "RoleDims"),
     # built-in strategies
-    "FSDP2Strategy": ".strategies.fsdp2", "FSDP2Options": ".strategies.fsdp2",
-    "DDPStrategy": ".strategies.ddp", "DDPOptions": ".strategies.ddp",
-    "MegatronFSDPStrategy": ".strategies.megatron_fsdp", "MegatronFSDPOptions": ".strategies.megatron_fsdp",
-    "parallelize_megatron_fsdp": ".strategies.megatron_fsdp",
+    ".strategies.fsdp2": ("FSDP2Strategy", "FSDP2Options"),
+    ".strategies.ddp": ("DDPStrategy", "DDPOptions"),
+    ".strategies.megatron_fsdp": ("MegatronFSDPStrategy", "MegatronFSDPOptions", "parallelize_megatron_fsdp"),
+    ".strategies.composition": ("ComposedStrategy", "Composition"),
     # model and checkpoint helpers
-    "materialize_meta_model": ".state.meta_init", "initialize_sharded": ".state.meta_init",
-    "unshard_fsdp2_model": ".state.unshard",
-    "gather_full_state_dict": ".state.distributed_checkpoint",
-    "save_distributed_checkpoint": ".state.distributed_checkpoint",
-    "load_distributed_checkpoint": ".state.distributed_checkpoint",
-    "unpack_full_state_dict": ".state.packing",
+    ".state.meta_init": ("materialize_meta_model", "initialize_sharded"),
+    ".state.unshard": ("unshard_fsdp2_model",),
+    ".state.packing": ("unpack_full_state_dict",),
+    ".state.distributed_checkpoint": (
+        "gather_full_state_dict", "save_distributed_checkpoint", "load_distributed_checkpoint",
+    ),
     # custom parallel styles
-    "PackedColwiseParallel": ".tensor_parallel.custom_styles",
-    "PackedRowwiseParallel": ".tensor_parallel.custom_styles",
-    "ReplicatedWithGradAllReduce": ".tensor_parallel.custom_styles", "KeepReplicated": ".tensor_parallel.custom_styles",
-    "PrepareHiddenStates": ".tensor_parallel.custom_styles", "ChainedStyles": ".tensor_parallel.custom_styles",
-    "ExpertsTensorParallel": ".experts.tp_styles", "ExpertParamLayout": ".experts.tp_styles",
-    "IdentityExpertParallel": ".experts.tp_styles",
+    ".tensor_parallel.custom_styles": (
+        "PackedColwiseParallel", "PackedRowwiseParallel", "ReplicatedWithGradAllReduce", "KeepReplicated",
+        "PrepareHiddenStates", "ChainedStyles",
+    ),
+    ".experts.tp_styles": ("ExpertsTensorParallel", "ExpertParamLayout", "IdentityExpertParallel"),
     # context parallelism
-    "shard_batch": ".context_parallel.batch", "gather_sequence": ".context_parallel.batch",
-    "apply_context_parallel": ".context_parallel.apply",
+    ".context_parallel.batch": ("shard_batch", "gather_sequence"),
+    ".context_parallel.apply": ("apply_context_parallel",),
     # planning at any scale
-    "explain": ".dryrun", "fake_process_group": ".core.fake_pg", "list_presets": ".cli.modelsource",
+    ".dryrun": ("explain",),
+    ".core.fake_pg": ("fake_process_group",),
+    ".cli.modelsource": ("list_presets",),
 }
 
+#: public name -> module it lives in: every name of ``_EXPORTS`` and every error of :mod:`meshplan.errors`.
+_LAZY: dict[str, str] = {
+    **{name: ".errors" for name in _errors.__all__},
+    **{name: module for module, names in _EXPORTS.items() for name in names},
+}
 
-if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plugins/test_public_api.py)
+if TYPE_CHECKING:  # generated from _EXPORTS (see above): the real types for type checkers
+    # --- generated: begin ---
     from .api import Prepared as Prepared
     from .api import get_report as get_report
     from .api import get_strategy as get_strategy
@@ -93,34 +87,6 @@ if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plug
     from .context_parallel.batch import shard_batch as shard_batch
     from .core.axis_options import ContextParallelOptions as ContextParallelOptions
     from .core.axis_options import ExpertParallelOptions as ExpertParallelOptions
-    from .core.errors import CheckpointLayoutError as CheckpointLayoutError
-    from .core.errors import ConflictError as ConflictError
-    from .core.errors import ContextParallelError as ContextParallelError
-    from .core.errors import ImportPathError as ImportPathError
-    from .core.errors import MeshError as MeshError
-    from .core.errors import MeshplanError as MeshplanError
-    from .core.errors import OptionsError as OptionsError
-    from .core.errors import PlanError as PlanError
-    from .core.errors import PlanNotFoundError as PlanNotFoundError
-    from .core.errors import PlanSourceError as PlanSourceError
-    from .core.errors import PluginLoadError as PluginLoadError
-    from .core.errors import RegistrationError as RegistrationError
-    from .core.errors import SequenceLengthError as SequenceLengthError
-    from .core.errors import SequenceParallelUnsupportedError as SequenceParallelUnsupportedError
-    from .core.errors import StrategyUnavailableError as StrategyUnavailableError
-    from .core.errors import StyleModuleTypeError as StyleModuleTypeError
-    from .core.errors import TensorParallelSizeError as TensorParallelSizeError
-    from .core.errors import TiedParameterError as TiedParameterError
-    from .core.errors import UnknownNameError as UnknownNameError
-    from .core.errors import UnknownStrategyError as UnknownStrategyError
-    from .core.errors import UnknownStyleError as UnknownStyleError
-    from .core.errors import UnmatchedPlanKeyError as UnmatchedPlanKeyError
-    from .core.errors import UnshardedInputError as UnshardedInputError
-    from .core.errors import UnsupportedAttentionError as UnsupportedAttentionError
-    from .core.errors import UnsupportedAxisError as UnsupportedAxisError
-    from .core.errors import UnsupportedConfigurationError as UnsupportedConfigurationError
-    from .core.errors import UnsupportedSequenceMixerError as UnsupportedSequenceMixerError
-    from .core.errors import UntranslatableStyleError as UntranslatableStyleError
     from .core.fake_pg import fake_process_group as fake_process_group
     from .core.imports import import_class_from_path as import_class_from_path
     from .core.plans import FittedPlan as FittedPlan
@@ -133,6 +99,7 @@ if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plug
     from .core.strategy import Strategy as Strategy
     from .core.strategy import StrategyOptions as StrategyOptions
     from .dryrun import explain as explain
+    from .errors import *  # noqa: F403 - every error class
     from .experts.tp_styles import ExpertParamLayout as ExpertParamLayout
     from .experts.tp_styles import ExpertsTensorParallel as ExpertsTensorParallel
     from .experts.tp_styles import IdentityExpertParallel as IdentityExpertParallel
@@ -158,6 +125,7 @@ if TYPE_CHECKING:  # the real types for type checkers; mirrors _LAZY (tests/plug
     from .tensor_parallel.custom_styles import PackedRowwiseParallel as PackedRowwiseParallel
     from .tensor_parallel.custom_styles import PrepareHiddenStates as PrepareHiddenStates
     from .tensor_parallel.custom_styles import ReplicatedWithGradAllReduce as ReplicatedWithGradAllReduce
+    # --- generated: end ---
 
 
 def __getattr__(name: str) -> Any:

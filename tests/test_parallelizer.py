@@ -20,7 +20,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 import meshplan
 from meshplan import parallelizer as P
 from meshplan.compat.nvfsdp import LEGACY_KEYWORDS
-from meshplan.core.errors import UnmatchedPlanKeyError
+from meshplan.core.errors import PlanSourceError, UnmatchedPlanKeyError
 from meshplan.strategies.megatron_fsdp import MegatronFSDPStrategy
 from tests.compat.fakes import FakeMesh
 from tests.support import Block, TinyStack, tiny_hf
@@ -255,6 +255,26 @@ def test_nvfsdp_on_cpu_is_an_assertion_error(fake_pg):
         mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("dp",))
         with pytest.raises(AssertionError, match="CUDA"):
             P.nvfsdp_strategy_parallelize(TinyStack(), mesh)
+
+
+def test_fsdp2_strategy_parallelize_bad_plan_path_is_the_reference_value_error(fake_pg):
+    """The reference resolves ``tp_shard_plan`` with ``_get_parallel_plan``: a path that does not import is a
+    ``ValueError`` ("Custom parallel plan ... is not valid"), not an ``ImportError``; nothing is sharded."""
+    model = TinyStack()
+    with fake_pg(2):
+        mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp_shard_cp", "tp"))
+        with pytest.raises(ValueError, match=r"Custom parallel plan 'no_such\.pkg\.PLAN' is not valid") as info:
+            P.fsdp2_strategy_parallelize(model, mesh, tp_shard_plan="no_such.pkg.PLAN")
+    assert isinstance(info.value, PlanSourceError) and not isinstance(info.value, ImportError)
+    assert not isinstance(model, FSDPModule)
+    assert all(not isinstance(p, DTensor) for p in model.parameters())
+
+
+def test_fsdp2_strategy_parallelize_path_to_a_plan_shards_like_the_dict(fake_pg):
+    with fake_pg(2):
+        mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp_shard_cp", "tp"))
+        model = P.fsdp2_strategy_parallelize(TinyStack(), mesh, tp_shard_plan="tests.test_parallelizer.STACK_PLAN")
+    assert isinstance(model.layers[0].up.weight, DTensor)
 
 
 # --- unshard_fsdp2_model ----------------------------------------------------------------------------

@@ -9,8 +9,8 @@ this module object, so code that patches a global here (``fully_shard``, ``FSDPM
 * ``PARALLELIZE_FUNCTIONS`` is a live view of the registry's TP plan providers
   (:mod:`meshplan.compat.parallelize_functions`): writing to it registers providers ``parallelize`` uses.
 * Errors are meshplan's typed errors; each also subclasses the built-in type the reference raised
-  (``AssertionError`` / ``ValueError``) and contains the reference's message, so handlers and message
-  matching keep working.
+  (``AssertionError`` / ``ValueError``, :mod:`meshplan.compat.errors`) and contains the reference's message, so
+  handlers and message matching keep working.
 * ``fsdp2_strategy_parallelize`` runs meshplan's ``fsdp2`` strategy; ``nvfsdp_strategy_parallelize`` keeps the
   reference's steps, and the default ``parallelize_module`` / ``nvfsdp_fully_shard`` behind them are meshplan's
   validated tensor parallelism and Megatron-FSDP strategy.
@@ -43,7 +43,6 @@ from ..core.errors import (
     PlanSourceError,
     SequenceParallelUnsupportedError,
     StrategyUnavailableError,
-    UnknownStyleError,
 )
 from ..core.imports import import_class_from_path
 from ..core.log import get_logger, log_rank0
@@ -58,6 +57,7 @@ from ..tensor_parallel.apply import apply_tensor_parallel
 from ..tensor_parallel.plan import call_plan_function
 from ..tensor_parallel.validation import validate_tp_size
 from ..tensor_parallel.vocabulary import copy_style, make_style
+from .errors import StyleTypeError, raises_reference_errors
 from .nvfsdp import MegatronFSDPShim, megatron_fsdp_shim
 from .parallelize_functions import ParallelizeFunctions
 
@@ -117,10 +117,6 @@ def import_classes_from_paths(class_paths: Sequence[str]) -> list:
     return classes
 
 
-class StyleTypeError(UnknownStyleError, AssertionError):
-    """A style given as something other than a string (the reference asserted)."""
-
-
 def translate_to_torch_parallel_style(style: str) -> ParallelStyle:
     """A new torch ``ParallelStyle`` for a style name (every name meshplan's registry knows);
     :class:`UnknownStyleError` ("Unknown parallel style ...", a ``ValueError``) otherwise."""
@@ -129,6 +125,7 @@ def translate_to_torch_parallel_style(style: str) -> ParallelStyle:
     return make_style(style, get_registry())
 
 
+@raises_reference_errors
 def validate_tp_mesh(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Heads (top level or the VLM text config) must divide by the TP size, and KV heads divide it or be divided by
     it (no-op at 1). Fewer KV heads than the TP size work only through meshplan's ``parallelize_module`` /
@@ -157,6 +154,7 @@ def _config_ties(model: nn.Module) -> bool:
     return bool(config_value(model, "tie_word_embeddings"))
 
 
+@raises_reference_errors
 def get_hf_tp_shard_plan(model: nn.Module) -> dict[str, ParallelStyle]:
     """The model's Hugging Face TP plan translated to torch styles, as the reference returns it (not matched).
 
@@ -232,6 +230,7 @@ def _optimized_plan(model: nn.Module, sequence_parallel: bool) -> dict[str, Any]
     return None
 
 
+@raises_reference_errors
 def _get_parallel_plan(
     model: nn.Module, sequence_parallel: bool = False, tp_shard_plan: dict[str, ParallelStyle] | str | None = None,
 ) -> dict[str, ParallelStyle]:
@@ -255,6 +254,7 @@ def _get_parallel_plan(
     return get_hf_tp_shard_plan(model)
 
 
+@raises_reference_errors
 def parallelize_module(
     module: nn.Module, device_mesh: DeviceMesh, parallelize_plan: Any = None, **kwargs: Any,
 ) -> nn.Module:
@@ -271,6 +271,7 @@ def parallelize_module(
     return apply_tensor_parallel(module, device_mesh, plan)
 
 
+@raises_reference_errors
 def fsdp2_strategy_parallelize(
     model: nn.Module,
     device_mesh: DeviceMesh,
@@ -287,10 +288,12 @@ def fsdp2_strategy_parallelize(
 
     The plan comes from the same registry ``PARALLELIZE_FUNCTIONS`` shows (explicit plan, then the provider of
     the model's class, then the Hugging Face plan). A ``cp`` dim shards parameters only: NeMo AutoModel's
-    training loop runs context parallelism itself (``cp_implementation="external"``).
+    training loop runs context parallelism itself (``cp_implementation="external"``). A ``tp_shard_plan`` that
+    is not a dict is resolved as the reference does (:class:`PlanSourceError`, a ``ValueError``, if it fails).
     """
+    plan = tp_shard_plan if tp_shard_plan is None else _custom_plan(model, sequence_parallel, tp_shard_plan)
     return parallelize(
-        model, device_mesh, strategy="fsdp2", tp_plan=tp_shard_plan, mp_policy=mp_policy,
+        model, device_mesh, strategy="fsdp2", tp_plan=plan, mp_policy=mp_policy,
         offload_policy=offload_policy, sequence_parallel=sequence_parallel,
         activation_checkpointing=activation_checkpointing, dp_replicate_mesh_name=dp_replicate_mesh_name,
         dp_shard_cp_mesh_name=dp_shard_cp_mesh_name, tp_mesh_name=tp_mesh_name, cp_implementation="external",
@@ -305,6 +308,7 @@ def _named_mesh(device_mesh: DeviceMesh, name: str, option: str) -> DeviceMesh:
                         "dims with init_device_mesh(..., mesh_dim_names=...) or pass the *_mesh_name options.") from exc
 
 
+@raises_reference_errors
 def nvfsdp_strategy_parallelize(
     model: nn.Module,
     device_mesh: DeviceMesh,

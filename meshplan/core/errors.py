@@ -1,7 +1,8 @@
-"""One error hierarchy for every user-facing failure.
+"""One error hierarchy for every user-facing failure, public as :mod:`meshplan.errors`.
 
-Each error that replaces a NeMo AutoModel assertion or ``ValueError`` also subclasses that
-built-in type, so existing ``except AssertionError`` / ``except ValueError`` handlers keep working.
+Each error also subclasses the built-in type it refines (``ValueError``, ``TypeError``, ``KeyError``,
+``ImportError``), so generic handlers keep working. The NeMo AutoModel drop-in raises subclasses that
+also derive from ``AssertionError`` where the reference asserted (:mod:`meshplan.compat.errors`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class PlanError(MeshplanError, ValueError):
     """A tensor-parallel plan is malformed or cannot be applied to the model."""
 
 
-class PlanNotFoundError(PlanError, AssertionError):
+class PlanNotFoundError(PlanError):
     """No plan was given and none is registered or declared for the model."""
 
 
@@ -69,7 +70,7 @@ class UnmatchedPlanKeyError(PlanError):
     """A plan key matches no module of the model (strict mode)."""
 
 
-class TensorParallelSizeError(PlanError, AssertionError):
+class TensorParallelSizeError(PlanError):
     """The TP size does not divide the model's attention heads or KV heads."""
 
 
@@ -85,12 +86,12 @@ class UntranslatableStyleError(PlanError):
     """A Hugging Face plan entry uses a style that torch DTensor styles cannot express safely."""
 
 
-class SequenceParallelUnsupportedError(PlanError, AssertionError):
+class SequenceParallelUnsupportedError(PlanError):
     """Sequence parallel was requested but no plan for it exists or can be derived for the model."""
 
 
 # --- strategies ---------------------------------------------------------------------------------
-class StrategyUnavailableError(MeshplanError, AssertionError):
+class StrategyUnavailableError(MeshplanError, RuntimeError):
     """The strategy cannot run here: a package or a device type it needs is missing."""
 
 
@@ -134,3 +135,8 @@ class UnshardedInputError(ContextParallelError):
 class CheckpointLayoutError(MeshplanError, ValueError):
     """A checkpoint records a layout of its parameters (packed parameters stored rank-major, by earlier meshplan
     versions) that does not fit the model loading it."""
+
+
+#: Every error class above (what :mod:`meshplan.errors` and ``meshplan`` export).
+__all__ = sorted(name for name, value in globals().items()
+                 if isinstance(value, type) and issubclass(value, MeshplanError))

@@ -250,9 +250,8 @@ def test_cpu_mesh_is_refused_before_any_work(fake_pg):
     model = TinyStack()
     with fake_pg(2):
         mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "tp"))
-        with pytest.raises(StrategyUnavailableError, match=r"runs only on CUDA.*device type is 'cpu'") as info:
+        with pytest.raises(StrategyUnavailableError, match=r"runs only on CUDA.*device type is 'cpu'"):
             meshplan.parallelize(model, mesh, strategy="mfsdp")
-    assert isinstance(info.value, AssertionError)  # NeMo AutoModel asserted here
     assert _untouched(model)
 
 
