@@ -17,6 +17,14 @@ class PluginLoadError(MeshplanError):
     """A plugin failed to import or raised inside a hook (fatal only with MESHPLAN_PLUGIN_ERRORS=raise)."""
 
 
+class UnknownHookError(PluginLoadError):
+    """A plugin implements a hook that meshplan does not specify (a misspelled hook name)."""
+
+
+class HookWrapperError(PluginLoadError):
+    """A plugin's hook wrapper broke pluggy's protocol: it must ``yield`` exactly once."""
+
+
 class RegistrationError(MeshplanError, ValueError):
     """A registration is malformed or replaces an existing name without ``override=True``."""
 

@@ -1,9 +1,10 @@
 """Hook specifications: what a meshplan plugin may implement.
 
-Every hook receives a ``register`` callback that credits each registration to the plugin whose
-implementation made it, so meshplan records who contributed what, and new keyword arguments can be added
-without breaking old plugins. meshplan calls each hook once through pluggy: hook wrappers
-(``@hookimpl(wrapper=True)``) wrap every plugin's implementation.
+Every hook receives a ``register`` callback bound to the plugin whose implementation receives it
+(:mod:`meshplan.plugins.registrar`), so meshplan records who contributed what, and new keyword arguments can be
+added without breaking old plugins. meshplan calls each hook once through pluggy: hook wrappers
+(``@hookimpl(wrapper=True)``) wrap every plugin's implementation. A plugin implementing a hook not specified
+here (a misspelled name) fails to load, with the closest hook name in its error.
 """
 
 from __future__ import annotations

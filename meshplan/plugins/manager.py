@@ -1,9 +1,11 @@
 """The plugin manager: discovers plugins once, lazily, and fills the registry through the hooks.
 
 Built-in plugins and third-party ones (entry-point group ``meshplan``) go through exactly the same
-hooks. Each hook is called once through pluggy, so hook wrappers work; the ``register`` callback credits
-every registration to the plugin whose implementation made it (:mod:`meshplan.plugins.attribution`), and a
-plugin that raises is skipped whole (its partial registrations are dropped). Registration is typed: one
+hooks. A plugin is registered with pluggy as a :class:`~meshplan.plugins.registrar.BoundPlugin`, whose hook
+implementations each receive a ``register`` callback bound to that plugin, and is checked at once
+(``check_pending``): a hook implementation no specification knows (a misspelled hook name) fails the plugin.
+Each hook is called once through pluggy, so hook wrappers work; a plugin that raises is skipped whole (its
+partial registrations are dropped). Registration is typed: one
 builder per hook kind (:mod:`meshplan.plugins.registrations`), and one method per kind for runtime
 registration (``register_strategy``, ``register_tp_plan``, ``register_style``).
 """
@@ -22,12 +24,13 @@ import importlib_metadata
 import pluggy
 
 from .._version import __version__
-from ..core.errors import PluginLoadError, RegistrationError
+from ..core.errors import PluginLoadError, RegistrationError, UnknownHookError
 from ..core.log import get_logger, log_rank0
+from ..core.naming import did_you_mean
 from ..core.registry import Provenance, Registration, Registry, Tier
 from . import hookspecs
-from .attribution import HookOwners, RegisterCallback
 from .policy import LoadPolicy
+from .registrar import BoundPlugin, HookCall
 from .registrations import HOOKS, strategy_registration, style_registration, tp_plan_registration
 
 logger = get_logger(__name__)
@@ -124,10 +127,24 @@ class PluginHost:
 
     def _register_plugin(self, record: PluginRecord, load: Callable[[], Any]) -> None:
         try:
-            plugin = load()
-            self.pm.register(plugin, name=record.name)
+            self.pm.register(BoundPlugin(self.pm, load(), record.name), name=record.name)
+            self._check_hook_names(record.name)
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the others
             self._fail(record, exc, "failed to load")
+
+    def _check_hook_names(self, name: str) -> None:
+        """pluggy's ``check_pending`` for the plugin just registered (the ones before it passed): a hook
+        implementation that no specification knows is an error naming the hook and the closest known one."""
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError:
+            known = [hook for hook in vars(self.pm.hook) if not hook.startswith("_")
+                     and getattr(self.pm.hook, hook).has_spec()]
+            unknown = [caller.name for caller in self.pm.get_hookcallers(self.pm.get_plugin(name)) or ()
+                       if not caller.has_spec()]
+            raise UnknownHookError(" ".join(
+                f"It implements {hook!r}, which is no meshplan hook.{did_you_mean(hook, known)}" for hook in unknown
+            ) + f" (meshplan's hooks: {', '.join(sorted(known))})") from None
 
     def _collect_registrations(self) -> None:
         pending: dict[str, list[Registration]] = {}
@@ -144,44 +161,23 @@ class PluginHost:
     def _call_hook(self, hook_name: str, build: Callable[..., Registration]) -> dict[str, list[Registration]]:
         """Call one registration hook through pluggy (hook wrappers included); ``{plugin: registrations}``.
 
-        The ``register`` callback credits each registration to the plugin whose implementation made it. A
-        plugin that raises is failed and unregistered, and the hook is called again without it, so one
-        broken plugin never costs the others their registrations. A failure that cannot be credited to one
-        plugin (code shared by several) falls back to :meth:`_call_hook_per_plugin`.
+        A plugin whose implementation raises is failed and unregistered, and the hook is called again without
+        it, so one broken plugin never costs the others their registrations.
         """
-        caller = getattr(self.pm.hook, hook_name)
         while True:
-            owners = HookOwners(caller.get_hookimpls())
-            register = RegisterCallback(hook_name, build, owners.calling_plugin, self._provenance_of)
+            call = HookCall(hook_name, build, self._provenance_of)
             try:
-                caller(register=register)
-                return register.collected
+                getattr(self.pm.hook, hook_name)(register=call)
+                return call.collected
             except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the others
-                culprit = owners.raising_plugin(exc)
-                if culprit is None:
-                    return self._call_hook_per_plugin(hook_name, build)
-                self._fail_in_hook(culprit, register, exc, hook_name)
-
-    def _call_hook_per_plugin(self, hook_name: str, build: Callable[..., Registration],
-                              ) -> dict[str, list[Registration]]:
-        """Call the hook's implementations plugin by plugin (``pm.subset_hook_caller``): every registration and
-        failure belongs to that plugin by construction; a plugin's hook wrappers wrap its own implementations."""
-        collected: dict[str, list[Registration]] = {}
-        names = dict.fromkeys(impl.plugin_name for impl in getattr(self.pm.hook, hook_name).get_hookimpls())
-        for name in names:
-            others = [plugin for other, plugin in self.pm.list_name_plugin() if other != name]
-            register = RegisterCallback(hook_name, build, lambda _name=name: _name, self._provenance_of)
-            try:
-                self.pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
-                collected.update(register.collected)
-            except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the others
-                self._fail_in_hook(name, register, exc, hook_name)
-        return collected
-
-    def _fail_in_hook(self, name: str, register: RegisterCallback, exc: BaseException, hook_name: str) -> None:
-        record = self.records[name]
-        record.contributions = [(r.kind, r.key) for r in register.collected.get(name, [])]
-        self._fail(record, exc, f"raised in {hook_name}")
+                culprit = call.culprit(exc)
+                if culprit is None:  # no plugin code raised it: meshplan's own bug, not a plugin's
+                    raise
+                record = self.records[culprit]
+                record.contributions = [(r.kind, r.key) for r in call.collected.get(culprit, [])]
+                self._fail(record, exc, f"raised in {hook_name}")
+            finally:
+                call.open = False
 
     def _provenance_of(self, name: str) -> Provenance:
         return self._provenance(self.records[name])

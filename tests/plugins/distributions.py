@@ -59,6 +59,27 @@ def meshplan_register_strategies(register):
     raise ValueError("boom in hook")
 '''
 
+MISSPELLED_HOOK_PLUGIN = '''
+import meshplan
+
+
+class TypoStrategy(meshplan.Strategy):
+    name = "typo"
+
+    def parallelize(self, model, roles, plan, options):
+        return model
+
+
+@meshplan.hookimpl
+def meshplan_register_strategy(register):  # the hook is meshplan_register_strategies
+    register(TypoStrategy)
+
+
+@meshplan.hookimpl
+def meshplan_register_styles(register):  # spelled right, but the plugin fails whole
+    register("typo_style", "torch.distributed.tensor.parallel:ColwiseParallel")
+'''
+
 
 def make_distribution(site: Path, dist: str, module: str, source: str, entry_name: str) -> None:
     """Write ``module.py`` and ``dist-0.1.dist-info`` with a ``meshplan`` entry point into ``site``."""

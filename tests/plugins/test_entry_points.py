@@ -13,6 +13,7 @@ from tests.plugins.distributions import (
     GOOD_PLUGIN,
     HOOK_BROKEN_PLUGIN,
     IMPORT_BROKEN_PLUGIN,
+    MISSPELLED_HOOK_PLUGIN,
     make_distribution,
 )
 
@@ -104,3 +105,31 @@ def test_raise_mode_is_fatal_and_names_the_plugin(site):
 def test_invalid_error_mode_is_rejected(site):
     result = cli(site, "strategies", MESHPLAN_PLUGIN_ERRORS="explode")
     assert result.returncode != 0 and "MESHPLAN_PLUGIN_ERRORS" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def misspelled_site(tmp_path_factory):
+    path = tmp_path_factory.mktemp("misspelled_site")
+    make_distribution(path, "meshplan-goodplug", "goodplug", GOOD_PLUGIN, "good")
+    make_distribution(path, "meshplan-typo", "typoplug", MISSPELLED_HOOK_PLUGIN, "typo")
+    return path
+
+
+def test_a_misspelled_hook_fails_the_plugin_and_the_listings_say_why(misspelled_site):
+    result = cli(misspelled_site, "plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    plugins = by(json.loads(result.stdout), "name")
+    typo = plugins["typo"]
+    assert typo["status"] == "failed" and typo["distribution"] == "meshplan-typo"
+    assert typo["error"].startswith("UnknownHookError: It implements 'meshplan_register_strategy', which is no")
+    assert "Did you mean 'meshplan_register_strategies'?" in typo["error"]
+    assert typo["contributions"] == []  # its correctly spelled hook contributes nothing either
+    assert plugins["good"]["status"] == "loaded"
+    table = cli(misspelled_site, "plugins").stdout
+    assert "typo" in table and "failed" in table and "meshplan_register_strategy" in table
+
+
+def test_a_misspelled_hook_is_fatal_in_raise_mode(misspelled_site):
+    result = cli(misspelled_site, "strategies", MESHPLAN_PLUGIN_ERRORS="raise")
+    assert result.returncode != 0
+    assert "'typo'" in result.stderr and "meshplan_register_strategy" in result.stderr

@@ -137,9 +137,9 @@ def _shared_styles(register):
     register("shared_style", "torch.distributed.tensor.parallel:ColwiseParallel")
 
 
-def test_code_shared_by_two_plugins_falls_back_to_one_call_per_plugin():
-    """One function registered as the hook of two plugins cannot be told apart by its code: the hook is then
-    called plugin by plugin, each registration still credited to its own plugin."""
+def test_code_shared_by_two_plugins_is_credited_to_each():
+    """One function registered as the hook of two plugins: each plugin's registrar is bound to that plugin, so
+    each registration is credited to its own plugin."""
     names = [_module("plug_shared_one", meshplan_register_styles=_shared_styles),
              _module("plug_shared_two", meshplan_register_styles=_shared_styles),
              _module("plug_alpha", meshplan_register_strategies=_alpha_strategies)]
@@ -154,3 +154,86 @@ def test_code_shared_by_two_plugins_falls_back_to_one_call_per_plugin():
     assert host.records["plug_alpha"].contributions == [("strategy", "alpha")]
     assert {r.provenance.plugin for r in host.registry.styles.registrations() if r.key == "shared_style"} == {
         "plug_shared_one", "plug_shared_two"}
+
+
+def _load(**plugins) -> PluginHost:
+    """A host with these in-process plugins (module name -> hooks) and no entry points."""
+    names = [_module(name, **hooks) for name, hooks in plugins.items()]
+    try:
+        host = PluginHost(LoadPolicy(allow=frozenset()), builtins=tuple(names))
+        host.load()
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+    return host
+
+
+@meshplan.hookimpl
+def meshplan_register_strategy(register):  # misspelled: the hook is meshplan_register_strategies
+    register(Alpha, name="never")
+
+
+def test_a_misspelled_hook_fails_its_plugin_with_the_closest_name():
+    host = _load(plug_typo=dict(meshplan_register_strategy=meshplan_register_strategy,
+                                meshplan_register_styles=_shared_styles),
+                 plug_alpha=dict(meshplan_register_strategies=_alpha_strategies))
+    typo = host.records["plug_typo"]
+    assert typo.status == "failed" and typo.contributions == []
+    assert typo.error.startswith("UnknownHookError: It implements 'meshplan_register_strategy'")
+    assert "Did you mean 'meshplan_register_strategies'?" in typo.error
+    assert "never" not in host.registry.strategies and "shared_style" not in host.registry.styles
+    assert host.records["plug_alpha"].contributions == [("strategy", "alpha")]
+
+
+def test_a_misspelled_hook_is_fatal_in_strict_mode():
+    name = _module("plug_typo_strict", meshplan_register_strategy=meshplan_register_strategy)
+    try:
+        with pytest.raises(meshplan.PluginLoadError, match="plug_typo_strict.*meshplan_register_strategy"):
+            PluginHost(LoadPolicy(allow=frozenset(), raise_errors=True), builtins=(name,)).load()
+    finally:
+        sys.modules.pop(name)
+
+
+@meshplan.hookimpl(wrapper=True)
+def _silent_wrapper(register):
+    if register is None:  # a wrapper that yields only sometimes
+        yield
+    return []
+
+
+@meshplan.hookimpl(wrapper=True)
+def _failing_teardown(register):
+    yield
+    raise RuntimeError("boom after yield")
+
+
+def test_a_broken_wrapper_is_blamed_on_its_plugin():
+    """A wrapper that never yields, or raises in its teardown, fails its own plugin, not the ones it wraps."""
+    host = _load(plug_silent=dict(meshplan_register_styles=_silent_wrapper),
+                 plug_teardown=dict(meshplan_register_strategies=_failing_teardown),
+                 plug_alpha=dict(meshplan_register_strategies=_alpha_strategies),
+                 plug_style=dict(meshplan_register_styles=_shared_styles))
+    assert host.records["plug_silent"].status == "failed"
+    assert "HookWrapperError: hook wrapper _silent_wrapper did not yield" in host.records["plug_silent"].error
+    assert host.records["plug_teardown"].status == "failed"
+    assert "boom after yield" in host.records["plug_teardown"].error
+    assert host.records["plug_alpha"].contributions == [("strategy", "alpha")]
+    assert host.records["plug_style"].contributions == [("style", "shared_style")]
+
+
+def test_an_error_raised_inside_a_wrapper_is_blamed_on_the_implementation_that_raised():
+    host = _load(plug_wrap=dict(meshplan_register_strategies=_wrapping_strategies),
+                 plug_broken=dict(meshplan_register_strategies=_broken_strategies),
+                 plug_alpha=dict(meshplan_register_strategies=_alpha_strategies))
+    assert host.records["plug_broken"].status == "failed"
+    assert {name: host.records[name].status for name in ("plug_wrap", "plug_alpha")} == {
+        "plug_wrap": "loaded", "plug_alpha": "loaded"}
+    assert host.registry.strategies.find("from_wrapper").provenance.plugin == "plug_wrap"
+
+
+def test_the_hooks_still_take_a_plain_callback():
+    """Calling a registered plugin's hook directly through pluggy (no meshplan host call) passes the callback."""
+    seen = []
+    host = _load(plug_alpha=dict(meshplan_register_strategies=_alpha_strategies))
+    host.pm.hook.meshplan_register_strategies(register=lambda *args, **kwargs: seen.append(args))
+    assert seen == [(Alpha,)]
