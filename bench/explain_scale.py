@@ -31,7 +31,6 @@ def _bare(model: str, mesh_spec: str) -> dict:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from meshplan.cli.modelsource import resolve_source
 
@@ -45,7 +44,7 @@ def _bare(model: str, mesh_spec: str) -> dict:
     world = 1
     for size in dims.values():
         world *= size
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    dist.init_process_group("fake", rank=0, world_size=world)
     mesh = init_device_mesh("cpu", tuple(dims.values()), mesh_dim_names=tuple(dims))
     built = time.perf_counter()
     colwise = {"input_layouts": Replicate(), "output_layouts": Shard(-1)}

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from .core.errors import UnsupportedConfigurationError
 from .core.log import get_logger, log_rank0
 from .core.strategy import StrategyOptions
+from .core.torch_private import checkpoint_wrapper
 from .introspection.blocks import MLP_NAMES, find_blocks, mlp_name
 from .introspection.config import model_configs
 

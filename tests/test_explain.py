@@ -11,13 +11,13 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-from torch.distributed.tensor.placement_types import _StridedShard
 
 import meshplan
 from meshplan.cli.main import main
 from meshplan.cli.meshspec import build_mesh, parse_mesh_spec
 from meshplan.cli.modelsource import ModelSourceError, build_model, resolve_source
 from meshplan.core.errors import MeshError, TensorParallelSizeError
+from meshplan.core.torch_private import StridedShard as _StridedShard
 from meshplan.dryrun import explain, render_text
 from meshplan.dryrun.all_ranks import all_ranks, fsdp_sharded_parameters
 from meshplan.dryrun.name_summary import expand_pattern, summarize_names

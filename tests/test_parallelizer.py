@@ -21,6 +21,7 @@ import meshplan
 from meshplan import parallelizer as P
 from meshplan.compat.nvfsdp import LEGACY_KEYWORDS
 from meshplan.core.errors import PlanSourceError, UnmatchedPlanKeyError
+from meshplan.state import fsdp_state
 from meshplan.strategies.megatron_fsdp import MegatronFSDPStrategy
 from tests.compat.fakes import FakeMesh
 from tests.support import Block, TinyStack, tiny_hf
@@ -63,7 +64,7 @@ class Nested(nn.Module):
 
 
 def reshards_after_forward(module: FSDPModule) -> bool:
-    return module._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is not None
+    return fsdp_state.reshards_after_forward(module)
 
 
 def test_apply_fsdp2_sharding_recursively(fake_pg):

@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper  # noqa: F401 - patched
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import Shard
@@ -46,6 +45,7 @@ from ..core.errors import (
 )
 from ..core.imports import import_class_from_path
 from ..core.log import get_logger, log_rank0
+from ..core.torch_private import checkpoint_wrapper  # noqa: F401 - patched
 from ..introspection.config import config_value
 from ..introspection.embeddings import are_tied, embedding_modules, module_name
 from ..planning.build import build_plan

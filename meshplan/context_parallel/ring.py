@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.torch_private import enable_ring_attention
 from .state import ContextParallelState
 
 _enabled = False
@@ -25,13 +26,7 @@ def _enable_dispatcher() -> None:
     global _enabled
     if _enabled:
         return
-    from torch.distributed.tensor.experimental._attention import (
-        _cp_options,
-        _enable_context_parallel_dispatcher,
-    )
-
-    _cp_options.enable_load_balance = True
-    _enable_context_parallel_dispatcher()
+    enable_ring_attention(load_balance=True)
     _enabled = True
 
 

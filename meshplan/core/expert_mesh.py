@@ -1,7 +1,7 @@
 """The meshes of expert parallelism, carved from the data-parallel (and TP) ranks; see :mod:`meshplan.core.roles`.
 
-Only ``DeviceMesh`` layout operations are used (``_flatten``, ``_unflatten``, ``_concatenate``): no global rank
-list is built, so carving runs on fake process groups of thousands of ranks.
+Only ``DeviceMesh`` layout operations are used (flatten, unflatten, concatenate of :mod:`meshplan.core.torch_private`):
+no global rank list is built, so carving runs on fake process groups of thousands of ranks.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .errors import ExpertParallelError
 from .mesh import DataParallelMesh
+from .torch_private import concatenate, flatten, unflatten
 
 EP_DIM, EXPERT_DP_DIM = "ep", "expert_dp_shard"
 
@@ -58,13 +59,13 @@ def carve_expert_meshes(dense: DataParallelMesh, ep_size: int, tp: DeviceMesh | 
     :meth:`MeshRoles.check_expert_parallel` before any collective."""
     shard = dense.mesh[dense.shard_name] if dense.is_hybrid else dense.mesh
     if tp is not None and tp.size() > 1:
-        pool = DeviceMesh._concatenate([shard, tp])._flatten(f"{dense.shard_name}_{EP_DIM}_pool")
+        pool = flatten(concatenate([shard, tp]), f"{dense.shard_name}_{EP_DIM}_pool")
     else:
         pool, tp = shard, None
-    split = pool._unflatten(0, (pool.size() // ep_size, ep_size), (EXPERT_DP_DIM, EP_DIM))
+    split = unflatten(pool, 0, (pool.size() // ep_size, ep_size), (EXPERT_DP_DIM, EP_DIM))
     ep, expert_dp = split[EP_DIM], split[EXPERT_DP_DIM]
     if dense.is_hybrid:
-        hybrid = DeviceMesh._concatenate([dense.mesh[dense.replicate_name], expert_dp])
+        hybrid = concatenate([dense.mesh[dense.replicate_name], expert_dp])
         data_parallel = DataParallelMesh(hybrid, EXPERT_DP_DIM, expert_dp.size(), dense.replicate_name,
                                          dense.replicate_size)
     else:

@@ -17,9 +17,6 @@ from .errors import UnsupportedConfigurationError
 @contextlib.contextmanager
 def fake_process_group(world_size: int, rank: int = 0) -> Iterator[None]:
     """A ``backend="fake"`` default process group of ``world_size`` ranks, as ``rank``, for the block."""
-    # torch ships the fake store only under torch.testing; it is the supported way to fake a world.
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     if dist.is_initialized():
         raise UnsupportedConfigurationError(
             "A default process group already exists in this process; a fake world of "
@@ -27,7 +24,7 @@ def fake_process_group(world_size: int, rank: int = 0) -> Iterator[None]:
         )
     if world_size < 1 or not 0 <= rank < world_size:
         raise UnsupportedConfigurationError(f"Rank {rank} is not in a world of {world_size} ranks.")
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    dist.init_process_group("fake", rank=rank, world_size=world_size)  # the fake backend needs no store
     try:
         yield
     finally:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh
 
+from .torch_private import flattened_dim
+
 
 def dim_names(mesh: DeviceMesh) -> tuple[str, ...]:
     """The mesh's named dimensions (a 1-D unnamed mesh has none)."""
@@ -16,10 +18,7 @@ def submesh(mesh: DeviceMesh, name: str) -> DeviceMesh | None:
     """The sub-mesh for dimension ``name`` (a real or flattened dim), or ``None`` if the mesh lacks it."""
     if not mesh.mesh_dim_names:
         return None
-    try:
-        return mesh[name]
-    except KeyError:
-        return None
+    return mesh[name] if name in mesh.mesh_dim_names else flattened_dim(mesh, name)
 
 
 def dim_size(mesh: DeviceMesh, name: str) -> int:

@@ -36,6 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from .errors import ExpertParallelError, MeshError
 from .expert_mesh import ExpertMeshes, carve_expert_meshes, check_expert_parallel_size
 from .mesh import DataParallelMesh, dim_names, dim_size, mesh_ranks, submesh
+from .torch_private import concatenate, flatten
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -135,7 +136,7 @@ class MeshRoles:
         replicate_name = _flat_name(self.dims["dp_replicate"])
         self._flat(self.dims["dp_replicate"])
         try:
-            hybrid = self.mesh[(replicate_name, shard_name)]
+            hybrid = concatenate([self._flat(self.dims["dp_replicate"]), shard])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise MeshError(
                 f"Cannot build the HSDP mesh ({replicate_name!r}, {shard_name!r}) from a mesh with dims "
@@ -200,7 +201,7 @@ class MeshRoles:
         name = _flat_name(names)
         if name not in self._cache:
             existing = submesh(self.mesh, name)
-            self._cache[name] = existing if existing is not None else self.mesh[names]._flatten(name)
+            self._cache[name] = existing if existing is not None else flatten(self.mesh[names], name)
         return self._cache[name]
 
 
@@ -211,7 +212,7 @@ def _flat_name(names: tuple[str, ...]) -> str:
 def _ranks(mesh: DeviceMesh, names: tuple[str, ...]) -> frozenset[int]:
     """Ranks the dims ``names`` span through this rank (collective-free: slicing only)."""
     if len(names) == 1:
-        return mesh_ranks(mesh[names[0]])
+        return mesh_ranks(submesh(mesh, names[0]))
     return mesh_ranks(mesh[names])
 
 

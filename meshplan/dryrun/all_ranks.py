@@ -32,6 +32,7 @@ import numpy as np
 from torch import nn
 
 from ..core.errors import MeshplanError
+from ..core.torch_private import TorchPrivateAPIError, dim_rank_groups
 
 
 class RankLayoutUnknown(MeshplanError):
@@ -41,10 +42,8 @@ class RankLayoutUnknown(MeshplanError):
 def rank_groups(mesh: Any, world_size: int) -> list[np.ndarray]:
     """Per mesh dim, its process groups as rows of global ranks (column = coordinate along the dim)."""
     try:
-        from torch.distributed._mesh_layout import _MeshLayout
-
-        groups = [_MeshLayout([layout]).remap_to_tensor(mesh._rank_map) for layout in mesh._layout]
-    except (ImportError, AttributeError, TypeError) as exc:
+        groups = dim_rank_groups(mesh)
+    except (TorchPrivateAPIError, TypeError) as exc:
         full = mesh.mesh
         if full.numel() != world_size:
             raise RankLayoutUnknown(f"Cannot map the ranks of mesh {mesh} onto the world ({exc}).") from exc
@@ -102,7 +101,8 @@ def local_numel_table(shape: Sequence[int], placements: Sequence[Any], mesh_shap
     ``fsdp``: the tensor is an FSDP2 sharded parameter (its ``_StridedShard`` chunks the TP-local tensor).
     """
     from torch.distributed.tensor import Partial, Replicate, Shard
-    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from ..core.torch_private import StridedShard as _StridedShard
 
     axes = tuple(i for i, p in enumerate(placements) if isinstance(p, (Shard, _StridedShard)))
     grid = [mesh_shape[i] for i in axes]

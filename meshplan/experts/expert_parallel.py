@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..core.errors import ExpertParallelError
+from ..core.torch_private import concatenate
 from ..introspection.experts import expert_count as fused_expert_count
 from .token_dispatch import combine, dispatch, gather_tokens, split_tokens
 
@@ -131,7 +132,7 @@ def _split_by_expert(param: torch.Tensor, ep_mesh: DeviceMesh, num_local: int) -
     start = ep_mesh.get_local_rank() * num_local
     local = param.to_local().narrow(0, start, num_local)
     local = local if local.device.type == "meta" else local.clone()
-    mesh = DeviceMesh._concatenate([ep_mesh, param.device_mesh])
+    mesh = concatenate([ep_mesh, param.device_mesh])
     return DTensor.from_local(local, mesh, [Shard(0), *param.placements], run_check=False, shape=param.shape,
                               stride=param.stride())
 

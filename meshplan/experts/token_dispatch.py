@@ -30,7 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh
 def all_to_all(tensor: torch.Tensor, output_sizes: list[int], input_sizes: list[int],
                group: dist.ProcessGroup) -> torch.Tensor:
     """Differentiable ``all_to_all_single`` along dim 0 with uneven (possibly empty) splits; waits for the result."""
-    from torch.distributed._functional_collectives import AsyncCollectiveTensor, all_to_all_single_autograd
+    from ..core.torch_private import AsyncCollectiveTensor, all_to_all_single_autograd  # heavy: on first use
 
     result = all_to_all_single_autograd(tensor.contiguous(), output_sizes, input_sizes, group)
     return result.wait() if isinstance(result, AsyncCollectiveTensor) else result

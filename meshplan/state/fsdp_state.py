@@ -1,4 +1,4 @@
-"""The one place that reads FSDP2's private state (``FSDPModule._get_fsdp_state()``).
+"""What meshplan reads of FSDP2's private state (through :mod:`meshplan.core.torch_private`).
 
 torch keeps a unit's parameters in one or more *parameter groups* (several when ``shard_placement_fn`` puts
 some parameters on another mesh, e.g. experts on an expert-parallel mesh), each with its own
@@ -13,31 +13,11 @@ from typing import Any
 
 from torch import nn
 
+from ..core.torch_private import fsdp_mixed_precision as mixed_precision_policy
+from ..core.torch_private import fsdp_param_groups as param_groups
 
-def _state(unit: nn.Module) -> Any | None:
-    get_state = getattr(unit, "_get_fsdp_state", None)
-    if get_state is None:
-        return None
-    try:
-        return get_state()
-    except (AttributeError, AssertionError):
-        return None
-
-
-def param_groups(unit: nn.Module) -> list[Any]:
-    """The unit's FSDP parameter groups (every one of them; empty when unknown or none). torch < 2.12 keeps a
-    single group under the singular name."""
-    state = _state(unit)
-    groups = getattr(state, "_fsdp_param_groups", None)
-    if isinstance(groups, (list, tuple)):
-        return list(groups)
-    single = getattr(state, "_fsdp_param_group", None)
-    return [] if single is None else [single]
-
-
-def mixed_precision_policy(unit: nn.Module) -> Any | None:
-    """The ``MixedPrecisionPolicy`` the unit was sharded with, or ``None`` when torch hides it."""
-    return getattr(_state(unit), "_mp_policy", None)
+__all__ = ["mixed_precision_policy", "param_groups", "reshard_settings", "reshards_after_forward",
+           "restore_reshard_settings"]
 
 
 def reshard_settings(unit: nn.Module) -> list[Any]:

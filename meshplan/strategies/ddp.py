@@ -37,11 +37,12 @@ from ..core.mesh import dim_names
 from ..core.plans import PlanSet
 from ..core.roles import MeshRoles, RoleDims, role_dims
 from ..core.strategy import StrategyOptions
+from ..core.torch_private import DDP_REPLICATE_MODULE, TP_REPLICATE_MODULE
 from ..plugins.hookspecs import hookimpl
 from .composition import ComposedStrategy, Composition
 
-DDP_REPLICATE = "torch.distributed._composable.replicate"
-TP_REPLICATE = "torch.distributed._composable.replicate_with_fsdp"
+DDP_REPLICATE = DDP_REPLICATE_MODULE
+TP_REPLICATE = TP_REPLICATE_MODULE
 
 logger = get_logger(__name__)
 

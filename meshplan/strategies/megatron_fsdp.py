@@ -46,6 +46,7 @@ from ..core.naming import did_you_mean
 from ..core.plans import PlanSet
 from ..core.roles import MeshRoles, RoleDims, role_dims
 from ..core.strategy import StrategyOptions
+from ..core.torch_private import flatten
 from ..introspection.blocks import find_blocks
 from ..plugins.hookspecs import hookimpl
 from .composition import ComposedStrategy, Composition
@@ -507,7 +508,7 @@ def shard(
         log_rank0(logger, logging.WARNING, "%s", message)
     if call.flatten is not None:
         dims, flat_name = call.flatten
-        roles.mesh[dims]._flatten(flat_name)
+        flatten(roles.mesh[dims], flat_name)
     units = call.kwargs["fsdp_unit_modules"] or []
     log_rank0(logger, logging.INFO, "Megatron-FSDP %s: %s(units=%s, dp_shard_dim=%r, zero_dp_strategy=%r)",
               api.version, call.function, [c.__name__ for c in units], call.kwargs["dp_shard_dim"],

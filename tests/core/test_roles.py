@@ -11,6 +11,7 @@ from torch.distributed.tensor import DTensor
 import meshplan
 from meshplan.core.errors import MeshError
 from meshplan.core.roles import resolve_roles
+from meshplan.core.torch_private import flatten
 from meshplan.strategies.ddp import DDPOptions
 from meshplan.strategies.fsdp2 import FSDP2Options
 from tests.support import TinyStack, tiny_hf
@@ -57,7 +58,7 @@ def test_a_flattened_dp_shard_cp_may_contain_cp(fake_pg):
     """NeMo's layout: real dims (dp_shard, cp, tp) plus a flattened dp_shard_cp used for sharding."""
     with fake_pg(8):
         mesh = _mesh(dp_shard=2, cp=2, tp=2)
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        flatten(mesh["dp_shard", "cp"], "dp_shard_cp")
         roles = resolve_roles(mesh, FSDP2Options().mesh_roles(), "fsdp2")
         assert roles.dims["dp_shard"] == ("dp_shard_cp",) and roles.shard_includes_cp
         assert roles.data_parallel.shard_size == 4
@@ -74,7 +75,7 @@ def test_roles_that_would_share_ranks_are_not_both_taken(fake_pg):
     """A flattened ``dp`` spanning the replicate dim is skipped as the shard dim (HSDP stays 2-D)."""
     with fake_pg(8):
         mesh = _mesh(dp_replicate=2, dp_shard=4)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        flatten(mesh["dp_replicate", "dp_shard"], "dp")
         roles = resolve_roles(mesh, FSDP2Options(dp_shard_cp_mesh_name="dp").mesh_roles(), "fsdp2")
         assert roles.dims == {"dp_replicate": ("dp_replicate",), "dp_shard": ("dp_shard",)}
 

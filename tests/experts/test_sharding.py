@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
-from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
 import meshplan
+from meshplan.core.torch_private import compute_local_shape_and_global_offset as _compute_local_shape_and_global_offset
 from meshplan.experts.sharding import even_shard_dim
 from meshplan.introspection.experts import expert_parameter_names
 from tests.support import tiny_hf

@@ -28,6 +28,7 @@ from meshplan.core.errors import (
     UnsupportedConfigurationError,
 )
 from meshplan.core.roles import resolve_roles
+from meshplan.core.torch_private import flatten
 from meshplan.plugins.testing import RankError
 from meshplan.strategies.fsdp2 import FSDP2Options, require_shard_dim
 from tests.parity import ModelSpec, RunResult, assert_grad_parity, assert_parity, distributed, reference
@@ -232,7 +233,7 @@ def test_mesh_selection_by_name_with_fallbacks(fake_pg):
 def test_mesh_selection_skips_a_shard_dim_overlapping_the_replicate_dim(fake_pg):
     with fake_pg(8):
         mesh = init_device_mesh("cpu", (2, 4), mesh_dim_names=("dp_replicate", "dp_shard"))
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        flatten(mesh["dp_replicate", "dp_shard"], "dp")
         dp = resolve_roles(mesh, FSDP2Options(dp_shard_cp_mesh_name="dp").mesh_roles(), "fsdp2").data_parallel
         assert (dp.replicate_name, dp.shard_name, tuple(dp.mesh.shape)) == ("dp_replicate", "dp_shard", (2, 4))
 

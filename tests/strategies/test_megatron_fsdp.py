@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -31,6 +30,7 @@ from meshplan import (
     StrategyUnavailableError,
     UnsupportedConfigurationError,
 )
+from meshplan.core.torch_private import CheckpointWrapper
 from meshplan.strategies.megatron_fsdp import (
     TRANSLATIONS,
     MegatronFSDPOptions,
