@@ -134,13 +134,12 @@ class MeshRoles:
         if self.size("dp_replicate") == 1:
             return DataParallelMesh(shard, shard_name, shard.size())
         replicate_name = _flat_name(self.dims["dp_replicate"])
-        self._flat(self.dims["dp_replicate"])
         try:
             hybrid = concatenate([self._flat(self.dims["dp_replicate"]), shard])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise MeshError(
                 f"Cannot build the HSDP mesh ({replicate_name!r}, {shard_name!r}) from a mesh with dims "
-                f"{list(dim_names(self.mesh))}: {exc}. The replicate dim must come before the shard dim."
+                f"{list(dim_names(self.mesh))}: {exc}. The replicate and shard dims must not share ranks."
             ) from exc
         return DataParallelMesh(hybrid, shard_name, shard.size(), replicate_name, self.size("dp_replicate"))
 

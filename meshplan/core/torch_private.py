@@ -101,12 +101,16 @@ def concatenate(meshes: Sequence[DeviceMesh]) -> DeviceMesh:
 
 
 def flattened_dim(mesh: DeviceMesh, name: str) -> DeviceMesh | None:
-    """The flattened dim ``name`` created on ``mesh``'s root (by :func:`flatten` or the caller), else ``None``.
+    """The flattened dim ``name`` created on ``mesh`` (a root mesh, by :func:`flatten` or the caller), else
+    ``None`` (also for a sub-mesh: torch looks flattened dims up on the root only).
 
     torch deprecates slicing a flattened dim from the root (``mesh["dp_shard_cp"]``) and asks callers to keep the
     flattened mesh; the root records it, and this reads that record.
     """
-    flattened = getattr(resolve("root_mesh")(mesh), "_flatten_mapping", None)
+    root = resolve("root_mesh")(mesh)
+    if root is not mesh:
+        return None
+    flattened = getattr(root, "_flatten_mapping", None)
     if not isinstance(flattened, dict):
         raise TorchPrivateAPIError(f"torch {torch.__version__}'s DeviceMesh keeps no _flatten_mapping of its "
                                    "flattened dims.")

@@ -42,6 +42,7 @@ def test_flatten_unflatten_concatenate_and_the_flattened_dim_record(fake_pg):
         assert flat.mesh.tolist() == mesh["a", "b"].mesh.flatten().tolist() == [1, 3, 5, 7]
         assert tp.flattened_dim(mesh, "ab") is flat and submesh(mesh, "ab") is flat
         assert tp.flattened_dim(mesh, "zz") is None and submesh(mesh, "zz") is None
+        assert tp.flattened_dim(mesh["a", "b"], "ab") is None  # only the root records flattened dims
         split = tp.unflatten(flat, 0, (2, 2), ("x", "y"))
         assert (split.mesh_dim_names, tuple(split.shape)) == (("x", "y"), (2, 2))
         assert split.mesh.tolist() == mesh["a", "b"].mesh.tolist()
