@@ -13,6 +13,7 @@ import inspect
 import logging
 import socket
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,8 +81,10 @@ class Recorder:
             mesh = bound.arguments["device_mesh"]
             flattened = list(mesh._get_root_mesh()._flatten_mapping)
             # The real package's process-group index accepts the mesh arguments (it runs on CPU).
-            index = package.FSDPDistributedIndex(device_mesh=mesh, dp_shard_dim=bound.arguments["dp_shard_dim"],
-                                                 tp_dim=bound.arguments["tp_dim"])
+            with warnings.catch_warnings():  # Megatron-FSDP's API names a flattened dim of the root mesh and slices
+                warnings.filterwarnings("ignore", "Slicing a flattened dim from root mesh", UserWarning)  # it itself
+                index = package.FSDPDistributedIndex(device_mesh=mesh, dp_shard_dim=bound.arguments["dp_shard_dim"],
+                                                     tp_dim=bound.arguments["tp_dim"])
             self.calls.append(Call(
                 name, dict(bound.arguments),
                 tp_applied=any(isinstance(p, DTensor) for p in module.parameters()),
