@@ -34,8 +34,13 @@ PRIVATE_APIS: dict[str, str] = {
     "MeshLayout": "torch.distributed._mesh_layout:_MeshLayout",  # explain: every rank's process groups
     # placements and FSDP2 state (explain, checkpoints)
     "StridedShard": "torch.distributed.tensor.placement_types:_StridedShard",
-    "compute_local_shape_and_global_offset":  # tests: a rank's local shard of a DTensor
+    "compute_local_shape_and_global_offset":  # tests: the local shard of a DTensor at any mesh coordinate
         "torch.distributed.tensor._utils:_compute_local_shape_and_global_offset",
+    "local_shape_and_global_offset":  # checkpoints: this rank's local shard of a DTensor
+        "torch.distributed.tensor._utils:compute_local_shape_and_global_offset",
+    "LocalShardsWrapper": "torch.distributed.tensor._shards_wrapper:LocalShardsWrapper",  # DCP's multi-chunk tensor
+    "FSDPMeshInfo": "torch.distributed.fsdp._fully_shard._fsdp_common:FSDPMeshInfo",  # tests: shard_placement_fn
+    "ShardPlacementResult": "torch.distributed.fsdp._fully_shard._fsdp_common:ShardPlacementResult",
     "get_fsdp_state": "torch.distributed.fsdp:FSDPModule._get_fsdp_state",
     # data-parallel wrappers and activation checkpointing
     "replicate": "torch.distributed._composable.replicate:replicate",

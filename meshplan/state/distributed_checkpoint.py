@@ -145,8 +145,8 @@ def _chunk_view(tensor: DTensor, held: PackedLayout | None, stored: PackedLayout
     """``tensor`` (local tensor in the rank-major layout ``held``, or in model order) as a DTensor whose chunks
     are the runs of its local tensor that the checkpoint stores contiguously (in the rank-major layout ``stored``,
     or in model order), each at its offset there."""
-    from torch.distributed.tensor._shards_wrapper import LocalShardsWrapper  # DCP's multi-chunk local tensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from ..core.torch_private import LocalShardsWrapper  # DCP's multi-chunk local tensor
+    from ..core.torch_private import local_shape_and_global_offset as compute_local_shape_and_global_offset
 
     dim = (held or stored)[2]
     shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)

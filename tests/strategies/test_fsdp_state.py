@@ -6,9 +6,9 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, ShardPlacementResult
 from torch.distributed.tensor import Shard
 
+from meshplan.core.torch_private import FSDPMeshInfo, ShardPlacementResult
 from meshplan.dryrun.layout import fsdp_units, param_layouts
 from meshplan.state.fsdp_state import (
     mixed_precision_policy,
