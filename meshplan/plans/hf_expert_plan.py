@@ -2,7 +2,7 @@
 
 :func:`meshplan.plans.hf_translation.hf_plans`, the provider registered for ``PreTrainedModel``, returns
 ``{"tp": ..., "ep": ...}``, each computed only when its axis is used. The EP plan is merged like the TP plan
-(:func:`merged_hf_plan` with ``axis="ep"``) and translated:
+(:func:`~meshplan.plans.hf_translation.merged_hf_plan` with ``axis="ep"``) and translated:
 
 * ``ep_dispatch_experts`` on a module and ``grouped_gemm`` on its parameters become one :class:`ExpertParallel`
   (:func:`meshplan.experts.plan.fold_expert_parameters`);
@@ -24,18 +24,18 @@ from ..core.errors import PlanNotFoundError
 from ..core.log import get_logger, log_rank0
 from ..experts.plan import DISPATCH_EXPERTS, GROUPED_GEMM, fold_expert_parameters
 from ..tensor_parallel.matching import match_key, match_parameter_key
-from .hf_translation import merged_hf_plan
 
 logger = get_logger(__name__)
 
 
-def hf_ep_plan(model: nn.Module, declared: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The model's transformers EP plan, translated (see the module docstring); ``declared`` is its merged EP plan
-    when the caller has it already (:func:`merged_hf_plan` otherwise)."""
+def hf_ep_plan(model: nn.Module, declared: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's transformers EP plan, translated (see the module docstring); ``declared`` is the plan as
+    :func:`~meshplan.plans.hf_translation.merged_hf_plan` merged it (``axis="ep"``), which the provider has read
+    already to decide whether the model has one."""
     name = type(model).__qualname__
     kept: dict[str, Any] = {}
     skipped: dict[str, str] = {}
-    for key, style in (merged_hf_plan(model, "ep") if declared is None else declared).items():
+    for key, style in declared.items():
         if style == GROUPED_GEMM and match_parameter_key(model, key):
             kept[key] = style
         elif style == DISPATCH_EXPERTS and match_key(model, key):

@@ -81,6 +81,7 @@ from .hf_completion import (
     uncovered_lm_head,
     uncovered_mixers,
 )
+from .hf_expert_plan import hf_ep_plan
 from .hf_linear_attention import REPLICATED_OUTPUT, uncovered_projections
 
 if TYPE_CHECKING:
@@ -462,8 +463,6 @@ def hf_plans(model: nn.Module, sequence_parallel: bool = False, registry: Regist
     """The fallback provider: the translated TP plan (styles made through ``registry``) and, when the model
     declares one, its EP plan (:func:`meshplan.plans.hf_expert_plan.hf_ep_plan`), each built only when its axis
     is used."""
-    from .hf_expert_plan import hf_ep_plan
-
     plans: dict[str, Any] = {"tp": functools.partial(hf_tp_plan, model, sequence_parallel, registry=registry)}
     declared = merged_hf_plan(model, "ep")
     if declared:

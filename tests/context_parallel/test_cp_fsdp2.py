@@ -16,7 +16,7 @@ import pytest
 from torch.distributed.device_mesh import init_device_mesh
 
 import meshplan
-from meshplan.core.errors import MeshError, SequenceLengthError, UnsupportedAttentionError
+from meshplan.core.errors import SequenceLengthError, UnsupportedAttentionError, UnsupportedAxisError
 from meshplan.plugins.testing import RankError
 from tests.context_parallel.harness import GLOBAL_BATCH, cp_parallelize, reference_sgd
 from tests.parity import ModelSpec, assert_grad_parity, assert_parity
@@ -82,7 +82,8 @@ def test_cp_on_a_model_without_transformers_attention_names_it(fake_pg):
 def test_cp_with_a_strategy_without_cp_is_refused(fake_pg):
     with fake_pg(2):
         mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "cp"))
-        with pytest.raises(MeshError, match=r"dim 'cp' \(size 2\) has no role in strategy 'ddp'"):
+        with pytest.raises(UnsupportedAxisError, match=r"'ddp' does not support context parallelism \('cp'\), asked "
+                           r"for by mesh dim 'cp' of size 2: it supports \['tp'\]"):
             meshplan.parallelize(ModelSpec().build(), mesh, strategy="ddp")
 
 

@@ -203,7 +203,7 @@ def test_providers_and_the_hf_ep_plan_are_read_once_per_prepare(fake_pg, monkeyp
     """The Hugging Face provider gives OLMoE both plans: it is called once for TP and EP together, and transformers'
     EP plan is merged once (three times per prepare before the planning layer: by the provider for each axis, then
     for the EP plan itself)."""
-    from meshplan.plans import hf_expert_plan, hf_translation
+    from meshplan.plans import hf_translation
 
     calls = []
     merged = hf_translation.merged_hf_plan
@@ -213,7 +213,6 @@ def test_providers_and_the_hf_ep_plan_are_read_once_per_prepare(fake_pg, monkeyp
         return merged(model, axis)
 
     monkeypatch.setattr(hf_translation, "merged_hf_plan", counting)
-    monkeypatch.setattr(hf_expert_plan, "merged_hf_plan", counting)
     with fake_pg(4):
         with torch.device("meta"):
             model = tiny_hf("olmoe")

@@ -193,6 +193,22 @@ def test_defaults_without_optimizer_wrap_the_model_only(fake_pg, megatron):
     assert wrapped.replaced, "the distributed parameters must be exposed for a later fully_shard_optimizer"
 
 
+def test_the_call_is_built_once_by_validate_and_reaches_the_wrapping(fake_pg, megatron, monkeypatch):
+    """``validate`` maps the options onto the installed API once; ``parallelize`` receives that call (it was built
+    twice before the strategy contract handed validate's result on)."""
+    from meshplan.strategies import megatron_fsdp as strategy_module
+
+    _, recorder = megatron
+    built = []
+    real = strategy_module.build_call
+    monkeypatch.setattr(strategy_module, "build_call", lambda *args: built.append(real(*args)) or built[-1])
+    with fake_pg(2):
+        mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "tp"))
+        meshplan.parallelize(TinyStack(), mesh, strategy="megatron_fsdp", overlap_grad_reduce=False)
+    assert len(built) == 1
+    assert recorder.only.arguments["overlap_grad_reduce"] is False == built[0].kwargs["overlap_grad_reduce"]
+
+
 def test_unit_modules_default_to_the_block_class_and_accept_classes(fake_pg, megatron):
     _, recorder = megatron
     with fake_pg(2):
