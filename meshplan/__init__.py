@@ -53,6 +53,10 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     # context parallelism
     ".context_parallel.batch": ("shard_batch", "gather_sequence"),
     ".context_parallel.apply": ("apply_context_parallel",),
+    # the training loop
+    ".training.grad_norm": ("clip_grad_norm_", "grad_norm"),
+    ".training.loss": ("token_weighted_loss", "num_items_in_batch"),
+    ".training.compile": ("compile_blocks",),
     # planning at any scale
     ".dryrun": ("explain",),
     ".core.fake_pg": ("fake_process_group",),
@@ -125,6 +129,11 @@ if TYPE_CHECKING:  # generated from _EXPORTS (see above): the real types for typ
     from .tensor_parallel.custom_styles import PackedRowwiseParallel as PackedRowwiseParallel
     from .tensor_parallel.custom_styles import PrepareHiddenStates as PrepareHiddenStates
     from .tensor_parallel.custom_styles import ReplicatedWithGradAllReduce as ReplicatedWithGradAllReduce
+    from .training.compile import compile_blocks as compile_blocks
+    from .training.grad_norm import clip_grad_norm_ as clip_grad_norm_
+    from .training.grad_norm import grad_norm as grad_norm
+    from .training.loss import num_items_in_batch as num_items_in_batch
+    from .training.loss import token_weighted_loss as token_weighted_loss
     # --- generated: end ---
 
 

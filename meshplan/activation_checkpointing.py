@@ -111,10 +111,13 @@ class CheckpointingOptions(StrategyOptions):
         activation_checkpointing: ``False`` (default), ``True``/``"mlp"`` (each block's MLP), ``"full"``
             (whole blocks) or ``"selective"`` (every ``activation_checkpointing_every``-th block).
         activation_checkpointing_every: stride of ``"selective"`` checkpointing (default 2).
+        compile: ``torch.compile`` each block in place after checkpointing, before data-parallel wrapping
+            (regional compilation: :func:`meshplan.training.compile.compile_blocks`).
     """
 
     activation_checkpointing: bool | str = False
     activation_checkpointing_every: int = 2
+    compile: bool = False
 
     def check_checkpointing(self, blocks: Blocks) -> list[str]:
         """Validate the settings against the model's blocks (no side effects); the names to wrap."""

@@ -145,6 +145,12 @@ class CheckpointLayoutError(MeshplanError, ValueError):
     versions) that does not fit the model loading it."""
 
 
+# --- training loop ---------------------------------------------------------------------------------
+class NonFiniteGradNormError(MeshplanError, RuntimeError):
+    """The total gradient norm is ``nan`` or ``inf`` and clipping was asked to refuse it
+    (``error_if_nonfinite=True``); a ``RuntimeError`` like torch's."""
+
+
 #: Every error class above (what :mod:`meshplan.errors` and ``meshplan`` export).
 __all__ = sorted(name for name, value in globals().items()
                  if isinstance(value, type) and issubclass(value, MeshplanError))

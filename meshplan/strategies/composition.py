@@ -10,7 +10,7 @@
 4. expert parallel with ``plans.ep`` on the carved EP meshes (``roles.expert_meshes()``);
 5. activation checkpointing of the blocks (options from :class:`~meshplan.activation_checkpointing.
    CheckpointingOptions`);
-6. :meth:`~ComposedStrategy.compile_regions`: the regional-compile slot (a no-op for now);
+6. :meth:`~ComposedStrategy.compile_regions`: regional compilation of each block (``compile=True``);
 7. :meth:`~ComposedStrategy.wrap_data_parallel`: the strategy's own part (FSDP2, DDP, Megatron-FSDP, nothing).
 
 The model's blocks are found once, before the model-parallel steps (checkpointing may replace a block by its
@@ -93,8 +93,12 @@ class ComposedStrategy(Strategy):
 
     def compile_regions(self, model: nn.Module, roles: MeshRoles, options: StrategyOptions,
                         done: Composition) -> nn.Module:
-        """Regional-compile slot, after activation checkpointing and before data-parallel wrapping. A no-op for
-        now."""
+        """Regional-compile slot, after activation checkpointing and before data-parallel wrapping: with
+        ``compile=True`` each block is compiled in place (:func:`meshplan.training.compile.compile_blocks`)."""
+        if isinstance(options, CheckpointingOptions) and options.compile:
+            from ..training.compile import compile_blocks  # the training helpers load only when asked for
+
+            compile_blocks(model, done.blocks)
         return model
 
     @abstractmethod
