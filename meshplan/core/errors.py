@@ -154,3 +154,28 @@ class NonFiniteGradNormError(MeshplanError, RuntimeError):
 #: Every error class above (what :mod:`meshplan.errors` and ``meshplan`` export).
 __all__ = sorted(name for name, value in globals().items()
                  if isinstance(value, type) and issubclass(value, MeshplanError))
+
+
+# --- Hugging Face checkpoint folders --------------------------------------------------------------
+class CheckpointError(MeshplanError, ValueError):
+    """A Hugging Face checkpoint folder cannot be loaded into (or written from) the model; raised alike on every
+    rank before any rank has loaded a tensor (base of the errors below)."""
+
+
+class CheckpointKeyError(CheckpointError, KeyError):
+    """The folder lacks tensors the model needs, or holds tensors the model has no place for (strict loading)."""
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointShapeError(CheckpointError):
+    """A tensor of the folder (after the model type's conversions) has another shape than the model's parameter."""
+
+
+class CheckpointFileError(CheckpointError):
+    """The folder's files are missing, truncated or corrupt (an index naming a missing file, a bad header)."""
+
+
+class CheckpointArchitectureError(CheckpointError):
+    """The folder holds another architecture (``model_type``) than the model loading it."""
