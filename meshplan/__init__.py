@@ -41,6 +41,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".state.meta_init": ("materialize_meta_model", "initialize_sharded"),
     ".state.unshard": ("unshard_fsdp2_model",),
     ".state.packing": ("unpack_full_state_dict",),
+    ".state.hf_load": ("from_pretrained", "load_pretrained", "LoadReport"),
+    ".state.hf_save": ("save_pretrained",),
     ".state.distributed_checkpoint": (
         "gather_full_state_dict", "save_distributed_checkpoint", "load_distributed_checkpoint",
     ),
@@ -110,6 +112,10 @@ if TYPE_CHECKING:  # generated from _EXPORTS (see above): the real types for typ
     from .state.distributed_checkpoint import gather_full_state_dict as gather_full_state_dict
     from .state.distributed_checkpoint import load_distributed_checkpoint as load_distributed_checkpoint
     from .state.distributed_checkpoint import save_distributed_checkpoint as save_distributed_checkpoint
+    from .state.hf_load import LoadReport as LoadReport
+    from .state.hf_load import from_pretrained as from_pretrained
+    from .state.hf_load import load_pretrained as load_pretrained
+    from .state.hf_save import save_pretrained as save_pretrained
     from .state.meta_init import initialize_sharded as initialize_sharded
     from .state.meta_init import materialize_meta_model as materialize_meta_model
     from .state.packing import unpack_full_state_dict as unpack_full_state_dict

@@ -151,11 +151,6 @@ class NonFiniteGradNormError(MeshplanError, RuntimeError):
     (``error_if_nonfinite=True``); a ``RuntimeError`` like torch's."""
 
 
-#: Every error class above (what :mod:`meshplan.errors` and ``meshplan`` export).
-__all__ = sorted(name for name, value in globals().items()
-                 if isinstance(value, type) and issubclass(value, MeshplanError))
-
-
 # --- Hugging Face checkpoint folders --------------------------------------------------------------
 class CheckpointError(MeshplanError, ValueError):
     """A Hugging Face checkpoint folder cannot be loaded into (or written from) the model; raised alike on every
@@ -179,3 +174,8 @@ class CheckpointFileError(CheckpointError):
 
 class CheckpointArchitectureError(CheckpointError):
     """The folder holds another architecture (``model_type``) than the model loading it."""
+
+
+#: Every error class above (what :mod:`meshplan.errors` and ``meshplan`` export).
+__all__ = sorted(name for name, value in globals().items()
+                 if isinstance(value, type) and issubclass(value, MeshplanError))

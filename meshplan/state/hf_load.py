@@ -67,12 +67,12 @@ class LoadReport:
     seconds: float = 0.0
 
 
-def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{state-dict name without wrapper components: tensor}`` (tied tensors under each of their names)."""
     return {unwrapped_name(name): tensor for name, tensor in model.state_dict(keep_vars=True).items()}
 
 
-def _packed_layouts(model: nn.Module) -> dict[str, tuple[tuple[int, ...], int, int]]:
+def packed_layouts(model: nn.Module) -> dict[str, tuple[tuple[int, ...], int, int]]:
     from ..tensor_parallel.custom_styles import packed_parameters  # the rank-major layouts the TP styles record
 
     return {unwrapped_name(name): layout for name, layout in packed_parameters(model).items()}
@@ -118,7 +118,7 @@ def _plan(model: nn.Module, folder: Path, strict: bool) -> _Plan:
     """Reads headers only; raises a :class:`CheckpointError` for a folder that cannot be loaded."""
     _check_architecture(model, folder)
     catalog = read_catalog(folder)
-    tensors = _model_tensors(model)
+    tensors = model_tensors(model)
     groups, unexpected = plan_sources(model, catalog, set(tensors))
     produced = {name: node for group in groups for name, node in group.outputs.items()}
     unexpected += [name for name in produced if name not in tensors]
@@ -157,7 +157,7 @@ def _plan(model: nn.Module, folder: Path, strict: bool) -> _Plan:
     return _Plan(catalog, groups, targets, missing, unexpected)
 
 
-def _agree(error: CheckpointError | None) -> None:
+def raise_on_every_rank(error: CheckpointError | None) -> None:
     """Raise ``error`` on this rank, and a :class:`CheckpointError` on every other rank when any rank has one
     (one tiny collective when distributed), so that no rank starts loading alone."""
     if dist.is_available() and dist.is_initialized():
@@ -215,7 +215,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str], strict: bool
         plan = _plan(model, resolve_folder(path), strict)
     except CheckpointError as exc:
         error = exc
-    _agree(error)
+    raise_on_every_rank(error)
     if plan.missing or plan.unexpected:
         log_rank0(logger, logging.WARNING, "load_pretrained(strict=False): %d model tensor(s) not in the folder "
                   "(kept as they are) %s; %d folder tensor(s) not loaded %s", len(plan.missing), plan.missing[:5],
@@ -224,9 +224,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str], strict: bool
         model.to_empty(device=model_device(model))
         # buffers always; parameters only where the folder leaves some out (the rest is overwritten below)
         initialize_sharded(model, parameters=bool(plan.missing))
-    tensors = _model_tensors(model)  # after allocation: the materialized tensors
+    tensors = model_tensors(model)  # after allocation: the materialized tensors
     targets = {name: tensors[name] for name in plan.targets}
-    packed = _packed_layouts(model)
+    packed = packed_layouts(model)
     progress = _Progress(_owned_bytes(targets))
     reader = SliceReader(plan.catalog)
     copied = 0

@@ -1,0 +1,119 @@
+"""Rank-side checks for the Hugging Face checkpoint tests: folders written by transformers' own
+``save_pretrained`` loaded by meshplan under a mesh, against transformers' ``from_pretrained`` in one process.
+
+Only small results travel back to the test process: lists of differing names and worst relative errors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tests.plans.helpers import ARCHITECTURES, build
+
+#: name -> (architecture in tests.plans.helpers, config overrides)
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("llama", {}),
+    "llama_tied": ("llama", {"tie_word_embeddings": True}),
+    "llama_kv1": ("llama", {"num_key_value_heads": 1}),  # TP=2 replicates its one KV head
+    "qwen3": ("qwen3", {}),
+    "mixtral": ("mixtral", {}),
+    "qwen3_moe": ("qwen3_moe", {}),
+    "gpt_oss": ("gpt_oss", {}),
+    "deepseek_v3": ("deepseek_v3", {}),
+}
+GPT_OSS = ("gpt_oss", {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 8,
+                       "layer_types": ["sliding_attention", "full_attention"]})
+
+
+def build_model(name: str) -> torch.nn.Module:
+    """The tiny fp32 model ``name`` of :data:`MODELS` (random, perturbed weights)."""
+    architecture, overrides = MODELS[name]
+    if architecture == "gpt_oss" and architecture not in ARCHITECTURES:
+        ARCHITECTURES[architecture] = GPT_OSS
+    return build(architecture, **overrides)
+
+
+def write_folders(root: Path, names: list[str], max_shard_size: str = "60KB") -> dict[str, str]:
+    """transformers' ``save_pretrained`` of each model, in several files; ``{name: folder}``."""
+    folders = {}
+    for name in names:
+        folder = root / name
+        build_model(name).save_pretrained(folder, max_shard_size=max_shard_size)
+        folders[name] = str(folder)
+    return folders
+
+
+def _mesh(shape: dict[str, int]):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", tuple(shape.values()), mesh_dim_names=tuple(shape))
+
+
+def _logits(model: torch.nn.Module, mesh: Any, vocab_size: int) -> torch.Tensor:
+    from meshplan.context_parallel import gather_sequence, shard_batch
+
+    batch = torch.randint(0, vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
+    if "cp" in (mesh.mesh_dim_names or ()):
+        shard = shard_batch({"input_ids": batch}, mesh["cp"])
+        return gather_sequence(model(**shard).logits.detach(), mesh["cp"])
+    return model(input_ids=batch).logits.detach()
+
+
+def load_parity(folders: dict[str, str], shape: dict[str, int], options: dict[str, Any]) -> dict[str, Any]:
+    """Runs on every rank: each folder loaded by ``meshplan.from_pretrained`` on a mesh of ``shape`` (fp32)
+    against ``AutoModelForCausalLM.from_pretrained`` in one process: ``{name: (differing tensor names, logits
+    relative error)}`` or the error's message."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from transformers import AutoModelForCausalLM
+
+    import meshplan
+
+    results: dict[str, Any] = {}
+    for name, folder in folders.items():
+        try:
+            mesh = _mesh(shape)
+            model = meshplan.from_pretrained(folder, mesh, mp_policy=MixedPrecisionPolicy(), **options)
+            reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            loaded = meshplan.gather_full_state_dict(model, rank0_only=False)
+            expected = reference.state_dict()
+            differ = sorted(key for key in expected.keys() | loaded.keys()
+                            if key not in loaded or key not in expected or not torch.equal(loaded[key], expected[key]))
+            with torch.no_grad():
+                logits, reference_logits = (_logits(m, mesh, reference.config.vocab_size) for m in (model, reference))
+            error = float((logits - reference_logits).abs().max() / reference_logits.abs().max())
+            results[name] = (differ, error)
+        except Exception as exc:  # noqa: BLE001 - reported per model, so one failure does not hide the others
+            results[name] = f"{type(exc).__name__}: {exc}"
+    return results
+
+
+def round_trip(folder: str, out: str, shape: dict[str, int], options: dict[str, Any]) -> dict[str, Any]:
+    """Runs on every rank: from_pretrained -> 2 SGD steps -> meshplan.save_pretrained -> transformers'
+    from_pretrained of the written folder against gather_full_state_dict: differing names, and whether the
+    steps changed the weights."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from transformers import AutoModelForCausalLM
+
+    import meshplan
+
+    mesh = _mesh(shape)
+    model = meshplan.from_pretrained(folder, mesh, mp_policy=MixedPrecisionPolicy(), **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(2):
+        batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(step))
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    meshplan.save_pretrained(model, out, max_shard_size="60KB")
+    trained = meshplan.gather_full_state_dict(model, rank0_only=False)
+    dist.barrier()
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    original = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    return {"differ": sorted(k for k in saved.keys() | trained.keys()
+                             if k not in trained or k not in saved or not torch.equal(trained[k], saved[k])),
+            "changed": sum(not torch.equal(trained[k], original[k]) for k in original),
+            "files": sorted(p.name for p in Path(out).iterdir())}

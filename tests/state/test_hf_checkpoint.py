@@ -1,0 +1,53 @@
+"""meshplan.from_pretrained / load_pretrained / save_pretrained against transformers in one process, on 4 gloo
+ranks: folders written by transformers' own save_pretrained (hub format, several files) load bitwise under every
+layout, and what meshplan writes loads in transformers unchanged."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.state.hf_checks import MODELS, load_parity, round_trip, write_folders
+
+pytestmark = pytest.mark.distributed
+
+DENSE = ["llama", "llama_tied", "qwen3"]
+MOE = ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, str]:
+    return write_folders(tmp_path_factory.mktemp("hf"), list(MODELS))
+
+
+def _assert_parity(results: list[dict], names: list[str]) -> None:
+    for name in names:
+        outcome = results[0][name]
+        assert not isinstance(outcome, str), f"{name}: {outcome}"
+        differ, logits_error = outcome
+        assert differ == [], f"{name}: {differ}"
+        assert logits_error <= 1e-6, f"{name}: logits {logits_error:.2e}"
+    assert all(result == results[0] for result in results[1:])
+
+
+LAYOUTS = {
+    "fsdp": ({"dp_shard": 4}, {}, DENSE + MOE),
+    "hsdp": ({"dp_replicate": 2, "dp_shard": 2}, {}, DENSE + MOE),
+    "tp_sp": ({"dp_shard": 2, "tp": 2}, {"sequence_parallel": True}, DENSE + ["llama_kv1"] + MOE),
+    "ep": ({"dp_shard": 4}, {"ep_size": 2}, MOE),
+    "ep_tp": ({"dp_shard": 2, "tp": 2}, {"ep_size": 2}, MOE),
+    "cp": ({"dp_shard": 2, "cp": 2}, {}, DENSE + ["mixtral"]),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_loads_bitwise_like_transformers(ranks4, folders, layout):
+    shape, options, names = LAYOUTS[layout]
+    _assert_parity(ranks4.run(load_parity, {name: folders[name] for name in names}, shape, options), names)
+
+
+@pytest.mark.parametrize("name", ["llama_tied", "mixtral"])
+def test_round_trip_through_save_pretrained(ranks4, folders, tmp_path, name):
+    results = ranks4.run(round_trip, folders[name], str(tmp_path / "out"), {"dp_shard": 2, "tp": 2}, {})
+    assert results[0]["differ"] == [] and results[0]["changed"] > 0
+    assert "model.safetensors.index.json" in results[0]["files"] and "config.json" in results[0]["files"]
+    assert all(result == results[0] for result in results)
