@@ -52,11 +52,12 @@ def _mesh(shape: dict[str, int]):
     return init_device_mesh("cpu", tuple(shape.values()), mesh_dim_names=tuple(shape))
 
 
-def _logits(model: torch.nn.Module, mesh: Any, vocab_size: int) -> torch.Tensor:
+def _logits(model: torch.nn.Module, mesh: Any | None, vocab_size: int) -> torch.Tensor:
+    """Logits of one fixed batch; with a ``cp`` dim in ``mesh`` the batch is split over it and gathered back."""
     from meshplan.context_parallel import gather_sequence, shard_batch
 
     batch = torch.randint(0, vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
-    if "cp" in (mesh.mesh_dim_names or ()):
+    if mesh is not None and "cp" in (mesh.mesh_dim_names or ()):
         shard = shard_batch({"input_ids": batch}, mesh["cp"])
         return gather_sequence(model(**shard).logits.detach(), mesh["cp"])
     return model(input_ids=batch).logits.detach()
@@ -82,7 +83,8 @@ def load_parity(folders: dict[str, str], shape: dict[str, int], options: dict[st
             differ = sorted(key for key in expected.keys() | loaded.keys()
                             if key not in loaded or key not in expected or not torch.equal(loaded[key], expected[key]))
             with torch.no_grad():
-                logits, reference_logits = (_logits(m, mesh, reference.config.vocab_size) for m in (model, reference))
+                logits = _logits(model, mesh, reference.config.vocab_size)
+                reference_logits = _logits(reference, None, reference.config.vocab_size)
             error = float((logits - reference_logits).abs().max() / reference_logits.abs().max())
             results[name] = (differ, error)
         except Exception as exc:  # noqa: BLE001 - reported per model, so one failure does not hide the others
