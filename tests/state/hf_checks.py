@@ -76,7 +76,8 @@ def load_parity(folders: dict[str, str], shape: dict[str, int], options: dict[st
     for name, folder in folders.items():
         try:
             mesh = _mesh(shape)
-            model = meshplan.from_pretrained(folder, mesh, mp_policy=MixedPrecisionPolicy(), **options)
+            fp32 = {"mp_policy": MixedPrecisionPolicy()} if options.get("strategy", "fsdp2") == "fsdp2" else {}
+            model = meshplan.from_pretrained(folder, mesh, **fp32, **options)
             reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
             loaded = meshplan.gather_full_state_dict(model, rank0_only=False)
             expected = reference.state_dict()

@@ -36,6 +36,8 @@ LAYOUTS = {
     "ep": ({"dp_shard": 4}, {"ep_size": 2}, MOE),
     "ep_tp": ({"dp_shard": 2, "tp": 2}, {"ep_size": 2}, MOE),
     "cp": ({"dp_shard": 2, "cp": 2}, {}, DENSE + ["mixtral"]),
+    "ddp": ({"dp": 4}, {"strategy": "ddp"}, ["llama_tied", "mixtral"]),
+    "ddp_tp": ({"dp": 2, "tp": 2}, {"strategy": "ddp"}, ["llama_tied", "mixtral"]),
 }
 
 
@@ -51,3 +53,31 @@ def test_round_trip_through_save_pretrained(ranks4, folders, tmp_path, name):
     assert results[0]["differ"] == [] and results[0]["changed"] > 0
     assert "model.safetensors.index.json" in results[0]["files"] and "config.json" in results[0]["files"]
     assert all(result == results[0] for result in results)
+
+
+def _megatron_logits_error(folder: str) -> float:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoModelForCausalLM
+
+    import meshplan
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29561", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cuda", (1, 1), mesh_dim_names=("dp", "tp"))
+        model = meshplan.from_pretrained(folder, mesh, strategy="megatron_fsdp", dtype=torch.float32)
+        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).cuda()
+        batch = torch.randint(0, 256, (2, 16), device="cuda")
+        with torch.no_grad():
+            logits, expected = model(input_ids=batch).logits, reference(input_ids=batch).logits
+        return float((logits - expected).abs().max() / expected.abs().max())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="Megatron-FSDP needs a CUDA device")
+def test_megatron_fsdp_loads_like_transformers_on_one_gpu(folders):
+    pytest.importorskip("megatron_fsdp")
+    assert _megatron_logits_error(folders["llama"]) <= 1e-5
