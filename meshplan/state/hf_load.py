@@ -261,6 +261,13 @@ def _dtype(config: Any, dtype: torch.dtype | str) -> torch.dtype:
     return stored if isinstance(stored, torch.dtype) else torch.float32
 
 
+def _moves_whole_model(strategy: str, mesh: Any, options: dict[str, Any]) -> bool:
+    """Whether the strategy moves the model with ``Module.to`` (plain DDP: no TP dim), which meta tensors refuse."""
+    names = mesh.mesh_dim_names or ()
+    tp_name = options.get("tp_mesh_name", "tp")
+    return strategy == "ddp" and (tp_name not in names or mesh[tp_name].size() == 1)
+
+
 def from_pretrained(path: str | os.PathLike[str], mesh: Any, strategy: str = "fsdp2", *,
                     dtype: torch.dtype | str = "auto", strict: bool = True, **options: Any) -> nn.Module:
     """A causal LM built from the folder's config on the meta device, parallelized on ``mesh`` with ``strategy``
@@ -272,10 +279,17 @@ def from_pretrained(path: str | os.PathLike[str], mesh: Any, strategy: str = "fs
 
     from ..api import parallelize
 
+    from ..api import get_strategy
+
     folder = resolve_folder(path)
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=_dtype(config, dtype))
+    if _moves_whole_model(get_strategy(strategy).name, mesh, options):
+        from .meta_init import initialize_sharded
+
+        model.to_empty(device=mesh.device_type)  # every rank holds the whole model under plain DDP anyway
+        initialize_sharded(model, parameters=False)
     model = parallelize(model, mesh, strategy=strategy, **options)
     load_pretrained(model, folder, strict=strict)
     return model
