@@ -289,6 +289,7 @@ def from_pretrained(path: str | os.PathLike[str], mesh: Any, strategy: str = "fs
         from .meta_init import initialize_sharded
 
         model.to_empty(device=mesh.device_type)  # every rank holds the whole model under plain DDP anyway
+        model.tie_weights()  # to_empty gives each name of a tied parameter its own tensor
         initialize_sharded(model, parameters=False)
     model = parallelize(model, mesh, strategy=strategy, **options)
     load_pretrained(model, folder, strict=strict)
