@@ -277,9 +277,7 @@ def from_pretrained(path: str | os.PathLike[str], mesh: Any, strategy: str = "fs
     ``"auto"`` for the config's. Collective: call it on every rank."""
     from transformers import AutoConfig, AutoModelForCausalLM  # imported on use: keeps `import meshplan` light
 
-    from ..api import parallelize
-
-    from ..api import get_strategy
+    from ..api import get_strategy, parallelize
 
     folder = resolve_folder(path)
     config = AutoConfig.from_pretrained(folder)
