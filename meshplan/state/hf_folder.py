@@ -116,7 +116,7 @@ def _torch_dtype(name: str, file: Path, key: str) -> torch.dtype:
 class SliceReader:
     """Reads index ranges of stored tensors, keeping files open until ``budget`` bytes were read through them."""
 
-    def __init__(self, catalog: dict[str, StoredTensor], budget: int = 256 << 20) -> None:
+    def __init__(self, catalog: dict[str, StoredTensor], budget: int = 64 << 20) -> None:
         self.catalog = catalog
         self.budget = budget
         self.bytes_read = 0
