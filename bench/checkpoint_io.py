@@ -11,8 +11,8 @@ by transformers' ``save_pretrained`` in files of at most 300 MB. Then, each in f
 * **save, gather to rank 0** (the former README path): ``gather_full_state_dict`` then ``save_pretrained`` on rank 0;
 * **save, one process**: transformers' ``save_pretrained``.
 
-Memory is each rank's peak resident set size (``ru_maxrss``) minus its RSS just before the step, next to 1.5x the
-bytes of its own shards (the goal for meshplan's load). The ranks run with glibc's ``MALLOC_MMAP_THRESHOLD_=65536``
+Memory is each rank's peak resident set size during the step (``VmHWM``, reset before it) minus its RSS just
+before, next to 1.5x the bytes of its own shards (the goal for meshplan's load). The ranks run with glibc's ``MALLOC_MMAP_THRESHOLD_=65536``
 so that RSS follows live tensors (as ``bench/long_context.py``). Time is wall time of the step on the slowest rank.
 
     .venv/bin/python bench/checkpoint_io.py [--folder /tmp/meshplan-bench-llama] [--layers 9]
@@ -40,8 +40,17 @@ def _rss_mb() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def _reset_peak_rss() -> None:
+    """Start a new peak: Linux resets the process's VmHWM when 5 is written to clear_refs (ru_maxrss cannot be
+    reset, and a spawned rank's ru_maxrss starts at its parent's)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024  # kilobytes
 
 
 def write_folder(folder: Path, layers: int) -> int:
@@ -66,6 +75,7 @@ def _timed(fn) -> tuple[float, float]:
     import torch.distributed as dist
 
     dist.barrier()
+    _reset_peak_rss()
     before, start = _rss_mb(), time.perf_counter()
     fn()
     dist.barrier()
