@@ -13,7 +13,8 @@ by transformers' ``save_pretrained`` in files of at most 300 MB. Then, each in f
 
 Memory is each rank's peak resident set size during the step (``VmHWM``, reset before it) minus its RSS just
 before, next to 1.5x the bytes of its own shards (the goal for meshplan's load). The ranks run with glibc's
-``MALLOC_MMAP_THRESHOLD_=65536`` so that RSS follows live tensors (as ``bench/long_context.py``). Time is wall time of the step on the slowest rank.
+``MALLOC_MMAP_THRESHOLD_=65536`` so that RSS follows live tensors (as ``bench/long_context.py``). Time is wall time
+of the step on the slowest rank.
 
     .venv/bin/python bench/checkpoint_io.py [--folder /tmp/meshplan-bench-llama] [--layers 9]
 """
