@@ -72,8 +72,14 @@ def _own_bytes(model: torch.nn.Module) -> int:
 
 
 def _timed(fn) -> tuple[float, float]:
-    """(seconds on the slowest rank, peak RSS minus RSS before, MB) of ``fn()``, between barriers."""
+    """(seconds on the slowest rank, peak RSS minus RSS before, MB) of ``fn()``, between barriers; the modules the
+    steps use are imported first, so that their code is not counted as the step's memory."""
+    import safetensors.torch  # noqa: F401
     import torch.distributed as dist
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import meshplan.state.hf_load  # noqa: F401
+    import meshplan.state.hf_save  # noqa: F401
 
     dist.barrier()
     _reset_peak_rss()
