@@ -73,7 +73,7 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def packed_layouts(model: nn.Module) -> dict[str, tuple[tuple[int, ...], int, int]]:
-    from ..tensor_parallel.custom_styles import packed_parameters  # the rank-major layouts the TP styles record
+    from .packing import packed_parameters  # the rank-major layouts the TP styles record
 
     return {unwrapped_name(name): layout for name, layout in packed_parameters(model).items()}
 

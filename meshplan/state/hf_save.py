@@ -31,6 +31,7 @@ from ..core.log import is_rank_zero
 from .hf_conversion import save_groups, to_hub_format
 from .hf_folder import INDEX_FILE
 from .hf_load import model_tensors, packed_layouts, raise_on_every_rank
+from .packing import unpack_rank_major
 
 FILE_PATTERN = "model{suffix}.safetensors"
 
@@ -50,8 +51,6 @@ def _full(tensor: torch.Tensor, packed: tuple[tuple[int, ...], int, int] | None)
     """The whole tensor in the model's order, on the CPU (collective for a DTensor: all ranks of its mesh)."""
     full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
     if packed is not None:
-        from ..tensor_parallel.custom_styles import unpack_rank_major  # the packing the TP styles apply
-
         full = unpack_rank_major(full, *packed)
     return full.cpu()
 

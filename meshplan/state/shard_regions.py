@@ -17,6 +17,8 @@ import torch
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from .packing import contiguous_runs, model_positions
+
 #: (global start, global stop, local start) along one dim
 Run = tuple[int, int, int]
 
@@ -42,25 +44,13 @@ def owned_indices(tensor: torch.Tensor, packed: tuple[Sequence[int], int, int] |
                 indices[placement.dim] = chunks[coordinate[mesh_dim]] if coordinate[mesh_dim] < len(chunks) \
                     else indices[placement.dim][:0]
     if packed is not None:
-        from ..tensor_parallel.custom_styles import pack_rank_major  # the packing the TP styles apply
-
-        sizes, world, dim = packed
-        order = pack_rank_major(torch.arange(tensor.shape[dim]), sizes, world, 0)
-        indices[dim] = order[indices[dim]]
+        indices[packed[2]] = model_positions(packed, indices[packed[2]])
     return indices
 
 
 def runs(indices: torch.Tensor) -> list[Run]:
     """Contiguous ascending runs of ``indices``: ``[(global start, global stop, local start), ...]``."""
-    values = indices.tolist()
-    found: list[Run] = []
-    for local, value in enumerate(values):
-        if found and found[-1][1] == value:
-            start, _, local_start = found[-1]
-            found[-1] = (start, value + 1, local_start)
-        else:
-            found.append((value, value + 1, local))
-    return found
+    return [(position, position + length, index) for index, position, length in contiguous_runs(indices)]
 
 
 def blocks(indices: Sequence[torch.Tensor]) -> Iterator[tuple[list[tuple[int, int]], tuple[slice, ...]]]:
