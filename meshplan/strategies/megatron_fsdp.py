@@ -172,6 +172,7 @@ MESHPLAN_OPTIONS: dict[str, str] = {
     "strict": "meshplan: TP plan key matching",
     "activation_checkpointing": "meshplan: activation_checkpointing before wrapping",
     "activation_checkpointing_every": "meshplan: activation_checkpointing before wrapping",
+    "compile": "meshplan: regional compilation of each block before wrapping",
 }
 
 #: Keywords the strategy always passes; an installed version lacking one of them is unsupported.
