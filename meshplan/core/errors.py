@@ -176,6 +176,25 @@ class CheckpointArchitectureError(CheckpointError):
     """The folder holds another architecture (``model_type``) than the model loading it."""
 
 
+# --- pipeline parallelism --------------------------------------------------------------------------
+class PipelineError(MeshplanError, ValueError):
+    """Pipeline parallelism cannot run with these inputs (base of the errors below)."""
+
+
+class PipelineSplitError(PipelineError):
+    """The model cannot be split into the requested stages: no split is known for it (no ``base_model_pp_plan``,
+    no ``pp`` plan provider), ``pp_split`` is out of range or unsorted, there are more stages than blocks, or tied
+    parameters would land on different stages."""
+
+
+class PipelineScheduleError(PipelineError):
+    """The pipeline schedule is unknown or cannot use these microbatches / stages per rank."""
+
+
+class MicrobatchError(PipelineError):
+    """A batch does not split into the pipeline's microbatches."""
+
+
 #: Every error class above (what :mod:`meshplan.errors` and ``meshplan`` export).
 __all__ = sorted(name for name, value in globals().items()
                  if isinstance(value, type) and issubclass(value, MeshplanError))

@@ -67,6 +67,10 @@ def gather_full_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[st
     other ranks get ``{}`` (what ``save_pretrained`` on rank 0 needs). ``False``: every rank gets every
     tensor on the model's device.
     """
+    if hasattr(model, "stage_modules"):  # a PipelineModel: its stages, gathered over the pipeline ranks
+        from ..pipeline.state import gather_pipeline_state_dict
+
+        return gather_pipeline_state_dict(model, rank0_only)
     options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
     full = get_model_state_dict(model, options=options)
     return unpack_full_state_dict(model, full, strict=bool(full))

@@ -1,0 +1,135 @@
+"""Build a stage: the model with only the blocks (and the first/last-stage modules) one pipeline stage runs.
+
+A stage module is the model itself, pruned, so its parameter names are the original ones (``model.layers.5.…``
+stays ``model.layers.5.…``): the block container keeps its blocks under their original indices
+(:class:`KeptBlocks`), first-stage modules (embeddings) on later stages and last-stage modules (final norm,
+head) on earlier stages become ``nn.Identity``. Every stage then runs through the normal parallelization order
+(TP, CP, EP, activation checkpointing, FSDP) like a whole model.
+
+How a stage runs: a Hugging Face causal LM runs its own forward (so rotary embeddings, masks, position ids
+and sliding windows are computed on every stage as in the whole model) taking ``input_ids`` on the first stage
+and ``inputs_embeds`` (the previous stage's hidden states) on the others; non-last stages return the base
+model's hidden states, the last stage the logits. Any other module runs its own forward with the activation as
+its first argument (its skipped embedding is an identity).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .split import PipelineLayout
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """Which stage a module is: ``index`` of ``num_stages``, the blocks it holds (indices into the layout)."""
+
+    index: int
+    num_stages: int
+    blocks: range
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+
+STAGE_ATTRIBUTE = "_meshplan_stage"
+
+
+def stage_info(module: nn.Module) -> StageInfo | None:
+    """The :class:`StageInfo` of a stage module built here, else ``None``."""
+    return getattr(module, STAGE_ATTRIBUTE, None)
+
+
+class KeptBlocks(nn.ModuleList):
+    """The blocks a stage keeps, registered under their original indices so parameter names do not change.
+    Integer indexing and slicing are positional (``layers[0]`` is the stage's first block)."""
+
+    def __init__(self, named: Sequence[tuple[str, nn.Module]] = ()) -> None:
+        super().__init__()
+        for name, block in named:
+            self.add_module(name, block)
+
+    def __getitem__(self, index: int | slice) -> Any:
+        items = list(self._modules.items())
+        if isinstance(index, slice):
+            return KeptBlocks(items[index])
+        return items[index][1]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._modules.values())
+
+
+def _kept_container(container: nn.Module, names: Sequence[str]) -> nn.Module:
+    named = [(n, container.get_submodule(n)) for n in names]
+    if isinstance(container, nn.Sequential):
+        kept = nn.Sequential()
+        for name, block in named:
+            kept.add_module(name, block)
+        return kept
+    return KeptBlocks(named)
+
+
+def _replace(model: nn.Module, fqn: str, module: nn.Module) -> nn.Module:
+    parent_name, _, name = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = parent._modules[name]
+    parent._modules[name] = module
+    return old
+
+
+def is_hf_causal_lm(model: nn.Module) -> bool:
+    """A transformers ``PreTrainedModel`` (its stages run its own forward with ``inputs_embeds``)."""
+    return any(cls.__name__ == "PreTrainedModel" for cls in type(model).__mro__) and hasattr(model, "base_model")
+
+
+class HuggingFaceStageForward:
+    """Forward of a Hugging Face stage (mixed into the model's class): first stage from ``input_ids``, later ones
+    from the hidden states; the last returns logits, the others the base model's hidden states. The KV cache is
+    off."""
+
+    def forward(self, activation: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        info: StageInfo = getattr(self, STAGE_ATTRIBUTE)
+        feed = {"input_ids" if info.is_first else "inputs_embeds": activation}
+        inputs = dict(feed, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
+        if info.is_last:
+            return super().forward(**inputs).logits  # type: ignore[misc]
+        return self.base_model(**inputs).last_hidden_state  # type: ignore[attr-defined]
+
+
+@functools.cache
+def _stage_class(cls: type) -> type:
+    return type(f"PipelineStage{cls.__name__}", (HuggingFaceStageForward, cls), {"__module__": cls.__module__})
+
+
+def build_stage(model: nn.Module, layout: PipelineLayout, info: StageInfo, in_place: bool) -> nn.Module:
+    """The module of stage ``info``: ``model`` pruned in place, or a copy of the parts the stage keeps (the rest is
+    never copied). A Hugging Face model's class gets :class:`HuggingFaceStageForward` mixed in."""
+    container = model.get_submodule(layout.blocks)
+    kept = _kept_container(container, [layout.block_names[i] for i in info.blocks])
+    dropped = [*(layout.first if not info.is_first else ()), *(layout.last if not info.is_last else ())]
+    originals = {fqn: _replace(model, fqn, nn.Identity()) for fqn in dropped}
+    originals[layout.blocks] = _replace(model, layout.blocks, kept) if layout.blocks else container
+    try:
+        stage = model if in_place else copy.deepcopy(model)
+    finally:
+        if not in_place:
+            for fqn, module in originals.items():
+                if fqn:
+                    _replace(model, fqn, module)
+    object.__setattr__(stage, STAGE_ATTRIBUTE, info)
+    if is_hf_causal_lm(stage):
+        stage.__class__ = _stage_class(type(stage))
+    return stage
