@@ -128,15 +128,33 @@ def build_pipeline(model: nn.Module, plan: PipelinePlan, pp_mesh: DeviceMesh, op
     return pipe
 
 
-def stage_tp_plan(stage: nn.Module, styles: Mapping[str, Any]) -> dict[str, Any]:
-    """The TP plan entries that match something a stage holds (not the identities that replace the embeddings on
-    later stages or the head on earlier ones), with fresh style objects."""
-    from ..tensor_parallel.matching import match_key
+def stage_tp_plan(stage: nn.Module, styles: Mapping[str, Any], layout: PipelineLayout,
+                  sequence_parallel: bool) -> dict[str, Any]:
+    """The TP plan of one stage, with fresh style objects: the entries that match something the stage holds (not
+    the identities standing in for the embeddings on later stages or the head on earlier ones); entries for the
+    first block (``layers.0``, where sequence parallel shards the residual stream) moved to the stage's first
+    block; under sequence parallel, the last block of a non-last stage gathers the sequence again, so stages
+    exchange ordinary full tensors."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleOutput
 
+    from ..tensor_parallel.custom_styles import ChainedStyles
+    from ..tensor_parallel.matching import match_key
+    from .stages import stage_info
+
+    info = stage_info(stage)
+    zero, first = layout.block_fqn(0), layout.block_fqn(info.blocks.start)
     kept = {}
     for key, style in styles.items():
+        if key == zero or key.startswith(zero + "."):
+            key = first + key[len(zero):]
         if any(not isinstance(stage.get_submodule(fqn), nn.Identity) for fqn in match_key(stage, key)):
             kept[key] = copy.deepcopy(style)
+    if sequence_parallel and not info.is_last:
+        last = layout.block_fqn(info.blocks.stop - 1)
+        gather = PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate(),
+                                     use_local_output=True)
+        kept[last] = ChainedStyles(kept[last], gather) if last in kept else gather
     return kept
 
 
@@ -172,10 +190,10 @@ def parallelize_pipeline(model: nn.Module, mesh: DeviceMesh, strategy: Any = "fs
     plan = plan_pipeline(model, pp, pp_options, api.get_registry())
     rest_mesh = mesh[rest_names]
     prepared = api.prepare(model, rest_mesh, strategy, tp_plan, ep_plan, **rest)
-    styles = prepared.plan.styles if prepared.plan is not None else None
+    tp = prepared.plan
 
     def parallelize_stage(stage: nn.Module) -> nn.Module:
-        stage_plan = None if styles is None else stage_tp_plan(stage, styles)
+        stage_plan = None if tp is None else stage_tp_plan(stage, tp.styles, plan.layout, tp.sequence_parallel)
         return api.prepare(stage, rest_mesh, prepared.strategy, stage_plan, ep_plan, **rest).apply()
 
     return build_pipeline(model, plan, mesh[pp_options.pp_mesh_name], pp_options, parallelize_stage)
