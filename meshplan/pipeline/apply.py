@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from ..core.dispatch import REPORT_ATTRIBUTE
 from ..core.errors import PipelineError, PipelineScheduleError
 from ..core.registry import Registry
 from .model import PipelineLoss, PipelineModel, causal_lm_loss, mean_loss
@@ -196,7 +197,9 @@ def parallelize_pipeline(model: nn.Module, mesh: DeviceMesh, strategy: Any = "fs
         stage_plan = None if tp is None else stage_tp_plan(stage, tp.styles, plan.layout, tp.sequence_parallel)
         return api.prepare(stage, rest_mesh, prepared.strategy, stage_plan, ep_plan, **rest).apply()
 
-    return build_pipeline(model, plan, mesh[pp_options.pp_mesh_name], pp_options, parallelize_stage)
+    pipe = build_pipeline(model, plan, mesh[pp_options.pp_mesh_name], pp_options, parallelize_stage)
+    object.__setattr__(pipe, REPORT_ATTRIBUTE, prepared.report() | {"pipeline": plan.report()})
+    return pipe
 
 
 __all__: Sequence[str] = ("PipelinePlan", "build_pipeline", "parallelize_pipeline", "plan_pipeline",

@@ -26,3 +26,24 @@ def gather_pipeline_state_dict(pipe: PipelineModel, rank0_only: bool = True) -> 
     for part in parts:
         merged.update(part or {})
     return merged
+
+
+def pipeline_model_state(pipe: PipelineModel) -> dict[str, torch.Tensor]:
+    """This rank's sharded model state for DCP: every stage's state dict under the original names (unique over the
+    pipeline ranks, so a checkpoint does not depend on the pipeline layout)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state: dict[str, torch.Tensor] = {}
+    for stage in pipe.stage_modules:
+        state.update(get_model_state_dict(stage))
+    return state
+
+
+def set_pipeline_model_state(pipe: PipelineModel, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` (from :func:`pipeline_model_state`, filled by DCP) into every stage."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    for stage in pipe.stage_modules:
+        names = set(stage.state_dict())
+        set_model_state_dict(stage, {k: v for k, v in state.items() if k in names})
+

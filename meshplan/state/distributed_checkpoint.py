@@ -77,6 +77,14 @@ def gather_full_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[st
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    if hasattr(model, "stage_modules"):  # a PipelineModel: its stages' states under the original names
+        from ..core.errors import PipelineError
+        from ..pipeline.state import pipeline_model_state
+
+        if optimizer is not None:
+            raise PipelineError("The distributed checkpoint of a PipelineModel holds the model only for now: save "
+                                "the optimizer's state separately (optimizer.state_dict() per rank).")
+        return {MODEL_KEY: pipeline_model_state(model)}
     if optimizer is None:
         return {MODEL_KEY: get_model_state_dict(model)}
     model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -111,7 +119,11 @@ def load_distributed_checkpoint(
     stored = _stored_layout(checkpoint_id, state[MODEL_KEY], now)
     dcp.load(_checkpoint_views(state, now, stored), checkpoint_id=checkpoint_id)
     _unpack_plain_tensors(state, now, stored)
-    if optimizer is None:
+    if hasattr(model, "stage_modules"):
+        from ..pipeline.state import set_pipeline_model_state
+
+        set_pipeline_model_state(model, state[MODEL_KEY])
+    elif optimizer is None:
         set_model_state_dict(model, state[MODEL_KEY])
     else:
         set_state_dict(model, optimizer, model_state_dict=state[MODEL_KEY],

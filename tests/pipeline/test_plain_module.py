@@ -35,7 +35,7 @@ def _reference() -> RunResult:
     return RunResult(losses, full_params(model))
 
 
-def _pipelined(schedule: str) -> RunResult:
+def _pipelined(schedule: str, checkpoint_dir: str) -> RunResult:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -54,10 +54,22 @@ def _pipelined(schedule: str) -> RunResult:
         losses.append(float(pipe.step(x, labels=y)))
         optimizer.step()
         optimizer.zero_grad()
-    return RunResult(losses, gathered_params(pipe))
+    trained = gathered_params(pipe)
+    meshplan.save_distributed_checkpoint(pipe, checkpoint_dir)  # original names, one entry per stage's tensors
+    with torch.no_grad():
+        for param in pipe.parameters():
+            param.zero_()
+    meshplan.load_distributed_checkpoint(pipe, checkpoint_dir)
+    reloaded = gathered_params(pipe)
+    assert all(torch.equal(reloaded[name], trained[name]) for name in trained), "DCP round trip changed parameters"
+    report = meshplan.get_report(pipe)
+    assert report["pipeline"]["stages"] == [{"stage": 0, "rank": 0, "blocks": [0, 2]},
+                                            {"stage": 1, "rank": 1, "blocks": [2, 4]}], report["pipeline"]
+    return RunResult(losses, trained)
 
 
-def test_plain_module_with_a_pp_plan_provider_matches_one_process(ranks2) -> None:
+def test_plain_module_with_a_pp_plan_provider_matches_one_process(ranks2, tmp_path) -> None:
+    """Also: the distributed checkpoint round trip and the report of a PipelineModel."""
     expected = _reference()
-    for result in ranks2.run(_pipelined, "1F1B"):
+    for result in ranks2.run(_pipelined, "1F1B", str(tmp_path / "checkpoint")):
         assert_parity(result, expected)
