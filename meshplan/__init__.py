@@ -52,6 +52,9 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "PrepareHiddenStates", "ChainedStyles",
     ),
     ".experts.tp_styles": ("ExpertsTensorParallel", "ExpertParamLayout", "IdentityExpertParallel"),
+    # pipeline parallelism
+    ".pipeline.model": ("PipelineModel",),
+    ".pipeline.options": ("PipelineParallelOptions",),
     # context parallelism
     ".context_parallel.batch": ("shard_batch", "gather_sequence"),
     ".context_parallel.apply": ("apply_context_parallel",),

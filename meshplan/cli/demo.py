@@ -3,8 +3,9 @@
 Started by hand it launches ``--nproc`` local ranks itself (see :mod:`meshplan.cli.launch`); under
 ``torchrun`` (one node or many) every process is a rank already. Each rank builds the same model
 from a config (fixed seed, random weights), ``meshplan.parallelize``s it on a
-``dp_replicate x dp_shard x cp x tp`` mesh (``cp`` only with ``--cp`` > 1: every sequence is then split
-over the CP ranks with :func:`meshplan.context_parallel.shard_batch`), and trains on synthetic token
+``[pp x] dp_replicate x dp_shard x cp x tp`` mesh (``cp`` only with ``--cp`` > 1: every sequence is then split
+over the CP ranks with :func:`meshplan.context_parallel.shard_batch`; ``pp`` only with ``--pp`` > 1: the model is
+split into stages that ``--pp-schedule`` runs, and each step is ``PipelineModel.step``), and trains on synthetic token
 sequences that can be learned (each sequence counts upwards from a random token). Rank 0 prints one
 line per step and a summary; every rank prints its final line. The run fails (non-zero exit) when the
 loss did not decrease or the ranks do not hold the same model.
@@ -29,6 +30,7 @@ from torch.distributed.tensor import DTensor
 from ..context_parallel.batch import shard_batch
 from ..core.errors import MeshError, MeshplanError, OptionsError, UnsupportedConfigurationError
 from ..introspection.config import text_config
+from ..pipeline.model import PipelineModel
 from .launch import in_launched_job, launch_local
 
 #: Relative tolerance for "the ranks hold the same model" (checksums of gathered parameters).
@@ -48,6 +50,8 @@ class DemoConfig:
     tp: int = 1
     dp_replicate: int = 1
     cp: int = 1
+    pp: int = 1
+    pp_schedule: str = "1F1B"
     sequence_parallel: bool = False
     activation_checkpointing: bool | str = False
     steps: int = 20
@@ -67,7 +71,7 @@ class DemoConfig:
     def to_argv(self) -> list[str]:
         """Command-line arguments of ``meshplan demo`` that reproduce this config (for launched ranks)."""
         argv = ["--strategy", self.strategy, "--tp", str(self.tp), "--dp-replicate", str(self.dp_replicate),
-                "--cp", str(self.cp),
+                "--cp", str(self.cp), "--pp", str(self.pp), "--pp-schedule", self.pp_schedule,
                 "--steps", str(self.steps), "--model", self.model, "--batch-size", str(self.batch_size),
                 "--seq-len", str(self.seq_len), "--lr", repr(self.lr), "--seed", str(self.seed),
                 "--device", self.device]
@@ -127,15 +131,17 @@ def _check_before_launch(config: DemoConfig) -> None:
 
 
 def mesh_dims(config: DemoConfig, world: int) -> dict[str, int]:
-    """``{"dp_replicate": r, "dp_shard": world / (r * cp * tp), "cp": cp, "tp": tp}`` (``cp`` only when > 1),
-    or a :class:`MeshError`."""
-    fixed = config.tp * config.dp_replicate * config.cp
+    """``{"pp": pp, "dp_replicate": r, "dp_shard": world / (pp * r * cp * tp), "cp": cp, "tp": tp}`` (``pp`` and
+    ``cp`` only when > 1), or a :class:`MeshError`."""
+    fixed = config.pp * config.tp * config.dp_replicate * config.cp
     cp = f" x cp={config.cp}" if config.cp != 1 else ""
-    if min(config.tp, config.dp_replicate, config.cp) < 1 or world % fixed:
-        raise MeshError(f"{world} ranks cannot form dp_replicate={config.dp_replicate} x dp_shard{cp} x "
-                        f"tp={config.tp}: the world size must be a multiple of dp_replicate{' x cp' if cp else ''}"
-                        " x tp.")
-    dims = {"dp_replicate": config.dp_replicate, "dp_shard": world // fixed}
+    pp = f"pp={config.pp} x " if config.pp != 1 else ""
+    if min(config.tp, config.dp_replicate, config.cp, config.pp) < 1 or world % fixed:
+        raise MeshError(f"{world} ranks cannot form {pp}dp_replicate={config.dp_replicate} x dp_shard{cp} x "
+                        f"tp={config.tp}: the world size must be a multiple of {'pp x ' if pp else ''}"
+                        f"dp_replicate{' x cp' if cp else ''} x tp.")
+    dims = {"pp": config.pp} if config.pp > 1 else {}
+    dims |= {"dp_replicate": config.dp_replicate, "dp_shard": world // fixed}
     if config.cp > 1:
         dims["cp"] = config.cp
     return {**dims, "tp": config.tp}
@@ -149,11 +155,11 @@ def synthetic_batch(step: int, config: DemoConfig, vocab_size: int) -> torch.Ten
 
 
 def _data_parallel_slice(mesh: Any, batch: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of the global batch: ranks differing only in ``tp`` or ``cp`` get the same rows."""
+    """This rank's rows of the global batch: ranks differing only in ``pp``, ``tp`` or ``cp`` get the same rows."""
     names, coordinate = mesh.mesh_dim_names, mesh.get_coordinate()
     index, size = 0, 1
     for name, dim, coord in zip(names, mesh.shape, coordinate):
-        if name not in ("tp", "cp"):
+        if name not in ("pp", "tp", "cp"):
             index, size = index * dim + coord, size * dim
     if batch.shape[0] % size:
         raise MeshError(f"--batch-size {batch.shape[0]} must be a multiple of the data-parallel size {size}.")
@@ -162,13 +168,20 @@ def _data_parallel_slice(mesh: Any, batch: torch.Tensor) -> torch.Tensor:
 
 
 def _checksum(model: nn.Module) -> float:
-    """A weighted sum over every full (gathered) parameter; collective, same call order on every rank."""
+    """A weighted sum over every full (gathered) parameter; collective, same call order on every rank. A
+    pipeline's parameters are those of the whole model (every stage), in name order."""
     # Gathering FSDP+TP parameters once makes DTensor warn that two all-gathers are "suboptimal".
     quiet = logging.getLogger("torch.distributed.tensor._redistribute")
     level, total = quiet.level, 0.0
     quiet.setLevel(logging.ERROR)
     try:
-        for index, param in enumerate(model.parameters()):
+        params = list(model.parameters())
+        if isinstance(model, PipelineModel):
+            from ..state.distributed_checkpoint import gather_full_state_dict
+
+            full_state = gather_full_state_dict(model, rank0_only=False)
+            params = [full_state[name] for name in sorted(full_state)]
+        for index, param in enumerate(params):
             full = (param.full_tensor() if isinstance(param, DTensor) else param).detach().double()
             total += float(full.square().sum()) * (1 + index % 7) + float(full.sum())
     finally:
@@ -230,11 +243,17 @@ def _parallel_model(config: DemoConfig, device: torch.device) -> tuple[nn.Module
         options["sequence_parallel"] = True
     if config.activation_checkpointing:
         options["activation_checkpointing"] = config.activation_checkpointing
+    if config.pp > 1:
+        options["pp_schedule"] = config.pp_schedule
     model = build_model(resolve_source(config.model), config.overrides, device=device, seed=config.seed)
     total = sum(p.numel() for p in model.parameters())
     described = (f"{config.model} ({type(model).__name__}, {total:,} parameters), strategy {strategy.name}, "
                  f"mesh {' x '.join(f'{k}={v}' for k, v in dims.items())} on {dist.get_world_size()} ranks "
                  f"({device.type}, {dist.get_backend()})")
+    if config.pp > 1:
+        from ..pipeline import parallelize_pipeline
+
+        return parallelize_pipeline(model, mesh, strategy, **options), mesh, described
     return parallelize(model, mesh, strategy, **options), mesh, described
 
 
@@ -250,8 +269,11 @@ def _train(config: DemoConfig, device: torch.device) -> DemoResult:
         if config.cp > 1:
             batch = shard_batch(batch, mesh["cp"])
         start = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
+        if isinstance(model, PipelineModel):  # forward and backward over the microbatches
+            loss = model.step(**batch)
+        else:
+            loss = model(**batch).loss
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         value = loss.detach().float()

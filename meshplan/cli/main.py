@@ -117,6 +117,8 @@ def _add_explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="config.json path or folder, preset name (`meshplan presets`) or model_type")
     p.add_argument("--mesh", required=True, help="dims outermost first, e.g. dp_replicate=8,dp_shard=256,tp=8")
     p.add_argument("--strategy", default="fsdp2", help="registered strategy name (default: fsdp2)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size: the model split into pp stages")
+    p.add_argument("--pp-schedule", default="1F1B", help="torch pipeline schedule with --pp > 1 (default 1F1B)")
     p.add_argument("--sequence-parallel", action="store_true", help="use the plan's sequence-parallel variant")
     p.add_argument("--tp-plan", metavar="PATH", help="a JSON plan file, or a dotted path to a plan or function")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (dotted keys nest)")
@@ -178,6 +180,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     config = DemoConfig(
         nproc=args.nproc, strategy=args.strategy, tp=args.tp, dp_replicate=args.dp_replicate, cp=args.cp,
+        pp=args.pp, pp_schedule=args.pp_schedule,
         sequence_parallel=args.sequence_parallel, activation_checkpointing=args.activation_checkpointing,
         steps=args.steps, model=args.model, overrides=parse_assignments(args.set, "--set"),
         options=parse_assignments(args.option, "--option"), batch_size=args.batch_size, seq_len=args.seq_len,

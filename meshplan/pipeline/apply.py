@@ -118,7 +118,8 @@ def build_pipeline(model: nn.Module, plan: PipelinePlan, pp_mesh: DeviceMesh, op
         modules.append(parallelize_stage(build_stage(model, plan.layout, info, in_place=position == len(mine) - 1)))
     pipe = PipelineModel(modules, None, pp_mesh, plan.schedule, plan.microbatches, plan.layout, plan.ranges, loss)
     device, group = _device(pp_mesh), pp_mesh.get_group()
-    stages = [PipelineStage(module, index, plan.num_stages, device, group=group) for module, index in zip(modules, mine)]
+    stages = [PipelineStage(module, index, plan.num_stages, device, group=group)
+              for module, index in zip(modules, mine)]
     try:
         schedule = plan.schedule.cls(stages if plan.schedule.multi_stage else stages[0], plan.microbatches,
                                      loss_fn=pipe.compute_loss, scale_grads=False)

@@ -22,8 +22,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from ..core.errors import MicrobatchError
 from .schedules import ScheduleSpec
-from .stages import stage_info
 from .split import PipelineLayout
+from .stages import stage_info
 
 #: Labels with this value are not scored (transformers' convention).
 IGNORE_INDEX = -100

@@ -93,8 +93,8 @@ def find_layout(model: nn.Module, registry: Registry, pp_plan: Any = None) -> Pi
             f"The {source} must name exactly one block container (a non-empty nn.ModuleList / nn.Sequential); "
             f"it names {[entries[i] for i in containers] or 'none'} among {entries}.")
     at = containers[0]
-    layout = PipelineLayout(tuple(entries[:at]), entries[at], tuple(n for n, _ in modules[entries[at]].named_children()),
-                            tuple(entries[at + 1:]), source)
+    block_names = tuple(name for name, _ in modules[entries[at]].named_children())
+    layout = PipelineLayout(tuple(entries[:at]), entries[at], block_names, tuple(entries[at + 1:]), source)
     _check_coverage(model, layout)
     return layout
 
