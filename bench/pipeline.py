@@ -37,22 +37,27 @@ def _model(layers: int, hidden: int):
 
 
 class BusyClock:
-    """Time spent inside the stage modules' forward and backward on this rank."""
+    """Time this rank's pipeline stages spend computing: inside their ``forward_one_chunk`` /
+    ``backward_one_chunk`` / ``backward_weight_one_chunk`` (the schedule's compute actions; sends, receives
+    and waiting are outside them)."""
 
-    def __init__(self, modules) -> None:
+    ACTIONS = ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk")
+
+    def __init__(self, schedule) -> None:
         self.busy = 0.0
-        self._start: dict[tuple[int, str], float] = {}
-        for module in modules:
-            module.register_forward_pre_hook(lambda m, a: self._begin(m, "f"))
-            module.register_forward_hook(lambda m, a, o: self._end(m, "f"))
-            module.register_full_backward_pre_hook(lambda m, g: self._begin(m, "b"))
-            module.register_full_backward_hook(lambda m, gi, go: self._end(m, "b"))
+        stages = getattr(schedule, "_stages", None) or [schedule._stage]
+        for stage in stages:
+            for action in self.ACTIONS:
+                setattr(stage, action, self._timed(getattr(stage, action)))
 
-    def _begin(self, module, kind: str) -> None:
-        self._start[(id(module), kind)] = time.perf_counter()
-
-    def _end(self, module, kind: str) -> None:
-        self.busy += time.perf_counter() - self._start.pop((id(module), kind))
+    def _timed(self, method):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.busy += time.perf_counter() - start
+        return timed
 
 
 def _param_bytes(model) -> int:
@@ -81,7 +86,7 @@ def _run(layout: str, args: dict[str, Any]) -> dict[str, Any]:
         mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("pp", "dp_shard"))
         pipe = parallelize_pipeline(model, mesh, pp_schedule="1F1B", pp_microbatches=args["microbatches"],
                                     mp_policy=fp32)
-        clock = BusyClock(pipe.stage_modules)
+        clock = BusyClock(pipe.schedule)
 
         def step() -> None:
             pipe.step(input_ids=data, labels=data)
