@@ -74,7 +74,6 @@ def _run(layout: str, args: dict[str, Any]) -> dict[str, Any]:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     import meshplan
-    from meshplan.pipeline import parallelize_pipeline
 
     torch.set_num_threads(1)
     fp32 = MixedPrecisionPolicy()
@@ -84,7 +83,7 @@ def _run(layout: str, args: dict[str, Any]) -> dict[str, Any]:
     data = torch.randint(0, 1024, (batch, seq), generator=generator)
     if layout == "pp":
         mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("pp", "dp_shard"))
-        pipe = parallelize_pipeline(model, mesh, pp_schedule="1F1B", pp_microbatches=args["microbatches"],
+        pipe = meshplan.parallelize(model, mesh, pp_schedule="1F1B", pp_microbatches=args["microbatches"],
                                     mp_policy=fp32)
         clock = BusyClock(pipe.schedule)
 
@@ -126,7 +125,7 @@ def main() -> None:
     parser.add_argument("--microbatches", type=int, default=8)
     args = vars(parser.parse_args())
 
-    from meshplan.pipeline import bubble_fraction
+    from meshplan.pipeline.schedules import bubble_fraction
     from meshplan.plugins.testing import RankPool
 
     pool = RankPool(2)

@@ -250,10 +250,6 @@ def _parallel_model(config: DemoConfig, device: torch.device) -> tuple[nn.Module
     described = (f"{config.model} ({type(model).__name__}, {total:,} parameters), strategy {strategy.name}, "
                  f"mesh {' x '.join(f'{k}={v}' for k, v in dims.items())} on {dist.get_world_size()} ranks "
                  f"({device.type}, {dist.get_backend()})")
-    if config.pp > 1:
-        from ..pipeline import parallelize_pipeline
-
-        return parallelize_pipeline(model, mesh, strategy, **options), mesh, described
     return parallelize(model, mesh, strategy, **options), mesh, described
 
 

@@ -6,13 +6,7 @@
 * :mod:`.model`: :class:`PipelineModel` (``step`` / ``eval_step``);
 * :mod:`.apply`: plan (validate, collective-free) and build.
 
-Nothing here imports ``torch.distributed.pipelining`` until a pipeline is built.
+A strategy declares ``"pp"`` in ``supports`` and takes :class:`~.options.PipelineParallelOptions`; the shared
+composition order (:class:`meshplan.strategies.composition.ComposedStrategy`) then splits the model first and runs
+every other step once per stage. Nothing here imports ``torch.distributed.pipelining`` until a pipeline is built.
 """
-
-from .apply import PipelinePlan, build_pipeline, parallelize_pipeline, plan_pipeline
-from .model import PipelineModel
-from .options import PipelineParallelOptions
-from .schedules import bubble_fraction, schedule_names
-
-__all__ = ["PipelineModel", "PipelineParallelOptions", "PipelinePlan", "bubble_fraction", "build_pipeline",
-           "parallelize_pipeline", "plan_pipeline", "schedule_names"]

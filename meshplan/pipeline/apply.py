@@ -11,72 +11,37 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..core.dispatch import REPORT_ATTRIBUTE
 from ..core.errors import PipelineError, PipelineScheduleError
-from ..core.registry import Registry
+from ..core.plans import PlanSet
+from ..core.roles import MeshRoles
 from .model import PipelineLoss, PipelineModel, causal_lm_loss, mean_loss
 from .options import PipelineParallelOptions
-from .schedules import ScheduleSpec, bubble_fraction, check_schedule, resolve_schedule, stage_indices, stage_owner
-from .split import PipelineLayout, check_tied_parameters, find_layout, stage_block_ranges, stage_module_names
-from .stages import StageInfo, build_stage, is_hf_causal_lm
+from .plan import PipelinePlan
+from .schedules import check_schedule, resolve_schedule
+from .split import PipelineLayout, check_tied_parameters, find_layout, stage_block_ranges
+from .stages import StageInfo, build_stage, is_hf_causal_lm, stage_info
 
 
-@dataclass(frozen=True)
-class PipelinePlan:
-    """Everything pipeline parallelism decided for a model on ``pp`` ranks (no collective ran)."""
-
-    schedule: ScheduleSpec
-    pp: int
-    microbatches: int
-    stages_per_rank: int
-    layout: PipelineLayout
-    ranges: tuple[range, ...]
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.ranges)
-
-    def stages_on(self, rank: int) -> list[int]:
-        """The stages pp rank ``rank`` holds."""
-        return stage_indices(self.schedule, self.pp, self.stages_per_rank, rank)
-
-    def owner(self, stage: int) -> int:
-        """The pp rank holding ``stage``."""
-        return stage_owner(self.schedule, self.pp, self.stages_per_rank, stage)
-
-    def stage_modules(self, stage: int) -> tuple[str, ...]:
-        """The module names stage ``stage`` holds (its blocks, and the first/last-stage modules)."""
-        return stage_module_names(self.layout, self.ranges[stage], self.num_stages, stage)
-
-    @property
-    def bubble_fraction(self) -> float:
-        """The schedule's idle fraction in theory (:func:`meshplan.pipeline.schedules.bubble_fraction`)."""
-        return bubble_fraction(self.schedule.name, self.pp, self.microbatches, self.stages_per_rank)
-
-    def report(self) -> dict[str, Any]:
-        return {"schedule": self.schedule.name, "pp": self.pp, "microbatches": self.microbatches,
-                "stages_per_rank": self.stages_per_rank, "layout": self.layout.source,
-                "stages": [{"stage": s, "rank": self.owner(s), "blocks": [r.start, r.stop]}
-                           for s, r in enumerate(self.ranges)],
-                "bubble_fraction": round(self.bubble_fraction, 4)}
-
-
-def plan_pipeline(model: nn.Module, pp: int, options: PipelineParallelOptions, registry: Registry) -> PipelinePlan:
+def plan_pipeline(model: nn.Module, pp: int, options: PipelineParallelOptions, provided: Any = None) -> PipelinePlan:
     """Validate the pipeline options against ``model`` and decide the stages; typed errors
-    (:class:`~meshplan.PipelineError` subclasses), identical on every rank, before any collective."""
+    (:class:`~meshplan.PipelineError` subclasses), identical on every rank, before any collective. The split is
+    the ``pp_plan`` option, else ``provided`` (a plan provider's ``pp`` entry, ``plans.pp``), else Hugging Face's
+    ``base_model_pp_plan``."""
     spec = resolve_schedule(options.pp_schedule)
     microbatches = options.pp_microbatches
     if microbatches is None:
         microbatches = pp * options.pp_stages_per_rank
     check_schedule(spec, pp, microbatches, options.pp_stages_per_rank)
-    layout = find_layout(model, registry, options.pp_plan)
+    if options.pp_plan is not None:
+        layout = find_layout(model, options.pp_plan, "pp_plan option")
+    else:
+        layout = find_layout(model, provided, "pp entry of the model's plan provider")
     ranges = stage_block_ranges(model, layout, pp * options.pp_stages_per_rank, options.pp_split)
     check_tied_parameters(model, layout, ranges)
     stage_loss(model, options, microbatches)  # refuses models whose loss cannot be computed per stage
@@ -116,7 +81,7 @@ def build_pipeline(model: nn.Module, plan: PipelinePlan, pp_mesh: DeviceMesh, op
     for position, index in enumerate(mine):
         info = StageInfo(index, plan.num_stages, plan.ranges[index])
         modules.append(parallelize_stage(build_stage(model, plan.layout, info, in_place=position == len(mine) - 1)))
-    pipe = PipelineModel(modules, None, pp_mesh, plan.schedule, plan.microbatches, plan.layout, plan.ranges, loss)
+    pipe = PipelineModel(modules, pp_mesh, plan, loss)
     device, group = _device(pp_mesh), pp_mesh.get_group()
     stages = [PipelineStage(module, index, plan.num_stages, device, group=group)
               for module, index in zip(modules, mine)]
@@ -126,7 +91,6 @@ def build_pipeline(model: nn.Module, plan: PipelinePlan, pp_mesh: DeviceMesh, op
     except ValueError as exc:  # a rule check_schedule does not know yet (a newer torch)
         raise PipelineScheduleError(f"torch's {plan.schedule.name} refused this layout: {exc}") from exc
     pipe.schedule = schedule
-    pipe.plan = plan
     return pipe
 
 
@@ -142,7 +106,6 @@ def stage_tp_plan(stage: nn.Module, styles: Mapping[str, Any], layout: PipelineL
 
     from ..tensor_parallel.custom_styles import ChainedStyles
     from ..tensor_parallel.matching import match_key
-    from .stages import stage_info
 
     info = stage_info(stage)
     zero, first = layout.block_fqn(0), layout.block_fqn(info.blocks.start)
@@ -160,48 +123,34 @@ def stage_tp_plan(stage: nn.Module, styles: Mapping[str, Any], layout: PipelineL
     return kept
 
 
-def split_options(options: Mapping[str, Any]) -> tuple[PipelineParallelOptions, dict[str, Any]]:
-    """``(pipeline options, the strategy's other options)``."""
-    names = set(PipelineParallelOptions.__dataclass_fields__)
-    return (PipelineParallelOptions(**{k: v for k, v in options.items() if k in names}),
-            {k: v for k, v in options.items() if k not in names})
+def stage_plans(stage: nn.Module, plans: PlanSet, layout: PipelineLayout, strict: bool) -> PlanSet:
+    """The plans of one stage: the whole model's TP and EP plans cut to what the stage holds
+    (:func:`stage_tp_plan`), matched and fitted again to the stage's modules."""
+    from ..core.plans import ResolvedPlan
+    from ..planning.build import build_plan
+
+    fitted = {}
+    for axis in ("tp", "ep"):
+        whole = getattr(plans, axis)
+        if whole is not None:
+            sequence_parallel = whole.sequence_parallel and axis == "tp"
+            styles = stage_tp_plan(stage, whole.styles, layout, sequence_parallel)
+            resolved = ResolvedPlan(styles, f"{whole.source}, cut to stage {stage_info(stage).index}",
+                                    whole.sequence_parallel)
+            fitted[axis] = build_plan(stage, resolved, axis, whole.size, strict)
+    return PlanSet(fitted.get("tp"), fitted.get("ep"), plans.pp)
 
 
-def pipeline_size(mesh: DeviceMesh, pp_mesh_name: str) -> int:
-    names = mesh.mesh_dim_names or ()
-    return mesh.shape[names.index(pp_mesh_name)] if pp_mesh_name in names else 1
+def parallelize_stages(model: nn.Module, roles: MeshRoles, plans: PlanSet, options: PipelineParallelOptions,
+                       compose: Callable[[nn.Module, PlanSet], nn.Module]) -> PipelineModel:
+    """The pipeline step of the shared composition order: split ``model`` into this rank's stages (``roles.pp``),
+    run ``compose`` (the other steps: TP, CP, EP, activation checkpointing, data-parallel wrapping) on each with
+    its :func:`stage_plans`, and return the :class:`PipelineModel`."""
+    plan = plan_pipeline(model, roles.size("pp"), options, plans.pp)
+    strict = getattr(options, "strict", True)
+    return build_pipeline(model, plan, roles.pp, options,
+                          lambda stage: compose(stage, stage_plans(stage, plans, plan.layout, strict)))
 
 
-def parallelize_pipeline(model: nn.Module, mesh: DeviceMesh, strategy: Any = "fsdp2", tp_plan: Any = None,
-                         ep_plan: Any = None, **options: Any) -> PipelineModel:
-    """``meshplan.parallelize`` with a ``pp`` mesh dim larger than 1: validate everything (the pipeline options and
-    the strategy on the mesh without ``pp``, against the whole model), then split the model into stages and
-    parallelize each with ``strategy`` on that mesh. Returns this rank's :class:`PipelineModel`."""
-    from .. import api
-
-    pp_options, rest = split_options(options)
-    names = tuple(mesh.mesh_dim_names or ())
-    pp = pipeline_size(mesh, pp_options.pp_mesh_name)
-    if pp < 2:
-        raise PipelineError(f"Pipeline parallelism needs a mesh dim {pp_options.pp_mesh_name!r} larger than 1; the "
-                            f"mesh has {dict(zip(names, mesh.shape))}.")
-    rest_names = tuple(n for n in names if n != pp_options.pp_mesh_name)
-    if not rest_names:
-        raise PipelineError(f"The mesh has only the pipeline dim {pp_options.pp_mesh_name!r}: add the strategy's "
-                            "data-parallel dim, e.g. mesh_dim_names=('pp', 'dp_shard') with dp_shard=1.")
-    plan = plan_pipeline(model, pp, pp_options, api.get_registry())
-    rest_mesh = mesh[rest_names]
-    prepared = api.prepare(model, rest_mesh, strategy, tp_plan, ep_plan, **rest)
-    tp = prepared.plan
-
-    def parallelize_stage(stage: nn.Module) -> nn.Module:
-        stage_plan = None if tp is None else stage_tp_plan(stage, tp.styles, plan.layout, tp.sequence_parallel)
-        return api.prepare(stage, rest_mesh, prepared.strategy, stage_plan, ep_plan, **rest).apply()
-
-    pipe = build_pipeline(model, plan, mesh[pp_options.pp_mesh_name], pp_options, parallelize_stage)
-    object.__setattr__(pipe, REPORT_ATTRIBUTE, prepared.report() | {"pipeline": plan.report()})
-    return pipe
-
-
-__all__: Sequence[str] = ("PipelinePlan", "build_pipeline", "parallelize_pipeline", "plan_pipeline",
-                          "split_options", "stage_tp_plan")
+__all__: Sequence[str] = ("PipelinePlan", "build_pipeline", "parallelize_stages", "plan_pipeline", "stage_plans",
+                          "stage_tp_plan")

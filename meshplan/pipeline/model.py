@@ -21,8 +21,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..core.errors import MicrobatchError
-from .schedules import ScheduleSpec
-from .split import PipelineLayout
+from .plan import PipelinePlan
 from .stages import stage_info
 
 #: Labels with this value are not scored (transformers' convention).
@@ -60,16 +59,14 @@ def mean_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], mic
 class PipelineModel(nn.Module):
     """This rank's pipeline stages (``stages``: the stage modules, parallelized) and their schedule."""
 
-    def __init__(self, stage_modules: Sequence[nn.Module], schedule: Any, pp_mesh: DeviceMesh, spec: ScheduleSpec,
-                 microbatches: int, layout: PipelineLayout, ranges: Sequence[range], loss: PipelineLoss) -> None:
+    def __init__(self, stage_modules: Sequence[nn.Module], pp_mesh: DeviceMesh, plan: PipelinePlan,
+                 loss: PipelineLoss) -> None:
         super().__init__()
         self.stages = nn.ModuleList(stage_modules)
-        self.schedule = schedule
+        self.schedule: Any = None  # torch's schedule over this rank's stages (set by build_pipeline)
         self.pp_mesh = pp_mesh
-        self.schedule_spec = spec
-        self.microbatches = microbatches
-        self.layout = layout
-        self.block_ranges = tuple(ranges)
+        self.pipeline_plan = plan
+        self.microbatches = plan.microbatches
         self.loss = loss
         self._num_items = torch.zeros(())
 

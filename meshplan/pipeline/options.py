@@ -1,4 +1,5 @@
-"""The pipeline-parallel options a strategy that declares ``pp`` takes (a dataclass mixin)."""
+"""The pipeline-parallel options a strategy that declares ``pp`` takes (an axis-option mixin, like
+:class:`~meshplan.core.axis_options.ExpertParallelOptions`)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.roles import RoleDims, pipeline_role
+from ..core.strategy import StrategyOptions
+
 
 @dataclass
-class PipelineParallelOptions:
+class PipelineParallelOptions(StrategyOptions):
     """Pipeline parallelism over the ``pp`` mesh dim (off when the dim is absent or has size 1).
 
     Attributes:
@@ -21,7 +25,7 @@ class PipelineParallelOptions:
         pp_split: the first block of stages 1..S-1 (S = pp x pp_stages_per_rank), increasing; ``None``: a
             split balanced by parameter count (embeddings count on the first stage, norm and head on the last).
         pp_plan: the model's split as module names in order (one of them the block container); ``None``: a plan
-            provider's ``pp`` plan, else Hugging Face's ``base_model_pp_plan``.
+            provider's ``pp`` entry (``{"tp": ..., "pp": [...]}``), else Hugging Face's ``base_model_pp_plan``.
         pp_loss_fn: ``loss_fn(output, target)``, the mean loss of a microbatch, for models that are not Hugging
             Face causal LMs (those use their own next-token loss).
     """
@@ -34,6 +38,5 @@ class PipelineParallelOptions:
     pp_plan: Sequence[str] | None = None
     pp_loss_fn: Callable[..., Any] | None = None
 
-
-#: The option names of :class:`PipelineParallelOptions`.
-PIPELINE_OPTION_NAMES = tuple(PipelineParallelOptions.__dataclass_fields__)
+    def mesh_roles(self) -> dict[str, RoleDims]:
+        return super().mesh_roles() | {"pp": pipeline_role(self.pp_mesh_name)}

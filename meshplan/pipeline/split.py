@@ -11,14 +11,13 @@ names) are not needed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from ..core.errors import PipelineSplitError
-from ..core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -58,25 +57,11 @@ def _hf_entries(model: nn.Module) -> tuple[list[str], str] | None:
     return entries, f"Hugging Face base_model_pp_plan of {type(config).__name__}"
 
 
-def _provider_entries(model: nn.Module, registry: Registry) -> tuple[list[str], str] | None:
-    """The ``pp`` entry of the first plan provider along the model's MRO that has one, or ``None``."""
-    from ..tensor_parallel.plan import materialize_plan_source
-
-    for cls, registration in registry.tp_plan_providers(type(model)):
-        what = f"plan provider for {cls.__qualname__} ({registration.target_name()})"
-        spec = materialize_plan_source(registration.load(), model, False, what, registry)
-        if isinstance(spec, Mapping) and "pp" in spec:
-            value = spec["pp"]
-            entries = value(model) if callable(value) else value
-            return list(entries), f"pp plan of provider {registration.target_name()} for {cls.__qualname__}"
-    return None
-
-
-def find_layout(model: nn.Module, registry: Registry, pp_plan: Any = None) -> PipelineLayout:
-    """The model's :class:`PipelineLayout`: from ``pp_plan`` if given, else a provider's ``pp`` plan, else the
-    Hugging Face ``base_model_pp_plan``. :class:`PipelineSplitError` when none exists or it is malformed."""
-    found = (list(pp_plan), "explicit pp plan") if pp_plan is not None else (
-        _provider_entries(model, registry) or _hf_entries(model))
+def find_layout(model: nn.Module, pp_plan: Any = None, source: str = "pp plan") -> PipelineLayout:
+    """The model's :class:`PipelineLayout`: from ``pp_plan`` (module names in order, or a mapping keyed by them:
+    the ``pp_plan`` option, or a plan provider's ``pp`` entry) if given, else the Hugging Face
+    ``base_model_pp_plan``. :class:`PipelineSplitError` when none exists or it is malformed."""
+    found = (list(pp_plan), source) if pp_plan is not None else _hf_entries(model)
     if found is None:
         raise PipelineSplitError(
             f"{type(model).__qualname__} has no pipeline split: it declares no Hugging Face base_model_pp_plan and "

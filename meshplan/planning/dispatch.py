@@ -73,7 +73,9 @@ class Prepared:
     def apply(self) -> nn.Module:
         contract = self.contract or self.strategy
         model = contract.parallelize(self.model, self.roles, self.plans, self.options, self.validated)
-        object.__setattr__(model, REPORT_ATTRIBUTE, self.report())
+        pipeline = getattr(model, "pipeline_plan", None)  # a PipelineModel: its stages and schedule too
+        report = self.report() | ({} if pipeline is None else {"pipeline": pipeline.report()})
+        object.__setattr__(model, REPORT_ATTRIBUTE, report)
         return model
 
 

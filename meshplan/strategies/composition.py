@@ -2,8 +2,9 @@
 
 :meth:`ComposedStrategy.parallelize` runs, in this order and nowhere else:
 
-1. :meth:`~ComposedStrategy.split_pipeline_stages`: the pipeline-parallel slot (a no-op until the pipeline axis
-   fills it; strategies that declare ``"pp"`` get the ``pp`` plan and ``roles.pp``);
+1. :meth:`~ComposedStrategy.split_pipeline_stages`: with a ``pp`` dim > 1 (strategies that declare ``"pp"``), the
+   model is split into this rank's pipeline stages (:mod:`meshplan.pipeline`), each stage runs steps 2-7 with
+   its own share of the plans, and the result is a :class:`~meshplan.PipelineModel`;
 2. tensor parallel with ``plans.tp`` on ``roles.tp`` (also re-ties parameters shared before TP);
 3. context parallel on ``roles.cp`` (options from :class:`~meshplan.core.axis_options.ContextParallelOptions`;
    a strategy whose CP only shards parameters, as Megatron-FSDP's, leaves attention to the training loop);
@@ -20,6 +21,7 @@ wrapper: look blocks up again by name), and reach the wrapping step with what th
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,12 +63,25 @@ class ComposedStrategy(Strategy):
             validate_context_parallel(model, options.cp_implementation, roles.mesh.device_type)
         if isinstance(options, CheckpointingOptions):
             options.check_checkpointing(find_blocks(model))
+        if roles.pp is not None:
+            from ..pipeline.apply import plan_pipeline
+
+            plan_pipeline(model, roles.size("pp"), options, plans.pp)  # refuses a bad split / schedule now
         return None
 
     def parallelize(self, model: nn.Module, roles: MeshRoles, plans: PlanSet, options: StrategyOptions,
                     validated: Any) -> nn.Module:
-        """The shared order; returns what :meth:`wrap_data_parallel` returns."""
-        model = self.split_pipeline_stages(model, roles, plans, options)
+        """The shared order; returns what :meth:`wrap_data_parallel` returns (a ``PipelineModel`` of the wrapped
+        stages with a pipeline)."""
+        if roles.pp is not None:
+            return self.split_pipeline_stages(
+                model, roles, plans, options,
+                lambda stage, stage_plans: self.compose(stage, roles, stage_plans, options, validated))
+        return self.compose(model, roles, plans, options, validated)
+
+    def compose(self, model: nn.Module, roles: MeshRoles, plans: PlanSet, options: StrategyOptions,
+                validated: Any) -> nn.Module:
+        """Steps 2-7 of the shared order on ``model`` (a whole model, or one pipeline stage)."""
         done = Composition(find_blocks(model))
         if plans.tp is not None:
             from ..tensor_parallel.apply import apply_tensor_parallel  # DTensor: imported on use
@@ -85,11 +100,13 @@ class ComposedStrategy(Strategy):
         model = self.compile_regions(model, roles, options, done)
         return self.wrap_data_parallel(model, roles, plans, options, validated, done)
 
-    def split_pipeline_stages(self, model: nn.Module, roles: MeshRoles, plans: PlanSet,
-                              options: StrategyOptions) -> nn.Module:
-        """Pipeline-parallel slot, before every other step: this rank's stage of ``model`` (``plans.pp`` and
-        ``roles.pp`` say how). A no-op until the pipeline axis fills it."""
-        return model
+    def split_pipeline_stages(self, model: nn.Module, roles: MeshRoles, plans: PlanSet, options: StrategyOptions,
+                              compose: Callable[[nn.Module, PlanSet], nn.Module]) -> nn.Module:
+        """Pipeline-parallel step, before every other one: this rank's stages of ``model`` (``plans.pp`` and
+        ``roles.pp`` say how), each passed through ``compose`` with its plans, in a ``PipelineModel``."""
+        from ..pipeline.apply import parallelize_stages
+
+        return parallelize_stages(model, roles, plans, options, compose)
 
     def compile_regions(self, model: nn.Module, roles: MeshRoles, options: StrategyOptions,
                         done: Composition) -> nn.Module:

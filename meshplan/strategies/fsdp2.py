@@ -1,6 +1,7 @@
 """The ``fsdp2`` strategy: tensor/sequence parallel -> activation checkpointing -> FSDP2 (or HSDP).
 
-It supports ``tp``, ``cp`` and ``ep``. The composition order is the shared one
+It supports ``tp``, ``cp``, ``ep`` and ``pp`` (each pipeline stage goes through the order below;
+:mod:`meshplan.pipeline`). The composition order is the shared one
 (:class:`meshplan.strategies.composition.ComposedStrategy`):
 
 1. **Tensor parallel** on the ``tp`` mesh dim with the plan the dispatcher resolved and validated
@@ -47,6 +48,7 @@ from ..core.log import get_logger, log_rank0
 from ..core.plans import PlanSet
 from ..core.roles import MeshRoles, RoleDims, role_dims
 from ..core.strategy import StrategyOptions
+from ..pipeline.options import PipelineParallelOptions
 from ..plugins.hookspecs import hookimpl
 from .composition import ComposedStrategy, Composition
 
@@ -70,10 +72,11 @@ def default_mp_policy() -> MixedPrecisionPolicy:
 
 
 @dataclass
-class FSDP2Options(CheckpointingOptions, ContextParallelOptions, ExpertParallelOptions):
+class FSDP2Options(CheckpointingOptions, ContextParallelOptions, ExpertParallelOptions, PipelineParallelOptions):
     """Options of the ``fsdp2`` strategy (plus ``tp_mesh_name``, ``sequence_parallel``, ``strict``; ``cp_mesh_name``
     and ``cp_implementation`` from :class:`~meshplan.core.axis_options.ContextParallelOptions`, ``ep_size`` from
-    :class:`~meshplan.core.axis_options.ExpertParallelOptions`, the activation-checkpointing options).
+    :class:`~meshplan.core.axis_options.ExpertParallelOptions`, the ``pp_*`` options from
+    :class:`~meshplan.pipeline.options.PipelineParallelOptions`, the activation-checkpointing options).
 
     Attributes:
         dp_replicate_mesh_name: mesh dim to replicate across (HSDP when its size is > 1); ``"dp_replicate"``
@@ -139,7 +142,7 @@ class FSDP2Strategy(ComposedStrategy):
     """PyTorch FSDP2 (``fully_shard``) over the data-parallel mesh, after the model-parallel axes."""
 
     name = "fsdp2"
-    supports = frozenset({"tp", "cp", "ep"})
+    supports = frozenset({"tp", "cp", "ep", "pp"})
     description = "TP/SP -> CP -> EP -> activation checkpointing -> FSDP2 / HSDP (torch fully_shard)"
     options_class = FSDP2Options
 

@@ -25,11 +25,11 @@ def pipeline_run(spec: ModelSpec, mesh_shape: dict[str, int], options: dict[str,
     """Runs on every rank: parallelize with pp, train ``steps`` SGD steps on this rank's data slice, gather."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    import meshplan
     from meshplan.context_parallel import shard_batch
-    from meshplan.pipeline import parallelize_pipeline
 
     mesh = init_device_mesh("cpu", tuple(mesh_shape.values()), mesh_dim_names=tuple(mesh_shape))
-    pipe = parallelize_pipeline(spec.build(), mesh, **(_fp32() | options))
+    pipe = meshplan.parallelize(spec.build(), mesh, **(_fp32() | options))
     index, size = 0, 1
     for name in data_parallel:
         if name in mesh_shape:

@@ -7,9 +7,15 @@ import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 
-from meshplan.core.errors import MicrobatchError, PipelineError, PipelineScheduleError, PipelineSplitError
-from meshplan.pipeline import bubble_fraction, parallelize_pipeline, schedule_names
-from meshplan.pipeline.schedules import resolve_schedule, stage_indices
+import meshplan
+from meshplan.core.errors import (
+    MicrobatchError,
+    PipelineError,
+    PipelineScheduleError,
+    PipelineSplitError,
+    UnsupportedAxisError,
+)
+from meshplan.pipeline.schedules import bubble_fraction, resolve_schedule, schedule_names, stage_indices
 from meshplan.pipeline.split import balanced_split
 from tests.parity import ModelSpec
 from tests.support import TinyStack
@@ -19,7 +25,7 @@ LLAMA4 = ModelSpec("llama", overrides={"num_hidden_layers": 4, "tie_word_embeddi
 
 def _parallelize(model, **options):
     mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("pp", "dp_shard"))
-    return parallelize_pipeline(model, mesh, **options)
+    return meshplan.parallelize(model, mesh, **options)
 
 
 @pytest.mark.parametrize(("options", "error", "match"), [
@@ -76,6 +82,13 @@ def test_a_batch_that_does_not_split_into_microbatches_is_refused_before_the_sch
         ids = torch.zeros(6, 8, dtype=torch.long)
         with pytest.raises(MicrobatchError, match="A batch of 6 does not split into 4 microbatches"):
             pipe.step(input_ids=ids, labels=ids)
+
+
+def test_pp_on_a_strategy_that_does_not_declare_it_is_refused(fake_pg):
+    with fake_pg(2):
+        mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("pp", "dp"))
+        with pytest.raises(UnsupportedAxisError, match="'ddp' does not support pipeline parallelism"):
+            meshplan.parallelize(LLAMA4.build(), mesh, strategy="ddp")
 
 
 def test_schedule_names_are_torchs():

@@ -40,12 +40,11 @@ def _pipelined(schedule: str, checkpoint_dir: str) -> RunResult:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     import meshplan
-    from meshplan.pipeline import parallelize_pipeline
     from tests.pipeline.harness import gathered_params
 
     meshplan.register_tp_plan(TinyStack, {"pp": ["layers", "head"]})  # what a plugin's provider would return
     mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("pp", "dp_shard"))
-    pipe = parallelize_pipeline(_model(), mesh, pp_schedule=schedule, pp_microbatches=4,
+    pipe = meshplan.parallelize(_model(), mesh, pp_schedule=schedule, pp_microbatches=4,
                                 pp_loss_fn=torch.nn.functional.mse_loss, mp_policy=MixedPrecisionPolicy())
     optimizer = torch.optim.SGD(pipe.parameters(), lr=LR)
     losses = []
