@@ -24,7 +24,7 @@ def reference():
 
 
 def test_every_schedule_matches_one_process(ranks2, reference) -> None:
-    results = ranks2.run(_all_schedules)
+    results = ranks2.run(_all_schedules, timeout=900)
     for rank in results:
         for name, result in rank.items():
             try:
