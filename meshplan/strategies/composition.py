@@ -29,10 +29,12 @@ from torch import nn
 
 from ..activation_checkpointing import Blocks, CheckpointingOptions
 from ..core.axis_options import ContextParallelOptions
+from ..core.errors import UnsupportedConfigurationError
 from ..core.plans import PlanSet
 from ..core.roles import MeshRoles
 from ..core.strategy import Strategy, StrategyOptions
 from ..introspection.blocks import find_blocks
+from ..pipeline.options import PipelineParallelOptions
 
 
 @dataclass
@@ -63,21 +65,19 @@ class ComposedStrategy(Strategy):
             validate_context_parallel(model, options.cp_implementation, roles.mesh.device_type)
         if isinstance(options, CheckpointingOptions):
             options.check_checkpointing(find_blocks(model))
-        if roles.pp is not None:
+        if roles.pp is not None and isinstance(options, PipelineParallelOptions):
             from ..pipeline.apply import plan_pipeline
 
-            plan_pipeline(model, roles.size("pp"), options, plans.pp)  # refuses a bad split / schedule now
+            plan_pipeline(model, roles.size("pp"), options, plans.pp)  # a bad split or schedule: typed errors now
         return None
 
     def parallelize(self, model: nn.Module, roles: MeshRoles, plans: PlanSet, options: StrategyOptions,
                     validated: Any) -> nn.Module:
         """The shared order; returns what :meth:`wrap_data_parallel` returns (a ``PipelineModel`` of the wrapped
         stages with a pipeline)."""
-        if roles.pp is not None:
-            return self.split_pipeline_stages(
-                model, roles, plans, options,
-                lambda stage, stage_plans: self.compose(stage, roles, stage_plans, options, validated))
-        return self.compose(model, roles, plans, options, validated)
+        return self.split_pipeline_stages(
+            model, roles, plans, options,
+            lambda stage, stage_plans: self.compose(stage, roles, stage_plans, options, validated))
 
     def compose(self, model: nn.Module, roles: MeshRoles, plans: PlanSet, options: StrategyOptions,
                 validated: Any) -> nn.Module:
@@ -102,11 +102,14 @@ class ComposedStrategy(Strategy):
 
     def split_pipeline_stages(self, model: nn.Module, roles: MeshRoles, plans: PlanSet, options: StrategyOptions,
                               compose: Callable[[nn.Module, PlanSet], nn.Module]) -> nn.Module:
-        """Pipeline-parallel step, before every other one: this rank's stages of ``model`` (``plans.pp`` and
-        ``roles.pp`` say how), each passed through ``compose`` with its plans, in a ``PipelineModel``."""
+        """Pipeline-parallel step, before every other one. Without a ``pp`` dim > 1: ``compose(model, plans)``.
+        With one: this rank's stages of ``model`` (``plans.pp`` and ``roles.pp`` say how), each passed through
+        ``compose`` with its own cut of the plans, in a :class:`~meshplan.PipelineModel`."""
+        if roles.pp is None:
+            return compose(model, plans)
         from ..pipeline.apply import parallelize_stages
 
-        return parallelize_stages(model, roles, plans, options, compose)
+        return parallelize_stages(model, roles, plans, _pipeline_options(self, options), compose)
 
     def compile_regions(self, model: nn.Module, roles: MeshRoles, options: StrategyOptions,
                         done: Composition) -> nn.Module:
@@ -122,3 +125,13 @@ class ComposedStrategy(Strategy):
     def wrap_data_parallel(self, model: nn.Module, roles: MeshRoles, plans: PlanSet, options: StrategyOptions,
                            validated: Any, done: Composition) -> nn.Module:
         """The strategy's own part: wrap the model-parallel ``model`` for data parallelism and return it."""
+
+
+def _pipeline_options(strategy: Strategy, options: StrategyOptions) -> PipelineParallelOptions:
+    """``options`` as pipeline options; :class:`UnsupportedConfigurationError` for a strategy that declares ``"pp"``
+    without them (its author's mistake)."""
+    if not isinstance(options, PipelineParallelOptions):
+        raise UnsupportedConfigurationError(
+            f"Strategy {strategy.name!r} has a pipeline role but its options {type(options).__name__} do not derive "
+            "from meshplan.PipelineParallelOptions (pp_schedule, pp_microbatches, ...).")
+    return options

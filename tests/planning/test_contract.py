@@ -41,9 +41,10 @@ class Ordered(ComposedStrategy):
         model.validations = getattr(model, "validations", 0) + 1
         return {"computed": "once"}
 
-    def split_pipeline_stages(self, model, roles, plans, options):
+    def split_pipeline_stages(self, model, roles, plans, options, compose):
         model.steps = ["pipeline"]
-        return model
+        model.seen = (roles.pp, roles.describe(), plans.pp)
+        return compose(model, plans)
 
     def compile_regions(self, model, roles, options, done):
         model.steps.append(("compile", isinstance(model.layers[0].up.weight, DTensor)))
@@ -77,12 +78,12 @@ def test_an_axis_the_strategy_does_not_declare_is_refused_the_same_on_every_rank
     assert isinstance(info.value, meshplan.UnsupportedConfigurationError)
 
 
-def test_fsdp2_declares_tp_cp_ep_and_refuses_pp(fake_pg):
+def test_fsdp2_declares_tp_cp_ep_pp_and_ddp_refuses_pp(fake_pg):
     rows = {row["name"]: row for row in meshplan.list_strategies()}
-    assert rows["fsdp2"]["supports"] == ["cp", "ep", "tp"] and rows["ddp"]["supports"] == ["tp"]
+    assert rows["fsdp2"]["supports"] == ["cp", "ep", "pp", "tp"] and rows["ddp"]["supports"] == ["tp"]
     assert rows["megatron_fsdp"]["supports"] == ["cp", "tp"]
-    with fake_pg(4), pytest.raises(UnsupportedAxisError, match="'fsdp2' does not support pipeline parallelism"):
-        meshplan.prepare(TinyStack(), _mesh(pp=2, dp_shard=2), strategy="fsdp2")
+    with fake_pg(4), pytest.raises(UnsupportedAxisError, match="'ddp' does not support pipeline parallelism"):
+        meshplan.prepare(TinyStack(), _mesh(pp=2, dp=2), strategy="ddp")
 
 
 def test_a_renamed_tp_dim_is_refused_to_a_strategy_without_tp(fake_pg):
@@ -123,10 +124,6 @@ class Staged(Ordered):
     name = "staged"
     supports = frozenset({"tp", "pp"})
     options_class = PipelineOptions
-
-    def wrap_data_parallel(self, model, roles, plans, options, validated, done):
-        model.seen = (roles.pp, roles.describe(), plans.pp)
-        return model
 
 
 def test_the_pp_role_and_the_providers_pp_entry_reach_a_strategy_that_declares_pp(fake_pg):
