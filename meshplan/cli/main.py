@@ -117,8 +117,6 @@ def _add_explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="config.json path or folder, preset name (`meshplan presets`) or model_type")
     p.add_argument("--mesh", required=True, help="dims outermost first, e.g. dp_replicate=8,dp_shard=256,tp=8")
     p.add_argument("--strategy", default="fsdp2", help="registered strategy name (default: fsdp2)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size: the model split into pp stages")
-    p.add_argument("--pp-schedule", default="1F1B", help="torch pipeline schedule with --pp > 1 (default 1F1B)")
     p.add_argument("--sequence-parallel", action="store_true", help="use the plan's sequence-parallel variant")
     p.add_argument("--tp-plan", metavar="PATH", help="a JSON plan file, or a dotted path to a plan or function")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (dotted keys nest)")
@@ -159,6 +157,8 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--dp-replicate", type=int, default=1, help="replicas (HSDP); the rest shards data parallel")
     p.add_argument("--cp", type=int, default=1, help="context-parallel size: every sequence split over cp ranks")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size: the model split into pp stages")
+    p.add_argument("--pp-schedule", default="1F1B", help="torch pipeline schedule with --pp > 1 (default 1F1B)")
     p.add_argument("--sequence-parallel", action="store_true", help="use the plan's sequence-parallel variant")
     p.add_argument("--activation-checkpointing", nargs="?", const=True, default=False, type=parse_value,
                    metavar="MODE", help="recompute activations in backward (MODE: mlp, full, selective)")

@@ -113,3 +113,10 @@ def test_balanced_split_counts_the_embedding_and_the_head():
     # 8 equal blocks; the first stage also holds an embedding of 3 blocks' size, the last a head of 1 block
     assert balanced_split([1] * 8, 3, 1, 2) == [range(0, 3), range(3, 8)]
     assert balanced_split([1] * 8, 0, 0, 4) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+
+
+def test_demo_puts_the_pp_dim_outermost():
+    from meshplan.cli.demo import DemoConfig, mesh_dims
+
+    assert mesh_dims(DemoConfig(pp=2, tp=2), 8) == {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "tp": 2}
+    assert "--pp" in DemoConfig(pp=2).to_argv() and "1F1B" in DemoConfig(pp=2).to_argv()
