@@ -94,10 +94,11 @@ def build_pipeline(model: nn.Module, plan: PipelinePlan, pp_mesh: DeviceMesh, op
     return pipe
 
 
-def stage_tp_plan(stage: nn.Module, styles: Mapping[str, Any], layout: PipelineLayout,
-                  sequence_parallel: bool) -> dict[str, Any]:
-    """The TP plan of one stage, with fresh style objects: the entries that match something the stage holds (not
-    the identities standing in for the embeddings on later stages or the head on earlier ones); entries for the
+def stage_styles(stage: nn.Module, styles: Mapping[str, Any], layout: PipelineLayout,
+                 sequence_parallel: bool) -> dict[str, Any]:
+    """The plan entries (TP or EP) of one stage, with fresh style objects: the entries that match something the
+    stage holds (not the identities standing in for the embeddings on later stages or the head on earlier ones);
+    entries for the
     first block (``layers.0``, where sequence parallel shards the residual stream) moved to the stage's first
     block; under sequence parallel, the last block of a non-last stage gathers the sequence again, so stages
     exchange ordinary full tensors."""
@@ -134,7 +135,7 @@ def stage_plans(stage: nn.Module, plans: PlanSet, layout: PipelineLayout, strict
         whole = getattr(plans, axis)
         if whole is not None:
             sequence_parallel = whole.sequence_parallel and axis == "tp"
-            styles = stage_tp_plan(stage, whole.styles, layout, sequence_parallel)
+            styles = stage_styles(stage, whole.styles, layout, sequence_parallel)
             resolved = ResolvedPlan(styles, f"{whole.source}, cut to stage {stage_info(stage).index}",
                                     whole.sequence_parallel)
             fitted[axis] = build_plan(stage, resolved, axis, whole.size, strict)
@@ -153,4 +154,4 @@ def parallelize_stages(model: nn.Module, roles: MeshRoles, plans: PlanSet, optio
 
 
 __all__: Sequence[str] = ("PipelinePlan", "build_pipeline", "parallelize_stages", "plan_pipeline", "stage_plans",
-                          "stage_tp_plan")
+                          "stage_styles")

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..core.errors import MicrobatchError
+from ..core.errors import MicrobatchError, PipelineError
 from .plan import PipelinePlan
 from .stages import stage_info
 
@@ -130,8 +130,8 @@ class PipelineModel(nn.Module):
         return self.step(input_ids, labels, backward=False, **batch)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError("A PipelineModel runs whole batches through its schedule: call pipe.step(input_ids=..., "
-                        "labels=...) for training or pipe.eval_step(...) for evaluation.")
+        raise PipelineError("A PipelineModel runs whole batches through its schedule: call pipe.step(input_ids=..., "
+                            "labels=...) for training or pipe.eval_step(...) for evaluation.")
 
     def _target(self, labels: torch.Tensor | None, batch: dict[str, Any]) -> tuple[Any, torch.Tensor]:
         shift_labels = batch.pop("shift_labels", None)
