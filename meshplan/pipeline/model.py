@@ -11,6 +11,7 @@ prefixes them with ``stages.<i>.``, and :meth:`PipelineModel.original_name` stri
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -114,7 +115,7 @@ class PipelineModel(nn.Module):
         if size % self.microbatches:
             raise MicrobatchError(f"A batch of {size} does not split into {self.microbatches} microbatches "
                                   "(pp_microbatches): use a multiple of it.")
-        kwargs = {k: _per_sample(v, size) for k, v in batch.items()}
+        kwargs = {k: _per_sample(v, size, self.microbatches, k) for k, v in batch.items()}
         self._num_items = num_items
         losses: list[torch.Tensor] = []
         if backward:
@@ -162,9 +163,20 @@ class PipelineModel(nn.Module):
         return next((p.device for p in self.parameters()), torch.device("cpu"))
 
 
-def _per_sample(value: Any, size: int) -> Any:
+def _per_sample(value: Any, size: int, microbatches: int, name: str) -> Any:
     """Tensors with one row for the whole batch (``position_ids`` ``[1, seq]``) are expanded to one per sample, so
-    they split into microbatches like the inputs."""
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1 and size > 1:
-        return value.expand(size, *value.shape[1:])
+    they split into microbatches like the inputs. Other objects reach every microbatch whole, so one that carries
+    per-row tensors (a CP ``SequenceShard`` of padded or packed rows) is refused: :class:`MicrobatchError`."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] == 1 and size > 1:
+            return value.expand(size, *value.shape[1:])
+        return value
+    if microbatches > 1 and dataclasses.is_dataclass(value):
+        rows = [f.name for f in dataclasses.fields(value) if isinstance(getattr(value, f.name), torch.Tensor)
+                and getattr(value, f.name).dim() > 0 and getattr(value, f.name).shape[0] == size]
+        if rows:
+            raise MicrobatchError(
+                f"Batch entry {name!r} ({type(value).__name__}) holds per-row tensors {rows} that the pipeline cannot "
+                "split into microbatches: under context parallelism, use rows without padding or packing, or "
+                "pp_microbatches=1 (GPipe).")
     return value
