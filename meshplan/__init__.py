@@ -112,6 +112,8 @@ if TYPE_CHECKING:  # generated from _EXPORTS (see above): the real types for typ
     from .experts.tp_styles import ExpertParamLayout as ExpertParamLayout
     from .experts.tp_styles import ExpertsTensorParallel as ExpertsTensorParallel
     from .experts.tp_styles import IdentityExpertParallel as IdentityExpertParallel
+    from .pipeline.model import PipelineModel as PipelineModel
+    from .pipeline.options import PipelineParallelOptions as PipelineParallelOptions
     from .state.distributed_checkpoint import gather_full_state_dict as gather_full_state_dict
     from .state.distributed_checkpoint import load_distributed_checkpoint as load_distributed_checkpoint
     from .state.distributed_checkpoint import save_distributed_checkpoint as save_distributed_checkpoint
