@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/explain_scale.py                       # Llama-3-405B on 8 x 256 x 8 = 16,384 ranks
     .venv/bin/python bench/explain_scale.py --model llama3-70b --mesh dp_replicate=8,dp_shard=16,tp=8
+    .venv/bin/python bench/explain_scale.py --mesh dp_replicate=8,dp_shard=2048,tp=8 --no-bare --repeat 1  # 131,072
 
 Each repetition runs two child processes, alternating: ``bare`` builds the model on the meta device,
 a fake process group and the mesh, then calls ``parallelize_module`` with a hand-written Llama plan
@@ -9,7 +10,8 @@ and ``fully_shard`` on every decoder layer and the root; ``explain`` calls
 ``meshplan.dryrun.explain`` (model build, mesh, strategy lookup, plan resolution and validation,
 the fsdp2 strategy, and the report). Imports (torch, transformers, the model class) are done before
 the clock starts in both. Prints medians, the ratio (goal: explain <= 3x bare) and whether both
-count the same parameter elements on rank 0.
+count the same parameter elements on rank 0. ``--no-bare`` runs explain alone (time and peak RSS), e.g. at
+131,072 ranks, where the bare calls keep a tuple of every rank per ``DeviceMesh`` (gigabytes; explain shares one).
 """
 
 from __future__ import annotations
@@ -79,10 +81,11 @@ def _explain(model: str, mesh_spec: str) -> dict:
     from meshplan.dryrun import explain
 
     getattr(transformers, resolve_source(model).config["architectures"][0])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     report = explain(model, mesh_spec)
     end = time.perf_counter()
-    return {"seconds": end - start, **{f"phase_{k}": v for k, v in report["timings_s"].items()},
+    return {"seconds": end - start, "cpu_seconds": time.process_time() - cpu,
+            **{f"phase_{k}": v for k, v in report["timings_s"].items()},
             "local_elements": report["memory"]["parameters"]["local"],
             "max_local": report["memory"]["parameters"]["max_local"],
             "max_local_rank": report["memory"]["parameters"]["max_local_rank"],
@@ -106,18 +109,24 @@ def main() -> None:
     parser.add_argument("--model", default="llama3-405b")
     parser.add_argument("--mesh", default="dp_replicate=8,dp_shard=256,tp=8")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-bare", action="store_true", help="run only explain (time and peak RSS)")
     parser.add_argument("--child", choices=("bare", "explain"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args.child, args.model, args.mesh)
         return
-    runs: dict[str, list[dict]] = {"bare": [], "explain": []}
+    runs: dict[str, list[dict]] = {"explain": []} if args.no_bare else {"bare": [], "explain": []}
     for _ in range(args.repeat):
         for kind in runs:
             runs[kind].append(_run(kind, args.model, args.mesh))
-    bare = statistics.median(r["seconds"] for r in runs["bare"])
     explained = statistics.median(r["seconds"] for r in runs["explain"])
     print(f"{args.model} on {args.mesh} ({args.repeat} runs each, medians)")
+    if args.no_bare:
+        print(f"  meshplan explain (everything + report):   {explained:6.2f} s   "
+              f"({statistics.median(r['cpu_seconds'] for r in runs['explain']):.2f} s CPU)   "
+              f"peak RSS {max(r['peak_rss_gb'] for r in runs['explain']):.2f} GB")
+        return
+    bare = statistics.median(r["seconds"] for r in runs["bare"])
     print(f"  bare torch calls (build, mesh, TP, FSDP): {bare:6.2f} s   "
           f"peak RSS {max(r['peak_rss_gb'] for r in runs['bare']):.2f} GB")
     print(f"  meshplan explain (everything + report):   {explained:6.2f} s   "

@@ -21,6 +21,7 @@ from meshplan.core.torch_private import StridedShard as _StridedShard
 from meshplan.dryrun import explain, render_text
 from meshplan.dryrun.all_ranks import all_ranks, fsdp_sharded_parameters
 from meshplan.dryrun.name_summary import expand_pattern, summarize_names
+from meshplan.dryrun.shared_ranks import share_rank_list
 from meshplan.dryrun.values import json_value
 
 
@@ -361,3 +362,21 @@ def test_expert_parallel_plan_and_worst_rank():
     params = report["memory"]["parameters"]
     assert params["max_local"] >= params["local"] and params["max_local_rank"] is not None
     assert "ep plan" in render_text(report)
+
+
+def test_dry_run_meshes_share_one_rank_tuple():
+    """Meshes sliced, flattened or concatenated from the dry run's root share one tuple of ranks and equal the
+    meshes torch builds without sharing (ranks, hash, equality)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    with meshplan.fake_process_group(16, rank=5):
+        plain, shared = build_mesh({"dp_shard": 4, "tp": 4}), build_mesh({"dp_shard": 4, "tp": 4})
+        share_rank_list(shared)
+        derived = [(shared["tp"], plain["tp"]), (shared["dp_shard"], plain["dp_shard"]),
+                   (shared._flatten("dp_tp"), plain._flatten("dp_tp")),
+                   (DeviceMesh._concatenate([shared["dp_shard"], shared["tp"]]),
+                    DeviceMesh._concatenate([plain["dp_shard"], plain["tp"]]))]
+        for mine, torchs in derived:
+            assert mine._flatten_rank_map is shared._flatten_rank_map
+            assert mine == torchs and hash(mine) == hash(torchs)
+            assert torch.equal(mine.mesh, torchs.mesh) and mine.get_coordinate() == torchs.get_coordinate()

@@ -25,6 +25,7 @@ from .all_ranks import AllRanks, RankLayoutUnknown, all_ranks, fsdp_sharded_para
 from .balance import imbalance_note, replicated_parameters
 from .layout import ParamLayout, fsdp_units, memory, param_layouts
 from .name_summary import summarize_names
+from .shared_ranks import share_rank_list
 from .values import json_value
 
 #: Roles whose ranks should each hold a different piece of every matrix.
@@ -237,6 +238,7 @@ def _explain_in_world(
 
     with phases("mesh"):
         device_mesh = build_mesh(dims, "cpu")
+        share_rank_list(device_mesh)  # one tuple of the world's ranks for every mesh derived from it
         report["mesh"] = {"dims": dims, "world_size": device_mesh.size(), "rank": torch.distributed.get_rank(),
                           "coordinate": dict(zip(dims, device_mesh.get_coordinate() or ())),
                           "roles": {}}
