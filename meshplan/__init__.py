@@ -47,10 +47,11 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "gather_full_state_dict", "save_distributed_checkpoint", "load_distributed_checkpoint",
     ),
     # custom parallel styles
-    ".tensor_parallel.custom_styles": (
-        "PackedColwiseParallel", "PackedRowwiseParallel", "ReplicatedWithGradAllReduce", "KeepReplicated",
-        "PrepareHiddenStates", "ChainedStyles",
-    ),
+    ".tensor_parallel.styles.protocol": ("Style", "StyleTraits", "ParamSplit"),
+    ".tensor_parallel.styles.packed": ("PackedColwiseParallel", "PackedRowwiseParallel"),
+    ".tensor_parallel.styles.local_parameters": ("ReplicatedWithGradAllReduce",),
+    ".tensor_parallel.styles.composition": ("KeepReplicated", "ChainedStyles"),
+    ".tensor_parallel.styles.hidden_states": ("PrepareHiddenStates",),
     ".experts.tp_styles": ("ExpertsTensorParallel", "ExpertParamLayout", "IdentityExpertParallel"),
     # pipeline parallelism
     ".pipeline.model": ("PipelineModel",),
@@ -134,12 +135,15 @@ if TYPE_CHECKING:  # generated from _EXPORTS (see above): the real types for typ
     from .strategies.megatron_fsdp import MegatronFSDPOptions as MegatronFSDPOptions
     from .strategies.megatron_fsdp import MegatronFSDPStrategy as MegatronFSDPStrategy
     from .strategies.megatron_fsdp import parallelize_megatron_fsdp as parallelize_megatron_fsdp
-    from .tensor_parallel.custom_styles import ChainedStyles as ChainedStyles
-    from .tensor_parallel.custom_styles import KeepReplicated as KeepReplicated
-    from .tensor_parallel.custom_styles import PackedColwiseParallel as PackedColwiseParallel
-    from .tensor_parallel.custom_styles import PackedRowwiseParallel as PackedRowwiseParallel
-    from .tensor_parallel.custom_styles import PrepareHiddenStates as PrepareHiddenStates
-    from .tensor_parallel.custom_styles import ReplicatedWithGradAllReduce as ReplicatedWithGradAllReduce
+    from .tensor_parallel.styles.composition import ChainedStyles as ChainedStyles
+    from .tensor_parallel.styles.composition import KeepReplicated as KeepReplicated
+    from .tensor_parallel.styles.hidden_states import PrepareHiddenStates as PrepareHiddenStates
+    from .tensor_parallel.styles.local_parameters import ReplicatedWithGradAllReduce as ReplicatedWithGradAllReduce
+    from .tensor_parallel.styles.packed import PackedColwiseParallel as PackedColwiseParallel
+    from .tensor_parallel.styles.packed import PackedRowwiseParallel as PackedRowwiseParallel
+    from .tensor_parallel.styles.protocol import ParamSplit as ParamSplit
+    from .tensor_parallel.styles.protocol import Style as Style
+    from .tensor_parallel.styles.protocol import StyleTraits as StyleTraits
     from .training.compile import compile_blocks as compile_blocks
     from .training.grad_norm import clip_grad_norm_ as clip_grad_norm_
     from .training.grad_norm import grad_norm as grad_norm

@@ -29,11 +29,11 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..core.errors import ExpertParallelError
 from ..core.torch_private import concatenate
 from ..introspection.experts import expert_count as fused_expert_count
+from ..tensor_parallel.styles.protocol import ParamSplit, Placements, Style
 from .token_dispatch import combine, dispatch, gather_tokens, split_tokens
 
 #: Attribute that marks a module the style was applied to: ``(global experts, EP size)``.
@@ -63,7 +63,7 @@ def expert_parameters(module: nn.Module, params: Sequence[str] | None = None) ->
     return [name for name, p in module.named_parameters(recurse=False) if p.ndim >= 1 and p.shape[0] == count]
 
 
-class ExpertParallel(ParallelStyle):
+class ExpertParallel(Style):
     """Experts split by expert over the EP mesh, tokens exchanged by all-to-all (see the module docstring).
 
     Args:
@@ -99,9 +99,14 @@ class ExpertParallel(ParallelStyle):
             raise ExpertParallelError(f"ep_size={ep_size} does not divide the {count} experts of "
                                       f"{type(module).__name__}; ep_size must be one of {divisors}.")
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+    shards_parameters = True
+
+    def placements(self, module: nn.Module) -> Placements | None:
+        """Each expert parameter split along its expert dim (over the EP mesh)."""
+        return {name: ParamSplit(0) for name in expert_parameters(module, self.params)}
+
+    def parallelize(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         ep_size = device_mesh.size()
-        self.check(module, ep_size)
         count = split_count(module, self.params)
         names = expert_parameters(module, self.params)
         own = dict(module.named_parameters(recurse=False))

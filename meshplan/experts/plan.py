@@ -95,7 +95,7 @@ def experts_tp_sharded(tp_plan: ResolvedPlan | None, ep_plan: ResolvedPlan) -> b
     """Whether the TP plan shards the experts modules of the EP plan (then EP cannot borrow the TP ranks)."""
     if tp_plan is None:
         return False
-    from ..tensor_parallel.custom_styles import KeepReplicated
+    from ..tensor_parallel.styles.composition import KeepReplicated
 
     sharded = {fqn for key, style in tp_plan.styles.items() if not isinstance(style, KeepReplicated)
                for fqn in tp_plan.matches.get(key, ())}

@@ -5,7 +5,7 @@ transformers 5.24 does with ``packed_colwise`` on ``experts.gate_up_proj``, ``ro
 and ``moe_tp_experts`` on the module:
 
 * ``gate_up_proj [E, 2*I, H]`` -> ``Shard(1)``, packed: each rank keeps ``[gate_r; up_r]`` of every expert (stored
-  rank-major like :class:`~meshplan.tensor_parallel.custom_styles.PackedColwiseParallel`, so a gathered tensor
+  rank-major like :class:`~meshplan.tensor_parallel.styles.packed.PackedColwiseParallel`, so a gathered tensor
   goes through :func:`~meshplan.state.packing.unpack_full_state_dict`);
 * ``down_proj [E, H, I]`` -> ``Shard(2)``; a ``down_proj_bias`` stays replicated and each rank adds ``1 / tp``;
 * the module's own forward (any experts implementation: eager loop, ``grouped_mm``, ``batched_mm``) runs on the
@@ -24,14 +24,10 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial
-from torch.distributed.tensor.parallel import ParallelStyle
 
-from ..tensor_parallel.custom_styles import (
-    _LocalParameterForward,
-    all_reduce_forward,
-    distribute_parameter,
-    replicated_local_input,
-)
+from ..tensor_parallel.styles.gradients import all_reduce_forward, replicated_local_input
+from ..tensor_parallel.styles.local_parameters import LocalParameterForward
+from ..tensor_parallel.styles.protocol import ParamSplit, Placements, Style
 from .modules import SUMMAND, ExpertParamLayout, check_param_layouts, infer_param_layouts
 
 #: Keyword names transformers' MoE blocks use for the routing weights when they are not passed positionally
@@ -39,7 +35,7 @@ from .modules import SUMMAND, ExpertParamLayout, check_param_layouts, infer_para
 ROUTING_WEIGHT_KEYWORDS = ("top_k_weights", "topk_weights", "routing_weights", "router_scores", "gammas")
 
 
-class ExpertsTensorParallel(_LocalParameterForward):
+class ExpertsTensorParallel(LocalParameterForward):
     """Every expert of a fused experts module split along its intermediate size (``moe_tp_experts``).
 
     ``params`` maps parameter names to their :class:`ExpertParamLayout`; the module's other parameters are read
@@ -51,9 +47,24 @@ class ExpertsTensorParallel(_LocalParameterForward):
         super().__init__()
         self.params = dict(params) if params is not None else None
 
+    shards_parameters = True
+
     def layouts(self, module: nn.Module) -> dict[str, ExpertParamLayout]:
         """The layouts this style gives ``module``'s parameters (``params``, the others inferred)."""
         return infer_param_layouts(module, self.params)
+
+    def placements(self, module: nn.Module) -> Placements | None:
+        """Each laid-out parameter's split: packed along its (non-negative) dim, or replicated and added once."""
+        placements: dict[str, ParamSplit] = {}
+        for name, layout in self.layouts(module).items():
+            if layout.dim is None:
+                placements[name] = ParamSplit(None, summand=True)
+                continue
+            param = module.get_parameter(name)
+            dim = layout.dim % param.ndim
+            parts = (param.shape[dim] // layout.parts,) * layout.parts if layout.parts > 1 else ()
+            placements[name] = ParamSplit(dim, parts)
+        return placements
 
     def check(self, module: nn.Module, tp_size: int) -> None:
         """Typed errors for a module this style cannot split in ``tp_size`` (no collective; same on every rank)."""
@@ -64,15 +75,8 @@ class ExpertsTensorParallel(_LocalParameterForward):
             return param.to_local(grad_placements=[Partial()]) / param.device_mesh.size()
         return param.to_local()
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        world = device_mesh.size()
-        layouts = self.layouts(module)
-        check_param_layouts(module, layouts, world)
-        for name, layout in layouts.items():
-            param = getattr(module, name)
-            dim = None if layout.dim is None else layout.dim % param.ndim
-            parts = (param.shape[dim] // layout.parts,) * layout.parts if dim is not None else ()
-            distribute_parameter(module, name, device_mesh, dim, parts)
+    def parallelize(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        self.distribute_parameters(module, device_mesh)
         module.register_forward_pre_hook(self._inputs(device_mesh), with_kwargs=True)
         module.register_forward_hook(lambda mod, args, out: all_reduce_forward(out, device_mesh)
                                      if isinstance(out, torch.Tensor) else out)
@@ -93,12 +97,12 @@ class ExpertsTensorParallel(_LocalParameterForward):
         return f"{type(self).__name__}(params={shown})"
 
 
-class IdentityExpertParallel(ParallelStyle):
+class IdentityExpertParallel(Style):
     """An identity ("zero") expert inside a TP-split experts module (``moe_identity_expert``, LongCat-Flash):
     its input is divided by the TP size, so the all-reduce of the experts' output adds it exactly once; the
     gradient flows back through the experts' ``hidden_states``, which :class:`ExpertsTensorParallel` sums."""
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+    def parallelize(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         world = device_mesh.size()
 
         def scale(mod: nn.Module, args: tuple) -> tuple:
@@ -106,6 +110,9 @@ class IdentityExpertParallel(ParallelStyle):
 
         module.register_forward_pre_hook(scale)
         return module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
 __all__ = ["SUMMAND", "ExpertParamLayout", "ExpertsTensorParallel", "IdentityExpertParallel"]

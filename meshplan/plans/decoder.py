@@ -36,8 +36,9 @@ from torch.distributed.tensor.parallel import (
 from ..core.errors import PlanError
 from ..introspection.embeddings import embedding_modules, module_name
 from ..introspection.experts import find_expert_modules
-from ..tensor_parallel.custom_styles import ChainedStyles, PrepareHiddenStates, PrepareHiddenStatesOutput
 from ..tensor_parallel.matching import match_key, within
+from ..tensor_parallel.styles.composition import ChainedStyles
+from ..tensor_parallel.styles.hidden_states import PrepareHiddenStates, PrepareHiddenStatesOutput
 
 SEQUENCE = Shard(1)
 

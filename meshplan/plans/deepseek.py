@@ -31,7 +31,7 @@ def deepseek_layer_styles(rope_dim: int) -> dict[str, ParallelStyle]:
     adds (keys relative to the layer); ``rope_dim`` is ``config.qk_rope_head_dim``."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    from ..tensor_parallel.custom_styles import MlaKvAProjParallel
+    from ..tensor_parallel.styles.module_state import MlaKvAProjParallel
 
     styles: dict[str, ParallelStyle] = {key: ColwiseParallel() for key in (*MLA_COLWISE, *MLP_COLWISE)}
     styles.update({key: RowwiseParallel() for key in ROWWISE})

@@ -61,7 +61,7 @@ def per_layer_input_styles(text: str) -> dict[str, ParallelStyle]:
     docstring); ``text`` is the text model's name."""
     from torch.distributed.tensor import Replicate, Shard
 
-    from ..tensor_parallel.custom_styles import PrepareHiddenStates
+    from ..tensor_parallel.styles.hidden_states import PrepareHiddenStates
     from ..tensor_parallel.vocabulary import builtin_style
 
     prefix = f"{text}." if text else ""

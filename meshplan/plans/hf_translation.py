@@ -69,8 +69,9 @@ from ..experts.modules import hf_layout_corrections, layouts_from_hf
 from ..experts.tp_styles import ExpertsTensorParallel, IdentityExpertParallel
 from ..introspection.config import model_configs
 from ..introspection.embeddings import are_tied, embedding_modules, module_name
-from ..tensor_parallel.custom_styles import LocalShardedParameters, MlaKvAProjParallel, ReplicatedWithGradAllReduce
 from ..tensor_parallel.matching import covering_keys, match_key, match_parameter_key
+from ..tensor_parallel.styles.local_parameters import LocalShardedParameters, ReplicatedWithGradAllReduce
+from ..tensor_parallel.styles.module_state import MlaKvAProjParallel
 from ..tensor_parallel.vocabulary import make_style
 from .decoder import add_sequence_parallel, find_decoder_layout
 from .hf_completion import (

@@ -3,7 +3,7 @@
 vocab-parallel embedding.
 
 Both embeddings are an ``nn.Embedding`` that normalizes the lookup (``InklingNormedEmbedding``);
-``embedding_rowwise`` (:class:`~meshplan.tensor_parallel.custom_styles.VocabParallelEmbedding`) all-reduces the
+``embedding_rowwise`` (:class:`~meshplan.tensor_parallel.styles.embedding.VocabParallelEmbedding`) all-reduces the
 lookup before the norm, so the plans make it vocab-parallel (transformers' Inkling 2 plan says ``replicate``). Each
 attention block (sliding and full) is split by heads, every rank computing its own query and KV heads.
 
@@ -87,7 +87,9 @@ def _convolution_styles(sconv: nn.Module) -> dict[str, ParallelStyle]:
     forward) or a dynamic one (``static_weight`` and ``weight_proj``, reshaped by ``num_heads``)."""
     from torch.distributed.tensor.parallel import ColwiseParallel
 
-    from ..tensor_parallel.custom_styles import ChainedStyles, LocalHeadCount, LocalShardedParameters
+    from ..tensor_parallel.styles.composition import ChainedStyles
+    from ..tensor_parallel.styles.local_parameters import LocalShardedParameters
+    from ..tensor_parallel.styles.module_state import LocalHeadCount
 
     conv = getattr(sconv, "conv1d", None)
     if conv is not None:
@@ -102,7 +104,8 @@ def inkling_attention_styles(attention: nn.Module) -> dict[str, ParallelStyle]:
     (module docstring)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    from ..tensor_parallel.custom_styles import LocalHeadCount, ReplicatedWithGradAllReduce
+    from ..tensor_parallel.styles.local_parameters import ReplicatedWithGradAllReduce
+    from ..tensor_parallel.styles.module_state import LocalHeadCount
 
     styles: dict[str, ParallelStyle] = {"": LocalHeadCount()}
     styles.update({key: ColwiseParallel() for key in INKLING_COLWISE})
@@ -118,12 +121,9 @@ def inkling2_attention_styles(attention: nn.Module) -> dict[str, ParallelStyle]:
     """Styles (keys relative to the block) splitting an Inkling 2 attention block by heads (module docstring)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    from ..tensor_parallel.custom_styles import (
-        ChainedStyles,
-        LocalHeadCount,
-        LocalShardedParameters,
-        ReplicatedWithGradAllReduce,
-    )
+    from ..tensor_parallel.styles.composition import ChainedStyles
+    from ..tensor_parallel.styles.local_parameters import LocalShardedParameters, ReplicatedWithGradAllReduce
+    from ..tensor_parallel.styles.module_state import LocalHeadCount
 
     styles: dict[str, ParallelStyle] = {key: ColwiseParallel() for key in COLWISE}
     styles.update({key: RowwiseParallel() for key in ROWWISE})

@@ -3,7 +3,7 @@
 
 Llama 4's MoE block adds the routed experts' output *in place* to the shared expert's output. That output comes
 from a row-wise ``down_proj``, i.e. a view made inside DTensor's ``to_local``, which autograd does not let a caller
-modify in place; :class:`~meshplan.tensor_parallel.custom_styles.OwnedOutput` returns a copy (one ``[tokens,
+modify in place; :class:`~meshplan.tensor_parallel.styles.hidden_states.OwnedOutput` returns a copy (one ``[tokens,
 hidden]`` copy per MoE layer).
 """
 
@@ -27,7 +27,8 @@ SHARED_EXPERT_OUTPUT = "feed_forward.shared_expert.down_proj"
 def llama4_plan(model: nn.Module, sequence_parallel: bool = False, registry: Registry | None = None,
                 ) -> dict[str, ParallelStyle]:
     """The translated transformers plan; the shared expert's ``down_proj`` also returns a copy of its output."""
-    from ..tensor_parallel.custom_styles import ChainedStyles, OwnedOutput
+    from ..tensor_parallel.styles.composition import ChainedStyles
+    from ..tensor_parallel.styles.hidden_states import OwnedOutput
     from .hf_translation import hf_tp_plan
 
     plan = hf_tp_plan(model, sequence_parallel, registry=registry)

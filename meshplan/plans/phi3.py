@@ -23,7 +23,7 @@ def phi3_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, Pa
     """TP (or TP+SP) plan for Phi3: packed q/k/v and gate/up, row-wise o/down."""
     from torch.distributed.tensor.parallel import RowwiseParallel
 
-    from ..tensor_parallel.custom_styles import PackedColwiseParallel
+    from ..tensor_parallel.styles.packed import PackedColwiseParallel
     from .decoder import decoder_plan
     from .phi3_attention import Phi3LocalHeads
 

@@ -6,13 +6,14 @@ import copy
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import ParallelStyle
+
+from ..tensor_parallel.styles.protocol import Style
 
 
-class Phi3LocalHeads(ParallelStyle):
+class Phi3LocalHeads(Style):
     """Give a Phi3 attention module a shallow copy of its config with this rank's head counts (no comms)."""
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+    def parallelize(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         tp = device_mesh.size()
         config = copy.copy(module.config)
         config.num_attention_heads //= tp

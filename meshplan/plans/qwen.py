@@ -22,7 +22,7 @@ QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
 
 def qk_norm_layer_styles() -> dict[str, ParallelStyle]:
     """Llama-style layer styles plus head-sharded q/k norms (Qwen3, Gemma3)."""
-    from ..tensor_parallel.custom_styles import ReplicatedWithGradAllReduce
+    from ..tensor_parallel.styles.local_parameters import ReplicatedWithGradAllReduce
 
     return {**llama_layer_styles(), **{key: ReplicatedWithGradAllReduce() for key in QK_NORMS}}
 

@@ -8,7 +8,7 @@ share KV head ``g = r // (tp // kv_heads)``:
 * :class:`ReplicatedKeyValueProjection` (``k_proj`` / ``v_proj``): the weight and bias stay whole on every rank as
   replicated DTensors (so FSDP2, state dicts, DCP and ``explain`` see ordinary replicated parameters); each rank
   computes the whole projection and keeps head ``g``. The projection output's gradient is summed over the TP ranks
-  (:func:`~meshplan.tensor_parallel.custom_styles.all_reduce_backward`) before it reaches the weight and the input,
+  (:func:`~meshplan.tensor_parallel.styles.gradients.all_reduce_backward`) before it reaches the weight and the input,
   so their gradients are complete and identical on every rank and are not reduced again.
 * :class:`ReplicatedKeyValueAttention` (the attention module): it computes with one local KV head, so its
   ``num_key_value_groups`` (what transformers' eager / sdpa attention repeat the KV heads by) becomes this rank's
@@ -29,20 +29,18 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle
+from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..core.errors import PlanError, TensorParallelSizeError
 from ..core.log import get_logger, log_rank0
-from .custom_styles import (
-    ChainedStyles,
-    KeepReplicated,
-    PrepareHiddenStates,
-    all_reduce_backward,
-    replicate_parameters,
-    run_on_local_parameters,
-)
 from .matching import covering_keys, match_key, within
 from .plan import ResolvedPlan, describe_style
+from .styles.composition import ChainedStyles
+from .styles.gradients import all_reduce_backward
+from .styles.hidden_states import PrepareHiddenStates
+from .styles.local_parameters import replicate_parameters, run_on_local_parameters
+from .styles.protocol import REPLICATED, ParamSplit, Placements, Style
+from .styles.traits import shards_parameters, traits_of
 
 logger = get_logger(__name__)
 
@@ -52,7 +50,7 @@ KEY_VALUE_PROJECTIONS = ("k_proj", "v_proj")
 KEY_VALUE_HEAD_COUNTS = ("num_key_value_heads", "num_kv_heads")
 
 
-class ReplicatedKeyValueProjection(ParallelStyle):
+class ReplicatedKeyValueProjection(Style):
     """A key or value ``nn.Linear`` of ``kv_heads`` heads of ``head_dim`` features, replicated on every TP rank;
     rank ``r`` returns the plain local tensor of head ``r // (tp // kv_heads)`` (see the module docstring). The input
     may be a DTensor (made ``Replicate``, as sequence parallel gives it) or a plain tensor in ``input_layout``
@@ -74,16 +72,18 @@ class ReplicatedKeyValueProjection(ParallelStyle):
             raise TensorParallelSizeError(f"{type(self).__name__}: the TP size {tp_size} is no multiple of the "
                                           f"{self.kv_heads} key/value heads.")
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+    def placements(self, module: nn.Module) -> Placements | None:
+        return {name: REPLICATED for name, _ in module.named_parameters(recurse=False)}
+
+    def parallelize(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         tp_size = device_mesh.size()
-        self.check(module, tp_size)
         replicate_parameters(module, device_mesh)
         start = device_mesh.get_local_rank() // (tp_size // self.kv_heads) * self.head_dim
 
         def own_head(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             return all_reduce_backward(output, device_mesh).narrow(-1, start, self.head_dim).contiguous()
 
-        PrepareHiddenStates(self.input_layout, Replicate(), argument="input", use_local_output=True)._apply(
+        PrepareHiddenStates(self.input_layout, Replicate(), argument="input", use_local_output=True).parallelize(
             module, device_mesh)
         module.register_forward_hook(own_head)
         # the local views' gradients are complete (the output gradient is summed): declared Replicate, not reduced
@@ -96,7 +96,7 @@ class ReplicatedKeyValueProjection(ParallelStyle):
         return f"{type(self).__name__}(kv_heads={self.kv_heads}, head_dim={self.head_dim}{layout})"
 
 
-class ReplicatedKeyValueAttention(ParallelStyle):
+class ReplicatedKeyValueAttention(Style):
     """The attention module whose ``kv_heads`` key/value heads are replicated (:class:`ReplicatedKeyValueProjection`)
     computes with one local KV head: ``num_key_value_groups`` becomes the local query-head count
     ``num_key_value_groups * kv_heads // tp``, and an integer ``num_key_value_heads`` / ``num_kv_heads`` becomes 1."""
@@ -118,9 +118,8 @@ class ReplicatedKeyValueAttention(ParallelStyle):
                 f"{self.kv_heads} key/value heads; the TP size {tp_size} must divide the first and be a multiple of "
                 "the second.")
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+    def parallelize(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         tp_size = device_mesh.size()
-        self.check(module, tp_size)
         module.num_key_value_groups = module.num_key_value_groups * self.kv_heads // tp_size
         for name in KEY_VALUE_HEAD_COUNTS:
             if isinstance(getattr(module, name, None), int):
@@ -153,15 +152,26 @@ def _standard_head_dim(module: nn.Module) -> int | None:
     return head_dim if k.out_features == v.out_features and k.out_features % head_dim == 0 else None
 
 
-def _local_colwise(style: ParallelStyle | None) -> bool:
-    """Whether ``style`` is torch's column-wise split of a Linear whose local output columns are this rank's heads."""
-    return (isinstance(style, ColwiseParallel) and type(style)._apply is ColwiseParallel._apply
-            and style.use_local_output and tuple(style.output_layouts) == (Shard(-1),))
+def _weight_split(style: ParallelStyle | None, linear: nn.Module | None) -> ParamSplit | None:
+    """The split ``style`` declares for ``linear``'s weight (``None``: no style, no Linear, or unknown)."""
+    if style is None or not isinstance(linear, nn.Linear):
+        return None
+    placements = traits_of(style).placements(linear)
+    return None if placements is None else placements.get("weight")
 
 
-def _gathered_colwise(style: ParallelStyle | None) -> bool:
-    """Whether ``style`` is a column-wise Linear split whose output is gathered (``colwise_gather_output``)."""
-    return isinstance(style, ColwiseParallel) and tuple(style.output_layouts) == (Replicate(),)
+def _local_colwise(style: ParallelStyle | None, linear: nn.Module | None) -> bool:
+    """Whether ``style`` splits ``linear``'s output features, unpacked, into a local output whose columns are this
+    rank's heads (torch's ``ColwiseParallel()``)."""
+    return (_weight_split(style, linear) == ParamSplit(0) and getattr(style, "use_local_output", False)
+            and tuple(getattr(style, "output_layouts", ())) == (Shard(-1),))
+
+
+def _gathered_colwise(style: ParallelStyle | None, linear: nn.Module | None) -> bool:
+    """Whether ``style`` splits ``linear``'s output features and gathers its output (``colwise_gather_output``)."""
+    split = _weight_split(style, linear)
+    return (split is not None and split.dim == 0
+            and tuple(getattr(style, "output_layouts", ())) == (Replicate(),))
 
 
 def _refusal(fqn: str, module: nn.Module, kv_heads: int, tp_size: int, reason: str) -> TensorParallelSizeError:
@@ -195,13 +205,13 @@ def _kv_plan(fqn: str, module: nn.Module, tp_size: int, style_of: dict[str, Para
     styles = {name: style_of.get(f"{fqn}.{name}") for name in KEY_VALUE_PROJECTIONS}
     if all(isinstance(style, ReplicatedKeyValueProjection) for style in styles.values()):
         return None  # a plan fitted before (``prepared.plan.styles`` passed back as ``tp_plan``)
-    if all(_gathered_colwise(style) for style in styles.values()):
-        if _local_colwise(style_of.get(f"{fqn}.q_proj")):
+    if all(_gathered_colwise(style, getattr(module, name)) for name, style in styles.items()):
+        if _local_colwise(style_of.get(f"{fqn}.q_proj"), getattr(module, "q_proj", None)):
             raise _refusal(fqn, module, kv_heads, tp_size, "its k_proj / v_proj outputs are gathered while q_proj is "
                            "split, so every rank would repeat all key/value heads against its local query heads")
         return None  # every rank sees every KV head
     for name, style in styles.items():
-        if not _local_colwise(style):
+        if not _local_colwise(style, getattr(module, name)):
             shown = "no style" if style is None else f"style {describe_style(style)}"
             raise _refusal(fqn, module, kv_heads, tp_size, f"its {name} has {shown}, not the column-wise split "
                            "(ColwiseParallel with local output) whose place the replicated projection takes")
@@ -223,8 +233,7 @@ def replicate_key_value_heads(model: nn.Module, plan: ResolvedPlan, tp_size: int
     if all(count % tp_size == 0 for count in kv_heads):
         return plan
     style_of = {fqn: plan.styles[key] for key, found in plan.matches.items() for fqn in found}
-    split = [fqn for key, found in plan.matches.items() if not isinstance(plan.styles[key], KeepReplicated)
-             for fqn in found]
+    split = [fqn for key, found in plan.matches.items() if shards_parameters(plan.styles[key]) for fqn in found]
     changed: dict[str, ParallelStyle] = {}
     added: dict[str, ReplicatedKeyValueAttention] = {}
     for fqn, module in attention.items():

@@ -19,7 +19,7 @@ its own forward — transformers' torch path or a fused kernel — compute on th
 Every style is self-contained, so it is correct whatever the rest of the plan does: the mixer's hidden-states
 input is used replicated (its gradient summed over TP in backward), its output is this rank's partial sum,
 all-reduced once; a row-wise bias stays replicated and each rank adds ``1 / tp`` of it. Packed parameters are
-stored rank-major like :class:`~meshplan.tensor_parallel.custom_styles.PackedColwiseParallel` (a gathered full
+stored rank-major like :class:`~meshplan.tensor_parallel.styles.packed.PackedColwiseParallel` (a gathered full
 tensor goes through :func:`~meshplan.state.packing.unpack_full_state_dict`).
 
 A mixer is recognized by structure (:func:`mixer_style_name`: its kind,
@@ -40,40 +40,13 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-from torch.distributed.tensor.parallel import ParallelStyle
+from torch.distributed.tensor import DTensor, Partial
 
 from ..core.errors import PlanError, TensorParallelSizeError
 from ..introspection.mixers import mixer_kind
-from .custom_styles import (
-    LocalizedParameters,
-    all_reduce_backward,
-    all_reduce_forward,
-    distribute_parameter,
-    replicated_local_input,
-    run_on_local_parameters,
-)
-
-
-@dataclass(frozen=True)
-class ParamSplit:
-    """How one parameter of a mixer is split: ``Shard(dim)``, each rank keeping an equal slice of each packed
-    part (``parts``: their sizes along ``dim``); or ``dim=None``: replicated, with the gradient summed over TP
-    (it only sees this rank's channels), and ``summand``: added to a partial sum, so each rank adds ``1 / tp``."""
-
-    dim: int | None
-    parts: tuple[int, ...] = ()
-    summand: bool = False
-
-    def placement(self) -> str:
-        """The placement as text (``"packed Shard(0)"`` for packed parts), as reports show it."""
-        if self.dim is None:
-            return str(Replicate())
-        return ("packed " if len(self.parts) > 1 else "") + str(Shard(self.dim))
-
-
-REPLICATED, SUMMAND = ParamSplit(None), ParamSplit(None, summand=True)
-COLUMNS, ROWS = ParamSplit(0), ParamSplit(1)
+from .styles.gradients import all_reduce_backward, all_reduce_forward, replicated_local_input
+from .styles.local_parameters import LocalizedParameters, run_on_local_parameters
+from .styles.protocol import COLUMNS, REPLICATED, ROWS, SUMMAND, ParamSplit, Placements, Style
 
 
 @dataclass(frozen=True)
@@ -233,7 +206,7 @@ def _local(param: DTensor, split: ParamSplit) -> torch.Tensor:
     return local / param.device_mesh.size() if split.summand else local
 
 
-class MixerParallel(ParallelStyle):
+class MixerParallel(Style):
     """Shared part of the mixer styles: a subclass names its family's :attr:`split` function.
 
     ``replicate_if_indivisible``: a mixer whose sizes do not divide by the TP size is taken out of the plan when it
@@ -241,6 +214,7 @@ class MixerParallel(ParallelStyle):
     :class:`TensorParallelSizeError`.
     """
 
+    shards_parameters = True
     #: ``module -> MixerSplit`` (PlanError when the module is not of the family)
     split: Callable[[nn.Module], MixerSplit]
 
@@ -251,9 +225,9 @@ class MixerParallel(ParallelStyle):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(replicate_if_indivisible={self.replicate_if_indivisible})"
 
-    def placements(self, module: nn.Module) -> dict[str, str]:
-        """The TP placement, as text, of each parameter of ``module`` (names relative to it)."""
-        return {name: split.placement() for name, split in self.split(module).params.items()}
+    def placements(self, module: nn.Module) -> Placements | None:
+        """The split of each parameter of ``module`` (names relative to it)."""
+        return dict(self.split(module).params)
 
     def whole_reason(self, module: nn.Module, tp_size: int) -> str | None:
         """Why ``module`` stays whole at ``tp_size`` (``replicate_if_indivisible`` only; the plan is then fitted
@@ -272,12 +246,10 @@ class MixerParallel(ParallelStyle):
                 f"{type(self).__name__} cannot split {type(module).__name__}: {why}. Use a TP size that divides it, "
                 "or leave the mixer out of the TP plan (it then stays replicated).")
 
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+    def parallelize(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         tp_size = device_mesh.size()
         split = self.split(module)
-        self._refuse_indivisible(module, split, tp_size)
-        for name, param_split in split.params.items():
-            _distribute(module, name, param_split, device_mesh)
+        self.distribute_parameters(module, device_mesh)
         for name, value in split.attributes.items():
             setattr(module, name, value // tp_size)
         for name in split.reduced:
@@ -330,13 +302,6 @@ def mixer_style_name(module: nn.Module) -> str | None:
 
 
 # --- applying a split ----------------------------------------------------------------------------------
-def _distribute(module: nn.Module, name: str, split: ParamSplit, mesh: DeviceMesh) -> None:
-    """Replace parameter ``name`` (relative to ``module``) by its DTensor, packing its parts rank-major first."""
-    owner_name, _, param_name = name.rpartition(".")
-    distribute_parameter(module.get_submodule(owner_name), param_name, mesh, split.dim,
-                         split.parts if split.dim is not None else ())
-
-
 def _prepare_input(module: nn.Module, args: tuple, kwargs: dict, *, mesh: DeviceMesh) -> tuple[tuple, dict]:
     """The hidden states (first positional argument or ``hidden_states=``) as a replicated local tensor whose
     gradient is summed over TP in backward."""
@@ -358,7 +323,7 @@ def _reduce_output(module: nn.Module, args: tuple, output: Any, *, mesh: DeviceM
 
 def _run_on_local_parameters(module: nn.Module, split: MixerSplit) -> nn.Module:
     """Wrap ``module.forward`` so that it (and its children) read this rank's local tensors of the split
-    parameters (:func:`~meshplan.tensor_parallel.custom_styles.run_on_local_parameters`)."""
+    parameters (:func:`~meshplan.tensor_parallel.styles.local_parameters.run_on_local_parameters`)."""
     def localized() -> LocalizedParameters:
         found = []
         for name, param_split in split.params.items():

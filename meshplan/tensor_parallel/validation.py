@@ -42,7 +42,7 @@ def splits_attention(attention: Collection[str], plan: ResolvedPlan) -> bool:
     (:func:`~meshplan.introspection.attention.head_attention_modules`) or of a module inside one, i.e. may split
     attention heads; styles that only move activations (sequence parallel's gathers) or keep modules whole do not
     count."""
-    from .custom_styles import shards_parameters  # DTensor styles: imported when a plan is used
+    from .styles.traits import shards_parameters  # DTensor styles: imported when a plan is used
 
     return any(within(fqn, attention) for key, found in plan.matches.items()
                if shards_parameters(plan.styles[key]) for fqn in found)
@@ -109,7 +109,7 @@ def match_and_check(model: nn.Module, plan: ResolvedPlan, strict: bool = True, a
 
 def _replicated_linears(model: nn.Module, styles: dict, matches: dict[str, list[str]]) -> tuple[str, ...]:
     """The ``nn.Linear`` modules that no parameter-sharding style covers."""
-    from .custom_styles import shards_parameters  # DTensor styles: imported when a plan is used
+    from .styles.traits import shards_parameters  # DTensor styles: imported when a plan is used
 
     sharded = (fqn for key, found in matches.items() if shards_parameters(styles[key]) for fqn in found)
     return replicated_linears(model, sharded)
@@ -126,9 +126,11 @@ def fit_to_tp_size(model: nn.Module, plan: MatchedPlan, tp_size: int) -> FittedP
     ``check(module, tp_size)`` method, e.g. the experts' style for a TP size that does not divide the expert
     intermediate size) checks each module it matched and raises a typed error. A style that may instead leave a
     module whole (``whole_reason(module, tp_size)``, the fallback's mixer styles) loses that match, with one warning
-    per reason, so the report, explain and ``apply`` all see the module replicated.
+    per reason, so the report, explain and ``apply`` all see the module replicated. Styles answer through their
+    traits (:func:`~meshplan.tensor_parallel.styles.traits.traits_of`).
     """
     from .kv_replication import replicate_key_value_heads  # DTensor styles: imported when a plan is used
+    from .styles.traits import traits_of  # DTensor styles: imported when a plan is used
 
     config = attention_config(model)
     fitted = plan
@@ -143,16 +145,14 @@ def fit_to_tp_size(model: nn.Module, plan: MatchedPlan, tp_size: int) -> FittedP
     whole: dict[str, list[str]] = {}
     for key, style in fitted.styles.items():
         matches[key] = []
+        traits = traits_of(style)
         for fqn in fitted.matches.get(key, ()):
             module = model.get_submodule(fqn)
-            whole_reason = getattr(style, "whole_reason", None)
-            reason = whole_reason(module, tp_size) if callable(whole_reason) else None
+            reason = traits.whole_reason(module, tp_size)
             if reason is not None:
                 whole.setdefault(f"{type(module).__name__}: {reason}", []).append(fqn)
                 continue
-            check = getattr(style, "check", None)
-            if callable(check):
-                check(module, tp_size)
+            traits.check(module, tp_size)
             matches[key].append(fqn)
     if not whole and fitted is plan:
         return plan.fitted("tp", tp_size)
@@ -167,7 +167,7 @@ def fit_to_tp_size(model: nn.Module, plan: MatchedPlan, tp_size: int) -> FittedP
 
 def check_module_types(model: nn.Module, styles: dict, matches: dict[str, list[str]]) -> None:
     """Refuse, before any collective, a style matched to a module type it cannot shard."""
-    from .custom_styles import check_module_type
+    from .styles.traits import check_module_type  # DTensor styles: imported when a plan is used
 
     for key, found in matches.items():
         for fqn in found:
@@ -179,7 +179,7 @@ def check_tied_parameters(model: nn.Module, styles: dict, matches: dict[str, lis
 
     (Layouts that cannot be predicted without applying the style are checked after applying it.)
     """
-    from .custom_styles import predicted_placement
+    from .styles.traits import predicted_placement  # DTensor styles: imported when a plan is used
 
     style_of = {fqn: styles[key] for key, found in matches.items() for fqn in found}
     for group in shared_parameters(model):

@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from torch.distributed.tensor.parallel import ParallelStyle
 
 _TORCH = "meshplan.tensor_parallel.torch_styles"
-_CUSTOM = "meshplan.tensor_parallel.custom_styles"
+_STYLES = "meshplan.tensor_parallel.styles"
 _MIXERS = "meshplan.tensor_parallel.mixers"
 
 #: style name -> dotted path of its factory (imported on first use, so plugin discovery stays light)
@@ -78,14 +78,14 @@ BUILTIN_STYLES: dict[str, str] = {
     "rowwise_rep": f"{_TORCH}:rowwise_split_input",
     "rowwise_split_input": f"{_TORCH}:rowwise_split_input",
     "sequence_parallel": f"{_TORCH}:sequence_parallel",
-    "embedding_rowwise": f"{_CUSTOM}:VocabParallelEmbedding",
+    "embedding_rowwise": f"{_STYLES}.embedding:VocabParallelEmbedding",
     "embedding_colwise": f"{_TORCH}:embedding_colwise",
-    "packed_colwise": f"{_CUSTOM}:PackedColwiseParallel",
-    "packed_rowwise": f"{_CUSTOM}:PackedRowwiseParallel",
-    "replicate": f"{_CUSTOM}:KeepReplicated",
-    "replicated_with_grad_allreduce": f"{_CUSTOM}:ReplicatedWithGradAllReduce",
+    "packed_colwise": f"{_STYLES}.packed:PackedColwiseParallel",
+    "packed_rowwise": f"{_STYLES}.packed:PackedRowwiseParallel",
+    "replicate": f"{_STYLES}.composition:KeepReplicated",
+    "replicated_with_grad_allreduce": f"{_STYLES}.local_parameters:ReplicatedWithGradAllReduce",
     "all_reduce": f"{_TORCH}:all_reduce",
-    "mla_kv_a_proj": f"{_CUSTOM}:MlaKvAProjParallel",
+    "mla_kv_a_proj": f"{_STYLES}.module_state:MlaKvAProjParallel",
     "moe_tp_experts": "meshplan.experts.tp_styles:ExpertsTensorParallel",
     "moe_identity_expert": "meshplan.experts.tp_styles:IdentityExpertParallel",
     "ep_dispatch_experts": "meshplan.experts.expert_parallel:ExpertParallel",

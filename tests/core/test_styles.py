@@ -43,12 +43,9 @@ def test_runtime_style_registration():
 def test_transformers_styles_beyond_nemo():
     from torch.distributed.tensor.parallel import PrepareModuleOutput
 
-    from meshplan.tensor_parallel.custom_styles import (
-        KeepReplicated,
-        PackedColwiseParallel,
-        PackedRowwiseParallel,
-        ReplicatedWithGradAllReduce,
-    )
+    from meshplan.tensor_parallel.styles.composition import KeepReplicated
+    from meshplan.tensor_parallel.styles.local_parameters import ReplicatedWithGradAllReduce
+    from meshplan.tensor_parallel.styles.packed import PackedColwiseParallel, PackedRowwiseParallel
 
     reg = get_registry()
     assert isinstance(make_style("packed_colwise", reg), PackedColwiseParallel)
@@ -74,7 +71,8 @@ def test_rank_major_packing_round_trips_and_groups_each_ranks_slices():
 def test_predicted_placements_of_tied_parameters():
     from torch import nn
 
-    from meshplan.tensor_parallel.custom_styles import ChainedStyles, KeepReplicated, predicted_placement
+    from meshplan.tensor_parallel.styles.composition import ChainedStyles, KeepReplicated
+    from meshplan.tensor_parallel.styles.traits import predicted_placement
 
     embedding, linear = nn.Embedding(8, 4), nn.Linear(4, 8)
     assert predicted_placement(RowwiseParallel(), embedding, "weight") == predicted_placement(
@@ -90,15 +88,11 @@ def test_every_style_has_an_address_free_repr():
     from torch.distributed.tensor.parallel import ParallelStyle
 
     from meshplan.plans.phi3_attention import Phi3LocalHeads
-    from meshplan.tensor_parallel.custom_styles import (
-        ChainedStyles,
-        KeepReplicated,
-        LocalShardedParameters,
-        PackedColwiseParallel,
-        PrepareHiddenStates,
-        ReplicatedWithGradAllReduce,
-    )
     from meshplan.tensor_parallel.plan import describe_style
+    from meshplan.tensor_parallel.styles.composition import ChainedStyles, KeepReplicated
+    from meshplan.tensor_parallel.styles.hidden_states import PrepareHiddenStates
+    from meshplan.tensor_parallel.styles.local_parameters import LocalShardedParameters, ReplicatedWithGradAllReduce
+    from meshplan.tensor_parallel.styles.packed import PackedColwiseParallel
 
     class Bare(ParallelStyle):  # a plugin's style without __repr__
         def _apply(self, module, device_mesh):

@@ -93,7 +93,8 @@ def test_moe_plans_derive_sequence_parallel_with_gathered_moe_blocks():
     its row-wise projections (dense MLP, shared experts) keep all-reducing; attention still reduce-scatters."""
     from torch.distributed.tensor import Replicate, Shard
 
-    from meshplan.tensor_parallel.custom_styles import ChainedStyles, PrepareHiddenStatesOutput
+    from meshplan.tensor_parallel.styles.composition import ChainedStyles
+    from meshplan.tensor_parallel.styles.hidden_states import PrepareHiddenStatesOutput
 
     plan = hf_tp_plan(tiny("glm4_moe_lite"), sequence_parallel=True)
     block = plan["model.layers.*.mlp"]

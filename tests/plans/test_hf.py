@@ -16,7 +16,7 @@ from meshplan.plans.hf_translation import (
     merged_hf_plan,
     translate_hf_plan,
 )
-from meshplan.tensor_parallel.custom_styles import ReplicatedWithGradAllReduce
+from meshplan.tensor_parallel.styles.local_parameters import ReplicatedWithGradAllReduce
 from meshplan.tensor_parallel.vocabulary import BUILTIN_STYLES
 from tests.plans.helpers import SMALL, build
 

@@ -15,12 +15,9 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from meshplan.core.errors import PlanError
 from meshplan.plans.hf_translation import hf_tp_plan, translate_hf_plan
-from meshplan.tensor_parallel.custom_styles import (
-    LocalShardedParameters,
-    MlaKvAProjParallel,
-    ReplicatedWithGradAllReduce,
-    predicted_placement,
-)
+from meshplan.tensor_parallel.styles.local_parameters import LocalShardedParameters, ReplicatedWithGradAllReduce
+from meshplan.tensor_parallel.styles.module_state import MlaKvAProjParallel
+from meshplan.tensor_parallel.styles.traits import predicted_placement
 
 HEADS, HIDDEN, LORA, ROPE, NOPE = 4, 8, 4, 2, 3
 
@@ -117,7 +114,7 @@ def test_style_matches_single_process(ranks2, case):
 
 def test_mla_style_needs_the_rotary_width():
     with pytest.raises(PlanError, match=r"rope_dim=config\.qk_rope_head_dim"):
-        MlaKvAProjParallel()._apply(nn.Linear(4, 6), None)
+        MlaKvAProjParallel().check(nn.Linear(4, 6), 2)  # before any collective
 
 
 def test_local_sharded_parameters_refuse_missing_or_indivisible_parameters(fake_pg):

@@ -17,8 +17,8 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 import meshplan
 from meshplan import TensorParallelSizeError
-from meshplan.tensor_parallel.custom_styles import predicted_placement
 from meshplan.tensor_parallel.kv_replication import ReplicatedKeyValueAttention, ReplicatedKeyValueProjection
+from meshplan.tensor_parallel.styles.traits import predicted_placement
 from tests.plans.helpers import build
 from tests.support import TensorParallelOnly, tp_mesh
 

@@ -76,8 +76,8 @@ def test_mixer_whose_groups_do_not_divide_is_refused_or_left_whole(fake_pg, capl
     import meshplan
     from meshplan import TensorParallelSizeError
     from meshplan.core.errors import PlanError
-    from meshplan.tensor_parallel.custom_styles import predicted_placement
     from meshplan.tensor_parallel.mixers import Mamba2MixerParallel
+    from meshplan.tensor_parallel.styles.traits import predicted_placement
 
     model = build_model(_tiny("granitemoehybrid", mamba_n_groups=1))
     mixer = next(m for m in model.modules() if hasattr(m, "n_groups"))

@@ -50,7 +50,9 @@ def test_head_styles_refuse_counts_that_do_not_divide_before_any_collective():
     from torch import nn
 
     from meshplan.core.errors import PlanError, TensorParallelSizeError
-    from meshplan.tensor_parallel.custom_styles import ChainedStyles, LocalHeadCount, LocalShardedParameters
+    from meshplan.tensor_parallel.styles.composition import ChainedStyles
+    from meshplan.tensor_parallel.styles.local_parameters import LocalShardedParameters
+    from meshplan.tensor_parallel.styles.module_state import LocalHeadCount
 
     module = nn.Module()
     module.num_heads = 3

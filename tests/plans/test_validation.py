@@ -15,8 +15,8 @@ from meshplan import StyleModuleTypeError, TensorParallelSizeError, UnmatchedPla
 from meshplan.core.errors import TiedParameterError
 from meshplan.plugins.testing import RankError
 from meshplan.tensor_parallel.apply import apply_tensor_parallel
-from meshplan.tensor_parallel.custom_styles import KeepReplicated
 from meshplan.tensor_parallel.plan import ResolvedPlan
+from meshplan.tensor_parallel.styles.composition import KeepReplicated
 from tests.plans.helpers import build
 from tests.support import TensorParallelOnly, tp_mesh
 
