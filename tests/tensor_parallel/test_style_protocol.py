@@ -136,3 +136,34 @@ def test_a_plugin_style_trains_and_checkpoints_in_model_order(ranks2, tmp_path):
     for result in ranks2.run(_train_and_checkpoint, str(tmp_path), timeout=300):
         assert result["output"] <= 1e-5 and result["grads"] <= 1e-5, result
         assert result["rank_major"] and result["gathered"] and result["checkpoint"], result
+
+
+def test_torch_styles_are_described_by_the_apply_they_run():
+    """A subclass keeping torch's ``_apply`` answers as torch's class; one with its own ``_apply`` is unknown."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
+
+    from meshplan.tensor_parallel.styles.composition import ChainedStyles, KeepReplicated
+    from meshplan.tensor_parallel.styles.traits import shards_parameters
+
+    class Renamed(ColwiseParallel):
+        pass
+
+    class Rewritten(ColwiseParallel):
+        def _apply(self, module, device_mesh):
+            return module
+
+    linear, norm = nn.Linear(4, 8), nn.LayerNorm(4)
+    assert traits_of(Renamed()).module_types == (nn.Linear, nn.Embedding) and shards_parameters(Renamed())
+    assert traits_of(Rewritten()).module_types is None and predicted_placement(Rewritten(), linear, "weight") is None
+    assert predicted_placement(RowwiseParallel(), linear, "bias") == ParamSplit(None).placement()
+    assert predicted_placement(SequenceParallel(), norm, "weight") == ParamSplit(None).placement()
+    assert not shards_parameters(SequenceParallel()) and not shards_parameters(KeepReplicated())
+    chained = ChainedStyles(KeepReplicated(), PairColwise(), RowwiseParallel())
+    assert chained.module_types == (nn.Linear,) and shards_parameters(chained)
+    assert predicted_placement(chained, linear, "weight") is None  # placed twice: known only after applying
+
+    class Bare(ParallelStyle):
+        def _apply(self, module, device_mesh):
+            return module
+
+    assert predicted_placement(Bare(), linear, "weight") is None and not shards_parameters(Bare())
