@@ -105,8 +105,8 @@ def stage_styles(stage: nn.Module, styles: Mapping[str, Any], layout: PipelineLa
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import PrepareModuleOutput
 
-    from ..tensor_parallel.custom_styles import ChainedStyles
     from ..tensor_parallel.matching import match_key
+    from ..tensor_parallel.styles.composition import ChainedStyles
 
     info = stage_info(stage)
     zero, first = layout.block_fqn(0), layout.block_fqn(info.blocks.start)
