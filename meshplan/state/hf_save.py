@@ -3,10 +3,11 @@
 The folder is what transformers itself writes (``AutoModelForCausalLM.from_pretrained`` loads it unchanged): hub
 key names and per-expert tensors through the reverse of transformers' conversion mapping
 (``revert_weight_conversion``), safetensors files split by ``huggingface_hub.split_torch_state_dict_into_shards``
-with an index, the config. Tensors stream to rank 0 one conversion group at a time (a parameter, or the parameters
-one reverse conversion takes together): every rank joins the gather of each, rank 0 converts it and writes its
-bytes at their offsets in files whose headers were written first, from the shapes the conversion gives on the
-meta device. Memory is bounded by the largest group, on every rank.
+with an index, the config. Tensors go to rank 0 in batches of whole conversion groups (a parameter, or the
+parameters one reverse conversion takes together) of about :data:`BATCH_BYTES` (one group at least): each rank sends
+its shards of a batch in one message (:class:`~.rank0_gather.Rank0Gatherer`), rank 0 converts the batch and writes
+its bytes at their offsets in files whose headers were written first, from the shapes the conversion gives on the
+meta device. Memory is bounded by a batch on rank 0 and by the rank's shards of it elsewhere.
 
 The folder is written next to ``path`` under a temporary name and renamed at the end: a failed save leaves a
 previous folder at ``path`` as it was.
@@ -24,16 +25,17 @@ from typing import Any, BinaryIO
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ..core.errors import CheckpointError
 from ..core.log import is_rank_zero
 from .hf_conversion import save_groups, to_hub_format
 from .hf_folder import INDEX_FILE
 from .hf_load import model_tensors, packed_layouts, raise_on_every_rank
-from .packing import unpack_rank_major
+from .rank0_gather import Rank0Gatherer
 
 FILE_PATTERN = "model{suffix}.safetensors"
+#: the full-tensor bytes gathered to rank 0 at once (a larger conversion group goes alone)
+BATCH_BYTES = 256 * 2**20
 
 
 def _unique(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -47,12 +49,18 @@ def _unique(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return unique
 
 
-def _full(tensor: torch.Tensor, packed: tuple[tuple[int, ...], int, int] | None) -> torch.Tensor:
-    """The whole tensor in the model's order, on the CPU (collective for a DTensor: all ranks of its mesh)."""
-    full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
-    if packed is not None:
-        full = unpack_rank_major(full, *packed)
-    return full.cpu()
+def _batches(groups: list[list[str]], gatherer: Rank0Gatherer) -> list[list[str]]:
+    """Consecutive conversion groups joined into batches of about :data:`BATCH_BYTES` of full tensors."""
+    batches: list[list[str]] = []
+    size = BATCH_BYTES
+    for group in groups:
+        group_size = sum(gatherer.full_bytes(name) for name in group)
+        if size + group_size > BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].extend(group)
+        size += group_size
+    return batches
 
 
 class _StreamingFile:
@@ -151,9 +159,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], max_shard_si
     own ``save_pretrained`` writes: hub keys, ``model-0000i-of-0000n.safetensors`` files of at most
     ``max_shard_size`` each (a single ``model.safetensors`` when it fits) with their index, ``config.json``.
 
-    No rank holds the whole model: tensors are gathered one conversion group at a time and rank 0 writes them.
-    The folder appears at ``path`` only when complete (a previous one is replaced then). Collective: call it on
-    every rank; an error on rank 0 (disk full) is raised on every rank as a
+    No rank holds the whole model: rank 0 gathers whole conversion groups, about :data:`BATCH_BYTES` at a time,
+    and writes them. The folder appears at ``path`` only when complete (a previous one is replaced then).
+    Collective: call it on every rank; an error on rank 0 (disk full) is raised on every rank as a
     :class:`~meshplan.core.errors.CheckpointError`.
     """
     path = Path(path)
@@ -168,9 +176,10 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], max_shard_si
             writer = _FolderWriter(model, path, layout, max_shard_size)
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
             error = exc
-    for group in save_groups(model, list(tensors)):
-        full = {name: _full(tensors[name], packed.get(name)) for name in group}  # every rank joins the gathers
-        if writer is not None and error is None:
+    gatherer = Rank0Gatherer(tensors, packed)
+    for batch in _batches(save_groups(model, list(tensors)), gatherer):
+        full = gatherer.gather(batch)  # every rank sends its shards; rank 0 gets the full tensors
+        if writer is not None and full is not None and error is None:
             try:
                 for key, tensor in to_hub_format(model, full).items():
                     writer.write(key, tensor)

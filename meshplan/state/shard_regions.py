@@ -55,7 +55,12 @@ def runs(indices: torch.Tensor) -> list[Run]:
 
 def blocks(indices: Sequence[torch.Tensor]) -> Iterator[tuple[list[tuple[int, int]], tuple[slice, ...]]]:
     """``(global region, local slices)`` of each rectangular block this rank holds (none when it holds nothing)."""
-    for combination in itertools.product(*(runs(dim_indices) for dim_indices in indices)):
+    return blocks_of_runs([runs(dim_indices) for dim_indices in indices])
+
+
+def blocks_of_runs(dim_runs: Sequence[Sequence[Run]]) -> Iterator[tuple[list[tuple[int, int]], tuple[slice, ...]]]:
+    """:func:`blocks` from each dim's :func:`runs` (which describe a rank's shard compactly, e.g. to send it)."""
+    for combination in itertools.product(*dim_runs):
         region = [(start, stop) for start, stop, _ in combination]
         local = tuple(slice(local, local + stop - start) for start, stop, local in combination)
         yield region, local
