@@ -206,7 +206,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str], strict: bool
     :class:`~meshplan.core.errors.CheckpointError` subclass, on every rank, before any rank reads a tensor.
     Collective: call it on every rank.
     """
-    from .meta_init import initialize_sharded, model_device  # the meta-init machinery (buffers, init streams)
+    from .meta_init import allocate, initialize_sharded, model_device  # the meta-init machinery (buffers, streams)
 
     start = time.perf_counter()
     error: CheckpointError | None = None
@@ -221,7 +221,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str], strict: bool
                   "(kept as they are) %s; %d folder tensor(s) not loaded %s", len(plan.missing), plan.missing[:5],
                   len(plan.unexpected), plan.unexpected[:5])
     if any(tensor.is_meta for tensor in model.state_dict(keep_vars=True).values()):
-        model.to_empty(device=model_device(model))
+        allocate(model, model_device(model))
         # buffers always; parameters only where the folder leaves some out (the rest is overwritten below)
         initialize_sharded(model, parameters=bool(plan.missing))
     tensors = model_tensors(model)  # after allocation: the materialized tensors
@@ -261,13 +261,6 @@ def _dtype(config: Any, dtype: torch.dtype | str) -> torch.dtype:
     return stored if isinstance(stored, torch.dtype) else torch.float32
 
 
-def _moves_whole_model(strategy: str, mesh: Any, options: dict[str, Any]) -> bool:
-    """Whether the strategy moves the model with ``Module.to`` (plain DDP: no TP dim), which meta tensors refuse."""
-    names = mesh.mesh_dim_names or ()
-    tp_name = options.get("tp_mesh_name", "tp")
-    return strategy == "ddp" and (tp_name not in names or mesh[tp_name].size() == 1)
-
-
 def from_pretrained(path: str | os.PathLike[str], mesh: Any, strategy: str = "fsdp2", *,
                     dtype: torch.dtype | str = "auto", strict: bool = True, **options: Any) -> nn.Module:
     """A causal LM built from the folder's config on the meta device, parallelized on ``mesh`` with ``strategy``
@@ -277,18 +270,12 @@ def from_pretrained(path: str | os.PathLike[str], mesh: Any, strategy: str = "fs
     ``"auto"`` for the config's. Collective: call it on every rank."""
     from transformers import AutoConfig, AutoModelForCausalLM  # imported on use: keeps `import meshplan` light
 
-    from ..api import get_strategy, parallelize
+    from ..api import parallelize
 
     folder = resolve_folder(path)
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=_dtype(config, dtype))
-    if _moves_whole_model(get_strategy(strategy).name, mesh, options):
-        from .meta_init import initialize_sharded
-
-        model.to_empty(device=mesh.device_type)  # every rank holds the whole model under plain DDP anyway
-        model.tie_weights()  # to_empty gives each name of a tied parameter its own tensor
-        initialize_sharded(model, parameters=False)
     model = parallelize(model, mesh, strategy=strategy, **options)
     load_pretrained(model, folder, strict=strict)
     return model

@@ -43,8 +43,16 @@ def _tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from model.named_buffers()
 
 
+#: the device a strategy that keeps plain (replicated) parameters left meta tensors for (see :func:`model_device`)
+DEVICE_ATTRIBUTE = "_meshplan_device"
+
+
 def model_device(model: nn.Module) -> torch.device:
-    """The device type of the model's device mesh (its first DTensor parameter), else the CPU."""
+    """The device recorded by the strategy (``ddp`` on a meta model), else the device type of the model's device
+    mesh (its first DTensor parameter), else the CPU."""
+    recorded = getattr(model, DEVICE_ATTRIBUTE, None)
+    if recorded is not None:
+        return recorded
     for param in model.parameters():
         if isinstance(param, DTensor):
             device_type = param.device_mesh.device_type
@@ -52,6 +60,19 @@ def model_device(model: nn.Module) -> torch.device:
                 return torch.device(device_type, getattr(torch, device_type).current_device())
             return torch.device(device_type)
     return torch.device("cpu")
+
+
+def allocate(model: nn.Module, device: torch.device) -> None:
+    """``model.to_empty(device=device)`` with tied parameters still one tensor (``to_empty`` gives each name of a
+    tied plain parameter its own tensor; DTensor parameters stay tied)."""
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    model.to_empty(device=device)
+    for first, *others in names_of.values():
+        for name in others:
+            owner, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(owner), attribute, model.get_parameter(first))
 
 
 def _is_hf_pretrained(module: nn.Module) -> bool:
@@ -231,7 +252,7 @@ def materialize_meta_model(
                 f"No initializer for parameter(s) {orphans[:5]}{' ...' if len(orphans) > 5 else ''}: their "
                 "modules have no reset_parameters() and the model is not a Hugging Face PreTrainedModel. Pass "
                 "init_fn=... or a full state_dict.")
-    model.to_empty(device=torch.device(device) if device is not None else model_device(model))
+    allocate(model, torch.device(device) if device is not None else model_device(model))
     initialize_sharded(model, seed=seed, init_fn=init_fn, parameters=not loading)
     if loading:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -114,6 +114,24 @@ def _mesh_device(device_mesh: DeviceMesh) -> torch.device:
     return torch.device(device_mesh.device_type, index)
 
 
+def _to_device(model: nn.Module, device: torch.device) -> None:
+    """``model.to(device)``; a model with meta tensors keeps them and records ``device``, where
+    ``materialize_meta_model`` / ``load_pretrained`` allocate them (``Module.to`` cannot copy a meta tensor)."""
+    from ..state.meta_init import DEVICE_ATTRIBUTE  # imported on use: meta_init imports torch's DCP state dicts
+
+    tensors = [*model.parameters(), *model.buffers()]
+    if not any(tensor.is_meta for tensor in tensors):
+        model.to(device)
+        return
+    misplaced = sorted({str(t.device) for t in tensors if not t.is_meta and t.device != device})
+    if misplaced:
+        raise UnsupportedConfigurationError(
+            f"ddp: the model has tensors on the meta device and others on {misplaced}, not on {device}; build it "
+            "entirely under `with torch.device('meta'):` (then materialize_meta_model / load_pretrained) or "
+            "entirely materialized.")
+    setattr(model, DEVICE_ATTRIBUTE, device)
+
+
 class DDPStrategy(ComposedStrategy):
     """Data-parallel replication over ``dp`` after tensor parallelism over ``tp`` (see the module docstring)."""
 
@@ -151,7 +169,7 @@ class DDPStrategy(ComposedStrategy):
         dp_mesh = data_parallel_mesh(roles, options)
         replicate = validated
         if plans.tp is None:
-            model.to(_mesh_device(roles.mesh))
+            _to_device(model, _mesh_device(roles.mesh))
             replicate(model, process_group=dp_mesh.get_group(), **ddp_kwargs(options))
             how = f"DistributedDataParallel {ddp_kwargs(options)}"
         else:

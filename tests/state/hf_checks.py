@@ -102,9 +102,13 @@ def round_trip(folder: str, out: str, shape: dict[str, int], options: dict[str, 
     from transformers import AutoModelForCausalLM
 
     import meshplan
+    import meshplan.state.hf_save
 
+    meshplan.state.hf_save.BATCH_BYTES = 64 * 1024  # several batches of a tiny model
     mesh = _mesh(shape)
-    model = meshplan.from_pretrained(folder, mesh, mp_policy=MixedPrecisionPolicy(), **options)
+    if options.get("strategy", "fsdp2") == "fsdp2":
+        options = {"mp_policy": MixedPrecisionPolicy(), **options}
+    model = meshplan.from_pretrained(folder, mesh, **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for step in range(2):
         batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(step))

@@ -47,9 +47,20 @@ def test_loads_bitwise_like_transformers(ranks4, folders, layout):
     _assert_parity(ranks4.run(load_parity, {name: folders[name] for name in names}, shape, options), names)
 
 
-@pytest.mark.parametrize("name", ["llama_tied", "mixtral"])
-def test_round_trip_through_save_pretrained(ranks4, folders, tmp_path, name):
-    results = ranks4.run(round_trip, folders[name], str(tmp_path / "out"), {"dp_shard": 2, "tp": 2}, {})
+ROUND_TRIPS = {
+    "llama_tied-fsdp_tp": ("llama_tied", "tp_sp"),
+    "mixtral-fsdp_tp": ("mixtral", "tp_sp"),
+    "mixtral-ep_tp": ("mixtral", "ep_tp"),
+    "qwen3-hsdp": ("qwen3", "hsdp"),
+    "llama_tied-ddp": ("llama_tied", "ddp"),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUND_TRIPS))
+def test_round_trip_through_save_pretrained(ranks4, folders, tmp_path, case):
+    name, layout = ROUND_TRIPS[case]
+    shape, options, _ = LAYOUTS[layout]
+    results = ranks4.run(round_trip, folders[name], str(tmp_path / "out"), shape, options)
     assert results[0]["differ"] == [] and results[0]["changed"] > 0
     assert "model.safetensors.index.json" in results[0]["files"] and "config.json" in results[0]["files"]
     assert all(result == results[0] for result in results)
