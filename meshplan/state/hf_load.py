@@ -47,7 +47,8 @@ from ..core.errors import (
 from ..core.log import get_logger, log_rank0
 from ..core.naming import closest, unwrapped_name
 from .hf_conversion import SourceGroup, plan_sources
-from .hf_folder import CONFIG_FILE, SliceReader, StoredTensor, read_catalog, resolve_folder
+from .hf_folder import CONFIG_FILE, StoredTensor, read_catalog, resolve_folder
+from .hf_fp8 import DequantizingReader, dequantized_catalog
 from .shard_regions import blocks, owned_indices
 
 logger = get_logger(__name__)
@@ -107,7 +108,8 @@ def _check_architecture(model: nn.Module, folder: Path) -> None:
 
 @dataclass
 class _Plan:
-    catalog: dict[str, StoredTensor]
+    stored: dict[str, StoredTensor]  # the folder's tensors as stored
+    scales: dict[str, tuple[str, tuple[int, int]]]  # block-quantized FP8 weights: (scale key, block size)
     groups: list[SourceGroup]
     targets: list[str]  # the output keys that fill model tensors (one name per tied tensor)
     missing: list[str]
@@ -117,7 +119,8 @@ class _Plan:
 def _plan(model: nn.Module, folder: Path, strict: bool) -> _Plan:
     """Reads headers only; raises a :class:`CheckpointError` for a folder that cannot be loaded."""
     _check_architecture(model, folder)
-    catalog = read_catalog(folder)
+    stored = read_catalog(folder)
+    catalog, scales = dequantized_catalog(folder, stored)
     tensors = model_tensors(model)
     groups, unexpected = plan_sources(model, catalog, set(tensors))
     produced = {name: node for group in groups for name, node in group.outputs.items()}
@@ -154,7 +157,7 @@ def _plan(model: nn.Module, folder: Path, strict: bool) -> _Plan:
             parts.append(f"{len(unexpected)} unexpected tensor(s): {_listed(unexpected, sorted(tensors))}")
         raise CheckpointKeyError(f"{folder} does not fit the model: {'; '.join(parts)}. Pass strict=False to load "
                                  "what matches (the rest keeps its values) and get the lists back.")
-    return _Plan(catalog, groups, targets, missing, unexpected)
+    return _Plan(stored, scales, groups, targets, missing, unexpected)
 
 
 def raise_on_every_rank(error: CheckpointError | None) -> None:
@@ -228,7 +231,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str], strict: bool
     targets = {name: tensors[name] for name in plan.targets}
     packed = packed_layouts(model)
     progress = _Progress(_owned_bytes(targets))
-    reader = SliceReader(plan.catalog)
+    reader = DequantizingReader(plan.stored, plan.scales)
     copied = 0
     try:
         for group in plan.groups:

@@ -124,3 +124,49 @@ def round_trip(folder: str, out: str, shape: dict[str, int], options: dict[str, 
                              if k not in trained or k not in saved or not torch.equal(trained[k], saved[k])),
             "changed": sum(not torch.equal(trained[k], original[k]) for k in original),
             "files": sorted(p.name for p in Path(out).iterdir())}
+
+
+def write_fp8_folder(folder: Path, block: tuple[int, int] = (32, 32)) -> dict[str, torch.Tensor]:
+    """A tiny Llama folder in DeepSeek-V3's block-FP8 format (every 2-D projection weight in float8_e4m3fn with a
+    float32 ``weight_scale_inv`` per ``block``, partial blocks at the edges); returns the dequantized state dict the
+    loaded model must hold (model keys, float32)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = build_model("llama")
+    model.config.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                        "weight_block_size": list(block)}
+    model.config.save_pretrained(folder)
+    stored, expected = {}, {}
+    for key, tensor in model.state_dict().items():
+        if tensor.dim() != 2 or not key.endswith("proj.weight"):
+            stored[key] = expected[key] = tensor.contiguous()
+            continue
+        rows, cols = -(-tensor.shape[0] // block[0]), -(-tensor.shape[1] // block[1])
+        padded = torch.zeros(rows * block[0], cols * block[1])
+        padded[:tensor.shape[0], :tensor.shape[1]] = tensor
+        absmax = padded.reshape(rows, block[0], cols, block[1]).abs().amax(dim=(1, 3))
+        scale = (absmax / 448).clamp(min=1e-12)
+        full_scale = scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+        full_scale = full_scale[:tensor.shape[0], :tensor.shape[1]]
+        quantized = (tensor / full_scale).to(torch.float8_e4m3fn)
+        stored[key], stored[f"{key}_scale_inv"] = quantized, scale
+        expected[key] = quantized.to(torch.float32) * full_scale
+    save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "generation_config.json").write_text(json.dumps({}))
+    return expected
+
+
+def fp8_parity(folder: str, expected_file: str, shape: dict[str, int]) -> list[str]:
+    """Runs on every rank: ``meshplan.from_pretrained`` of a block-FP8 folder against its dequantized state dict;
+    the names of the tensors that differ."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    import meshplan
+
+    model = meshplan.from_pretrained(folder, _mesh(shape), mp_policy=MixedPrecisionPolicy(), dtype=torch.float32)
+    loaded = meshplan.gather_full_state_dict(model, rank0_only=False)
+    expected = torch.load(expected_file)
+    return sorted(key for key in expected.keys() | loaded.keys()
+                  if key not in loaded or key not in expected or not torch.equal(loaded[key], expected[key]))
