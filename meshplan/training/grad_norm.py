@@ -10,8 +10,9 @@ group (a plain tensor is one copy per rank). Summing the weighted contributions 
 all-reduce then counts each element of the global gradient exactly once (``max`` for the inf norm, where copies do
 not matter). Partial gradients are reduced first.
 
-The group is the default process group; a pipeline-parallel model reduces each stage's parameters over the
-stage's ranks the same way and adds one more all-reduce over the pipeline stages.
+The group is the default process group. A pipeline-parallel model (``PipelineModel``) holds each stage's parameters
+on the ranks of one pipeline coordinate only, so its copies are counted over ``world / pp`` ranks: the same single
+all-reduce then also sums the pipeline stages.
 """
 
 from __future__ import annotations
@@ -74,10 +75,19 @@ def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
-def _total_norm(grads: list[torch.Tensor], order: float) -> torch.Tensor:
-    """The norm of order ``order`` over every element of the global gradients (one all-reduce), in float64."""
+def _ranks_per_stage(parameters: Parameters) -> int:
+    """The ranks that hold copies of one parameter's shards: the whole world, or for a ``PipelineModel`` the ranks
+    of one pipeline stage (``world / pp``: the other pipeline ranks hold other parameters)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    pp_mesh = getattr(parameters, "pp_mesh", None) if isinstance(parameters, nn.Module) else None
+    return dist.get_world_size() // (pp_mesh.size() if pp_mesh is not None else 1)
+
+
+def _total_norm(grads: list[torch.Tensor], order: float, group_size: int) -> torch.Tensor:
+    """The norm of order ``order`` over every element of the global gradients (one all-reduce), in float64;
+    ``group_size``: the ranks over which a parameter's copies are counted (see :func:`_ranks_per_stage`)."""
     distributed = dist.is_available() and dist.is_initialized()
-    group_size = dist.get_world_size() if distributed else 1
     groups: dict[tuple, tuple[list[torch.Tensor], float]] = {}  # (mesh, placements, ...) -> (locals, weight)
     for grad in grads:
         local, key, weight = _local_and_weight(grad, group_size)
@@ -99,7 +109,8 @@ def grad_norm(parameters: Parameters, norm_type: float = 2.0) -> torch.Tensor:
     calls it.
 
     Args:
-        parameters: the model, or its parameters (those without a gradient are skipped).
+        parameters: the model (a ``PipelineModel``: all stages' gradients), or its parameters (those without a
+            gradient are skipped; pass a pipeline as the module, not as ``pipe.parameters()``).
         norm_type: the order of the norm: a positive number or ``inf``.
 
     Returns:
@@ -108,7 +119,7 @@ def grad_norm(parameters: Parameters, norm_type: float = 2.0) -> torch.Tensor:
     order = _norm_order(norm_type)
     grads = _gradients(parameters)
     dtype = grads[0].dtype if grads else torch.float32
-    return _total_norm(grads, order).to(dtype)
+    return _total_norm(grads, order, _ranks_per_stage(parameters)).to(dtype)
 
 
 def clip_grad_norm_(
