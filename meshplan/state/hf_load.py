@@ -150,14 +150,31 @@ def _plan(model: nn.Module, folder: Path, strict: bool) -> _Plan:
             f"{len(mismatched)} tensor(s) of {folder} do not match the model's shapes ({shown}"
             f"{'; ...' if len(mismatched) > 3 else ''}): the folder was written for another config.")
     if strict and (missing or unexpected):
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s) the model needs: {_listed(missing, sorted(produced))}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensor(s): {_listed(unexpected, sorted(tensors))}")
-        raise CheckpointKeyError(f"{folder} does not fit the model: {'; '.join(parts)}. Pass strict=False to load "
-                                 "what matches (the rest keeps its values) and get the lists back.")
+        raise _key_error(folder, missing, unexpected, sorted(produced), sorted(tensors))
     return _Plan(stored, scales, groups, targets, missing, unexpected)
+
+
+def _key_error(folder: Path, missing: list[str], unexpected: list[str], produced: list[str], tensors: list[str]
+               ) -> CheckpointKeyError:
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} tensor(s) the model needs: {_listed(missing, produced)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensor(s): {_listed(unexpected, tensors)}")
+    return CheckpointKeyError(f"{folder} does not fit the model: {'; '.join(parts)}. Pass strict=False to load "
+                              "what matches (the rest keeps its values) and get the lists back.")
+
+
+def _pipeline_keys(pipe: nn.Module, plans: list[_Plan]) -> tuple[list[str], list[str]]:
+    """The whole pipeline's missing and unexpected keys: each stage plans alone (the other stages' tensors are
+    unexpected to it), so over the pipeline ranks a key is missing where any stage misses it and unexpected where
+    every stage has no place for it. The same lists on every rank (one exchange over the pipeline ranks)."""
+    local = ([name for plan in plans for name in plan.missing], [set(plan.unexpected) for plan in plans])
+    parts: list[Any] = [None] * pipe.pp_mesh.size()
+    dist.all_gather_object(parts, local, group=pipe.pp_mesh.get_group())
+    missing = sorted({name for part in parts for name in part[0]})
+    unexpected = sorted(set.intersection(*[names for part in parts for names in part[1]]))
+    return missing, unexpected
 
 
 def raise_on_every_rank(error: CheckpointError | None) -> None:
@@ -207,22 +224,39 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str], strict: bool
     dtype. A meta-device model is allocated shard by shard first and its buffers (rotary tables) initialized.
     ``strict=False`` loads what matches and returns (and logs) the rest; strict raises a
     :class:`~meshplan.core.errors.CheckpointError` subclass, on every rank, before any rank reads a tensor.
-    Collective: call it on every rank.
+    A :class:`~meshplan.PipelineModel`: each stage reads only its own layers; missing and unexpected keys are
+    the whole model's. Collective: call it on every rank.
     """
-    from .meta_init import allocate, initialize_sharded, model_device  # the meta-init machinery (buffers, streams)
-
     start = time.perf_counter()
+    stages = list(getattr(model, "stage_modules", None) or [model])  # a PipelineModel: each stage its own layers
+    pipeline = hasattr(model, "stage_modules")
     error: CheckpointError | None = None
-    plan = None
+    plans: list[_Plan] = []
+    folder = None
     try:
-        plan = _plan(model, resolve_folder(path), strict)
+        folder = resolve_folder(path)
+        plans = [_plan(stage, folder, strict and not pipeline) for stage in stages]
     except CheckpointError as exc:
         error = exc
     raise_on_every_rank(error)
-    if plan.missing or plan.unexpected:
+    if pipeline:
+        missing, unexpected = _pipeline_keys(model, plans)
+        if strict and (missing or unexpected):  # the same lists, so the same error, on every rank
+            raise _key_error(folder, missing, unexpected, [], [])
+    else:
+        missing, unexpected = plans[0].missing, plans[0].unexpected
+    if missing or unexpected:
         log_rank0(logger, logging.WARNING, "load_pretrained(strict=False): %d model tensor(s) not in the folder "
-                  "(kept as they are) %s; %d folder tensor(s) not loaded %s", len(plan.missing), plan.missing[:5],
-                  len(plan.unexpected), plan.unexpected[:5])
+                  "(kept as they are) %s; %d folder tensor(s) not loaded %s", len(missing), missing[:5],
+                  len(unexpected), unexpected[:5])
+    bytes_read = sum(_read(stage, plan) for stage, plan in zip(stages, plans, strict=True))
+    return LoadReport(missing, unexpected, bytes_read, time.perf_counter() - start)
+
+
+def _read(model: nn.Module, plan: _Plan) -> int:
+    """Allocate a meta-device ``model`` and copy this rank's shards of ``plan``'s tensors; the bytes read."""
+    from .meta_init import allocate, initialize_sharded, model_device  # the meta-init machinery (buffers, streams)
+
     if any(tensor.is_meta for tensor in model.state_dict(keep_vars=True).values()):
         allocate(model, model_device(model))
         # buffers always; parameters only where the folder leaves some out (the rest is overwritten below)
@@ -251,7 +285,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str], strict: bool
     finally:
         reader.close()
     progress.update(copied, final=True)
-    return LoadReport(plan.missing, plan.unexpected, reader.bytes_read, time.perf_counter() - start)
+    return reader.bytes_read
 
 
 def _dtype(config: Any, dtype: torch.dtype | str) -> torch.dtype:

@@ -20,10 +20,12 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..core.errors import CheckpointError
@@ -61,6 +63,45 @@ def _batches(groups: list[list[str]], gatherer: Rank0Gatherer) -> list[list[str]
         batches[-1].extend(group)
         size += group_size
     return batches
+
+
+def _pipeline_chunks(pipe: nn.Module, stages: list[nn.Module], tensors: list[dict[str, torch.Tensor]],
+                     packed: list[dict[str, Any]], layout: dict[str, torch.Tensor]
+                     ) -> tuple[dict[str, torch.Tensor], Iterator[dict[str, torch.Tensor] | None]]:
+    """A ``PipelineModel``'s whole hub layout (exchanged over the pipeline ranks) and its full tensors, one
+    conversion group at a time: each pipeline rank's stages in turn, gathered over the stage's mesh and shipped to
+    the pipeline rank that writes."""
+    from torch.distributed.tensor import DTensor  # heavy: imported on use
+
+    from .packing import unpack_rank_major
+
+    pp_group = pipe.pp_mesh.get_group()
+    groups = [(index, group) for index, stage in enumerate(stages)
+              for group in save_groups(stage, list(tensors[index]))]
+    parts: list[Any] = [None] * dist.get_world_size(pp_group)
+    local = ({key: (tuple(t.shape), t.dtype) for key, t in layout.items()}, len(groups))
+    dist.all_gather_object(parts, local, group=pp_group)
+    whole = {key: torch.empty(shape, dtype=dtype, device="meta") for part in parts for key, (shape, dtype) in
+             part[0].items()}
+
+    def full(index: int, name: str) -> torch.Tensor:
+        tensor = tensors[index][name]
+        value = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
+        layout_of = packed[index].get(name)
+        return (unpack_rank_major(value, *layout_of) if layout_of is not None else value).cpu()
+
+    def chunks() -> Iterator[dict[str, torch.Tensor] | None]:
+        me = dist.get_rank(pp_group)
+        for owner, (_, count) in enumerate(parts):
+            for position in range(count):
+                shipped: list[Any] = [None]
+                if owner == me:  # every rank of the stage joins the gathers
+                    index, group = groups[position]
+                    shipped = [{name: full(index, name) for name in group}]
+                dist.broadcast_object_list(shipped, group_src=owner, group=pp_group)
+                yield shipped[0]
+
+    return whole, chunks()
 
 
 class _StreamingFile:
@@ -160,28 +201,36 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], max_shard_si
     ``max_shard_size`` each (a single ``model.safetensors`` when it fits) with their index, ``config.json``.
 
     No rank holds the whole model: rank 0 gathers whole conversion groups, about :data:`BATCH_BYTES` at a time,
-    and writes them. The folder appears at ``path`` only when complete (a previous one is replaced then).
+    and writes them (a :class:`~meshplan.PipelineModel`: every stage's groups, shipped over the pipeline ranks).
+    The folder appears at ``path`` only when complete (a previous one is replaced then).
     Collective: call it on every rank; an error on rank 0 (disk full) is raised on every rank as a
     :class:`~meshplan.core.errors.CheckpointError`.
     """
     path = Path(path)
-    tensors = _unique(model_tensors(model))
-    packed = packed_layouts(model)
-    layout = to_hub_format(model, {name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-                                   for name, tensor in tensors.items()})
+    stages = list(getattr(model, "stage_modules", None) or [model])  # a PipelineModel: every stage of every rank
+    tensors = [_unique(model_tensors(stage)) for stage in stages]
+    packed = [packed_layouts(stage) for stage in stages]
+    layout: dict[str, torch.Tensor] = {}
+    for stage, named in zip(stages, tensors, strict=True):
+        layout.update(to_hub_format(stage, {name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+                                            for name, tensor in named.items()}))
+    if hasattr(model, "stage_modules"):
+        layout, chunks = _pipeline_chunks(model, stages, tensors, packed, layout)
+    else:
+        gatherer = Rank0Gatherer(tensors[0], packed[0])
+        chunks = (gatherer.gather(batch)  # every rank sends its shards; rank 0 gets the full tensors
+                  for batch in _batches(save_groups(model, list(tensors[0])), gatherer))
     writer: _FolderWriter | None = None
     error: Exception | None = None
     if is_rank_zero():
         try:
-            writer = _FolderWriter(model, path, layout, max_shard_size)
+            writer = _FolderWriter(stages[0], path, layout, max_shard_size)
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
             error = exc
-    gatherer = Rank0Gatherer(tensors, packed)
-    for batch in _batches(save_groups(model, list(tensors)), gatherer):
-        full = gatherer.gather(batch)  # every rank sends its shards; rank 0 gets the full tensors
+    for full in chunks:
         if writer is not None and full is not None and error is None:
             try:
-                for key, tensor in to_hub_format(model, full).items():
+                for key, tensor in to_hub_format(stages[0], full).items():
                     writer.write(key, tensor)
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
                 error = exc
