@@ -78,13 +78,12 @@ def gather_full_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[st
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     if hasattr(model, "stage_modules"):  # a PipelineModel: its stages' states under the original names
-        from ..core.errors import PipelineError
-        from ..pipeline.state import pipeline_model_state
+        from ..pipeline.state import pipeline_model_state, pipeline_state
 
-        if optimizer is not None:
-            raise PipelineError("The distributed checkpoint of a PipelineModel holds the model only for now: save "
-                                "the optimizer's state separately (optimizer.state_dict() per rank).")
-        return {MODEL_KEY: pipeline_model_state(model)}
+        if optimizer is None:
+            return {MODEL_KEY: pipeline_model_state(model)}
+        model_state, optimizer_state = pipeline_state(model, optimizer)
+        return {MODEL_KEY: model_state, OPTIMIZER_KEY: optimizer_state}
     if optimizer is None:
         return {MODEL_KEY: get_model_state_dict(model)}
     model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -120,9 +119,12 @@ def load_distributed_checkpoint(
     dcp.load(_checkpoint_views(state, now, stored), checkpoint_id=checkpoint_id)
     _unpack_plain_tensors(state, now, stored)
     if hasattr(model, "stage_modules"):
-        from ..pipeline.state import set_pipeline_model_state
+        from ..pipeline.state import set_pipeline_model_state, set_pipeline_state
 
-        set_pipeline_model_state(model, state[MODEL_KEY])
+        if optimizer is None:
+            set_pipeline_model_state(model, state[MODEL_KEY])
+        else:
+            set_pipeline_state(model, optimizer, state[MODEL_KEY], state[OPTIMIZER_KEY])
     elif optimizer is None:
         set_model_state_dict(model, state[MODEL_KEY])
     else:
