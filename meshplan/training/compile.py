@@ -10,7 +10,8 @@ input, AOTAutograd returns no gradient for it (torch 2.13: the embedding's gradi
 has the same code, so one compilation serves all of them; the embedding, the final norm and the head stay eager.
 
 Whole-model ``torch.compile`` of a parallelized model is not the supported path: with a vocabulary-parallel
-embedding under FSDP2 torch 2.13 fails inside the compiler ("Mixing fake modes NYI").
+embedding under FSDP2 torch 2.13 fails inside the compiler ("Mixing fake modes NYI"), and with the embedding's
+call kept eager (``torch.compiler.disable``) it compiles but the embedding's gradient is lost, as above.
 """
 
 from __future__ import annotations
