@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: test lint demo venv clean gpu-check
+.PHONY: test test-compile lint demo venv clean gpu-check
 
 venv: $(STAMP)
 
@@ -19,7 +19,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check $(wildcard meshplan tests bench examples)
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not compile"
+
+# The inductor compile-parity tests (tests marked `compile`): minutes of compiling on 2 CPU cores, so not in `test`.
+test-compile: $(STAMP)
+	$(PY) -m pytest -q -m compile
 
 demo: $(STAMP)
 	$(VENV)/bin/meshplan demo
