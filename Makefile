@@ -19,6 +19,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check $(wildcard meshplan tests bench examples)
 
 test: lint
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m "not compile"
 
 # The inductor compile-parity tests (tests marked `compile`): minutes of compiling on 2 CPU cores, so not in `test`.

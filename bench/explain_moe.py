@@ -73,7 +73,7 @@ class TorchCalls:
         import torch.distributed.tensor.parallel as parallel
         from transformers import PreTrainedModel
 
-        import meshplan.cli.meshspec as meshspec
+        import meshplan.dryrun.meshspec as meshspec
 
         for owner, name in ((parallel, "parallelize_module"), (fsdp, "fully_shard"), (tensor, "distribute_tensor"),
                             (tensor, "distribute_module"), (device_mesh, "init_device_mesh"),
@@ -90,8 +90,8 @@ class TorchCalls:
 def _child(preset: str, mesh: str, ep: int | None) -> dict[str, Any]:
     import transformers
 
-    from meshplan.cli.modelsource import resolve_source
     from meshplan.dryrun import explain
+    from meshplan.dryrun.modelsource import resolve_source
 
     logging.disable(logging.WARNING)  # the HF fallback's warnings are not what is measured
     getattr(transformers, resolve_source(preset).config["architectures"][0])

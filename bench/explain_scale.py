@@ -34,7 +34,7 @@ def _bare(model: str, mesh_spec: str) -> dict:
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    from meshplan.cli.modelsource import resolve_source
+    from meshplan.dryrun.modelsource import resolve_source
 
     data = resolve_source(model).config
     config = transformers.CONFIG_MAPPING[data["model_type"]].from_dict(data)
@@ -77,8 +77,8 @@ def _bare(model: str, mesh_spec: str) -> dict:
 def _explain(model: str, mesh_spec: str) -> dict:
     import transformers  # noqa: F401 - imported before the clock, like the bare child
 
-    from meshplan.cli.modelsource import resolve_source
     from meshplan.dryrun import explain
+    from meshplan.dryrun.modelsource import resolve_source
 
     getattr(transformers, resolve_source(model).config["architectures"][0])
     start, cpu = time.perf_counter(), time.process_time()

@@ -142,7 +142,7 @@ def summary_rows(report: Report) -> list[dict[str, str]]:
 
 def format_summary(report: Report) -> str:
     """The summary table printed at the end of a run."""
-    from meshplan.cli.tables import format_table  # meshplan's own table; needs nothing beyond the stdlib
+    from meshplan.tables import format_table  # meshplan's own table; needs nothing beyond the stdlib
 
     columns = (("check", "check"), ("status", "status"), ("seconds", "s"), ("figures", "figures"), ("error", "error"))
     counts = {status: sum(c.status == status for c in report.checks) for status in ("pass", "fail", "skip")}
@@ -695,7 +695,7 @@ def _one_rank(device_type: str) -> Any:
 
 
 def _tiny_llama(device: Any) -> Any:
-    from meshplan.cli.modelsource import build_model, resolve_source
+    from meshplan.dryrun.modelsource import build_model, resolve_source
 
     return build_model(resolve_source("tiny-llama"), {"use_cache": False}, device=device, seed=0)
 
@@ -814,7 +814,7 @@ def body_throughput(device_type: str, preset: str = "llama3-8b", layers: int = 4
     from torch.distributed.device_mesh import init_device_mesh
 
     import meshplan
-    from meshplan.cli.modelsource import build_model, resolve_source
+    from meshplan.dryrun.modelsource import build_model, resolve_source
 
     device = _one_rank(device_type)
     mesh = init_device_mesh(device_type, (1,), mesh_dim_names=("dp_shard",))
@@ -919,7 +919,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_body(args.run, args.result or Path(os.devnull), args.smoke)
     if args.fetch_wheels:
         return fetch_wheels(args.fetch_wheels)
-    if str(REPO) not in sys.path:  # the summary table is meshplan's (meshplan.cli.tables)
+    if str(REPO) not in sys.path:  # the summary table is meshplan's (meshplan.tables)
         sys.path.insert(1, str(REPO))
     environ = dict(os.environ)
     out_dir = Path(environ.get("GPU_CHECK_OUT") or REPO / "gpu-check-out").resolve()

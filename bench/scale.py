@@ -37,8 +37,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
 import meshplan
-from meshplan.cli.modelsource import build_model, resolve_source
 from meshplan.core.fake_pg import fake_process_group
+from meshplan.dryrun.modelsource import build_model, resolve_source
 
 MESH = {"dp_replicate": 8, "dp_shard_cp": 256, "tp": 8}
 

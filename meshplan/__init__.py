@@ -24,7 +24,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".api": (
         "parallelize", "prepare", "Prepared", "get_report", "get_strategy", "register_strategy", "register_tp_plan",
         "register_style", "unregister_tp_plan", "get_tp_plan", "list_strategies", "list_tp_plans", "list_styles",
-        "list_plugins",
+        "list_plugins", "parallelize_megatron_fsdp",
     ),
     ".core.imports": ("import_class_from_path",),
     # contracts
@@ -35,7 +35,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     # built-in strategies
     ".strategies.fsdp2": ("FSDP2Strategy", "FSDP2Options"),
     ".strategies.ddp": ("DDPStrategy", "DDPOptions"),
-    ".strategies.megatron_fsdp": ("MegatronFSDPStrategy", "MegatronFSDPOptions", "parallelize_megatron_fsdp"),
+    ".strategies.megatron_fsdp": ("MegatronFSDPStrategy", "MegatronFSDPOptions"),
     ".strategies.composition": ("ComposedStrategy", "Composition"),
     # model and checkpoint helpers
     ".state.meta_init": ("materialize_meta_model", "initialize_sharded"),
@@ -66,7 +66,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     # planning at any scale
     ".dryrun": ("explain",),
     ".core.fake_pg": ("fake_process_group",),
-    ".cli.modelsource": ("list_presets",),
+    ".dryrun.modelsource": ("list_presets",),
 }
 
 #: public name -> module it lives in: every name of ``_EXPORTS`` and every error of :mod:`meshplan.errors`.
@@ -86,12 +86,12 @@ if TYPE_CHECKING:  # generated from _EXPORTS (see above): the real types for typ
     from .api import list_styles as list_styles
     from .api import list_tp_plans as list_tp_plans
     from .api import parallelize as parallelize
+    from .api import parallelize_megatron_fsdp as parallelize_megatron_fsdp
     from .api import prepare as prepare
     from .api import register_strategy as register_strategy
     from .api import register_style as register_style
     from .api import register_tp_plan as register_tp_plan
     from .api import unregister_tp_plan as unregister_tp_plan
-    from .cli.modelsource import list_presets as list_presets
     from .context_parallel.apply import apply_context_parallel as apply_context_parallel
     from .context_parallel.batch import gather_sequence as gather_sequence
     from .context_parallel.batch import shard_batch as shard_batch
@@ -109,6 +109,7 @@ if TYPE_CHECKING:  # generated from _EXPORTS (see above): the real types for typ
     from .core.strategy import Strategy as Strategy
     from .core.strategy import StrategyOptions as StrategyOptions
     from .dryrun import explain as explain
+    from .dryrun.modelsource import list_presets as list_presets
     from .errors import *  # noqa: F403 - every error class
     from .experts.tp_styles import ExpertParamLayout as ExpertParamLayout
     from .experts.tp_styles import ExpertsTensorParallel as ExpertsTensorParallel
@@ -134,7 +135,6 @@ if TYPE_CHECKING:  # generated from _EXPORTS (see above): the real types for typ
     from .strategies.fsdp2 import FSDP2Strategy as FSDP2Strategy
     from .strategies.megatron_fsdp import MegatronFSDPOptions as MegatronFSDPOptions
     from .strategies.megatron_fsdp import MegatronFSDPStrategy as MegatronFSDPStrategy
-    from .strategies.megatron_fsdp import parallelize_megatron_fsdp as parallelize_megatron_fsdp
     from .tensor_parallel.styles.composition import ChainedStyles as ChainedStyles
     from .tensor_parallel.styles.composition import KeepReplicated as KeepReplicated
     from .tensor_parallel.styles.hidden_states import PrepareHiddenStates as PrepareHiddenStates

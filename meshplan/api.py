@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.optim import Optimizer
 
 from .core.errors import MeshplanError, UnknownStrategyError
 from .core.naming import did_you_mean
@@ -24,8 +25,8 @@ from .plugins.manager import get_host, get_registry
 
 __all__ = [
     "Prepared", "get_report", "get_strategy", "get_tp_plan", "list_plugins", "list_strategies", "list_styles",
-    "list_tp_plans", "parallelize", "prepare", "register_strategy", "register_style", "register_tp_plan",
-    "unregister_tp_plan",
+    "list_tp_plans", "parallelize", "parallelize_megatron_fsdp", "prepare", "register_strategy", "register_style",
+    "register_tp_plan", "unregister_tp_plan",
 ]
 
 
@@ -71,6 +72,20 @@ def parallelize(
     are the strategy's options.
     """
     return prepare(model, device_mesh, strategy, tp_plan, ep_plan, **options).apply()
+
+
+def parallelize_megatron_fsdp(
+    model: nn.Module, device_mesh: DeviceMesh, optimizer: Optimizer | None = None, tp_plan: Any = None,
+    **options: Any,
+) -> tuple[nn.Module, Optimizer | None]:
+    """``meshplan.parallelize(..., strategy="megatron_fsdp")`` returning ``(model, optimizer)``.
+
+    ``optimizer`` is wrapped in place (the same object is returned); ``None`` returns ``None``. The other
+    keyword arguments are :class:`~meshplan.strategies.megatron_fsdp.MegatronFSDPOptions` fields.
+    """
+    prepared = prepare(model, device_mesh, "megatron_fsdp", tp_plan, optimizer=optimizer, **options)
+    wrapped = prepared.apply()
+    return wrapped, optimizer
 
 
 def register_strategy(

@@ -14,12 +14,12 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import meshplan
 from meshplan.cli.main import main
-from meshplan.cli.meshspec import build_mesh, parse_mesh_spec
-from meshplan.cli.modelsource import ModelSourceError, build_model, resolve_source
 from meshplan.core.errors import MeshError, TensorParallelSizeError
 from meshplan.core.torch_private import StridedShard as _StridedShard
 from meshplan.dryrun import explain, render_text
 from meshplan.dryrun.all_ranks import all_ranks, fsdp_sharded_parameters
+from meshplan.dryrun.meshspec import build_mesh, parse_mesh_spec
+from meshplan.dryrun.modelsource import ModelSourceError, build_model, resolve_source
 from meshplan.dryrun.name_summary import expand_pattern, summarize_names
 from meshplan.dryrun.shared_ranks import share_rank_list
 from meshplan.dryrun.values import json_value

@@ -1,5 +1,5 @@
-"""The ``meshplan`` command line and its tools: listings, ``explain``, ``demo``, launching, mesh specs,
-model sources. Nothing in :mod:`meshplan.core` imports this package."""
+"""The ``meshplan`` command line: listings, ``explain``, ``demo`` and launching. It sits on top: mesh specs and
+model sources come from :mod:`meshplan.dryrun`, tables from :mod:`meshplan.tables`; nothing imports this package."""
 
 from __future__ import annotations
 

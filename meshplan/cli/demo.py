@@ -111,7 +111,7 @@ def main(config: DemoConfig) -> int:
 def _check_before_launch(config: DemoConfig) -> None:
     """Fail fast, in this process, on what every rank would reject: mesh shape, strategy, model, steps."""
     from ..api import get_strategy
-    from .modelsource import resolve_source
+    from ..dryrun.modelsource import resolve_source
 
     mesh_dims(config, config.nproc)
     if config.cp > 1:
@@ -232,8 +232,8 @@ def run_worker(config: DemoConfig) -> DemoResult:
 
 def _parallel_model(config: DemoConfig, device: torch.device) -> tuple[nn.Module, Any, str]:
     from ..api import get_strategy, parallelize
-    from .meshspec import build_mesh
-    from .modelsource import build_model, resolve_source
+    from ..dryrun.meshspec import build_mesh
+    from ..dryrun.modelsource import build_model, resolve_source
 
     dims = mesh_dims(config, dist.get_world_size())
     mesh = build_mesh(dims, device.type)

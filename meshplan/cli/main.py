@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import MeshplanError, OptionsError, PlanSourceError
-from .tables import format_table
+from ..tables import format_table
 
 
 def _plugins_rows() -> list[dict[str, Any]]:
@@ -42,7 +42,7 @@ def _plans_rows() -> list[dict[str, Any]]:
 
 
 def _presets_rows() -> list[dict[str, Any]]:
-    from .modelsource import list_presets
+    from ..dryrun.modelsource import list_presets
 
     return list_presets()
 

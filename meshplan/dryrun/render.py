@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from ..cli.tables import format_table, human_bytes, human_count
+from ..tables import format_table, human_bytes, human_count
 
 
 def _patterns(summary: list[dict[str, Any]]) -> str:

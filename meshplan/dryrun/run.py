@@ -16,14 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cli.meshspec import build_mesh, parse_mesh_spec, world_size
-from ..cli.modelsource import build_model, resolve_source
 from ..core.errors import MeshplanError, OptionsError
 from ..core.fake_pg import fake_process_group
 from ..core.strategy import Strategy
 from .all_ranks import AllRanks, RankLayoutUnknown, all_ranks, fsdp_sharded_parameters, mesh_coordinates, rank_groups
 from .balance import imbalance_note, replicated_parameters
 from .layout import ParamLayout, fsdp_units, memory, param_layouts
+from .meshspec import build_mesh, parse_mesh_spec, world_size
+from .modelsource import build_model, resolve_source
 from .name_summary import summarize_names
 from .shared_ranks import share_rank_list
 from .values import json_value

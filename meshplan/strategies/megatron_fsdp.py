@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 
 from ..activation_checkpointing import CheckpointingOptions
@@ -515,22 +514,6 @@ def shard(
               api.version, call.function, [c.__name__ for c in units], call.kwargs["dp_shard_dim"],
               call.kwargs.get("zero_dp_strategy"))
     return call.run(api, model)
-
-
-def parallelize_megatron_fsdp(
-    model: nn.Module, device_mesh: DeviceMesh, optimizer: Optimizer | None = None, tp_plan: Any = None,
-    **options: Any,
-) -> tuple[nn.Module, Optimizer | None]:
-    """``meshplan.parallelize(..., strategy="megatron_fsdp")`` returning ``(model, optimizer)``.
-
-    ``optimizer`` is wrapped in place (the same object is returned); ``None`` returns ``None``. The other
-    keyword arguments are :class:`MegatronFSDPOptions` fields.
-    """
-    from ..api import prepare
-
-    prepared = prepare(model, device_mesh, "megatron_fsdp", tp_plan, optimizer=optimizer, **options)
-    wrapped = prepared.apply()
-    return wrapped, optimizer
 
 
 @hookimpl

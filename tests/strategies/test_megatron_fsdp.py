@@ -31,13 +31,13 @@ from meshplan import (
     StrategyUnavailableError,
     UnsupportedConfigurationError,
 )
+from meshplan.api import parallelize_megatron_fsdp
 from meshplan.core.torch_private import CheckpointWrapper
 from meshplan.strategies.megatron_fsdp import (
     TRANSLATIONS,
     MegatronFSDPOptions,
     MegatronFSDPStrategy,
     option_mapping,
-    parallelize_megatron_fsdp,
 )
 from tests.support import Block, TinyStack, tiny_hf
 
