@@ -6,6 +6,6 @@ from __future__ import annotations
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``meshplan`` console script (imports the CLI on call)."""
-    from .main import main as run
+    from .main import main as run  # loaded on use: keeps start-up light
 
     return run(argv)

@@ -41,6 +41,7 @@ def launch_local(nproc: int, args: Sequence[str], run_id: str | None = None) -> 
     Raises:
         LaunchError: a rank exited with a non-zero status (the others are stopped), naming the ranks.
     """
+    # loaded on use: keeps start-up light
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 

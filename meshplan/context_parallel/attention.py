@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from ..core.errors import ContextParallelError, UnsupportedAttentionError
 from .collectives import all_gather_key_value
 from .masks import DeferredMask, block_inputs, deferred_mask
+from .ring import ring_attention
 from .state import ContextParallelState, state_of
 
 #: The name the model's ``config._attn_implementation`` is switched to.
@@ -29,6 +30,7 @@ SEQ_DIM = 2  # transformers attention functions take [batch, heads, seq, head_di
 
 def register() -> None:
     """Register the CP attention and its mask function with transformers (idempotent)."""
+    # loaded on use: keeps start-up light
     from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
@@ -49,7 +51,7 @@ def inner_function(module: nn.Module, inner: str) -> Callable[..., tuple[torch.T
                 f"{type(module).__qualname__} (in {type(module).__module__}) has no module-level "
                 "eager_attention_forward for context parallelism to wrap; use attn_implementation='sdpa'.")
         return function
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # loaded on use: keeps start-up light
 
     return ALL_ATTENTION_FUNCTIONS[inner]
 
@@ -69,8 +71,6 @@ def context_parallel_attention(
     """
     state = state_of(module)
     if state.implementation == "ring":
-        from .ring import ring_attention
-
         return ring_attention(state, module, query, key, value, **kwargs)
     if not isinstance(attention_mask, DeferredMask):
         raise ContextParallelError(
@@ -101,6 +101,7 @@ def context_parallel_attention(
 def takes_bool_mask(inner: str) -> bool:
     """Whether attention implementation ``inner`` gets a boolean mask in one process (SDPA's mask interface);
     eager-style ones get an additive mask."""
+    # loaded on use: keeps start-up light
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(inner) is sdpa_mask
@@ -110,6 +111,7 @@ def takes_dense_mask(inner: str) -> bool:
     """Whether attention implementation ``inner`` takes a dense 4-D mask (eager, SDPA, or any function registered
     with their mask interfaces), which the CP attention needs to hand it the mask of its query blocks. Flash,
     flex and paged attention do not."""
+    # loaded on use: keeps start-up light
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
     return inner == "eager" or ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(inner) in (sdpa_mask, eager_mask)

@@ -37,7 +37,7 @@ class DeferredMask:
         rows of one document), as one process masks them: the pattern on the original positions (on the position
         ids inside each document of packed rows, as transformers remaps them), keys of other documents and
         padding keys masked; keys outside the span are those of other documents."""
-        from transformers.masking_utils import sdpa_mask
+        from transformers.masking_utils import sdpa_mask  # loaded on use: keeps start-up light
 
         context, inner = self.context, self.mask_function
         queries = context.query_positions[start:stop]
@@ -69,7 +69,7 @@ def deferred_mask(
     ``q_length`` / ``kv_length`` and the padding mask describe the local shard only; the attention replaces them
     by what it sees (its query blocks, the gathered keys, the whole sequence's padding and documents).
     """
-    from transformers.masking_utils import causal_mask_function
+    from transformers.masking_utils import causal_mask_function  # loaded on use: keeps start-up light
 
     return DeferredMask(mask_function or causal_mask_function, batch_size, current(), use_vmap)
 

@@ -35,7 +35,7 @@ def ring_attention(
     dropout: float = 0.0, scaling: float | None = None, **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Causal attention of the local shards through torch's ring attention; transformers' output layout."""
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Shard  # loaded on use: keeps start-up light
 
     _enable_dispatcher()
     groups = query.shape[1] // key.shape[1]

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..core.errors import MeshplanError
 from ..core.torch_private import TorchPrivateAPIError, dim_rank_groups
+from ..state.fsdp_state import param_groups
 
 
 class RankLayoutUnknown(MeshplanError):
@@ -100,6 +101,7 @@ def local_numel_table(shape: Sequence[int], placements: Sequence[Any], mesh_shap
 
     ``fsdp``: the tensor is an FSDP2 sharded parameter (its ``_StridedShard`` chunks the TP-local tensor).
     """
+    # loaded on use: keeps start-up light
     from torch.distributed.tensor import Partial, Replicate, Shard
 
     from ..core.torch_private import StridedShard as _StridedShard
@@ -183,9 +185,7 @@ def _flat_piece_index(coordinates: list[np.ndarray], axes: tuple[int, ...], grid
 
 def fsdp_sharded_parameters(model: nn.Module) -> set[int]:
     """``id``s of the parameters FSDP2 manages in ``model`` (every parameter of an FSDP unit if torch hides it)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    from ..state.fsdp_state import param_groups
+    from torch.distributed.fsdp import FSDPModule  # loaded on use: keeps start-up light
 
     found: set[int] = set()
     for module in model.modules():
@@ -206,7 +206,7 @@ def all_ranks(named_parameters: Iterable[tuple[str, nn.Parameter]], world_size: 
 
     ``fsdp_sharded``: ``id``s of parameters FSDP2 manages (see :func:`fsdp_sharded_parameters`).
     """
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # loaded on use: keeps start-up light
 
     grouped: dict[tuple[Any, ...], list[tuple[str, Any]]] = {}
     for name, param in named_parameters:

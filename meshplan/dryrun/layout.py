@@ -66,7 +66,7 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
 
 def fsdp_units(model: nn.Module, layouts: list[ParamLayout]) -> list[dict[str, Any]]:
     """Every ``FSDPModule`` with the parameters it manages (those not inside a nested unit)."""
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # loaded on use: keeps start-up light
 
     modules = {fqn: module for fqn, module in model.named_modules() if isinstance(module, FSDPModule)}
     owned: dict[str, list[ParamLayout]] = {fqn: [] for fqn in modules}

@@ -83,7 +83,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _known_model_types() -> list[str]:
-    from transformers import CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING  # loaded on use: keeps start-up light
 
     return list(CONFIG_MAPPING.keys())
 
@@ -129,7 +129,7 @@ def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
 
 def build_config(config: Mapping[str, Any]) -> Any:
     """The ``transformers`` config object for a config dict (its ``model_type`` picks the class)."""
-    from transformers import CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING  # loaded on use: keeps start-up light
 
     model_type = config.get("model_type")
     if model_type not in CONFIG_MAPPING:
@@ -145,6 +145,7 @@ def build_config(config: Mapping[str, Any]) -> Any:
 
 def model_class(config_dict: Mapping[str, Any], config: Any) -> type[nn.Module]:
     """The class a training job would build: the config's ``architectures[0]``, else the causal-LM class."""
+    # loaded on use: keeps start-up light
     import transformers
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 

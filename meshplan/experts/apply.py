@@ -24,7 +24,7 @@ from .expert_parallel import ExpertParallel
 
 def apply_expert_parallel(model: nn.Module, plan: ResolvedPlan, meshes: ExpertMeshes) -> list[nn.Module]:
     """Apply each EP style to the modules its key matched (in plan order); returns the experts modules."""
-    from torch.distributed.tensor.parallel import parallelize_module
+    from torch.distributed.tensor.parallel import parallelize_module  # loaded on use: keeps start-up light
 
     experts: list[nn.Module] = []
     for key, style in plan.styles.items():
@@ -42,7 +42,7 @@ def apply_expert_parallel(model: nn.Module, plan: ResolvedPlan, meshes: ExpertMe
 def shard_experts(experts: list[nn.Module], meshes: ExpertMeshes, gradient_divide_factor: int,
                   **fully_shard_kwargs: Any) -> None:
     """``fully_shard`` each experts module over the expert data-parallel mesh (see the module docstring)."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard  # loaded on use: keeps start-up light
 
     mesh = meshes.data_parallel.mesh
     for module in experts:

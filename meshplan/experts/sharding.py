@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 def local_shape(param: torch.Tensor) -> tuple[int, ...]:
     """The shape FSDP2 shards: a DTensor's local tensor (e.g. after TP), else the tensor itself."""
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # loaded on use: keeps start-up light
 
     return tuple((param.to_local() if isinstance(param, DTensor) else param).shape)
 
@@ -43,7 +43,7 @@ def expert_shard_placement_fn(model: nn.Module, shard_count: int
     """A ``fully_shard(..., shard_placement_fn=...)`` giving every expert parameter of ``model`` an even shard over
     ``shard_count`` ranks (other parameters keep FSDP2's default); ``None`` when the default already is even or
     ``model`` has no fused experts. Call it after tensor parallelism (it looks at the parameters as they are now)."""
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Shard  # loaded on use: keeps start-up light
 
     named = dict(model.named_parameters())
     dims = {id(named[name]): even_shard_dim(local_shape(named[name]), shard_count)

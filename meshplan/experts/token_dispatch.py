@@ -87,7 +87,7 @@ def combine(expert_output: torch.Tensor, state: Dispatched, group: dist.ProcessG
 def split_tokens(tensors: tuple[torch.Tensor, ...], mesh: DeviceMesh) -> tuple[torch.Tensor, ...]:
     """This rank's slice (``torch.chunk`` of dim 0) of tensors every rank of ``mesh`` holds whole; the backward
     all-gathers the slices' gradients, so each rank gets the gradient of the whole tensor."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard  # loaded on use: keeps start-up light
 
     return tuple(DTensor.from_local(t, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(0)])
                  .to_local() for t in tensors)
@@ -95,7 +95,7 @@ def split_tokens(tensors: tuple[torch.Tensor, ...], mesh: DeviceMesh) -> tuple[t
 
 def gather_tokens(local: torch.Tensor, num_tokens: int, mesh: DeviceMesh) -> torch.Tensor:
     """Concatenate the slices :func:`split_tokens` produced (uneven or empty ones too) on every rank of ``mesh``."""
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Shard  # loaded on use: keeps start-up light
 
     shape = (num_tokens, *local.shape[1:])
     stride = torch.empty(shape, device="meta").stride()

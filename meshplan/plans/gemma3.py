@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plu
 
 def gemma3_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
     """TP (or TP+SP) plan for Gemma3 text models and Gemma3's VLM (decoder found at ``model.language_model``)."""
-    from .decoder import decoder_plan
+    from .decoder import decoder_plan  # loaded on use: keeps start-up light
 
     return decoder_plan(model, qk_norm_layer_styles(), sequence_parallel)
 

@@ -33,6 +33,7 @@ def sparse_layers(config: Any) -> frozenset[int]:
 def gemma3n_plan(model: nn.Module, sequence_parallel: bool = False, registry: Registry | None = None,
                  ) -> dict[str, ParallelStyle]:
     """The translated transformers plan with each ``layers.*.mlp.*`` entry kept for dense layers only."""
+    # loaded on use: keeps start-up light
     from ..tensor_parallel.vocabulary import copy_style
     from .hf_translation import hf_tp_plan
 

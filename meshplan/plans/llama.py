@@ -19,6 +19,7 @@ ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
 
 def llama_layer_styles() -> dict[str, ParallelStyle]:
     """Styles for one Llama-style layer (keys relative to the layer)."""
+    # loaded on use: keeps start-up light
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     styles: dict[str, ParallelStyle] = {key: ColwiseParallel() for key in (*ATTENTION_COLWISE, *MLP_COLWISE)}
@@ -28,7 +29,7 @@ def llama_layer_styles() -> dict[str, ParallelStyle]:
 
 def llama_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
     """TP (or TP+SP) plan for Llama-style decoders: Llama, Mistral, Qwen2."""
-    from .decoder import decoder_plan
+    from .decoder import decoder_plan  # loaded on use: keeps start-up light
 
     return decoder_plan(model, llama_layer_styles(), sequence_parallel)
 

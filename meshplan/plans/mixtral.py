@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plu
 
 def mixtral_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
     """TP plan for Mixtral (with sequence parallel if asked)."""
-    from .moe import moe_plan
+    from .moe import moe_plan  # loaded on use: keeps start-up light
 
     return moe_plan(model, llama_layer_styles(), sequence_parallel)
 

@@ -29,6 +29,7 @@ def moe_plan(model: nn.Module, layer_styles: Mapping[str, ParallelStyle], sequen
              ) -> dict[str, ParallelStyle]:
     """The decoder plan with ``layer_styles`` and the fused experts split along their intermediate size, each key
     kept where it matches a module in at least one layer."""
+    # loaded on use: keeps start-up light
     from ..experts.tp_styles import ExpertsTensorParallel
     from .decoder import decoder_plan, find_decoder_layout
 

@@ -39,6 +39,7 @@ ROUTER_MLP_IN, ROUTER_MLP_OUT = "mlp.gate.router_mlp.fc1", "mlp.gate.router_mlp.
 def zaya_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
     """TP plan for ZAYA: split experts and router, vocab-parallel embedding and ``lm_head`` (sequence parallel
     is refused: the attention stays whole)."""
+    # loaded on use: keeps start-up light
     from ..tensor_parallel.vocabulary import builtin_style
     from .moe import moe_plan
 

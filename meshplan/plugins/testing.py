@@ -179,6 +179,6 @@ class TensorParallelOnly(ComposedStrategy):
 
 def tp_mesh(device_type: str = "cpu") -> DeviceMesh:
     """A 1-D mesh named ``"tp"`` over every rank of the default process group."""
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import init_device_mesh  # loaded on use: keeps start-up light
 
     return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("tp",))

@@ -64,7 +64,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, plan: ResolvedP
 
     Parameters shared between modules before (tied embeddings) are shared again afterwards.
     """
-    from torch.distributed.tensor.parallel import parallelize_module
+    from torch.distributed.tensor.parallel import parallelize_module  # loaded on use: keeps start-up light
 
     groups = shared_parameters(model)
     for key, style in plan.styles.items():
