@@ -41,7 +41,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".state.meta_init": ("materialize_meta_model", "initialize_sharded"),
     ".state.unshard": ("unshard_fsdp2_model",),
     ".state.packing": ("unpack_full_state_dict",),
-    ".state.hf_load": ("from_pretrained", "load_pretrained", "LoadReport"),
+    ".state.hf_load": ("load_pretrained", "LoadReport"),
+    ".pretrained": ("from_pretrained",),
     ".state.hf_save": ("save_pretrained",),
     ".state.distributed_checkpoint": (
         "gather_full_state_dict", "save_distributed_checkpoint", "load_distributed_checkpoint",
@@ -116,11 +117,11 @@ if TYPE_CHECKING:  # generated from _EXPORTS (see above): the real types for typ
     from .experts.tp_styles import IdentityExpertParallel as IdentityExpertParallel
     from .pipeline.model import PipelineModel as PipelineModel
     from .pipeline.options import PipelineParallelOptions as PipelineParallelOptions
+    from .pretrained import from_pretrained as from_pretrained
     from .state.distributed_checkpoint import gather_full_state_dict as gather_full_state_dict
     from .state.distributed_checkpoint import load_distributed_checkpoint as load_distributed_checkpoint
     from .state.distributed_checkpoint import save_distributed_checkpoint as save_distributed_checkpoint
     from .state.hf_load import LoadReport as LoadReport
-    from .state.hf_load import from_pretrained as from_pretrained
     from .state.hf_load import load_pretrained as load_pretrained
     from .state.hf_save import save_pretrained as save_pretrained
     from .state.meta_init import initialize_sharded as initialize_sharded
