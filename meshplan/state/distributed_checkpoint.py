@@ -29,6 +29,7 @@ import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner
@@ -51,6 +52,7 @@ from .packing import (
     unpack_full_state_dict,
     unpack_rank_major,
 )
+from .pipeline_state import pipeline_model_state, pipeline_state, set_pipeline_model_state, set_pipeline_state
 
 MODEL_KEY = "model"
 OPTIMIZER_KEY = "optimizer"
@@ -68,8 +70,6 @@ def gather_full_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[st
     tensor on the model's device.
     """
     if hasattr(model, "stage_modules"):  # a PipelineModel: its stages, gathered over the pipeline ranks
-        from ..pipeline.state import gather_pipeline_state_dict
-
         return gather_pipeline_state_dict(model, rank0_only)
     options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
     full = get_model_state_dict(model, options=options)
@@ -78,8 +78,6 @@ def gather_full_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[st
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     if hasattr(model, "stage_modules"):  # a PipelineModel: its stages' states under the original names
-        from ..pipeline.state import pipeline_model_state, pipeline_state
-
         if optimizer is None:
             return {MODEL_KEY: pipeline_model_state(model)}
         model_state, optimizer_state = pipeline_state(model, optimizer)
@@ -119,8 +117,6 @@ def load_distributed_checkpoint(
     dcp.load(_checkpoint_views(state, now, stored), checkpoint_id=checkpoint_id)
     _unpack_plain_tensors(state, now, stored)
     if hasattr(model, "stage_modules"):
-        from ..pipeline.state import set_pipeline_model_state, set_pipeline_state
-
         if optimizer is None:
             set_pipeline_model_state(model, state[MODEL_KEY])
         else:
@@ -218,3 +214,20 @@ def _stored_layout(checkpoint_id: str | os.PathLike[str], model_state: dict[str,
             "part sizes that do not add up to the parameter's dim): it was saved from another architecture or "
             "configuration.")
     return stored
+
+
+def gather_pipeline_state_dict(pipe: nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
+    """The full state dict of the whole model (all stages), keyed like the unparallelized model. Each stage is
+    gathered over its own mesh, then the stages' dicts are exchanged over the pipeline ranks (CPU tensors).
+    ``rank0_only``: global rank 0 gets the dict, the other ranks ``{}``."""
+    local: dict[str, torch.Tensor] = {}
+    for stage in pipe.stage_modules:
+        local.update({k: v.cpu() for k, v in gather_full_state_dict(stage, rank0_only=False).items()})
+    parts: list[dict[str, torch.Tensor] | None] = [None] * pipe.pp_mesh.size()
+    dist.all_gather_object(parts, local, group=pipe.pp_mesh.get_group())
+    if rank0_only and dist.get_rank() != 0:
+        return {}
+    merged: dict[str, torch.Tensor] = {}
+    for part in parts:
+        merged.update(part or {})
+    return merged

@@ -1,5 +1,6 @@
-"""Whole-model state of a :class:`~meshplan.pipeline.model.PipelineModel`: every stage's full state dict under the
-original parameter names, collected over the pipeline ranks."""
+"""Distributed-checkpoint state of a :class:`~meshplan.pipeline.model.PipelineModel` (any module with
+``stage_modules``, ``stage_indices``, ``pp_mesh`` and ``original_name``): every stage's state under the original
+parameter names, so a checkpoint does not depend on the pipeline layout. :mod:`.distributed_checkpoint` calls it."""
 
 from __future__ import annotations
 
@@ -7,56 +8,35 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from .model import PipelineModel
-
-
-def gather_pipeline_state_dict(pipe: PipelineModel, rank0_only: bool = True) -> dict[str, torch.Tensor]:
-    """The full state dict of the whole model (all stages), keyed like the unparallelized model. Each stage is
-    gathered over its own mesh, then the stages' dicts are exchanged over the pipeline ranks (CPU tensors).
-    ``rank0_only``: global rank 0 gets the dict, the other ranks ``{}``."""
-    from ..state.distributed_checkpoint import gather_full_state_dict
-
-    local: dict[str, torch.Tensor] = {}
-    for stage in pipe.stage_modules:
-        local.update({k: v.cpu() for k, v in gather_full_state_dict(stage, rank0_only=False).items()})
-    parts: list[dict[str, torch.Tensor] | None] = [None] * pipe.pp_mesh.size()
-    dist.all_gather_object(parts, local, group=pipe.pp_mesh.get_group())
-    if rank0_only and dist.get_rank() != 0:
-        return {}
-    merged: dict[str, torch.Tensor] = {}
-    for part in parts:
-        merged.update(part or {})
-    return merged
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 
-def pipeline_model_state(pipe: PipelineModel) -> dict[str, torch.Tensor]:
+def pipeline_model_state(pipe: nn.Module) -> dict[str, torch.Tensor]:
     """This rank's sharded model state for DCP: every stage's state dict under the original names (unique over the
     pipeline ranks, so a checkpoint does not depend on the pipeline layout)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     state: dict[str, torch.Tensor] = {}
     for stage in pipe.stage_modules:
         state.update(get_model_state_dict(stage))
     return state
 
 
-def set_pipeline_model_state(pipe: PipelineModel, state: dict[str, torch.Tensor]) -> None:
+def set_pipeline_model_state(pipe: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load ``state`` (from :func:`pipeline_model_state`, filled by DCP) into every stage."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
     for stage in pipe.stage_modules:
         names = set(stage.state_dict())
         set_model_state_dict(stage, {k: v for k, v in state.items() if k in names})
 
 
-
-def pipeline_state(pipe: PipelineModel, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+def pipeline_state(pipe: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     """This rank's sharded model and optimizer state for DCP under the original names, laid out as a one-process
     model's: every parameter group lists the parameters of all stages (exchanged over the pipeline ranks, in the
     stages' order), so the checkpoint does not depend on the pipeline layout and loads into a plain model too."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     model_state, optimizer_state = get_state_dict(pipe, optimizer)
     stage_of = {f"stages.{i}.": index for i, index in enumerate(pipe.stage_indices)}
     groups = []
@@ -72,12 +52,10 @@ def pipeline_state(pipe: PipelineModel, optimizer: torch.optim.Optimizer) -> tup
             {"state": state, "param_groups": param_groups})
 
 
-def set_pipeline_state(pipe: PipelineModel, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
+def set_pipeline_state(pipe: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
                        optimizer_state: dict[str, Any]) -> None:
     """Load ``model_state`` and ``optimizer_state`` (from :func:`pipeline_state`, filled by DCP) into this rank's
     stages and ``optimizer``: each parameter group keeps this rank's own parameters."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
     names = {pipe.original_name(fqn): fqn for fqn, _ in pipe.named_parameters()}
     names.update({pipe.original_name(fqn): fqn for fqn in pipe.state_dict()})
     own = {"state": {names[k]: v for k, v in optimizer_state["state"].items() if k in names},
