@@ -7,9 +7,9 @@ one process.
 
 Every model type is one task on the same two rank processes (a ``RankPool``), so imports and the process group
 are paid once. A task that times out, or leaves the ranks in disagreement, restarts the pool and the sweep
-goes on. The per-architecture check lives in ``tests/conformance_check.py`` (the CI subset test uses it too).
+goes on. The per-architecture check lives in ``meshplan/conformance/check.py`` (the CI subset test uses it too).
 Then one more process measures the sharded fraction of every type at its default config's size on the meta device
-(``tests/conformance_default_size.py``).
+(``meshplan/conformance/default_size.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # spawned ranks inherit sys.path, so they import tests.conformance_check too
+    sys.path.insert(0, str(ROOT))  # a checkout without an install: spawned ranks inherit sys.path (meshplan)
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -147,8 +147,8 @@ def enumeration() -> dict[str, Any]:
     """How many causal-LM model types declare a TP plan, and where."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from tests.conformance_check import plan_declaration
-    from tests.conformance_ep_check import model_types_with_ep_plan
+    from meshplan.conformance.check import plan_declaration
+    from meshplan.conformance.expert_check import model_types_with_ep_plan
 
     where = {t: plan_declaration(t) for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES}
     return {"causal_lm_types": len(where), "types": [t for t, w in where.items() if w],
@@ -177,8 +177,8 @@ def _failure(model_type: str, reason: str, seconds: float) -> dict[str, Any]:
 def run_sweep(types: list[str], timeout: float, log=print, check=None) -> list[dict[str, Any]]:
     """Check each model type on one persistent 2-rank pool; a hang or a crash restarts the pool. ``check`` is the
     per-type rank function (default: the TP=2 check)."""
+    from meshplan.conformance.check import check_architecture, merge_rank_results
     from meshplan.plugins.testing import RankError, RankPool
-    from tests.conformance_check import check_architecture, merge_rank_results
 
     check = check or check_architecture
 
@@ -216,8 +216,8 @@ def run_sweep(types: list[str], timeout: float, log=print, check=None) -> list[d
 
 def attach_default_size(results: list[dict[str, Any]], ep_results: list[dict[str, Any]], log=print) -> None:
     """Adds ``default_size`` to every TP and EP result: its sharded fraction at the default config's size (see
-    ``tests/conformance_default_size.py``), or the ``reason`` it could not be measured."""
-    from tests.conformance_default_size import measure_in_subprocess
+    ``meshplan/conformance/default_size.py``), or the ``reason`` it could not be measured."""
+    from meshplan.conformance.default_size import measure_in_subprocess
 
     start = time.perf_counter()
     missing: dict[str, Any] = {"reason": "harness: not measured"}
@@ -315,7 +315,8 @@ def render_ep_section(ep_results: list[dict[str, Any]], meta: dict[str, Any]) ->
         "## EP=2",
         "",
         f"Every causal-LM model type whose config (or a sub-config) declares `base_model_ep_plan` "
-        f"({len(ep_results)} types; `tests/conformance_ep_check.py`), with the same tiny config, batch, loss and "
+        f"({len(ep_results)} types; `meshplan/conformance/expert_check.py`), with the same tiny config, batch, "
+        "loss and "
         "tolerances as above (Gemma 4 switched to its MoE variant, ZAYA to top-1 routing, which its config "
         "requires), run once unsharded and once with expert parallelism of size 2 on 2 gloo ranks: "
         "`meshplan.prepare(model, mesh, ep_size=2)` with a test-only strategy that applies only the EP plan "
@@ -405,7 +406,7 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any],
         f"single-process reference within {meta['rtol']:g} relative to the reference tensor's max |value| "
         f"(gradients: to max(own max |g|, {meta['grad_floor']:g} x the model's largest |g|), since some are "
         "analytically zero and then only rounding noise). "
-        "Tiny configs (`tests/conformance_check.py`): one layer of each distinct layer kind (at least 2, "
+        "Tiny configs (`meshplan/conformance/check.py`): one layer of each distinct layer kind (at least 2, "
         "at most 4), hidden size 64, 4 attention heads and 2 KV heads (4 with multi-head latent attention), head "
         "dim 16, vocabulary 256, 4 experts with top-2 routing, sliding windows of 8, LoRA ranks 32, dropout 0, "
         "vision/audio towers shrunk too; `OVERRIDES` there fixes the few default configs that do not build. Input: "
@@ -421,7 +422,7 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any],
         "the hundreds of a real MoE. `sharded (default size)` applies the same plan (with `strict=False`) to the "
         "model built from the type's default config, which is mostly the shape of its flagship checkpoint, on the "
         "meta device (no weights, no downloads, nothing computed) in a fake 2-rank world "
-        "(`tests/conformance_default_size.py`; `DEFAULT_OVERRIDES` there fixes the few default configs that do "
+        "(`meshplan/conformance/default_size.py`; `DEFAULT_OVERRIDES` there fixes the few default configs that do "
         "not build). `n/a` names the stage that stopped it (`TP refused`: the plan's validation refuses TP=2 "
         "at that size, e.g. a head or expert width that 2 does not divide); the reasons are listed under the "
         "table. Where only the embedding and `lm_head` are sharded, the transformers plan shards nothing else.",
@@ -471,7 +472,7 @@ def _load() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from tests.conformance_check import GRAD_FLOOR, RTOL
+    from meshplan.conformance.check import GRAD_FLOOR, RTOL
 
     found = enumeration()
     types = select_types(args, found)
@@ -481,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     ep_types = select_types(args, found, "ep_types")
     ep_results: list[dict[str, Any]] = []
     if not args.no_ep:
-        from tests.conformance_ep_check import check_architecture_ep
+        from meshplan.conformance.expert_check import check_architecture_ep
 
         print(f"checking {len(ep_types)} model types with an EP plan at EP=2", flush=True)
         ep_results = run_sweep(ep_types, args.timeout, check=check_architecture_ep)

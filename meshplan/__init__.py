@@ -18,7 +18,7 @@ from .plugins.hookspecs import hookimpl as hookimpl
 
 #: The public API besides the errors: module -> the names it exports (imported on first access). The
 #: ``TYPE_CHECKING`` block below is generated from this table: after editing it, run
-#: ``python tests/plugins/test_public_api.py --write`` (tests/plugins/test_public_api.py checks they agree).
+#: ``python tests/test_public_api.py --write`` (tests/test_public_api.py checks they agree).
 _EXPORTS: dict[str, tuple[str, ...]] = {
     # dispatcher and registry
     ".api": (

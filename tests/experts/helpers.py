@@ -107,9 +107,9 @@ def experts_module_parity(cases: list[tuple[str, str]], tp_plan_style: str = "mo
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
+    from meshplan.conformance.check import build_model, tiny_config
     from meshplan.state.packing import unpack_full_state_dict
     from meshplan.tensor_parallel.vocabulary import builtin_style
-    from tests.conformance_check import build_model, tiny_config
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
     results: dict[str, Any] = {}

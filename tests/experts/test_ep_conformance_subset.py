@@ -1,4 +1,5 @@
-"""The CI subset of the conformance sweep's EP=2 column (``bench/conformance.py``, ``tests/conformance_ep_check.py``):
+"""The CI subset of the conformance sweep's EP=2 column (``bench/conformance.py``,
+``meshplan/conformance/expert_check.py``):
 EP plans read from transformers' ``base_model_ep_plan`` by the Hugging Face fallback, for MoE variants the parity
 tests do not cover: expert biases (GPT-OSS), a shared expert beside the routed ones (Qwen2-MoE), Granite's own
 experts class, a hybrid Mamba/attention stack (Jamba) and a dense-by-default config switched to its MoE variant
@@ -8,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conformance_check import merge_rank_results
-from tests.conformance_ep_check import check_architecture_ep
+from meshplan.conformance.check import merge_rank_results
+from meshplan.conformance.expert_check import check_architecture_ep
 
 pytestmark = pytest.mark.distributed
 

@@ -7,13 +7,13 @@ import pytest
 from torch.distributed.device_mesh import init_device_mesh
 
 import meshplan
+from meshplan.conformance.check import build_model, tiny_config
 from meshplan.core.errors import PlanError, TensorParallelSizeError
 from meshplan.experts.modules import SUMMAND, ExpertParamLayout, infer_param_layouts
 from meshplan.experts.tp_styles import ExpertsTensorParallel, IdentityExpertParallel
 from meshplan.introspection.experts import find_expert_modules
 from meshplan.plans.hf_translation import hf_tp_plan, translate_hf_plan
 from meshplan.plans.mixtral import mixtral_plan
-from tests.conformance_check import build_model, tiny_config
 from tests.experts.helpers import experts_module_parity
 from tests.plans.helpers import build
 

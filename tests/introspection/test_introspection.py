@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from meshplan.conformance.check import build_model, tiny_config
 from meshplan.introspection import (
     attention_modules,
     head_attention_modules,
@@ -15,7 +16,6 @@ from meshplan.introspection import (
     text_config,
 )
 from meshplan.introspection.mixers import mixer_kind
-from tests.conformance_check import build_model, tiny_config
 
 
 def _meta_model(model_type: str) -> nn.Module:

@@ -1,4 +1,4 @@
-"""The conformance sweep's sharded fraction at the default config size (``tests/conformance_default_size.py``: meta
+"""The conformance sweep's sharded fraction at the default config size (``meshplan/conformance/default_size.py``: meta
 device, fake 2-rank world) and the MoE summary ``bench/conformance.py`` renders from it."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from meshplan.conformance.default_size import default_config, measure_all
 from meshplan.plugins.testing import isolated_registry
-from tests.conformance_default_size import default_config, measure_all
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "conformance.py"
 

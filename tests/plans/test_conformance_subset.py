@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conformance_check import check_architecture, merge_rank_results, tiny_config
+from meshplan.conformance.check import check_architecture, merge_rank_results, tiny_config
 
 pytestmark = pytest.mark.distributed
 

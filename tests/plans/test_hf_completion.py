@@ -11,13 +11,13 @@ from torch import nn
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+from meshplan.conformance.check import build_model, check_architecture, merge_rank_results, tiny_config
 from meshplan.experts.tp_styles import ExpertsTensorParallel
 from meshplan.plans.hf_completion import BlockSplit, attention_split, mlp_split, uncovered_blocks, uncovered_lm_head
 from meshplan.plans.hf_translation import merged_hf_plan, translate_hf_plan
 from meshplan.tensor_parallel.styles.local_parameters import LocalShardedParameters, ReplicatedWithGradAllReduce
 from meshplan.tensor_parallel.styles.module_state import MlaKvAProjParallel
 from meshplan.tensor_parallel.styles.traits import predicted_placement
-from tests.conformance_check import build_model, check_architecture, merge_rank_results, tiny_config
 
 #: model type -> (the part its transformers plan does not name, the sharded fraction of its parameter elements
 #: at least, at the tiny conformance widths; the part left whole would fall below it)

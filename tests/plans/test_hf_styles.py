@@ -134,7 +134,7 @@ def test_local_sharded_parameters_refuse_missing_or_indivisible_parameters(fake_
 
 # --- translation of the transformers models that need them -------------------------------------------------
 def tiny(model_type: str) -> nn.Module:
-    from tests.conformance_check import build_model, tiny_config
+    from meshplan.conformance.check import build_model, tiny_config
 
     return build_model(tiny_config(model_type))
 
@@ -191,7 +191,7 @@ def test_all_reduce_module_whose_parameter_entries_stay_replicated_stays_replica
 
 @pytest.mark.distributed
 def test_fallback_parity_on_models_that_need_the_new_styles(ranks2):
-    from tests.conformance_check import check_architecture, merge_rank_results
+    from meshplan.conformance.check import check_architecture, merge_rank_results
 
     for model_type in ("glm4_moe_lite", "granite_swa", "apertus"):  # MLA + MoE (DeepSeek has a built-in plan)
         result = merge_rank_results(ranks2.run(check_architecture, model_type, timeout=240))

@@ -10,12 +10,12 @@ from torch import nn
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel
 
+from meshplan.conformance.check import build_model, check_architecture, merge_rank_results, tiny_config
 from meshplan.introspection.mixers import is_linear_attention
 from meshplan.plans.hf_completion import latent_attention_split
 from meshplan.plans.hf_linear_attention import uncovered_projections
 from meshplan.plans.hf_translation import translate_hf_plan
 from meshplan.tensor_parallel.matching import match_key
-from tests.conformance_check import build_model, check_architecture, merge_rank_results, tiny_config
 
 
 def tiny(model_type: str) -> nn.Module:

@@ -1,11 +1,11 @@
 """TP=2 forward + backward parity of the built-in plans for Gemma 4, Inkling and ZAYA (tiny configs of
-``tests/conformance_check.py``), with the share of parameter elements each plan must shard."""
+``meshplan/conformance/check.py``), with the share of parameter elements each plan must shard."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.conformance_check import check_architecture, merge_rank_results
+from meshplan.conformance.check import check_architecture, merge_rank_results
 
 pytestmark = pytest.mark.distributed
 
@@ -38,9 +38,9 @@ def test_tp2_matches_single_process(ranks2, model_type):
     ("zaya", "meshplan.plans.zaya:zaya_plan", "attention stays whole"),
 ])
 def test_sequence_parallel_is_refused_with_the_reason(model_type, plan, why):
+    from meshplan.conformance.check import build_model, tiny_config
     from meshplan.core.errors import SequenceParallelUnsupportedError
     from meshplan.core.imports import import_class_from_path
-    from tests.conformance_check import build_model, tiny_config
 
     with pytest.raises(SequenceParallelUnsupportedError, match=why):
         import_class_from_path(plan)(build_model(tiny_config(model_type)), sequence_parallel=True)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from tests.conformance_check import build_model, run_check, tiny_config
+from meshplan.conformance.check import build_model, run_check, tiny_config
 from tests.support import TensorParallelOnly, full_grads, full_params, relative_error, tp_mesh
 
 #: Config switches that give the mixers' projections and convolutions biases (row-wise biases are summands).

@@ -35,8 +35,8 @@ def test_explicit_dict_wins_over_registered_provider():
 
 
 @pytest.mark.parametrize("source", [
-    "tests.core.test_plan.STACK_PLAN", "tests.core.test_plan:stack_plan_function",
-    "tests.core.test_plan.no_argument_plan", stack_plan_function,
+    "tests.tensor_parallel.test_plan.STACK_PLAN", "tests.tensor_parallel.test_plan:stack_plan_function",
+    "tests.tensor_parallel.test_plan.no_argument_plan", stack_plan_function,
 ])
 def test_explicit_sources(source):
     plan = get_tp_plan(TinyStack(), tp_plan=source)
@@ -48,7 +48,7 @@ def test_bad_explicit_sources_explain_the_accepted_forms():
     with pytest.raises(PlanSourceError, match="dict"):
         get_tp_plan(TinyStack(), tp_plan=3.5)
     with pytest.raises(PlanSourceError, match="dict or a function"):
-        get_tp_plan(TinyStack(), tp_plan="tests.core.test_plan.NOT_A_PLAN")
+        get_tp_plan(TinyStack(), tp_plan="tests.tensor_parallel.test_plan.NOT_A_PLAN")
 
 
 def test_provider_callable_receives_sequence_parallel_flag():

@@ -149,11 +149,11 @@ def test_head_counts_of_a_heterogeneous_config_are_checked_per_layer_kind():
 def test_heads_need_to_divide_only_when_the_plan_splits_attention(mesh2):
     """DeepSeek-V4 has one KV head and a transformers plan that splits only its experts: TP=2 is accepted and the
     attention stays whole. A plan that splits the attention of a one-KV-head model replicates its KV heads
-    (tests/plans/test_kv_replication.py); KV heads that neither divide by the TP size nor divide it are refused before
-    anything runs."""
+    (tests/tensor_parallel/test_kv_replication.py); KV heads that neither divide by the TP size nor divide it are
+    refused before anything runs."""
+    from meshplan.conformance.check import build_model, tiny_config
     from meshplan.core.errors import TensorParallelSizeError
     from meshplan.tensor_parallel.kv_replication import ReplicatedKeyValueProjection
-    from tests.conformance_check import build_model, tiny_config
 
     config = tiny_config("deepseek_v4")
     config.num_key_value_heads = 1

@@ -3,7 +3,7 @@
 * :func:`model_types_with_ep_plan` — causal-LM model types whose config (or a sub-config) declares
   ``base_model_ep_plan``.
 * :func:`check_architecture_ep` — runs on every rank of a 2-rank gloo pool: the tiny model of
-  :mod:`tests.conformance_check` once unsharded and once after ``meshplan.prepare(..., ep_size=2).apply()`` with an
+  :mod:`meshplan.conformance.check` once unsharded and once after ``meshplan.prepare(..., ep_size=2).apply()`` with an
   EP-only strategy (the EP plan ``meshplan.parallelize`` resolves and validates: the Hugging Face fallback reads
   ``base_model_ep_plan``). Both ranks hold the same batch and each dispatches half of its tokens to the experts'
   owners, so logits and every gathered gradient must match the reference.
@@ -14,7 +14,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from tests.conformance_check import RTOL, failure_reason, run_check, sub_config_classes, tiny_config
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from ..core.axis_options import ExpertParallelOptions
+from ..core.strategy import Strategy
+from ..experts.apply import apply_expert_parallel
+from .check import RTOL, failure_reason, run_check, sub_config_classes, tiny_config
 
 EP_SIZE = 2
 #: Config fields that select the MoE variant of a model type whose default config is dense (set after the tiny
@@ -37,24 +45,16 @@ def moe_config(model_type: str) -> Any:
 
 def ep_plan_declared(model_type: str) -> bool:
     """Whether the config class of ``model_type`` (or a sub-config class) declares ``base_model_ep_plan``."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     config_class = CONFIG_MAPPING[model_type]
     return any(getattr(c, "base_model_ep_plan", None) for c in [config_class, *sub_config_classes(config_class)])
 
 
 def model_types_with_ep_plan() -> list[str]:
     """Causal-LM model types (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``) that declare a transformers EP plan."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     return [t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if ep_plan_declared(t)]
 
 
 def ep_only_strategy():
-    from meshplan.core.axis_options import ExpertParallelOptions
-    from meshplan.core.strategy import Strategy
-    from meshplan.experts.apply import apply_expert_parallel
-
     @dataclasses.dataclass
     class ConformanceEPOptions(ExpertParallelOptions):
         ep_size: int = EP_SIZE
@@ -78,15 +78,12 @@ def ep_only_strategy():
 
 def ep_mesh():
     """The 1-D ``("dp_shard",)`` mesh over all ranks, from which EP carves its ranks."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
     return init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp_shard",))
 
 
 def check_architecture_ep(model_type: str, rtol: float = RTOL) -> dict[str, Any]:
     """Runs on every rank: EP=2 forward + backward parity of ``model_type`` against the unsharded model
-    (:func:`tests.conformance_check.run_check` with the EP-only strategy)."""
+    (:func:`meshplan.conformance.check.run_check` with the EP-only strategy)."""
     try:
         config = moe_config(model_type)
     except Exception as exc:  # noqa: BLE001 - reported in the result

@@ -119,7 +119,7 @@ def test_a_key_norm_over_all_kv_heads_is_refused(fake_pg):
 def test_the_fitted_plan_can_be_passed_back_and_layers_are_found_inside_hybrids(mesh2):
     """The fitted plan's keys select exactly their modules, so ``prepared.plan.styles`` works as a ``tp_plan``;
     Jamba's ``JambaAttentionDecoderLayer`` is a layer, not the attention: its ``self_attn`` gets the replication."""
-    from tests.conformance_check import build_model, tiny_config
+    from meshplan.conformance.check import build_model, tiny_config
 
     plan = meshplan.prepare(build("llama", **MQA), mesh2, strategy="tp_test").plan
     again = meshplan.prepare(build("llama", **MQA), mesh2, strategy="tp_test", tp_plan=dict(plan.styles)).plan

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "meshplan-example-strategy"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "meshplan-example-strategy"
 
 USE_IT = """
 from torch import nn

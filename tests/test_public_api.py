@@ -1,7 +1,7 @@
 """The public API: one table of exports (``meshplan._EXPORTS`` plus :mod:`meshplan.errors`), the lazy lookups it
 drives, and the ``TYPE_CHECKING`` block generated from it.
 
-``python tests/plugins/test_public_api.py --write`` regenerates that block after ``_EXPORTS`` changed.
+``python tests/test_public_api.py --write`` regenerates that block after ``_EXPORTS`` changed.
 """
 
 import ast
@@ -44,7 +44,7 @@ def test_type_checking_block_is_generated_from_the_exports():
     checkers see the real types of the whole public API."""
     source = INIT.read_text()
     assert source[source.index(BEGIN) + len(BEGIN):source.index(END)] == generated_block(meshplan._EXPORTS), (
-        "run: python tests/plugins/test_public_api.py --write")
+        "run: python tests/test_public_api.py --write")
     block = next(node for node in ast.parse(source).body
                  if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING")
     imported = {}

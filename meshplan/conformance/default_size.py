@@ -1,7 +1,7 @@
 """Sharded fraction of each model type at its default config's size (the ``default size`` columns of
 ``bench/conformance.py``).
 
-The parity check (:mod:`tests.conformance_check`) runs tiny configs, where small per-layer parts that a plan keeps
+The parity check (:mod:`meshplan.conformance.check`) runs tiny configs, where small per-layer parts that a plan keeps
 whole by design (routers, norms, MLA down-projections) weigh far more than in the real model, and experts far less.
 Here the model is built from its default config (transformers' defaults are mostly the flagship checkpoint's
 shapes) on the meta device, so without weights or downloads; the TP=2 (or EP=2) plan is resolved, validated and
@@ -22,8 +22,16 @@ import multiprocessing
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from tests.conformance_check import OVERRIDES, failure_reason, largest_replicated, sharded_fraction
+import meshplan
+
+from ..core.errors import ExpertParallelError, TensorParallelSizeError
+from ..core.fake_pg import fake_process_group
+from ..plugins.testing import TensorParallelOnly, tp_mesh
+from .check import OVERRIDES, failure_reason, largest_replicated, sharded_fraction
+from .expert_check import EP_SIZE, ep_mesh, ep_only_strategy
 
 WORLD_SIZE = 2
 AXES = ("TP", "EP")
@@ -53,8 +61,6 @@ DEFAULT_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
 
 def default_config(model_type: str) -> Any:
     """The default config of ``model_type`` (as ``AutoConfig.for_model``), with :data:`DEFAULT_OVERRIDES` applied."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     config_class = CONFIG_MAPPING[model_type]
     overrides = DEFAULT_OVERRIDES.get(model_type, {})
     specs = getattr(config_class, "sub_configs_defaults", None) or {}
@@ -66,10 +72,6 @@ def default_config(model_type: str) -> Any:
 
 
 def _prepare(model: torch.nn.Module, axis: str, strategies: dict[str, type]) -> Any:
-    import meshplan
-    from tests.conformance_ep_check import EP_SIZE, ep_mesh
-    from tests.support import tp_mesh
-
     if axis == "TP":  # unmatched keys are the tiny check's business (its reason names them)
         return meshplan.prepare(model, tp_mesh(), strategy=strategies["TP"].name, strict=False)
     return meshplan.prepare(model, ep_mesh(), strategy=strategies["EP"].name, ep_size=EP_SIZE)
@@ -80,10 +82,6 @@ def measure(model_type: str, axis: str, strategies: dict[str, type]) -> dict[str
     default size after its ``axis`` (``"TP"`` or ``"EP"``) plan, or the ``reason`` it could not be measured (the
     stage, e.g. ``config`` / ``build`` / ``TP refused`` / ``apply TP plan``, the exception type and message head).
     ``strategies`` maps each axis to its registered test strategy."""
-    from transformers import AutoModelForCausalLM
-
-    from meshplan.core.errors import ExpertParallelError, TensorParallelSizeError
-
     stage = "config"
     try:
         config = default_config(model_type)
@@ -105,11 +103,6 @@ def measure(model_type: str, axis: str, strategies: dict[str, type]) -> dict[str
 def measure_all(tp_types: list[str], ep_types: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
     """``{"TP": {type: result}, "EP": {type: result}}`` (see :func:`measure`), in a fake world of
     :data:`WORLD_SIZE` ranks that this call opens."""
-    import meshplan
-    from meshplan.core.fake_pg import fake_process_group
-    from tests.conformance_ep_check import ep_only_strategy
-    from tests.support import TensorParallelOnly
-
     strategies = {"TP": TensorParallelOnly, "EP": ep_only_strategy()}
     found: dict[str, dict[str, dict[str, Any]]] = {axis: {} for axis in AXES}
     with fake_process_group(WORLD_SIZE):

@@ -24,9 +24,20 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import transformers
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from tests.support import TensorParallelOnly, full_grads, perturb, relative_error, tp_mesh
+import meshplan
+
+from ..core.errors import UnmatchedPlanKeyError
+from ..plugins.manager import get_registry
+from ..plugins.testing import TensorParallelOnly, tp_mesh
+from .parity import full_grads, perturb, relative_error
 
 #: Relative tolerance (fp32), relative to the reference tensor's max |value|.
 RTOL = 1e-5
@@ -136,10 +147,6 @@ def plan_declaration(model_type: str) -> str | None:
     """Where ``model_type``'s TP plan comes from: ``"config"`` (``base_model_tp_plan`` on the config or a
     sub-config, class or default instance), ``"class"`` (only the model class ``_tp_plan``), ``"meshplan"`` (no
     transformers plan, but a built-in meshplan provider serves the class, e.g. ZAYA) or ``None``."""
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     config_class = CONFIG_MAPPING[model_type]
     if any(getattr(c, "base_model_tp_plan", None) for c in [config_class, *sub_config_classes(config_class)]):
         return "config"
@@ -158,8 +165,6 @@ def plan_declaration(model_type: str) -> str | None:
 
 def _builtin_provider(model_class: type) -> bool:
     """Whether a built-in meshplan provider other than the Hugging Face fallback serves ``model_class``."""
-    from meshplan.plugins.manager import get_registry
-
     found = get_registry().find_tp_plan(model_class)
     name = found[1].target_name() if found else ""
     return name.startswith("meshplan.plans.") and not name.startswith("meshplan.plans.hf")
@@ -177,8 +182,6 @@ def sub_config_classes(config_class: type) -> list[type]:
 def model_types_with_tp_plan() -> list[str]:
     """Causal-LM model types (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``) that declare a transformers TP plan or that a
     built-in meshplan provider serves."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     return [t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if plan_declaration(t)]
 
 
@@ -283,8 +286,6 @@ def _tiny_kwargs(config: Any, model_type: str, name: str = "") -> dict[str, Any]
 
 def tiny_config(model_type: str) -> Any:
     """A small config of ``model_type`` (see :data:`SHRINK` and :data:`OVERRIDES`), eager attention."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     config_class = CONFIG_MAPPING[model_type]
     try:
         default = config_class()
@@ -316,8 +317,6 @@ def text_config(config: Any) -> Any:
 def build_model(config: Any, seed: int = SEED) -> nn.Module:
     """The causal LM for ``config`` in fp32 with random weights, every float parameter perturbed (norm
     weights are not all ones, routers not all zeros), in train mode (dropout is off in the config)."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return perturb(model, seed + 1).float().train()
@@ -332,7 +331,6 @@ def make_batch(config: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _logits(output: Any) -> torch.Tensor:
     logits = output.logits if hasattr(output, "logits") else output[0]
-    from torch.distributed.tensor import DTensor
 
     return logits.full_tensor() if isinstance(logits, DTensor) else logits
 
@@ -348,8 +346,6 @@ def forward_backward(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) 
 
 # --- the check (runs on every rank) ---------------------------------------------------------------
 def _is_sharded(param: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor, Shard
-
     return isinstance(param, DTensor) and any(isinstance(p, Shard) for p in param.placements)
 
 
@@ -417,8 +413,6 @@ def _compare(reference: nn.Module, model: nn.Module, ref_logits: torch.Tensor, l
 
 
 def _registered_provider(model: nn.Module) -> str | None:
-    from meshplan.plugins.manager import get_registry
-
     found = get_registry().find_tp_plan(type(model))
     return f"provider {found[1].target_name()}" if found else None
 
@@ -432,9 +426,6 @@ def run_check(model_type: str, config: Any, mesh: Callable[[], Any], strategy: t
     Never raises for a model problem: the result's ``status`` is ``"pass"`` or ``"fail"`` with a short
     ``reason`` (the failing stage, exception type and message head, or the worst tensor and its error).
     """
-    import meshplan
-    from meshplan import UnmatchedPlanKeyError
-
     start = time.perf_counter()
     result: dict[str, Any] = {"model_type": model_type, "status": "fail", "reason": ""}
     stage, strict_error = "build", ""
@@ -486,8 +477,6 @@ def check_architecture(model_type: str, rtol: float = RTOL, tp_plan: Any = None)
     ``tp_plan`` (optional, e.g. a dotted path to a plan function) is passed to ``meshplan.prepare`` to check a
     candidate plan instead of the registered one.
     """
-    import torch.distributed as dist
-
     seen: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(seen, model_type)
     if len(set(seen)) != 1:
