@@ -1,5 +1,5 @@
 """TP=2 conformance check of one transformers causal-LM model type (shared by ``bench/conformance.py`` and
-``tests/plans/test_conformance_subset.py``).
+``tests/conformance/test_tp_subset.py``).
 
 * :func:`model_types_with_tp_plan` — every causal-LM model type of the installed transformers whose config (or
   a sub-config) declares ``base_model_tp_plan`` or whose model class declares ``_tp_plan``.
