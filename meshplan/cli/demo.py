@@ -110,12 +110,13 @@ def main(config: DemoConfig) -> int:
 
 def _check_before_launch(config: DemoConfig) -> None:
     """Fail fast, in this process, on what every rank would reject: mesh shape, strategy, model, steps."""
+    # loaded on use: keeps start-up light
     from ..api import get_strategy
     from ..dryrun.modelsource import resolve_source
 
     mesh_dims(config, config.nproc)
     if config.cp > 1:
-        from ..context_parallel.sequence_layout import check_sequence_length
+        from ..context_parallel.sequence_layout import check_sequence_length  # loaded on use: keeps start-up light
 
         check_sequence_length(config.seq_len, config.cp, "--seq-len")
     if config.device not in ("auto", "cpu", "cuda"):
@@ -177,7 +178,7 @@ def _checksum(model: nn.Module) -> float:
     try:
         params = list(model.parameters())
         if isinstance(model, PipelineModel):
-            from ..state.distributed_checkpoint import gather_full_state_dict
+            from ..state.distributed_checkpoint import gather_full_state_dict  # loaded on use: keeps start-up light
 
             full_state = gather_full_state_dict(model, rank0_only=False)
             params = [full_state[name] for name in sorted(full_state)]
@@ -231,6 +232,7 @@ def run_worker(config: DemoConfig) -> DemoResult:
 
 
 def _parallel_model(config: DemoConfig, device: torch.device) -> tuple[nn.Module, Any, str]:
+    # loaded on use: keeps start-up light
     from ..api import get_strategy, parallelize
     from ..dryrun.meshspec import build_mesh
     from ..dryrun.modelsource import build_model, resolve_source

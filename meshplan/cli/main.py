@@ -16,7 +16,7 @@ from ..tables import format_table
 
 
 def _plugins_rows() -> list[dict[str, Any]]:
-    from ..api import list_plugins
+    from ..api import list_plugins  # loaded on use: keeps start-up light
 
     rows = list_plugins()
     for row in rows:
@@ -25,7 +25,7 @@ def _plugins_rows() -> list[dict[str, Any]]:
 
 
 def _strategies_rows() -> list[dict[str, Any]]:
-    from ..api import list_strategies
+    from ..api import list_strategies  # loaded on use: keeps start-up light
 
     rows = list_strategies()
     for row in rows:
@@ -36,19 +36,19 @@ def _strategies_rows() -> list[dict[str, Any]]:
 
 
 def _plans_rows() -> list[dict[str, Any]]:
-    from ..api import list_tp_plans
+    from ..api import list_tp_plans  # loaded on use: keeps start-up light
 
     return list_tp_plans()
 
 
 def _presets_rows() -> list[dict[str, Any]]:
-    from ..dryrun.modelsource import list_presets
+    from ..dryrun.modelsource import list_presets  # loaded on use: keeps start-up light
 
     return list_presets()
 
 
 def _styles_rows() -> list[dict[str, Any]]:
-    from ..api import list_styles
+    from ..api import list_styles  # loaded on use: keeps start-up light
 
     return list_styles()
 
@@ -131,7 +131,7 @@ def _add_explain_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    from ..dryrun import explain, render_text
+    from ..dryrun import explain, render_text  # loaded on use: keeps start-up light
 
     report = explain(
         args.model, args.mesh, args.strategy, tp_plan=load_tp_plan(args.tp_plan),
@@ -175,6 +175,7 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    # loaded on use: keeps start-up light
     from .demo import DemoConfig
     from .demo import main as demo_main
 

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..api import get_report, get_strategy, prepare
 from ..core.errors import MeshplanError, OptionsError
 from ..core.fake_pg import fake_process_group
 from ..core.strategy import Strategy
+from ..plugins.manager import get_registry
 from .all_ranks import AllRanks, RankLayoutUnknown, all_ranks, fsdp_sharded_parameters, mesh_coordinates, rank_groups
 from .balance import imbalance_note, replicated_parameters
 from .layout import ParamLayout, fsdp_units, memory, param_layouts
@@ -66,14 +68,12 @@ def _precision_options(strategy: Any, precision: str) -> dict[str, Any]:
     no_cast = PRECISIONS[precision][1]
     if not no_cast or "mp_policy" not in {o.name for o in strategy.describe_options()}:
         return {}
-    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.fsdp import MixedPrecisionPolicy  # loaded on use: keeps start-up light
 
     return {"mp_policy": MixedPrecisionPolicy()}
 
 
 def _strategy_section(strategy: Any) -> dict[str, Any]:
-    from ..plugins.manager import get_registry
-
     registration = get_registry().strategies.find(strategy.name)
     provenance = registration.provenance if registration is not None else None
     return {
@@ -234,8 +234,6 @@ def _explain_in_world(
     tp_plan: Any, sequence_parallel: bool, options: Mapping[str, Any], precision: str, total: int,
 ) -> None:
     """The part of :func:`explain` that runs inside the fake world (fills ``report`` as it goes)."""
-    from ..api import get_report, get_strategy, prepare
-
     with phases("mesh"):
         device_mesh = build_mesh(dims, "cpu")
         share_rank_list(device_mesh)  # one tuple of the world's ranks for every mesh derived from it

@@ -29,7 +29,7 @@ def fold_expert_parameters(spec: Mapping[str, Any]) -> dict[str, Any]:
     """``spec`` with its ``grouped_gemm`` parameter entries moved into their module's ``ep_dispatch_experts``
     entry (an :class:`ExpertParallel` naming those parameters); :class:`PlanError` for a parameter entry whose
     module has no such entry."""
-    from .expert_parallel import ExpertParallel
+    from .expert_parallel import ExpertParallel  # loaded on use: keeps start-up light
 
     folded: dict[str, Any] = {}
     params: dict[str, list[str]] = {}
@@ -80,7 +80,7 @@ def fit_expert_plan(model: nn.Module, plan: MatchedPlan, ep_size: int) -> Fitted
 
 def _expert_entries(plan: ResolvedPlan) -> list[tuple[str, str]]:
     """``(key, module name)`` of each module an EP plan splits by expert."""
-    from .expert_parallel import ExpertParallel
+    from .expert_parallel import ExpertParallel  # loaded on use: keeps start-up light
 
     return [(key, fqn) for key, style in plan.styles.items() if isinstance(style, ExpertParallel)
             for fqn in plan.matches.get(key, ())]
@@ -95,7 +95,7 @@ def experts_tp_sharded(tp_plan: ResolvedPlan | None, ep_plan: ResolvedPlan) -> b
     """Whether the TP plan shards the experts modules of the EP plan (then EP cannot borrow the TP ranks)."""
     if tp_plan is None:
         return False
-    from ..tensor_parallel.styles.composition import KeepReplicated
+    from ..tensor_parallel.styles.composition import KeepReplicated  # loaded on use: keeps start-up light
 
     sharded = {fqn for key, style in tp_plan.styles.items() if not isinstance(style, KeepReplicated)
                for fqn in tp_plan.matches.get(key, ())}

@@ -16,10 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import PrepareModuleOutput
 
 from ..core.errors import PipelineError, PipelineScheduleError
-from ..core.plans import PlanSet
+from ..core.plans import PlanSet, ResolvedPlan
 from ..core.roles import MeshRoles
+from ..planning.build import build_plan
+from ..tensor_parallel.matching import match_key
+from ..tensor_parallel.styles.composition import ChainedStyles
 from .model import PipelineLoss, PipelineModel, causal_lm_loss, mean_loss
 from .options import PipelineParallelOptions
 from .plan import PipelinePlan
@@ -73,8 +79,6 @@ def build_pipeline(model: nn.Module, plan: PipelinePlan, pp_mesh: DeviceMesh, op
                    parallelize_stage: Callable[[nn.Module], nn.Module]) -> PipelineModel:
     """This rank's :class:`PipelineModel`: its stages built from ``model`` (the last one in place, earlier ones as
     copies of only what they keep), each passed through ``parallelize_stage``, then torch's schedule."""
-    from torch.distributed.pipelining import PipelineStage
-
     loss = stage_loss(model, options, plan.microbatches)
     mine = plan.stages_on(pp_mesh.get_local_rank())
     modules = []
@@ -102,12 +106,6 @@ def stage_styles(stage: nn.Module, styles: Mapping[str, Any], layout: PipelineLa
     first block (``layers.0``, where sequence parallel shards the residual stream) moved to the stage's first
     block; under sequence parallel, the last block of a non-last stage gathers the sequence again, so stages
     exchange ordinary full tensors."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import PrepareModuleOutput
-
-    from ..tensor_parallel.matching import match_key
-    from ..tensor_parallel.styles.composition import ChainedStyles
-
     info = stage_info(stage)
     zero, first = layout.block_fqn(0), layout.block_fqn(info.blocks.start)
     kept = {}
@@ -127,9 +125,6 @@ def stage_styles(stage: nn.Module, styles: Mapping[str, Any], layout: PipelineLa
 def stage_plans(stage: nn.Module, plans: PlanSet, layout: PipelineLayout, strict: bool) -> PlanSet:
     """The plans of one stage: the whole model's TP and EP plans cut to what the stage holds
     (:func:`stage_tp_plan`), matched and fitted again to the stage's modules."""
-    from ..core.plans import ResolvedPlan
-    from ..planning.build import build_plan
-
     fitted = {}
     for axis in ("tp", "ep"):
         whole = getattr(plans, axis)

@@ -57,7 +57,7 @@ class ScheduleSpec:
 
 def resolve_schedule(name: str) -> ScheduleSpec:
     """The schedule named ``name``; :class:`PipelineScheduleError` listing the names when unknown."""
-    from torch.distributed.pipelining.schedules import PipelineScheduleMulti
+    from torch.distributed.pipelining.schedules import PipelineScheduleMulti  # loaded on use: keeps start-up light
 
     classes = schedule_classes()
     by_key = {_key(n): n for n in classes}

@@ -29,6 +29,7 @@ ROWWISE = ("self_attn.o_proj", "mlp.down_proj", "mlp.shared_experts.down_proj")
 def deepseek_layer_styles(rope_dim: int) -> dict[str, ParallelStyle]:
     """Styles for one DeepSeek layer of any kind, except the routed experts that :func:`~meshplan.plans.moe.moe_plan`
     adds (keys relative to the layer); ``rope_dim`` is ``config.qk_rope_head_dim``."""
+    # loaded on use: keeps start-up light
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     from ..tensor_parallel.styles.module_state import MlaKvAProjParallel
@@ -41,7 +42,7 @@ def deepseek_layer_styles(rope_dim: int) -> dict[str, ParallelStyle]:
 
 def deepseek_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
     """TP plan for DeepSeek-V2 / V3 (with sequence parallel if asked)."""
-    from .moe import moe_plan
+    from .moe import moe_plan  # loaded on use: keeps start-up light
 
     rope_dim = text_config(model.config).qk_rope_head_dim
     return moe_plan(model, deepseek_layer_styles(rope_dim), sequence_parallel)

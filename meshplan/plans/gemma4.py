@@ -43,7 +43,7 @@ PER_LAYER_INPUT, PER_LAYER_INPUT_POSITION = "per_layer_input", 1
 
 def text_model_name(model: nn.Module) -> str:
     """The fully qualified name of the Gemma 4 text model (the parent of the input embedding)."""
-    from ..introspection.embeddings import embedding_modules, module_name
+    from ..introspection.embeddings import embedding_modules, module_name  # loaded on use: keeps start-up light
 
     embed = module_name(model, embedding_modules(model)[0])
     if embed is None:
@@ -59,6 +59,7 @@ def has_per_layer_inputs(model: nn.Module) -> bool:
 def per_layer_input_styles(text: str) -> dict[str, ParallelStyle]:
     """Vocab-parallel ``embed_tokens_per_layer`` and the split per-layer input path of every layer (module
     docstring); ``text`` is the text model's name."""
+    # loaded on use: keeps start-up light
     from torch.distributed.tensor import Replicate, Shard
 
     from ..tensor_parallel.styles.hidden_states import PrepareHiddenStates
@@ -76,6 +77,7 @@ def per_layer_input_styles(text: str) -> dict[str, ParallelStyle]:
 
 def _plan(model: nn.Module, sequence_parallel: bool, registry: Registry | None, replicate_embeddings: bool,
           ) -> dict[str, ParallelStyle]:
+    # loaded on use: keeps start-up light
     from ..introspection.embeddings import embedding_modules, module_name
     from .hf_translation import hf_tp_plan
 

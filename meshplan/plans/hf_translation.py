@@ -69,6 +69,7 @@ from ..experts.modules import hf_layout_corrections, layouts_from_hf
 from ..experts.tp_styles import ExpertsTensorParallel, IdentityExpertParallel
 from ..introspection.config import model_configs
 from ..introspection.embeddings import are_tied, embedding_modules, module_name
+from ..plugins.manager import get_registry
 from ..tensor_parallel.matching import covering_keys, match_key, match_parameter_key
 from ..tensor_parallel.styles.local_parameters import LocalShardedParameters, ReplicatedWithGradAllReduce
 from ..tensor_parallel.styles.module_state import MlaKvAProjParallel
@@ -326,7 +327,7 @@ def _complete_linear_attention(model: nn.Module, result: HFPlan, registry: Regis
 def _complete_mixers(model: nn.Module, result: HFPlan) -> None:
     """Sequence mixers no entry covers get their mixer style (:func:`~meshplan.plans.hf_completion.uncovered_mixers`),
     left whole when their sizes do not divide by the TP size; recorded in :attr:`HFPlan.derived`."""
-    from ..tensor_parallel.mixers import MIXER_STYLES
+    from ..tensor_parallel.mixers import MIXER_STYLES  # loaded on use: keeps start-up light
 
     by_name: dict[str, set[str]] = {}
     for fqn, name in uncovered_mixers(model, _planned_modules(model, result)).items():
@@ -341,8 +342,6 @@ def _style_registry(registry: Registry | None) -> Registry:
     """``registry``, else the loaded one (plugins and ``meshplan.register_style`` included)."""
     if registry is not None:
         return registry
-    from ..plugins.manager import get_registry
-
     return get_registry()
 
 

@@ -85,6 +85,7 @@ def _children(module: nn.Module) -> set[str]:
 def _convolution_styles(sconv: nn.Module) -> dict[str, ParallelStyle]:
     """Styles (relative to ``sconv``) for a KV short convolution: a static one (``conv1d``, read by ``sconv``'s
     forward) or a dynamic one (``static_weight`` and ``weight_proj``, reshaped by ``num_heads``)."""
+    # loaded on use: keeps start-up light
     from torch.distributed.tensor.parallel import ColwiseParallel
 
     from ..tensor_parallel.styles.composition import ChainedStyles
@@ -102,6 +103,7 @@ def _convolution_styles(sconv: nn.Module) -> dict[str, ParallelStyle]:
 def inkling_attention_styles(attention: nn.Module) -> dict[str, ParallelStyle]:
     """Styles (keys relative to the block, ``""`` the block itself) splitting an Inkling attention block by heads
     (module docstring)."""
+    # loaded on use: keeps start-up light
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     from ..tensor_parallel.styles.local_parameters import ReplicatedWithGradAllReduce
@@ -119,6 +121,7 @@ def inkling_attention_styles(attention: nn.Module) -> dict[str, ParallelStyle]:
 
 def inkling2_attention_styles(attention: nn.Module) -> dict[str, ParallelStyle]:
     """Styles (keys relative to the block) splitting an Inkling 2 attention block by heads (module docstring)."""
+    # loaded on use: keeps start-up light
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     from ..tensor_parallel.styles.composition import ChainedStyles
@@ -151,6 +154,7 @@ def inkling_plan(model: nn.Module, sequence_parallel: bool = False, registry: Re
                  ) -> dict[str, ParallelStyle]:
     """The translated transformers plan, a vocab-parallel embedding, every attention block split by heads and fused
     shared experts split along their intermediate size."""
+    # loaded on use: keeps start-up light
     from ..experts.tp_styles import ExpertsTensorParallel
     from ..introspection.embeddings import embedding_modules, module_name
     from ..tensor_parallel.matching import covering_keys

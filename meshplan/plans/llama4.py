@@ -27,6 +27,7 @@ SHARED_EXPERT_OUTPUT = "feed_forward.shared_expert.down_proj"
 def llama4_plan(model: nn.Module, sequence_parallel: bool = False, registry: Registry | None = None,
                 ) -> dict[str, ParallelStyle]:
     """The translated transformers plan; the shared expert's ``down_proj`` also returns a copy of its output."""
+    # loaded on use: keeps start-up light
     from ..tensor_parallel.styles.composition import ChainedStyles
     from ..tensor_parallel.styles.hidden_states import OwnedOutput
     from .hf_translation import hf_tp_plan

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plu
 
 def phi3_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
     """TP (or TP+SP) plan for Phi3: packed q/k/v and gate/up, row-wise o/down."""
+    # loaded on use: keeps start-up light
     from torch.distributed.tensor.parallel import RowwiseParallel
 
     from ..tensor_parallel.styles.packed import PackedColwiseParallel

@@ -22,6 +22,7 @@ QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
 
 def qk_norm_layer_styles() -> dict[str, ParallelStyle]:
     """Llama-style layer styles plus head-sharded q/k norms (Qwen3, Gemma3)."""
+    # loaded on use: keeps start-up light
     from ..tensor_parallel.styles.local_parameters import ReplicatedWithGradAllReduce
 
     return {**llama_layer_styles(), **{key: ReplicatedWithGradAllReduce() for key in QK_NORMS}}
@@ -29,7 +30,7 @@ def qk_norm_layer_styles() -> dict[str, ParallelStyle]:
 
 def qwen3_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
     """TP (or TP+SP) plan for Qwen3."""
-    from .decoder import decoder_plan
+    from .decoder import decoder_plan  # loaded on use: keeps start-up light
 
     return decoder_plan(model, qk_norm_layer_styles(), sequence_parallel)
 

@@ -66,7 +66,7 @@ class ComposedStrategy(Strategy):
         if isinstance(options, CheckpointingOptions):
             options.check_checkpointing(find_blocks(model))
         if roles.pp is not None and isinstance(options, PipelineParallelOptions):
-            from ..pipeline.apply import plan_pipeline
+            from ..pipeline.apply import plan_pipeline  # loaded on use: keeps start-up light
 
             if roles.cp is not None:  # passed parity before CP's SequenceShard batches; hangs with them (untested)
                 raise UnsupportedConfigurationError(
@@ -93,7 +93,7 @@ class ComposedStrategy(Strategy):
 
             apply_tensor_parallel(model, roles.tp, plans.tp)
         if roles.cp is not None and isinstance(options, ContextParallelOptions):
-            from ..context_parallel import apply_context_parallel
+            from ..context_parallel import apply_context_parallel  # loaded on use: keeps start-up light
 
             apply_context_parallel(model, roles.cp, options.cp_implementation, validate=False)
         if plans.ep is not None:
@@ -112,7 +112,7 @@ class ComposedStrategy(Strategy):
         ``compose`` with its own cut of the plans, in a :class:`~meshplan.PipelineModel`."""
         if roles.pp is None:
             return compose(model, plans)
-        from ..pipeline.apply import parallelize_stages
+        from ..pipeline.apply import parallelize_stages  # loaded on use: keeps start-up light
 
         return parallelize_stages(model, roles, plans, _pipeline_options(self, options), compose)
 

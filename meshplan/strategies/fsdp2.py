@@ -65,7 +65,7 @@ REPLICATE_DIM_FALLBACKS = ("dp_replicate",)
 
 def default_mp_policy() -> MixedPrecisionPolicy:
     """bf16 parameters in forward/backward, fp32 gradient reduction, fp32 output (applied at the root)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.fsdp import MixedPrecisionPolicy  # loaded on use: keeps start-up light
 
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                 output_dtype=torch.float32)
@@ -149,7 +149,7 @@ class FSDP2Strategy(ComposedStrategy):
     def validate(self, model: nn.Module, roles: MeshRoles, plans: PlanSet, options: StrategyOptions) -> None:
         """Require FSDP2 options and a shard dim, reject offload on CPU; the shared checks (CP, activation
         checkpointing) run in :meth:`ComposedStrategy.validate` (``prepare`` checked the plans and EP sizes)."""
-        from torch.distributed.fsdp import CPUOffloadPolicy
+        from torch.distributed.fsdp import CPUOffloadPolicy  # loaded on use: keeps start-up light
 
         require_fsdp2_options(options)
         require_shard_dim(roles, options)

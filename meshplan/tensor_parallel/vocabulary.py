@@ -110,7 +110,7 @@ def make_style(name: str, registry: Registry) -> ParallelStyle:
             f"Unknown parallel style {name!r}. Known styles: {', '.join(sorted(registry.styles.keys()))}."
             + did_you_mean(name, registry.styles.keys())
         )
-    from torch.distributed.tensor.parallel import ParallelStyle
+    from torch.distributed.tensor.parallel import ParallelStyle  # loaded on use: keeps start-up light
 
     factory = registration.load()
     style = factory()
