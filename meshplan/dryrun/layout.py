@@ -114,7 +114,7 @@ def _dtypes(layouts: Iterable[ParamLayout]) -> str:
     return ", ".join(sorted({_dtype_name(p.dtype) or "?" for p in layouts}))
 
 
-def _state_bytes(layouts: list[ParamLayout], local: Mapping[str, int]) -> dict[str, int]:
+def state_bytes(layouts: list[ParamLayout], local: Mapping[str, int]) -> dict[str, int]:
     """Bytes of parameters, gradients and AdamW state for the given local elements per parameter name."""
     trainable = [p for p in layouts if p.trainable]
     params = sum(local[p.name] * p.element_size for p in layouts)
@@ -125,7 +125,7 @@ def _state_bytes(layouts: list[ParamLayout], local: Mapping[str, int]) -> dict[s
 
 def memory(layouts: list[ParamLayout], units: list[dict[str, Any]], total_parameters: int,
            spread: AllRanks | None = None, coordinate_of: Callable[[int], dict[str, int]] | None = None,
-           ) -> dict[str, Any]:
+           everything: list[ParamLayout] | None = None, pp: int = 1) -> dict[str, Any]:
     """Per-rank bytes of parameters, gradients and AdamW state, against the ideal (total / shards).
 
     ``total_parameters`` is counted before parallelization. ``shards`` is the largest number of pieces
@@ -135,13 +135,16 @@ def memory(layouts: list[ParamLayout], units: list[dict[str, Any]], total_parame
     units kept unsharded after forward, plus twice the largest other unit (current + prefetched); units
     whose parameters are not sharded over the data-parallel dims (replicas) gather nothing.
     ``spread`` (every rank's elements) adds the worst rank: ``max_local``, its rank and its bytes.
+    With pipeline parallelism, ``layouts`` are this rank's stages, ``everything`` every parameter of the model (as
+    laid out without ``pp``) and ``pp`` divides the ideal as well.
     """
-    trainable = [p for p in layouts if p.trainable]
-    shards = max((p.shards for p in layouts), default=1)
+    everything = layouts if everything is None else everything
+    trainable = [p for p in everything if p.trainable]
+    shards = max((p.shards for p in everything), default=1) * pp
     local = sum(p.local for p in layouts)
-    here = _state_bytes(layouts, {p.name: p.local for p in layouts})
-    whole = _state_bytes(layouts, {p.name: p.numel for p in layouts})
-    steps = ADAMW_STEP_BYTES * len(trainable)  # one float32 step per tensor on every rank: not sharded
+    here = state_bytes(layouts, {p.name: p.local for p in layouts})
+    whole = state_bytes(everything, {p.name: p.numel for p in everything})
+    steps = ADAMW_STEP_BYTES * len(trainable) / pp  # one float32 step per tensor on every rank: not sharded
     unsharded = {"params": 0, "grads": 0, "adamw": steps, "total": steps}
     ideal_bytes = {key: (value - unsharded[key]) / shards + unsharded[key] for key, value in whole.items()}
     worst: dict[str, int] | None = None
@@ -156,11 +159,11 @@ def memory(layouts: list[ParamLayout], units: list[dict[str, Any]], total_parame
     }
     if spread is not None:
         rank = spread.max_local_rank
-        worst = _state_bytes(layouts, spread.local_by_name(rank))
+        worst = state_bytes(everything, spread.local_by_name(rank))
         parameters.update(max_local=spread.max_local, max_local_rank=rank,
                           max_local_coordinate=coordinate_of(rank) if coordinate_of else None,
                           max_local_overhead=spread.max_local / ideal_local - 1 if ideal_local else 0.0)
-    dtypes = {"params": _dtypes(layouts), "grads": _dtypes(trainable), "adamw": _dtypes(trainable), "total": None}
+    dtypes = {"params": _dtypes(everything), "grads": _dtypes(trainable), "adamw": _dtypes(trainable), "total": None}
     sharded = [u for u in units if u["gathered_elements"] > u["local_elements"]]  # replicas gather nothing
     kept = [u["gathered_bytes"] for u in sharded if u["reshard_after_forward"] is False]
     others = [u["gathered_bytes"] for u in sharded if u["reshard_after_forward"] is not False]

@@ -135,6 +135,30 @@ def _memory(memory: Mapping[str, Any], rank: int) -> list[str]:
     return lines
 
 
+def _pipeline(pipeline: Mapping[str, Any] | None) -> list[str]:
+    """Per-stage bytes, each pp rank's worst rank, and the schedule's bubble and peak in-flight microbatches."""
+    if pipeline is None:
+        return []
+    lines = [f"pipeline  {pipeline['schedule']}, pp={pipeline['pp']}, {pipeline['microbatches']} microbatches, "
+             f"{pipeline['stages_per_rank']} stage(s) per rank, split from {pipeline['layout']}; bubble "
+             f"{pipeline['bubble_fraction']:.1%} (theory), peak {pipeline['peak_in_flight_microbatches']} "
+             "microbatches in flight on pp rank 0"]
+    rows = [{"stage": s["stage"], "rank": s["pp_rank"], "blocks": f"{s['blocks'][0]}-{s['blocks'][1] - 1}"
+             if s["blocks"][1] > s["blocks"][0] else "-", "params": human_count(s["parameters"]),
+             "pbytes": human_bytes(s["bytes"]["params"]), "gbytes": human_bytes(s["bytes"]["grads"]),
+             "abytes": human_bytes(s["bytes"]["adamw"])} for s in pipeline["stages"]]
+    lines.append(format_table(rows, (("stage", "stage"), ("rank", "pp rank"), ("blocks", "blocks"),
+                                     ("params", "parameters"), ("pbytes", "param bytes"), ("gbytes", "grad bytes"),
+                                     ("abytes", "AdamW bytes")), indent="  "))
+    if pipeline["pp_ranks"]:
+        rows = [{"rank": r["pp_rank"], "stages": ", ".join(map(str, r["stages"])), "worst": r["worst_rank"],
+                 "local": f"{r['local']:,}", "total": human_bytes(r["bytes"]["total"])} for r in pipeline["pp_ranks"]]
+        lines.append(format_table(rows, (("rank", "pp rank"), ("stages", "stages"), ("worst", "its worst rank"),
+                                         ("local", "parameter elements"),
+                                         ("total", "params + grads + AdamW")), indent="  "))
+    return lines
+
+
 def render_text(report: Mapping[str, Any]) -> str:
     """The report as sections of text; everything that ran before a failure is shown."""
     lines: list[str] = []
@@ -148,6 +172,8 @@ def render_text(report: Mapping[str, Any]) -> str:
         lines += [""] + _plan(report["plan"]) + _ep_plan(report.get("ep_plan"))
         lines += _replicated(report.get("replicated_parameters"), report["memory"]["parameters"]["total"])
         lines += [""] + _units(report["fsdp_units"]) + [""]
+        pipeline = _pipeline(report.get("pipeline"))
+        lines += pipeline + ([""] if pipeline else [])
         lines += _memory(report["memory"], report["mesh"]["rank"])
     for note in report.get("notes", ()):
         lines.append(f"note: {note}")

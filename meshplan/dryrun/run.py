@@ -9,8 +9,10 @@ job: same strategy lookup, plan resolution, validation and strategy code. The re
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -27,6 +29,7 @@ from .layout import ParamLayout, fsdp_units, memory, param_layouts
 from .meshspec import build_mesh, parse_mesh_spec, world_size
 from .modelsource import build_model, resolve_source
 from .name_summary import summarize_names
+from .pipeline_ranks import pipeline_all_ranks, pipeline_section, pp_slices
 from .shared_ranks import share_rank_list
 from .values import json_value
 
@@ -126,10 +129,12 @@ def _group_units(units: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _all_ranks(report: dict[str, Any], model: nn.Module, layouts: list[ParamLayout], world: int) -> AllRanks | None:
-    """Every rank's elements, checked against this rank's real shards; ``None`` (and a note) when unknown."""
+def _all_ranks(report: dict[str, Any], compute: Callable[[], AllRanks], layouts: list[ParamLayout]
+               ) -> AllRanks | None:
+    """Every rank's elements (``compute()``), checked against this rank's real shards (``layouts``); ``None`` (and
+    a note) when unknown."""
     try:
-        spread = all_ranks(model.named_parameters(), world, fsdp_sharded_parameters(model))
+        spread = compute()
     except RankLayoutUnknown as exc:
         report["notes"].append(f"The worst rank is not reported: {exc}")
         return None
@@ -149,6 +154,19 @@ def _model_parallel_meshes(roles: Any) -> dict[str, Any]:
     """``{role: 1-D sub-mesh}`` of the tensor- and expert-parallel roles larger than 1."""
     meshes = {role: getattr(roles, role, None) for role in MODEL_PARALLEL_ROLES}
     return {role: mesh for role, mesh in meshes.items() if mesh is not None and mesh.size() > 1}
+
+
+def _without_pp(model: nn.Module, device_mesh: Any, pp_mesh: Any, strategy: Strategy, tp_plan: Any,
+                options: Mapping[str, Any]) -> nn.Module:
+    """``model`` parallelized on the shown rank's slice of the mesh without the pp dim (every stage's parameters
+    are laid out as they are there); unchanged when the mesh has no other dim."""
+    from ..api import prepare
+
+    pp_dims = set(pp_mesh.mesh_dim_names or ())
+    others = tuple(n for n in device_mesh.mesh_dim_names or () if n not in pp_dims)
+    if not others:
+        return model
+    return prepare(model, device_mesh[others], strategy, tp_plan, **options).apply()
 
 
 def _count(model: nn.Module) -> int:
@@ -190,7 +208,7 @@ def explain(
     """
     phases = _Phases()
     report: dict[str, Any] = {"schema": SCHEMA, "model": None, "mesh": None, "strategy": None, "plan": None,
-                              "ep_plan": None,
+                              "ep_plan": None, "pipeline": None,
                               "replicated_parameters": None, "fsdp_units": [], "memory": None, "notes": [],
                               "timings_s": phases.timings, "error": None}
     options = dict(options or {})
@@ -250,28 +268,48 @@ def _explain_in_world(
         prepared = prepare(model, device_mesh, strategy, tp_plan, **chosen)
         report["mesh"]["roles"] = prepared.roles.describe()
         report["strategy"]["options"] = {k: json_value(v) for k, v in vars(prepared.options).items()}
+    pp = prepared.roles.size("pp")
+    reference = copy.deepcopy(model) if pp > 1 else None  # the whole model, laid out without pp (meta: cheap)
     with phases("apply"):
         model = prepared.apply()
         report["mesh"]["context_parallel"] = _context_parallel_section(model, prepared)
+        if reference is not None:
+            reference = _without_pp(reference, device_mesh, prepared.roles.pp, strategy, tp_plan, chosen)
     with phases("inspect"):
         applied = get_report(model) or {}
         report["plan"] = _plan_section(applied.get("plan"), prepared.tp_size)
         report["ep_plan"] = _ep_plan_section(applied.get("ep_plan"), prepared.roles.size("ep"))
         parallel = _model_parallel_meshes(prepared.roles)
-        layouts = param_layouts(model, {n for m in parallel.values() for n in m.mesh_dim_names or ()})
+        tp_dims = {n for m in parallel.values() for n in m.mesh_dim_names or ()}
+        layouts = param_layouts(model, tp_dims)
         units = fsdp_units(model, layouts)
         report["fsdp_units"] = _group_units(units)
-        spread = _all_ranks(report, model, layouts, device_mesh.size())
+        world = device_mesh.size()
         names = tuple(device_mesh.mesh_dim_names or ())
-        report["memory"] = memory(layouts, units, total, spread, lambda r: {
-            name: int(c[r]) for name, c in zip(names, mesh_coordinates(device_mesh, device_mesh.size()))})
+        if reference is None:
+            everything, named = layouts, layouts
+            spread = _all_ranks(report, lambda: all_ranks(model.named_parameters(), world,
+                                                          fsdp_sharded_parameters(model)), layouts)
+        else:
+            everything = param_layouts(reference, tp_dims)
+            named = [dataclasses.replace(p, name=model.original_name(p.name)) for p in layouts]
+            plan = model.pipeline_plan
+            pp_dim = (prepared.roles.pp.mesh_dim_names or ("pp",))[0]
+            coordinate, counterpart = pp_slices(device_mesh, pp_dim, report["mesh"]["coordinate"][pp_dim])
+            spread = _all_ranks(report, lambda: pipeline_all_ranks(
+                all_ranks(reference.named_parameters(), world, fsdp_sharded_parameters(reference)), plan,
+                coordinate, counterpart), named)
+            report["pipeline"] = pipeline_section(plan, spread, everything, coordinate)
+        report["memory"] = memory(named, units, total, spread, lambda r: {
+            name: int(c[r]) for name, c in zip(names, mesh_coordinates(device_mesh, world))},
+            everything=everything, pp=pp)
         if spread is not None:
             report["replicated_parameters"] = replicated_parameters(spread, {
-                role: (mesh.size(), rank_groups(mesh, device_mesh.size())[0]) for role, mesh in parallel.items()})
+                role: (mesh.size(), rank_groups(mesh, world)[0]) for role, mesh in parallel.items()})
             note = imbalance_note(spread, total, report["memory"]["parameters"]["shards"])
             if note:
                 report["notes"].append(note)
-        after = sum(p.numel for p in layouts)
+        after = sum(p.numel for p in everything)
         if after != total:
             report["notes"].append(f"The model has {after:,} parameter elements after parallelize but {total:,} "
                                    "before: a tied weight was probably split into two parameters.")
