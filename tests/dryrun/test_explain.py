@@ -380,3 +380,41 @@ def test_dry_run_meshes_share_one_rank_tuple():
             assert mine._flatten_rank_map is shared._flatten_rank_map
             assert mine == torchs and hash(mine) == hash(torchs)
             assert torch.equal(mine.mesh, torchs.mesh) and mine.get_coordinate() == torchs.get_coordinate()
+
+
+# ---- pipeline parallelism ----
+
+PP_TINY = TINY | {"num_hidden_layers": 4}
+
+
+@pytest.mark.parametrize(("mesh", "options"), [
+    ("pp=2,dp_shard=2,tp=2", {}),
+    ("dp_shard=2,pp=2,tp=2", {"pp_schedule": "interleaved1f1b", "pp_stages_per_rank": 2, "pp_microbatches": 4}),
+])
+def test_explain_with_pp_every_stage_and_the_worst_rank(mesh, options):
+    """Per-stage numbers add up to the model; each pp rank's worst rank and the overall worst rank equal the real
+    stage shards that explain builds when that rank is the one shown; the split raises no tied-weight note."""
+    from meshplan.pipeline.schedules import bubble_fraction
+
+    reports = [explain("llama", mesh, overrides=PP_TINY, options=options, rank=r) for r in range(8)]
+    first = reports[0]
+    pipeline, total = first["pipeline"], first["model"]["parameters"]
+    assert sum(s["parameters"] for s in pipeline["stages"]) == total
+    assert sum(s["bytes"]["params"] for s in pipeline["stages"]) == 4 * total
+    assert len(pipeline["stages"]) == 2 * options.get("pp_stages_per_rank", 1)
+    bounds = [s["blocks"] for s in pipeline["stages"]]
+    assert bounds[0][0] == 0 and bounds[-1][1] == PP_TINY["num_hidden_layers"]
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert pipeline["bubble_fraction"] == round(bubble_fraction(
+        pipeline["schedule"], 2, pipeline["microbatches"], pipeline["stages_per_rank"]), 4)
+    assert pipeline["peak_in_flight_microbatches"] >= 1
+    local = [r["memory"]["parameters"]["local"] for r in reports]
+    for report in reports:
+        assert not any("tied weight" in n or "disagrees" in n or "not reported" in n for n in report["notes"])
+        assert report["memory"]["parameters"]["max_local"] == max(local)
+        assert report["memory"]["parameters"]["shards"] == 8
+    for row in pipeline["pp_ranks"]:
+        assert row["local"] == local[row["worst_rank"]]
+        assert row["bytes"]["params"] == reports[row["worst_rank"]]["memory"]["bytes"]["params"]["local"]
+    text = render_text(first)
+    assert "pipeline  " in text and "its worst rank" in text and "tied weight" not in text
