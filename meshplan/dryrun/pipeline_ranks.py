@@ -70,18 +70,22 @@ def pipeline_all_ranks(reference: AllRanks, plan: PipelinePlan, coordinate: np.n
 
 
 def peak_in_flight(plan: PipelinePlan) -> int:
-    """The most microbatches whose forward ran and whose backward has not, on the first pp rank (the peak; counted
-    per stage, so a rank with ``v`` stages can hold up to ``v x m``): the warm-up length of torch's schedule."""
+    """The most microbatches whose forward ran and whose backward has not, on pp rank 0 (the peak), counted per
+    stage (a rank with ``v`` stages can hold up to ``v x m``): the warm-up of torch's schedule plus the first
+    forward of its steady state. GPipe / looped BFS: every forward first; 1F1B: ``min(m, pp)``; interleaved
+    (torch's ``_get_warmup_ops``): ``(v - 1) x microbatches per round + f x (pp - 1) + 1`` with ``f`` = 2 (1 for
+    interleaved zero bubble); the V schedules: ``2 pp``, an estimate (rank 0's warm-up covers both ends of the V)."""
     pp, m, v = plan.pp, plan.microbatches, plan.stages_per_rank
     key = plan.schedule.key
     if key in {"gpipe", "loopedbfs"}:
-        return v * m  # every forward before any backward
+        return v * m
     if key == "1f1b":
         return min(m, pp)
     if plan.schedule.v_shape:
-        return min(2 * m, 2 * pp)  # rank 0 warms up both ends of the V
+        return min(2 * m, 2 * pp)
     per_round = m // max(1, m // pp)
-    return min(v * m, (v - 1) * per_round + 2 * (pp - 1) + 1)  # torch's interleaved warm-up, plus the first 1F1B
+    factor = 1 if key == "interleavedzerobubble" else 2
+    return min(v * m, (v - 1) * per_round + factor * (pp - 1) + 1)
 
 
 def pipeline_section(plan: PipelinePlan, spread: AllRanks | None, everything: list[ParamLayout],

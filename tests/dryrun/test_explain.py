@@ -418,3 +418,16 @@ def test_explain_with_pp_every_stage_and_the_worst_rank(mesh, options):
         assert row["bytes"]["params"] == reports[row["worst_rank"]]["memory"]["bytes"]["params"]["local"]
     text = render_text(first)
     assert "pipeline  " in text and "its worst rank" in text and "tied weight" not in text
+
+
+@pytest.mark.parametrize(("schedule", "pp", "m", "v", "peak"), [
+    ("GPipe", 2, 8, 1, 8), ("1F1B", 4, 8, 1, 4), ("1F1B", 4, 4, 1, 4), ("LoopedBFS", 2, 4, 2, 8),
+    ("Interleaved1F1B", 2, 4, 2, 5),  # torch's warm-up: (v - 1) * 2 per round + 2 * (pp - 1), then one forward
+    ("InterleavedZeroBubble", 4, 8, 2, 8),  # (v - 1) * 4 + 1 * 3 + 1
+])
+def test_peak_in_flight_microbatches_follows_torchs_warm_up(schedule, pp, m, v, peak):
+    from meshplan.dryrun.pipeline_ranks import peak_in_flight
+    from meshplan.pipeline.plan import PipelinePlan
+    from meshplan.pipeline.schedules import resolve_schedule
+
+    assert peak_in_flight(PipelinePlan(resolve_schedule(schedule), pp, m, v, None, ())) == peak
