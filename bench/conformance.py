@@ -136,6 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the per-type results as JSON here")
     parser.add_argument("--no-ep", action="store_true",
                         help="skip the EP=2 sweep of the model types that declare base_model_ep_plan")
+    parser.add_argument("--pp", action="store_true",
+                        help="also run the PP=2 sweep of the model types that declare base_model_pp_plan (long)")
     parser.add_argument("--no-default-size", action="store_true",
                         help="skip the sharded fraction at each type's default config size (meta device)")
     parser.add_argument("--timeout", type=float, default=240.0,
@@ -343,6 +345,22 @@ def render_ep_section(ep_results: list[dict[str, Any]], meta: dict[str, Any]) ->
     return lines
 
 
+def render_pp_section(pp_results: list[dict[str, Any]]) -> str:
+    """The PP=2 section (empty without ``--pp``): every causal-LM type that declares ``base_model_pp_plan``."""
+    if not pp_results:
+        return ""
+    passed = sum(r["status"] == "pass" for r in pp_results)
+    lines = ["", "## PP=2", "",
+             f"{passed}/{len(pp_results)} pass. Every causal-LM type whose config declares `base_model_pp_plan` "
+             "(`tests/conformance_pp_check.py`): the tiny config with `tie_word_embeddings=False`, "
+             "`meshplan.parallelize` on a pp=2 x dp_shard=1 mesh, 1F1B over 2 microbatches (`pipe.step`), against "
+             "one process on the whole batch: the loss and every gradient of each rank's stage.", "",
+             "| model type | PP=2 | reason | seconds |", "|---|---|---|---|"]
+    lines += [f"| {r['model_type']} | {r['status']} | {_cell(_short(r['reason']))} | {r['seconds']:.1f} |"
+              for r in pp_results]
+    return "\n".join(lines) + "\n"
+
+
 def _largest(found: dict[str, Any]) -> str:
     return ", ".join(f"`{name}` {share:.1%}" for name, share in found.get("largest_replicated", ())[:2])
 
@@ -486,6 +504,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"checking {len(ep_types)} model types with an EP plan at EP=2", flush=True)
         ep_results = run_sweep(ep_types, args.timeout, check=check_architecture_ep)
+    pp_results: list[dict[str, Any]] = []
+    if args.pp:
+        from tests.conformance_pp_check import check_architecture_pp, model_types_with_pp_plan
+
+        pp_types = select_types(args, {"pp_types": model_types_with_pp_plan()}, "pp_types")
+        print(f"checking {len(pp_types)} model types with a PP plan at PP=2", flush=True)
+        pp_results = run_sweep(pp_types, args.timeout, check=check_architecture_pp)
     if not args.no_default_size:
         attach_default_size(results, ep_results)
     wall = time.perf_counter() - start
@@ -499,13 +524,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     passed = sum(r["status"] == "pass" for r in results)
     ep_passed = sum(r["status"] == "pass" for r in ep_results)
-    print(f"{passed}/{len(results)} pass (TP=2), {ep_passed}/{len(ep_results)} pass (EP=2) in {wall:.0f} s", flush=True)
+    pp_passed = sum(r["status"] == "pass" for r in pp_results)
+    print(f"{passed}/{len(results)} pass (TP=2), {ep_passed}/{len(ep_results)} pass (EP=2), "
+          f"{pp_passed}/{len(pp_results)} pass (PP=2) in {wall:.0f} s", flush=True)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(render_markdown(results, meta, ep_results))
+        args.output.write_text(render_markdown(results, meta, ep_results) + render_pp_section(pp_results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "results": results, "ep_results": ep_results}, indent=1,
+        args.json.write_text(json.dumps({"meta": meta, "results": results, "ep_results": ep_results,
+                                         "pp_results": pp_results}, indent=1,
                                         default=str))
     return 0
 

@@ -17,8 +17,16 @@ from typing import Any
 
 import torch
 
-from tests.conformance_check import (GRAD_FLOOR, RTOL, build_model, failure_reason, make_batch, sub_config_classes,
-                                     text_config, tiny_config)
+from tests.conformance_check import (
+    GRAD_FLOOR,
+    RTOL,
+    build_model,
+    failure_reason,
+    make_batch,
+    sub_config_classes,
+    text_config,
+    tiny_config,
+)
 
 PP_SIZE = 2
 MICROBATCHES = 2
