@@ -195,7 +195,7 @@ def run_sweep(types: list[str], timeout: float, log=print, check=None) -> list[d
             restart = False
             try:
                 result = merge_rank_results(pool.run(check, model_type, timeout=timeout))
-                restart = result["reason"].startswith("ranks disagree")
+                restart = result["reason"].startswith("ranks disagree") or result.pop("restart_pool", False)
             except TimeoutError:
                 result = _failure(model_type, f"harness: timed out after {timeout:.0f} s (ranks restarted)",
                                   time.perf_counter() - start)

@@ -104,6 +104,7 @@ def check_architecture_pp(model_type: str, rtol: float = RTOL) -> dict[str, Any]
     except Exception as exc:  # noqa: BLE001 - reported in the result
         result["reason"] = failure_reason(stage, exc)
         result["traceback"] = traceback.format_exc(limit=-6)
+        result["restart_pool"] = stage == "PP step"  # a failed schedule can leave the other rank mid-collective
     result["stage"] = stage
     result["seconds"] = time.perf_counter() - start
     return result
