@@ -352,7 +352,7 @@ def render_pp_section(pp_results: list[dict[str, Any]]) -> str:
     passed = sum(r["status"] == "pass" for r in pp_results)
     lines = ["", "## PP=2", "",
              f"{passed}/{len(pp_results)} pass. Every causal-LM type whose config declares `base_model_pp_plan` "
-             "(`tests/conformance_pp_check.py`): the tiny config with `tie_word_embeddings=False`, "
+             "(`meshplan/conformance/pipeline_check.py`): the tiny config with `tie_word_embeddings=False`, "
              "`meshplan.parallelize` on a pp=2 x dp_shard=1 mesh, 1F1B over 2 microbatches (`pipe.step`), against "
              "one process on the whole batch: the loss and every gradient of each rank's stage.", "",
              "| model type | PP=2 | reason | seconds |", "|---|---|---|---|"]
@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         ep_results = run_sweep(ep_types, args.timeout, check=check_architecture_ep)
     pp_results: list[dict[str, Any]] = []
     if args.pp:
-        from tests.conformance_pp_check import check_architecture_pp, model_types_with_pp_plan
+        from meshplan.conformance.pipeline_check import check_architecture_pp, model_types_with_pp_plan
 
         pp_types = select_types(args, {"pp_types": model_types_with_pp_plan()}, "pp_types")
         print(f"checking {len(pp_types)} model types with a PP plan at PP=2", flush=True)

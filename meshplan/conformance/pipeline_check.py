@@ -3,7 +3,7 @@
 * :func:`model_types_with_pp_plan` — causal-LM model types whose config (or a sub-config) declares
   ``base_model_pp_plan``.
 * :func:`check_architecture_pp` — runs on every rank of a 2-rank gloo pool: the tiny model of
-  :mod:`tests.conformance_check` (tied embeddings untied: pipeline stages cannot share a parameter) once unsharded
+  :mod:`meshplan.conformance.check` (tied embeddings untied: pipeline stages cannot share a parameter) once unsharded
   (loss and backward on the whole batch) and once as ``meshplan.parallelize(model, pp=2 x dp_shard=1 mesh)`` with
   1F1B over 2 microbatches (``pipe.step``); the loss and every gradient of this rank's stage must match.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tests.conformance_check import (
+from .check import (
     GRAD_FLOOR,
     RTOL,
     build_model,
@@ -55,6 +55,12 @@ def untied_config(model_type: str) -> Any:
     return config
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     scale = max(float(reference.abs().max()), GRAD_FLOOR)
     return float((value - reference).abs().max()) / scale
@@ -68,7 +74,6 @@ def check_architecture_pp(model_type: str, rtol: float = RTOL) -> dict[str, Any]
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     import meshplan
-    from tests.support import full
 
     start = time.perf_counter()
     result: dict[str, Any] = {"model_type": model_type, "status": "fail", "reason": ""}
@@ -96,7 +101,7 @@ def check_architecture_pp(model_type: str, rtol: float = RTOL) -> dict[str, Any]
             if param.grad is None or grads[original].grad is None:
                 errors[original] = 0.0 if param.grad is None and grads[original].grad is None else float("inf")
                 continue
-            errors[original] = _relative_error(full(param.grad), grads[original].grad)
+            errors[original] = _relative_error(_full(param.grad), grads[original].grad)
         worst = max(errors, key=errors.get)
         result["max_error"] = errors[worst]
         result["status"] = "pass" if errors[worst] <= rtol else "fail"
