@@ -23,18 +23,9 @@ STEPS, LR, GLOBAL_BATCH, SEQ_LEN = 3, 0.5, 2, 16
 
 
 def _train(model: nn.Module, data: list[torch.Tensor], prepare, after_backward, reduce_loss) -> RunResult:
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    losses, grads = [], {}
-    for step, input_ids in enumerate(data):
-        loss = model(**prepare({"input_ids": input_ids, "labels": input_ids})).loss
-        loss.backward()
-        after_backward()
-        if step == 0:
-            grads = full_grads(model)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(reduce_loss(loss.detach())))
-    return RunResult(losses, full_params(model), grads)
+    """SGD on ``data``, one batch (labels = input ids) per step: :func:`_train_steps` with one micro-batch."""
+    steps = [[{"input_ids": input_ids, "labels": input_ids}] for input_ids in data]
+    return _train_steps(model, steps, prepare, after_backward, reduce_loss)
 
 
 def reference_sgd(spec: ModelSpec, global_batch: int = GLOBAL_BATCH) -> RunResult:

@@ -80,13 +80,13 @@ def test_megatron_fsdp_norm_matches_one_process_on_one_gpu():
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from tests.strategies.test_megatron_fsdp import _free_port
+    from meshplan.plugins.testing import free_port
     from tests.support import TinyStack
 
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
     torch.cuda.set_device(0)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
         reference = TinyStack(dim=32, depth=2).cuda()
