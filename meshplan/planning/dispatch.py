@@ -22,7 +22,7 @@ from ..core.strategy import Strategy, StrategyOptions, declared_axes
 from ..experts.plan import experts_tp_sharded
 from .axes import check_declared_axes, refuse_undeclared_axes, refuse_undeclared_roles
 from .build import build_plan
-from .legacy import LegacyStrategy
+from .legacy import LegacyStrategy, refuse_pre_contract_methods
 from .resolve import resolve_plans
 
 REPORT_ATTRIBUTE = "_meshplan_report"
@@ -100,6 +100,7 @@ def prepare(
     contract: Strategy | LegacyStrategy = strategy if declared is not None else LegacyStrategy(strategy)
     if declared is not None:
         check_declared_axes(strategy.name, declared, strategy.options_class)
+        refuse_pre_contract_methods(strategy)
     supports = contract.supports
     refuse_undeclared_axes(strategy.name, supports, device_mesh, options, ep_plan)
     opts = strategy.make_options(options)

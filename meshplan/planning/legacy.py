@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from ..core.errors import UnsupportedConfigurationError
 from ..core.plans import PlanSet
 from ..core.roles import MeshRoles
 from ..core.strategy import Strategy, StrategyOptions
@@ -57,6 +58,25 @@ class LegacyStrategy:
 
     def _expert(self, plans: PlanSet) -> dict[str, Any]:
         return {"ep_plan": plans.ep} if plans.ep is not None else {}
+
+
+def refuse_pre_contract_methods(strategy: Strategy) -> None:
+    """:class:`UnsupportedConfigurationError` for a strategy that declares ``supports`` (so it is called through the
+    contract) but whose ``validate`` / ``parallelize`` keep the pre-contract signature, e.g. a subclass of a built-in
+    strategy overriding ``parallelize(self, model, roles, plan, options)``: it would otherwise fail mid-way with a
+    bare ``TypeError``. Reads signatures only, so it raises the same on every rank before any collective."""
+    for method, arguments in (("validate", 4), ("parallelize", 5)):
+        try:
+            inspect.signature(getattr(strategy, method)).bind(*range(arguments))
+        except ValueError:  # no signature to read (a C function): nothing to check
+            continue
+        except TypeError as error:
+            raise UnsupportedConfigurationError(
+                f"Strategy {strategy.name!r} ({type(strategy).__qualname__}) declares supports="
+                f"{sorted(strategy.supports)} but its {method}() does not take the contract's arguments ({error}): "
+                "take `validate(self, model, roles, plans, options)` and `parallelize(self, model, roles, plans, "
+                "options, validated)` (plans.tp, plans.ep, plans.pp); see the README's 'Writing a strategy'."
+            ) from None
 
 
 def _parameters(function: Any) -> Any:

@@ -216,3 +216,17 @@ def test_providers_and_the_hf_ep_plan_are_read_once_per_prepare(fake_pg, monkeyp
         prepared = meshplan.prepare(model, _mesh(dp_shard=2, tp=2), strategy="fsdp2", ep_size=2)
     assert "hf_plans" in prepared.plans.tp.source and "hf_ep_plan" in prepared.plans.ep.source
     assert sorted(calls) == ["ep", "tp"], calls
+
+
+def test_a_subclass_overriding_parallelize_with_the_pre_contract_signature_is_refused_before_any_work(fake_pg):
+    from meshplan.strategies.fsdp2 import FSDP2Strategy
+
+    class OldStyleFSDP2(FSDP2Strategy):
+        name = "old_style_fsdp2"
+
+        def parallelize(self, model, roles, plan, options):
+            raise AssertionError("must not be called")
+
+    with fake_pg(2), pytest.raises(meshplan.UnsupportedConfigurationError,
+                                   match=r"'old_style_fsdp2'.*parallelize\(\) does not take the contract's arguments"):
+        meshplan.prepare(TinyStack(), _mesh(dp_shard=2), strategy=OldStyleFSDP2())
