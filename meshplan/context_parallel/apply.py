@@ -96,11 +96,11 @@ def validate_context_parallel(model: nn.Module, implementation: str, device_type
     """
     if implementation not in IMPLEMENTATIONS:
         raise OptionsError(f"cp_implementation must be one of {list(IMPLEMENTATIONS)}, got {implementation!r}.")
+    check_sequence_mixers(model)  # conv / recurrent mixers are wrong on a sequence slice whoever runs CP
     if implementation == "external":
         return
     config = _config(model)
     name = type(model).__qualname__
-    check_sequence_mixers(model)
     if not getattr(model, "_supports_attention_backend", False):
         raise UnsupportedAttentionError(
             f"{name} does not declare _supports_attention_backend: its attention does not go through "

@@ -68,3 +68,12 @@ def test_cp_names_a_layer_the_config_declares_recurrent():
     with pytest.raises(UnsupportedSequenceMixerError, match=r"model\.layers\.1 \(MiniMaxDecoderLayer, layer type "
                                                             r"'linear_attention'\)"):
         validate_context_parallel(spec.build(), "allgather", "cpu")
+
+
+@pytest.mark.parametrize("implementation", ["allgather", "external"])
+def test_cp_refuses_a_sequence_mixer_whoever_runs_the_attention(implementation):
+    """``cp_implementation="external"`` leaves the attention to the training loop, but a convolution over a
+    sequence slice is wrong whoever splits the sequence: refused as well."""
+    overrides, fqn, class_name, kind = MIXER_MODELS["lfm2"]
+    with pytest.raises(UnsupportedSequenceMixerError, match=rf"{fqn} \({class_name}, {kind}\)"):
+        validate_context_parallel(ModelSpec("lfm2", overrides=overrides).build(), implementation, "cpu")
