@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from torch import nn
 
+#: Class-name endings of a block in a hybrid stack that mixes block classes (OLMo-Hybrid's attention and
+#: linear-attention decoder layers, Zamba2's Mamba and hybrid layers, Mllama's self- and cross-attention layers).
+BLOCK_CLASS_SUFFIXES = ("Layer", "Block")
+
 
 def _is_block_container(module: nn.Module) -> bool:
-    """A ModuleList/Sequential of one or more same-class children that themselves have submodules."""
+    """A ModuleList/Sequential of one or more children that themselves have submodules, all of one class or, in a
+    hybrid stack, all of classes named like blocks (:data:`BLOCK_CLASS_SUFFIXES`)."""
     if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
         return False
-    classes = {type(child) for child in module}
-    if len(classes) != 1:
+    if not all(any(True for _ in child.children()) for child in module):
         return False
-    first = next(iter(module))
-    return any(True for _ in first.children())
+    classes = {type(child) for child in module}
+    return len(classes) == 1 or all(cls.__name__.endswith(BLOCK_CLASS_SUFFIXES) for cls in classes)
 
 
 def find_block_containers(model: nn.Module) -> list[tuple[str, nn.Module]]:

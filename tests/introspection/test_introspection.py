@@ -135,3 +135,24 @@ def test_text_config_when_transformers_finds_it_ambiguous():
 
     config = Config()
     assert text_config(config) is Config.text_config
+
+
+@pytest.mark.parametrize("model_type", ["zamba2", "olmo_hybrid"])
+def test_a_hybrid_stack_mixing_block_classes_is_one_block_container_and_fsdp_wraps_each_block(model_type, fake_pg):
+    """Hybrid decoders keep layers of two classes in one list; each layer is still a block (its own FSDP unit),
+    while a list of unrelated modules is not a block container."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+
+    import meshplan
+    from meshplan.introspection.blocks import find_block_containers
+
+    model = _meta_model(model_type)
+    assert [fqn for fqn, _ in find_block_containers(model)] == ["model.layers"]
+    assert len({type(block) for block in model.model.layers}) == 2
+    with fake_pg(2):
+        meshplan.parallelize(model, init_device_mesh("cpu", (2,), mesh_dim_names=("dp_shard",)))
+    assert all(isinstance(block, FSDPModule) for block in model.model.layers)
+    holder = nn.Module()
+    holder.parts = nn.ModuleList([nn.Sequential(nn.Linear(2, 2)), ToyAttention()])
+    assert find_block_containers(holder) == []
