@@ -6,6 +6,12 @@ stays ``model.layers.5.…``): the block container keeps its blocks under their 
 head) on earlier stages become ``nn.Identity``. Every stage then runs through the normal parallelization order
 (TP, CP, EP, activation checkpointing, FSDP) like a whole model.
 
+Per-layer config lists: Hugging Face forwards pick each block's mask or rotary table by its position in the
+container (``self.config.layer_types[i]`` over ``enumerate(self.layers)``), but a stage's blocks keep their
+original indices. The module holding the blocks therefore gets a stage copy of its config whose per-layer lists
+(every list as long as the container, e.g. ``layer_types``) and ``num_hidden_layers`` describe the kept blocks only
+(:func:`stage_config`); the blocks keep the whole model's config, which they index by their own layer index.
+
 How a stage runs: a Hugging Face causal LM runs its own forward (so rotary embeddings, masks, position ids
 and sliding windows are computed on every stage as in the whole model) taking ``input_ids`` on the first stage
 and ``inputs_embeds`` (the previous stage's hidden states) on the others; non-last stages return the base
@@ -89,6 +95,27 @@ def _replace(model: nn.Module, fqn: str, module: nn.Module) -> nn.Module:
     return old
 
 
+def stage_config(config: Any, kept: Sequence[int], num_blocks: int) -> Any:
+    """A shallow copy of ``config`` for a stage holding blocks ``kept`` (of ``num_blocks``): every list or tuple
+    attribute with one entry per block is cut down to the kept blocks' entries, in order, and
+    ``num_hidden_layers`` is their count."""
+    staged = copy.copy(config)
+    if hasattr(config, "num_hidden_layers"):
+        staged.num_hidden_layers = len(kept)
+    for name, value in vars(config).items():
+        if isinstance(value, (list, tuple)) and len(value) == num_blocks:
+            setattr(staged, name, type(value)(value[i] for i in kept))
+    return staged
+
+
+def _restage_config(stage: nn.Module, layout: PipelineLayout, info: StageInfo) -> None:
+    """Give the module that holds the block container its :func:`stage_config` (Hugging Face models)."""
+    owner = stage.get_submodule(layout.blocks.rpartition(".")[0])
+    config = getattr(owner, "config", None)
+    if config is not None and hasattr(config, "to_dict"):  # a transformers config
+        owner.config = stage_config(config, list(info.blocks), layout.num_blocks)
+
+
 def is_hf_causal_lm(model: nn.Module) -> bool:
     """A transformers ``PreTrainedModel`` (its stages run its own forward with ``inputs_embeds``)."""
     return any(cls.__name__ == "PreTrainedModel" for cls in type(model).__mro__) and hasattr(model, "base_model")
@@ -130,6 +157,7 @@ def build_stage(model: nn.Module, layout: PipelineLayout, info: StageInfo, in_pl
                 if fqn:
                     _replace(model, fqn, module)
     object.__setattr__(stage, STAGE_ATTRIBUTE, info)
+    _restage_config(stage, layout, info)
     if is_hf_causal_lm(stage):
         stage.__class__ = _stage_class(type(stage))
     return stage
