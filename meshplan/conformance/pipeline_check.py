@@ -5,7 +5,8 @@
 * :func:`check_architecture_pp` — runs on every rank of a 2-rank gloo pool: the tiny model of
   :mod:`meshplan.conformance.check` (tied embeddings untied: pipeline stages cannot share a parameter) once unsharded
   (loss and backward on the whole batch) and once as ``meshplan.parallelize(model, pp=2 x dp_shard=1 mesh)`` with
-  1F1B over 2 microbatches (``pipe.step``); the loss and every gradient of this rank's stage must match.
+  1F1B over 2 microbatches (``pipe.step``); the loss and every gradient of this rank's stage must match, with the
+  TP check's tolerance rule (gradients relative to max(own max |g|, ``GRAD_FLOOR`` x the largest |g|)).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .check import (
     text_config,
     tiny_config,
 )
+from .parity import relative_error
 
 PP_SIZE = 2
 MICROBATCHES = 2
@@ -61,11 +63,6 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    scale = max(float(reference.abs().max()), GRAD_FLOOR)
-    return float((value - reference).abs().max()) / scale
-
-
 def check_architecture_pp(model_type: str, rtol: float = RTOL) -> dict[str, Any]:
     """Runs on every rank: PP=2 loss and gradient parity of ``model_type`` against the unsharded model. Never raises
     for a model problem: ``status`` is ``"pass"`` or ``"fail"`` with a short ``reason``."""
@@ -95,13 +92,16 @@ def check_architecture_pp(model_type: str, rtol: float = RTOL) -> dict[str, Any]
         loss = pipe.step(input_ids=ids, labels=labels)
         stage = "compare"
         grads = dict(reference.named_parameters())
-        errors = {"loss": abs(float(loss) - float(ref_loss)) / max(abs(float(ref_loss)), GRAD_FLOOR)}
+        # the TP check's rule: gradients relative to max(own max |g|, GRAD_FLOOR x the model's largest |g|)
+        floor = GRAD_FLOOR * max(float(p.grad.abs().max()) for p in grads.values()
+                                       if p.grad is not None and p.grad.numel())
+        errors = {"loss": relative_error(loss.detach(), ref_loss.detach())}
         for name, param in pipe.named_parameters():
             original = pipe.original_name(name)
             if param.grad is None or grads[original].grad is None:
                 errors[original] = 0.0 if param.grad is None and grads[original].grad is None else float("inf")
                 continue
-            errors[original] = _relative_error(_full(param.grad), grads[original].grad)
+            errors[original] = relative_error(_full(param.grad), grads[original].grad, floor)
         worst = max(errors, key=errors.get)
         result["max_error"] = errors[worst]
         result["status"] = "pass" if errors[worst] <= rtol else "fail"

@@ -43,18 +43,49 @@ def _qualified(prefix: str, names: Sequence[str]) -> list[str]:
     return [f"{prefix}.{n}" if prefix else n for n in names]
 
 
-def _hf_entries(model: nn.Module) -> tuple[list[str], str] | None:
-    """The module names of a Hugging Face model's ``base_model_pp_plan`` + class ``_pp_plan``, or ``None``."""
+def _plan_owner(model: nn.Module) -> tuple[str, Any] | None:
+    """``(name, config)`` of the module whose config declares ``base_model_pp_plan``: the base model, else (a
+    multimodal model whose text config declares it) the first submodule carrying such a config."""
     config = getattr(model, "config", None)
-    base_plan = getattr(config, "base_model_pp_plan", None)
-    if not base_plan:
+    if getattr(config, "base_model_pp_plan", None):
+        base = getattr(model, "base_model", model)
+        return next((name for name, module in model.named_modules() if module is base), ""), config
+    for name, module in model.named_modules():
+        owned = getattr(module, "config", None)
+        if owned is not config and getattr(owned, "base_model_pp_plan", None):
+            return name, owned
+    return None
+
+
+def _wrapper_modules(model: nn.Module, owner: str) -> tuple[list[str], list[str]]:
+    """``(first, last)``: the modules with parameters around the plan's owner, at every level from the root down to
+    it. The output embeddings (``lm_head``) go to the last stage, the others (vision / audio towers, projectors,
+    which feed the embeddings) to the first."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    first: list[str] = []
+    last: list[str] = []
+    path = owner.split(".") if owner else []
+    for depth, step in enumerate(path):
+        parent = ".".join(path[:depth])
+        for name, child in model.get_submodule(parent).named_children():
+            if name != step and _numel(child):
+                (last if child is head else first).append(_qualified(parent, [name])[0])
+    return first, last
+
+
+def _hf_entries(model: nn.Module) -> tuple[list[str], str] | None:
+    """The module names of a Hugging Face model's ``base_model_pp_plan`` (of its config, or of the text config of
+    a multimodal model) + class ``_pp_plan``, with a multimodal model's other modules around them; or ``None``."""
+    found = _plan_owner(model)
+    if found is None:
         return None
-    base = getattr(model, "base_model", model)
-    prefix = next((name for name, module in model.named_modules() if module is base), "")
-    entries = _qualified(prefix, list(base_plan))
+    owner, config = found
+    before, after = _wrapper_modules(model, owner)
+    entries = _qualified(owner, list(config.base_model_pp_plan))
     own = getattr(type(model), "_pp_plan", None) or {}  # the class's (lm_head); the instance's repeats the base's
     entries += [name for name in own if name not in entries]
-    return entries, f"Hugging Face base_model_pp_plan of {type(config).__name__}"
+    entries += [name for name in after if not _within(name, entries)]
+    return [*before, *entries], f"Hugging Face base_model_pp_plan of {type(config).__name__}"
 
 
 def find_layout(model: nn.Module, pp_plan: Any = None, source: str = "pp plan") -> PipelineLayout:

@@ -13,33 +13,41 @@ original indices. The module holding the blocks therefore gets a stage copy of i
 (:func:`stage_config`); the blocks keep the whole model's config, which they index by their own layer index.
 
 How a stage runs: a Hugging Face causal LM runs its own forward (so rotary embeddings, masks, position ids
-and sliding windows are computed on every stage as in the whole model) taking ``input_ids`` on the first stage
-and ``inputs_embeds`` (the previous stage's hidden states) on the others; non-last stages return the base
-model's hidden states, the last stage the logits. Any other module runs its own forward with the activation as
-its first argument (its skipped embedding is an identity).
+and sliding windows are computed on every stage as in the whole model) taking ``input_ids`` on the first stage.
+A later stage's forward takes zeros of the embeddings' shape as ``inputs_embeds`` (whatever the model does to its
+embeddings before the blocks, an ``embedding_multiplier`` or a widening into hyper-connection streams, was done
+on the first stage) and its first block gets the previous stage's activation instead of the hidden states the
+model computed from them; a non-last stage returns its last block's output (what the model does after the blocks
+belongs to the last stage), the last stage the logits. Any other module runs its own forward with the activation
+as its first argument (its skipped embedding is an identity).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..core.errors import PipelineError
 from .split import PipelineLayout
 
 
 @dataclass(frozen=True)
 class StageInfo:
-    """Which stage a module is: ``index`` of ``num_stages``, the blocks it holds (indices into the layout)."""
+    """Which stage a module is: ``index`` of ``num_stages``, the blocks it holds (indices into the layout) and
+    the name of their container in the stage (set by :func:`build_stage`)."""
 
     index: int
     num_stages: int
     blocks: range
+    container: str = ""
 
     @property
     def is_first(self) -> bool:
@@ -123,17 +131,68 @@ def is_hf_causal_lm(model: nn.Module) -> bool:
 
 class HuggingFaceStageForward:
     """Forward of a Hugging Face stage (mixed into the model's class): first stage from ``input_ids``, later ones
-    from the hidden states; the last returns logits, the others the base model's hidden states. The KV cache is
-    off."""
+    from the previous stage's activation fed to their first block; the last returns logits, the others their last
+    block's output. The KV cache is off."""
 
     def forward(self, activation: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         info: StageInfo = getattr(self, STAGE_ATTRIBUTE)
-        feed = {"input_ids" if info.is_first else "inputs_embeds": activation}
-        inputs = dict(feed, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
-        if info.is_last:
-            return super().forward(**inputs).logits  # type: ignore[misc]
-        return self.base_model(**inputs).last_hidden_state  # type: ignore[attr-defined]
+        blocks = list(self.get_submodule(info.container))  # type: ignore[attr-defined]  # wrappers included
+        inputs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
+        with ExitStack() as stack:
+            if info.is_first:
+                inputs["input_ids"] = activation
+            else:
+                inputs["inputs_embeds"] = _embedding_placeholder(self, activation)
+                stack.enter_context(_fed(blocks[0], activation))
+            if info.is_last:
+                return super().forward(**inputs).logits  # type: ignore[misc]
+            output = stack.enter_context(_captured(blocks[-1]))
+            self.base_model(**inputs)  # type: ignore[attr-defined]
+            return output["hidden_states"]
+
+
+def _embedding_placeholder(stage: nn.Module, activation: torch.Tensor) -> torch.Tensor:
+    """Zeros shaped like the embeddings (batch, sequence, hidden size) for a later stage's ``inputs_embeds``:
+    the model derives masks and positions from them; the blocks never see them (:func:`_fed`)."""
+    hidden_size = stage.config.get_text_config().hidden_size  # type: ignore[attr-defined]
+    return activation.new_zeros(*activation.shape[:2], hidden_size)
+
+
+@contextmanager
+def _fed(block: nn.Module, activation: torch.Tensor) -> Iterator[None]:
+    """While active, ``block`` takes ``activation`` as its hidden states (first argument or ``hidden_states``),
+    before any other pre-hook (tensor-parallel input layouts) sees them."""
+
+    def feed(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (activation, *args[1:]), kwargs
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": activation}
+        raise PipelineError(f"{type(block).__name__} takes its hidden states neither first nor as hidden_states=: "
+                            "a pipeline stage cannot hand it the previous stage's activation.")
+
+    handle = block.register_forward_pre_hook(feed, prepend=True, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _captured(block: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, ``block``'s output hidden states (the first element of a tuple output) land in the yielded
+    dict under ``hidden_states``, after every other hook (sequence-parallel gathers) has run."""
+    found: dict[str, torch.Tensor] = {}
+
+    def capture(_: nn.Module, args: tuple, output: Any) -> None:
+        found["hidden_states"] = output[0] if isinstance(output, (tuple, list)) else output
+
+    handle = block.register_forward_hook(capture)
+    try:
+        yield found
+    finally:
+        handle.remove()
 
 
 @functools.cache
@@ -156,7 +215,7 @@ def build_stage(model: nn.Module, layout: PipelineLayout, info: StageInfo, in_pl
             for fqn, module in originals.items():
                 if fqn:
                     _replace(model, fqn, module)
-    object.__setattr__(stage, STAGE_ATTRIBUTE, info)
+    object.__setattr__(stage, STAGE_ATTRIBUTE, dataclasses.replace(info, container=layout.blocks))
     _restage_config(stage, layout, info)
     if is_hf_causal_lm(stage):
         stage.__class__ = _stage_class(type(stage))

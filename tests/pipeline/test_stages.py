@@ -1,0 +1,48 @@
+"""Stage modules in one process: the stages of a Hugging Face model, chained by hand, compute the whole model's
+logits (no ranks: each stage's own forward is what the schedule runs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meshplan.pipeline.split import find_layout, ranges_from_bounds
+from meshplan.pipeline.stages import StageInfo, build_stage, stage_config
+from tests.support import relative_error, tiny_hf
+
+#: layer 0 sliding, layer 1 full: a stage holding only layer 1 must still give it the full-attention mask
+SLIDING_THEN_FULL = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 4}
+
+
+def _chained(model: torch.nn.Module, ids: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    layout = find_layout(model)
+    ranges = ranges_from_bounds(bounds, layout.num_blocks)
+    stages = [build_stage(model, layout, StageInfo(i, len(ranges), r), in_place=i == len(ranges) - 1)
+              for i, r in enumerate(ranges)]
+    activation = ids
+    for stage in stages:
+        activation = stage(activation)
+    return activation
+
+
+@pytest.mark.parametrize(("model_type", "overrides"), [
+    ("cohere2", SLIDING_THEN_FULL),
+    ("gemma2", SLIDING_THEN_FULL),
+    ("qwen2", {"layer_types": ["full_attention", "sliding_attention"], "sliding_window": 4, "use_sliding_window": True,
+               "max_window_layers": 1}),
+    ("granite", {"embedding_multiplier": 3.0}),  # scales inputs_embeds too: a later stage must not scale again
+])
+def test_stages_chained_by_hand_give_the_whole_models_logits(model_type, overrides):
+    model = tiny_hf(model_type, tie_word_embeddings=False, **overrides).eval()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+        got = _chained(model, ids, [1])
+    assert relative_error(got, expected) < 1e-5
+
+
+def test_stage_config_lists_only_the_kept_blocks():
+    config = tiny_hf("cohere2", num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2).config
+    staged = stage_config(config, [1, 2], 4)
+    assert staged.layer_types == ["full_attention", "sliding_attention"] and staged.num_hidden_layers == 2
+    assert config.layer_types == ["sliding_attention", "full_attention"] * 2 and config.num_hidden_layers == 4
