@@ -9,7 +9,7 @@ head) on earlier stages become ``nn.Identity``. Every stage then runs through th
 Per-layer config lists: Hugging Face forwards pick each block's mask or rotary table by its position in the
 container (``self.config.layer_types[i]`` over ``enumerate(self.layers)``), but a stage's blocks keep their
 original indices. The module holding the blocks therefore gets a stage copy of its config whose per-layer lists
-(every list as long as the container, e.g. ``layer_types``) and ``num_hidden_layers`` describe the kept blocks only
+(every list as long as the container, e.g. ``layer_types``) describe the kept blocks only
 (:func:`stage_config`); the blocks keep the whole model's config, which they index by their own layer index.
 
 How a stage runs: a Hugging Face causal LM runs its own forward (so rotary embeddings, masks, position ids
@@ -105,11 +105,9 @@ def _replace(model: nn.Module, fqn: str, module: nn.Module) -> nn.Module:
 
 def stage_config(config: Any, kept: Sequence[int], num_blocks: int) -> Any:
     """A shallow copy of ``config`` for a stage holding blocks ``kept`` (of ``num_blocks``): every list or tuple
-    attribute with one entry per block is cut down to the kept blocks' entries, in order, and
-    ``num_hidden_layers`` is their count."""
+    attribute with one entry per block is cut down to the kept blocks' entries, in order. ``num_hidden_layers``
+    stays (forwards slice ``self.layers[:num_hidden_layers]``, and some configs derive other counts from it)."""
     staged = copy.copy(config)
-    if hasattr(config, "num_hidden_layers"):
-        staged.num_hidden_layers = len(kept)
     for name, value in vars(config).items():
         if isinstance(value, (list, tuple)) and len(value) == num_blocks:
             setattr(staged, name, type(value)(value[i] for i in kept))
@@ -149,7 +147,9 @@ class HuggingFaceStageForward:
                 return super().forward(**inputs).logits  # type: ignore[misc]
             output = stack.enter_context(_captured(blocks[-1]))
             self.base_model(**inputs)  # type: ignore[attr-defined]
-            return output["hidden_states"]
+        if "hidden_states" not in output:
+            raise PipelineError(f"Stage {info.index}'s last block did not run in the model's forward.")
+        return output["hidden_states"]
 
 
 def _embedding_placeholder(stage: nn.Module, activation: torch.Tensor) -> torch.Tensor:

@@ -44,5 +44,23 @@ def test_stages_chained_by_hand_give_the_whole_models_logits(model_type, overrid
 def test_stage_config_lists_only_the_kept_blocks():
     config = tiny_hf("cohere2", num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2).config
     staged = stage_config(config, [1, 2], 4)
-    assert staged.layer_types == ["full_attention", "sliding_attention"] and staged.num_hidden_layers == 2
-    assert config.layer_types == ["sliding_attention", "full_attention"] * 2 and config.num_hidden_layers == 4
+    assert staged.layer_types == ["full_attention", "sliding_attention"] and staged.num_hidden_layers == 4
+    assert config.layer_types == ["sliding_attention", "full_attention"] * 2
+
+
+def test_a_multimodal_model_splits_at_its_text_configs_plan():
+    """Gemma 3's config declares no base_model_pp_plan, its text config does: the vision tower and projector go to
+    the first stage with the embeddings, the head to the last; text-only stages compute the whole model's logits."""
+    from meshplan.conformance.check import build_model, make_batch
+    from meshplan.conformance.pipeline_check import untied_config
+
+    config = untied_config("gemma3")
+    model = build_model(config).eval()
+    layout = find_layout(model)
+    assert layout.first == ("model.vision_tower", "model.multi_modal_projector", "model.language_model.embed_tokens")
+    assert (layout.blocks, layout.last) == ("model.language_model.layers", ("model.language_model.norm", "lm_head"))
+    ids, _ = make_batch(config)
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+        got = _chained(model, ids, [1])
+    assert relative_error(got, expected) < 1e-5
