@@ -7,6 +7,8 @@ input gradients DTensor sums, except the rotary slice of ``kv_a_proj_with_mqa``'
 this rank's heads and gets its gradient summed (``mla_kv_a_proj``). The first ``first_k_dense_replace`` layers have
 a dense MLP (Llama-style); the others split every routed expert along its intermediate size and the shared experts
 like a dense MLP, the router staying replicated (see :mod:`meshplan.plans.moe`).
+
+DeepSeek-V4 gets a pipeline split only (its TP plan is transformers'): :data:`DEEPSEEK_V4_PP`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ if TYPE_CHECKING:  # style classes are imported when a plan is built, not at plu
 MLA_COLWISE = ("self_attn.q_proj", "self_attn.q_b_proj", "self_attn.kv_b_proj")
 MLP_COLWISE = ("mlp.gate_proj", "mlp.up_proj", "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj")
 ROWWISE = ("self_attn.o_proj", "mlp.down_proj", "mlp.shared_experts.down_proj")
+
+
+#: DeepSeek-V4's pipeline split: transformers' ``base_model_pp_plan`` leaves out ``hc_head``, which collapses the
+#: hyper-connection streams after the last block (then the final norm), so it goes to the last stage.
+DEEPSEEK_V4_PP = {"pp": ["model.embed_tokens", "model.layers", "model.norm", "model.hc_head", "lm_head"]}
 
 
 def deepseek_layer_styles(rope_dim: int) -> dict[str, ParallelStyle]:
@@ -52,3 +59,4 @@ def deepseek_plan(model: nn.Module, sequence_parallel: bool = False) -> dict[str
 def meshplan_register_tp_plans(register) -> None:  # noqa: ANN001 - the hook's callback
     register("transformers.models.deepseek_v2.modeling_deepseek_v2.DeepseekV2ForCausalLM", deepseek_plan)
     register("transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3ForCausalLM", deepseek_plan)
+    register("transformers.models.deepseek_v4.modeling_deepseek_v4.DeepseekV4ForCausalLM", DEEPSEEK_V4_PP)

@@ -64,3 +64,23 @@ def test_a_multimodal_model_splits_at_its_text_configs_plan():
         expected = model(input_ids=ids, use_cache=False).logits
         got = _chained(model, ids, [1])
     assert relative_error(got, expected) < 1e-5
+
+
+def test_deepseek_v4_hyper_connection_streams_cross_the_stage_boundary():
+    """DeepSeek-V4's blocks pass 4-D hyper-connection streams: a later stage's first block gets them as they are
+    (not the model's widening of its inputs_embeds), and the built-in pp plan puts ``hc_head`` on the last stage."""
+    from meshplan.conformance.check import build_model, make_batch
+    from meshplan.conformance.pipeline_check import untied_config
+    from meshplan.plans.deepseek import DEEPSEEK_V4_PP
+
+    config = untied_config("deepseek_v4")
+    model = build_model(config).eval()
+    ids, _ = make_batch(config)
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+        layout = find_layout(model, DEEPSEEK_V4_PP["pp"])
+        stages = [build_stage(model, layout, StageInfo(i, 2, r), in_place=i == 1)
+                  for i, r in enumerate(ranges_from_bounds([1], layout.num_blocks))]
+        streams = stages[0](ids)
+        got = stages[1](streams)
+    assert streams.dim() == 4 and relative_error(got, expected) < 1e-5
