@@ -129,8 +129,11 @@ def _check_coverage(model: nn.Module, layout: PipelineLayout) -> None:
     stray = [name for name, _ in model.named_parameters() if not _within(name, placed)]
     if stray:
         raise PipelineSplitError(
-            f"The {layout.source} places no stage for parameters {stray[:4]}{' ...' if len(stray) > 4 else ''}: "
-            "add their modules to the pp plan.")
+            f"The {layout.source} places no stage for parameters {stray[:4]}{' ...' if len(stray) > 4 else ''}, "
+            "and meshplan does not guess where the model's forward uses them. Give the whole split in order "
+            "(pp_plan=[...] or a plan provider's 'pp' entry) with each such module before the blocks (first "
+            "stage) or after them (last stage); modules whose output every block reads (per-layer inputs) cannot "
+            "be split this way.")
 
 
 def _numel(module: nn.Module) -> int:
