@@ -1,8 +1,8 @@
 """Conformance sweep: TP=2 forward + backward parity of every causal-LM model type that declares a transformers
-TP plan, and EP=2 parity of every one that declares an EP plan, on 2 gloo ranks (CPU), against the same model in
-one process.
+TP plan, EP=2 parity of every one that declares an EP plan and (``--pp``) PP=2 parity of every one that declares a
+PP plan, on 2 gloo ranks (CPU), against the same model in one process.
 
-    .venv/bin/python bench/conformance.py --output docs/conformance.md --json conformance.json
+    .venv/bin/python bench/conformance.py --output docs/conformance.md --json conformance.json --pp
     .venv/bin/python bench/conformance.py --only llama,mixtral
 
 Every model type is one task on the same two rank processes (a ``RankPool``), so imports and the process group
@@ -375,12 +375,12 @@ def _error_cell(result: dict[str, Any], key: str) -> str:
     return f"{result[key]:.1e}" if key in result else ""
 
 
-def render_pp_section(pp_results: list[dict[str, Any]]) -> str:
+def render_pp_section(pp_results: list[dict[str, Any]]) -> list[str]:
     """The PP=2 section (empty without ``--pp``): every causal-LM type that declares ``base_model_pp_plan``."""
     if not pp_results:
-        return ""
+        return []
     passed = sum(r["status"] == "pass" for r in pp_results)
-    lines = ["", "## PP=2", "",
+    lines = ["## PP=2", "",
              f"**{passed}/{len(pp_results)} pass ({passed / len(pp_results):.1%}).** Every causal-LM type whose config "
              "(or text config) declares `base_model_pp_plan` (`meshplan/conformance/pipeline_check.py`): the tiny "
              "config above with `tie_word_embeddings=False`, `meshplan.parallelize` on a pp=2 x dp_shard=1 mesh "
@@ -400,7 +400,7 @@ def render_pp_section(pp_results: list[dict[str, Any]]) -> str:
     if groups:
         lines += ["", "PP=2 failure causes:", ""]
         lines += [f"- **{title}** ({len(types)}: {', '.join(types)}). {text}" for title, text, types in groups]
-    return "\n".join(lines) + "\n"
+    return [*lines, ""]
 
 
 def _largest(found: dict[str, Any]) -> str:
@@ -446,7 +446,8 @@ def render_moe_summary(results: list[dict[str, Any]], moe_types: list[str]) -> l
 
 
 def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any],
-                    ep_results: list[dict[str, Any]] | None = None) -> str:
+                    ep_results: list[dict[str, Any]] | None = None,
+                    pp_results: list[dict[str, Any]] | None = None) -> str:
     passed = sum(r["status"] == "pass" for r in results)
     ep_by_type = {r["model_type"]: r for r in ep_results or ()}
     found = meta["enumeration"]
@@ -512,6 +513,7 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any],
         lines += render_ep_section(ep_results, meta)
     if meta.get("moe_types"):
         lines += render_moe_summary(results, meta["moe_types"])
+    lines += render_pp_section(pp_results or [])
     lines += [
         f"- Date: {meta['date']}",
         f"- Machine: {meta['machine']}; load average {meta['load_before']} before, {meta['load_after']} after "
@@ -571,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{pp_passed}/{len(pp_results)} pass (PP=2) in {wall:.0f} s", flush=True)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(render_markdown(results, meta, ep_results) + render_pp_section(pp_results))
+        args.output.write_text(render_markdown(results, meta, ep_results, pp_results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"meta": meta, "results": results, "ep_results": ep_results,
