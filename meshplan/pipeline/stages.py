@@ -103,13 +103,17 @@ def _replace(model: nn.Module, fqn: str, module: nn.Module) -> nn.Module:
     return old
 
 
+#: Config lists that are never per block, whatever their length (``eos_token_id=[1, 2]`` of a 2-layer model).
+TOKEN_ID_SUFFIXES = ("token_id", "token_ids")
+
+
 def stage_config(config: Any, kept: Sequence[int], num_blocks: int) -> Any:
     """A shallow copy of ``config`` for a stage holding blocks ``kept`` (of ``num_blocks``): every list or tuple
     attribute with one entry per block is cut down to the kept blocks' entries, in order. ``num_hidden_layers``
     stays (forwards slice ``self.layers[:num_hidden_layers]``, and some configs derive other counts from it)."""
     staged = copy.copy(config)
     for name, value in vars(config).items():
-        if isinstance(value, (list, tuple)) and len(value) == num_blocks:
+        if isinstance(value, (list, tuple)) and len(value) == num_blocks and not name.endswith(TOKEN_ID_SUFFIXES):
             setattr(staged, name, type(value)(value[i] for i in kept))
     return staged
 

@@ -43,7 +43,9 @@ def test_stages_chained_by_hand_give_the_whole_models_logits(model_type, overrid
 
 def test_stage_config_lists_only_the_kept_blocks():
     config = tiny_hf("cohere2", num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2).config
+    config.eos_token_id = [1, 2, 3, 4]
     staged = stage_config(config, [1, 2], 4)
+    assert staged.eos_token_id == [1, 2, 3, 4]
     assert staged.layer_types == ["full_attention", "sliding_attention"] and staged.num_hidden_layers == 4
     assert config.layer_types == ["sliding_attention", "full_attention"] * 2
 
