@@ -40,7 +40,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     # model and checkpoint helpers
     ".state.meta_init": ("materialize_meta_model", "initialize_sharded"),
     ".state.unshard": ("unshard_fsdp2_model",),
-    ".state.packing": ("unpack_full_state_dict",),
+    ".state.packing": ("full_tensor", "unpack_full_state_dict"),
     ".state.hf_load": ("load_pretrained", "LoadReport"),
     ".pretrained": ("from_pretrained",),
     ".state.hf_save": ("save_pretrained",),
@@ -126,6 +126,7 @@ if TYPE_CHECKING:  # generated from _EXPORTS (see above): the real types for typ
     from .state.hf_save import save_pretrained as save_pretrained
     from .state.meta_init import initialize_sharded as initialize_sharded
     from .state.meta_init import materialize_meta_model as materialize_meta_model
+    from .state.packing import full_tensor as full_tensor
     from .state.packing import unpack_full_state_dict as unpack_full_state_dict
     from .state.unshard import unshard_fsdp2_model as unshard_fsdp2_model
     from .strategies.composition import ComposedStrategy as ComposedStrategy

@@ -4,16 +4,14 @@ A DCP checkpoint stores every parameter (and optimizer state) in the model's own
 FSDP / checkpoint-wrapper prefixes), each rank writing the chunks it holds at their global offsets, so it loads
 under any other mesh or strategy: another TP, EP or FSDP size, HSDP, with or without CP.
 
-Parameters that TP stores rank-major (:mod:`meshplan.state.packing`: packed ``[gate; up]`` experts, ``[q; k; v]``,
-split Mamba mixers) hold, on each rank, slices that are not one contiguous block of the model-order tensor. They are
-written as several chunks: the rank's local tensor is cut where its model-order positions stop being consecutive and
-each piece is given to DCP at its model-order offset (torch's ``LocalShardsWrapper`` inside a DTensor of the
-parameter's global shape, the multi-chunk form DCP reads and writes natively); loading reads each piece from
-wherever the saving ranks put it. This works for parts of any sizes and for any FSDP2 sharding on top, as the
-offsets come from torch's own ``compute_local_shape_and_global_offset``. Describing the packing as a placement
-(torch's ``_StridedShard(dim, split_factor=parts)``) was measured on torch 2.13 and not chosen: it only describes
-equal parts (not GQA ``[q; k; v]`` nor a Mamba2 ``in_proj``), and DCP's planner refuses it (one chunk per rank:
-"overlapping chunks").
+Packed parameters (:mod:`meshplan.state.packing`: ``[gate; up]`` experts, ``[q; k; v]``, split Mamba mixers) hold,
+on each rank, slices that are not one contiguous block of the model-order tensor: as a ``_StridedShard`` DTensor
+(equal parts), whose one-chunk description DCP's planner refuses ("overlapping chunks", torch 2.13), or rank-major
+(unequal parts). They are written as several chunks: the rank's local tensor is cut into the blocks whose
+model-order indices (:func:`~meshplan.state.shard_regions.owned_indices`, from the placements and the recorded
+rank-major layout) are contiguous, each given to DCP at its model-order offset (torch's ``LocalShardsWrapper``
+inside a DTensor of the parameter's global shape, the multi-chunk form DCP reads and writes natively); loading
+reads each piece from wherever the saving ranks put it, for parts of any sizes and any FSDP2 sharding on top.
 
 Checkpoints written before (meshplan <= the layout record) stored packed parameters rank-major and record that
 layout (``PACKED_KEY``); they are read through the same chunk views, from the recorded layout's positions. New
@@ -45,14 +43,14 @@ from torch.distributed.tensor import DTensor
 from ..core.errors import CheckpointLayoutError
 from .packing import (
     PackedLayout,
-    contiguous_runs,
-    model_positions,
     packed_state_keys,
     stored_positions,
+    strided_packed_dim,
     unpack_full_state_dict,
     unpack_rank_major,
 )
 from .pipeline_state import pipeline_model_state, pipeline_state, set_pipeline_model_state, set_pipeline_state
+from .shard_regions import blocks, owned_indices
 
 MODEL_KEY = "model"
 OPTIMIZER_KEY = "optimizer"
@@ -129,13 +127,15 @@ def load_distributed_checkpoint(
 
 
 # --- packed parameters in a checkpoint ----------------------------------------------------------------------
-def _packed_tensors(state: dict[str, Any], names: set[str]) -> list[tuple[dict[str, Any], str, str]]:
+def _packed_tensors(state: dict[str, Any], names: set[str] | None = None) -> list[tuple[dict[str, Any], str, str]]:
     """``(container, key, parameter name)`` of each tensor of ``state`` laid out like one of the parameters
-    ``names``: the parameter itself and its per-parameter optimizer state of the same shape (AdamW's moments)."""
+    ``names`` (default: every parameter): the parameter itself and its per-parameter optimizer state of the same
+    shape (AdamW's moments)."""
     model_state = state[MODEL_KEY]
+    names = set(model_state) if names is None else names
     found = [(model_state, name, name) for name in sorted(names) if name in model_state]
     per_param = state.get(OPTIMIZER_KEY, {}).get("state", {})
-    for name in sorted(names & per_param.keys()):
+    for name in sorted(names & per_param.keys() & model_state.keys()):
         found += [(per_param[name], key, name) for key, value in sorted(per_param[name].items())
                   if isinstance(value, torch.Tensor) and value.shape == model_state[name].shape]
     return found
@@ -144,38 +144,35 @@ def _packed_tensors(state: dict[str, Any], names: set[str]) -> list[tuple[dict[s
 def _checkpoint_views(state: dict[str, Any], now: dict[str, PackedLayout], stored: dict[str, PackedLayout]
                       ) -> dict[str, Any]:
     """A copy of ``state`` in which every DTensor of a parameter that is stored (``stored``) or held (``now``) in
-    another order than the model's is replaced by :func:`_chunk_view`; the views share the tensors' memory."""
+    another order than the model's, or held as a ``_StridedShard`` (whose shard DCP cannot place), is replaced by
+    :func:`_chunk_view`; the views share the tensors' memory."""
     views = {key: dict(value) for key, value in state.items()}
     if OPTIMIZER_KEY in views:
         per_param = {name: dict(entries) for name, entries in views[OPTIMIZER_KEY].get("state", {}).items()}
         views[OPTIMIZER_KEY]["state"] = per_param
-    for container, key, name in _packed_tensors(views, now.keys() | stored.keys()):
-        if now.get(name) != stored.get(name) and isinstance(container[key], DTensor):
-            container[key] = _chunk_view(container[key], now.get(name), stored.get(name))
+    for container, key, name in _packed_tensors(views):
+        value = container[key]
+        if isinstance(value, DTensor) and (now.get(name) != stored.get(name) or strided_packed_dim(value) is not None):
+            container[key] = _chunk_view(value, now.get(name), stored.get(name))
     return views
 
 
 def _chunk_view(tensor: DTensor, held: PackedLayout | None, stored: PackedLayout | None) -> DTensor:
-    """``tensor`` (local tensor in the rank-major layout ``held``, or in model order) as a DTensor whose chunks
-    are the runs of its local tensor that the checkpoint stores contiguously (in the rank-major layout ``stored``,
-    or in model order), each at its offset there."""
+    """``tensor`` (local tensor in the rank-major layout ``held``, or described by its placements) as a DTensor
+    whose chunks are the blocks of its local tensor that the checkpoint stores contiguously (in the rank-major
+    layout ``stored``, or in model order), each at its offset there."""
     from ..core.torch_private import LocalShardsWrapper  # DCP's multi-chunk local tensor
-    from ..core.torch_private import local_shape_and_global_offset as compute_local_shape_and_global_offset
 
-    dim = (held or stored)[2]
-    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
-    positions = torch.arange(offset[dim], offset[dim] + shape[dim])
-    if held is not None:
-        positions = model_positions(held, positions)
+    indices = owned_indices(tensor, held)
     if stored is not None:
-        positions = stored_positions(stored, positions)
-    runs = contiguous_runs(positions)
-    if not runs:  # this rank holds nothing of the tensor
+        indices[stored[2]] = stored_positions(stored, indices[stored[2]])
+    found = list(blocks(indices))
+    if not found or any(len(index) == 0 for index in indices):  # this rank holds nothing of the tensor
         return tensor
     with torch.no_grad():
         local = tensor.to_local()
-    pieces = [local.narrow(dim, start, length) for start, _, length in runs]
-    offsets = [tuple(at if d == dim else offset[d] for d in range(tensor.ndim)) for _, at, _ in runs]
+    pieces = [local[local_slices] for _, local_slices in found]
+    offsets = [tuple(start for start, _ in region) for region, _ in found]
     # the constructor, not from_local (which views the local tensor: LocalShardsWrapper has no view for ndim > 2)
     return DTensor(LocalShardsWrapper(pieces, offsets), tensor._spec, requires_grad=False)
 

@@ -108,7 +108,7 @@ def _shard_key(tensor: torch.Tensor) -> tuple[tuple[int, int], ...]:
         return ()
     coordinate = tensor.device_mesh.get_coordinate() or ()
     return tuple((dim, coord) for dim, (placement, coord) in enumerate(zip(tensor.placements, coordinate))
-                 if placement.is_shard())
+                 if not (placement.is_replicate() or placement.is_partial()))  # Shard or _StridedShard
 
 
 def _seed_for(seed: int, name: str, key: tuple) -> int:

@@ -1,14 +1,25 @@
-"""Rank-major packing: how TP stores packed parameters, and the conversions to and from the model's order.
+"""Packed parameters: how TP stores them, and the conversions to and from the model's order.
 
 A packed parameter (fused ``[gate; up]`` of experts, ``[q; k; v]``, a Mamba2 mixer's ``in_proj``
-``[z, x, B, C, dt]``) is split by TP so that every rank keeps its slice of *each* part. meshplan stores it
-*rank-major*: the parts' rank-``r`` slices are contiguous (``[a_0; b_0; a_1; b_1]`` for parts ``a``, ``b`` on two
-ranks) and shards it with a plain ``Shard(dim)``, so each rank's local tensor is exactly what its module computes
-with, and gradients, optimizers and FSDP2 (any dim, HSDP) work unchanged. The styles that pack a parameter record
-its layout on the owning module (:func:`record_packed`); the state code reads it (:func:`packed_parameters`) to
-convert a gathered full tensor or state dict (:func:`unpack_full_state_dict`, :func:`pack_full_state_dict`) and to
-place each slice at its model-order offset in a distributed checkpoint (:func:`contiguous_runs` on the positions
-:func:`model_positions` / :func:`stored_positions` give; :mod:`meshplan.state.distributed_checkpoint`).
+``[z, x, B, C, dt]``) is split by TP so that every rank keeps its slice of *each* part: rank ``r`` holds
+``[a_r; b_r]`` for parts ``a``, ``b``, exactly what its module computes with.
+
+* **Equal parts** (``[gate; up]``, MHA ``[q; k; v]``): the DTensor placement is torch's
+  ``_StridedShard(dim, split_factor=parts)``, which describes that layout, so ``full_tensor()``, ``redistribute``,
+  ``distribute_tensor``, torch's state-dict helpers and the optimizers all see the model's order
+  (:func:`packed_placement`). A forward that computes with DTensors reads the parameter through
+  :func:`rank_major_view`.
+* **Unequal parts** (GQA ``[q; k; v]``, Mamba2 ``in_proj``): no torch placement describes them (``_StridedShard``
+  splits in equal pieces; a subclass of it with part sizes is rebuilt as a plain one by ``distribute_tensor`` and
+  refused by DTensor's sharding rules, measured on torch 2.13). They are stored *rank-major* (the parts' rank-``r``
+  slices contiguous, ``[a_0; b_0; a_1; b_1]``) with a plain ``Shard(dim)`` and their layout is recorded on the
+  owning module (:func:`record_packed`, read by :func:`packed_parameters`): their ``full_tensor()`` is rank-major;
+  :func:`full_tensor`, ``gather_full_state_dict``, ``save_pretrained`` and distributed checkpoints convert them.
+  So is an equal-parts parameter that FSDP must shard along its packed dim (:func:`to_rank_major`): FSDP's
+  placement on top of a ``_StridedShard`` of the same dim would not describe its shards.
+
+Positions along a rank-major dim (:func:`model_positions` / :func:`stored_positions`, :func:`contiguous_runs`) place
+each slice at its model-order offset in a distributed checkpoint (:mod:`meshplan.state.distributed_checkpoint`).
 """
 
 from __future__ import annotations
@@ -17,9 +28,11 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Placement, Shard
 
 from ..core.errors import PlanError
 from ..core.naming import unwrapped_name
+from ..core.torch_private import resolve
 
 #: ``(part sizes along dim, TP size, dim)`` of a parameter stored rank-major
 PackedLayout = tuple[tuple[int, ...], int, int]
@@ -37,6 +50,59 @@ def unpack_rank_major(packed: torch.Tensor, sizes: Sequence[int], world: int, di
     """Inverse of :func:`pack_rank_major` (e.g. on the ``full_tensor()`` of a packed parameter)."""
     per_rank = [block.split([s // world for s in sizes], dim) for block in packed.chunk(world, dim)]
     return torch.cat([per_rank[r][i] for i in range(len(sizes)) for r in range(world)], dim)
+
+
+def equal_parts(sizes: Sequence[int]) -> bool:
+    """Whether packed parts of ``sizes`` are described by torch's ``_StridedShard`` (all of one size)."""
+    return len(set(sizes)) == 1
+
+
+def packed_placement(sizes: Sequence[int], dim: int) -> Placement:
+    """The TP placement of a parameter packed from parts ``sizes`` along ``dim``: ``_StridedShard(dim,
+    split_factor=len(sizes))`` for equal parts (a full tensor in the model's order), else ``Shard(dim)`` (stored
+    rank-major: pack it with :func:`pack_rank_major` and :func:`record_packed` it)."""
+    return resolve("StridedShard")(dim, split_factor=len(sizes)) if equal_parts(sizes) else Shard(dim)
+
+
+def _strided(placement: Placement) -> bool:
+    return isinstance(placement, resolve("StridedShard"))
+
+
+def rank_major_view(param: torch.Tensor) -> torch.Tensor:
+    """A DTensor of TP-packed ``param`` whose ``_StridedShard`` placements read as ``Shard``: the same local tensor
+    (``[a_r; b_r]``), seen rank-major, as torch's column- and row-wise styles compute with. Gradients reach
+    ``param`` unchanged. Other tensors are returned as they are."""
+    if not isinstance(param, DTensor) or not any(map(_strided, param.placements)):
+        return param
+    placements = [Shard(p.dim) if _strided(p) else p for p in param.placements]
+    return DTensor.from_local(param.to_local(), param.device_mesh, placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
+
+
+def strided_packed_dim(param: torch.Tensor) -> int | None:
+    """The packed dim of a parameter TP holds as ``_StridedShard`` (:func:`packed_placement`), else ``None``."""
+    placements = param.placements if isinstance(param, DTensor) else ()
+    return next((p.dim for p in placements if _strided(p)), None)
+
+
+def to_rank_major(module: nn.Module, name: str) -> None:
+    """Re-express ``module``'s ``_StridedShard``-packed parameter ``name`` as rank-major ``Shard`` and record it:
+    no data moves (the local tensor is the same). For a data-parallel wrapper that must shard the packed dim."""
+    param = module._parameters[name]
+    mesh_dim, placement = next((i, p) for i, p in enumerate(param.placements) if _strided(p))
+    parts = placement.split_factor
+    record_packed(module, name, (param.shape[placement.dim] // parts,) * parts, param.device_mesh.size(mesh_dim),
+                  placement.dim)
+    module.register_parameter(name, nn.Parameter(rank_major_view(param.detach()), requires_grad=param.requires_grad))
+
+
+def all_to_rank_major(model: nn.Module) -> None:
+    """:func:`to_rank_major` for every ``_StridedShard``-packed parameter of ``model`` (a data-parallel wrapper
+    that does not know ``_StridedShard`` placements, such as Megatron-FSDP)."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and strided_packed_dim(param) is not None:
+                to_rank_major(module, name)
 
 
 def record_packed(module: nn.Module, name: str, sizes: Sequence[int], world: int, dim: int) -> None:
@@ -84,6 +150,20 @@ def unpack_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     for key, (sizes, world, dim) in _packed_keys(model, state_dict, strict):
         state_dict[key] = unpack_rank_major(state_dict[key], sizes, world, dim)
     return state_dict
+
+
+def full_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """The full tensor of ``model``'s parameter or buffer ``name`` in the unparallelized model's order, whatever
+    its layout: ``DTensor.full_tensor()`` (which is already in that order for every parameter but the rank-major
+    ones, see the module docstring) followed by the recorded rank-major unpacking. Collective for a DTensor:
+    call it on every rank. ``name`` as ``named_parameters`` gives it, or without wrapper components."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    found = tensors[name] if name in tensors else {unwrapped_name(n): t for n, t in tensors.items()}.get(name)
+    if found is None:
+        raise PlanError(f"The model has no parameter or buffer {name!r}.")
+    full = found.full_tensor() if isinstance(found, DTensor) else found.detach()
+    layout = packed_state_keys(model).get(unwrapped_name(name))
+    return unpack_rank_major(full, *layout) if layout is not None else full
 
 
 def pack_full_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = False

@@ -166,18 +166,19 @@ class FSDP2Strategy(ComposedStrategy):
         from torch.distributed.fsdp import OffloadPolicy, fully_shard
 
         from ..experts.apply import shard_experts  # DTensor: imported on use
-        from ..experts.sharding import expert_shard_placement_fn
+        from ..experts.sharding import shard_placement_fn
 
         dp = roles.data_parallel
         block_policy, root_policy = block_and_root_policies(options.mp_policy)
         offload = options.offload_policy or OffloadPolicy()
-        placement = expert_shard_placement_fn(model, dp.shard_size)  # even expert shards; None for dense models
-        if done.experts:  # their own units on the expert data-parallel mesh, before the blocks that contain them
-            expert_meshes = roles.expert_meshes()
-            expert_dp = expert_meshes.data_parallel
+        expert_meshes = roles.expert_meshes() if done.experts else None
+        # even expert shards, packed parameters off their packed dim; None: FSDP2's default everywhere
+        placement = shard_placement_fn(model, dp.shard_size,
+                                       expert_meshes.data_parallel.shard_size if expert_meshes else None)
+        if expert_meshes is not None:  # their own units on the expert data-parallel mesh, before their blocks
             shard_experts(done.experts, expert_meshes, dense_data_parallel_size(dp), mp_policy=block_policy,
                           offload_policy=offload, reshard_after_forward=options.reshard_after_forward,
-                          shard_placement_fn=expert_shard_placement_fn(model, expert_dp.shard_size))
+                          shard_placement_fn=placement)
             log_rank0(logger, logging.INFO, "fsdp2: %s; %d experts module(s)", expert_meshes.describe(),
                       len(done.experts))
         for index, (fqn, _) in enumerate(done.blocks):

@@ -1,9 +1,9 @@
 """Fused projections (``[q; k; v]``, ``[gate; up]``): every rank keeps its slice of *each* packed part.
 
-A packed parameter is stored *rank-major* — the parts' rank-``r`` slices are contiguous — and sharded with a plain
-``Shard``, so gradients and FSDP2 work unchanged; :mod:`meshplan.state.packing` holds the layout and its
-conversions (a gathered ``full_tensor()`` is rank-major, ``gather_full_state_dict`` and distributed checkpoints
-are in the model's order).
+Each rank's local weight is ``[a_r; b_r; ...]``. With equal parts the parameter is a ``_StridedShard`` DTensor (its
+``full_tensor()`` is in the model's order) that the forward reads as a rank-major ``Shard`` view, so torch's
+column- and row-wise computation runs unchanged; unequal parts (GQA ``[q; k; v]``) are stored rank-major with a
+plain ``Shard`` and recorded (:mod:`meshplan.state.packing` holds both layouts and their conversions).
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Placement
+from torch.distributed.tensor import DTensor, Placement
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from ...core.errors import PlanError
-from ...state.packing import pack_rank_major, record_packed
+from ...state.packing import equal_parts, pack_rank_major, packed_placement, rank_major_view, record_packed
+from .local_parameters import run_on_local_parameters
 from .protocol import REPLICATED, ParamSplit, Placements, Style
 
 
@@ -64,14 +65,25 @@ class _Packed(Style):
 
     def parallelize(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         world = device_mesh.size()
+        packed = {name: split for name, split in self.placements(module).items() if len(split.parts) > 1}
         with torch.no_grad():
-            for name, split in self.placements(module).items():
-                if len(split.parts) > 1:
-                    param = getattr(module, name)
-                    if param.device.type != "meta":
-                        param.copy_(pack_rank_major(param, split.parts, world, split.dim))
+            for name, split in packed.items():
+                param = getattr(module, name)
+                if param.device.type != "meta":  # torch's split below then gives rank r its [a_r; b_r]
+                    param.copy_(pack_rank_major(param, split.parts, world, split.dim))
+                if not equal_parts(split.parts):
                     record_packed(module, name, split.parts, world, split.dim)
-        return self.torch_apply(module, device_mesh)
+        self.torch_apply(module, device_mesh)
+        strided = [name for name, split in packed.items() if equal_parts(split.parts)]
+        for name in strided:  # the same local tensor, described in the model's order
+            param, split = module._parameters[name], packed[name]
+            described = DTensor.from_local(param.detach().to_local(), device_mesh,
+                                           [packed_placement(split.parts, split.dim)], run_check=False,
+                                           shape=param.shape, stride=param.stride())
+            module.register_parameter(name, nn.Parameter(described, requires_grad=param.requires_grad))
+        if not strided:
+            return module
+        return run_on_local_parameters(module, lambda: [(module, name, rank_major_view) for name in strided])
 
     def __repr__(self) -> str:
         layouts = super().__repr__()  # torch's "Name(input_layouts=..., ...)"

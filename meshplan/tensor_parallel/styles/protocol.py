@@ -14,7 +14,7 @@ class: they ask :func:`~meshplan.tensor_parallel.styles.traits.traits_of` for th
 :class:`Style` implements the protocol with neutral answers and is torch's ``ParallelStyle``: its ``_apply``, the
 only override of torch's private hook in meshplan, runs :meth:`Style.check` and then :meth:`Style.parallelize`,
 which a subclass writes. A style that declares its placements gets its parameters distributed by
-:meth:`Style.distribute_parameters` (packed parameters stored rank-major and recorded, so checkpoints convert them).
+:meth:`Style.distribute_parameters` (packed parameters as :func:`~meshplan.state.packing.packed_placement` says).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from ...state.packing import pack_rank_major, record_packed
+from ...state.packing import equal_parts, pack_rank_major, packed_placement, record_packed
 
 
 @dataclass(frozen=True)
@@ -75,16 +75,18 @@ class StyleTraits(Protocol):
 def distribute_parameter(owner: nn.Module, name: str, mesh: DeviceMesh, dim: int | None,
                          parts: Sequence[int] = ()) -> None:
     """Replace ``owner``'s parameter ``name`` by a DTensor on ``mesh``: replicated when ``dim`` is ``None``, else
-    ``Shard(dim)``, its ``parts`` (when more than one) packed rank-major first and recorded. A DTensor stays."""
+    ``Shard(dim)``; with ``parts`` (more than one) each rank keeps its slice of each part
+    (:func:`~meshplan.state.packing.packed_placement`: ``_StridedShard`` for equal parts, else packed rank-major
+    and recorded). A DTensor stays."""
     param = owner._parameters[name]
     if isinstance(param, DTensor):
         return
     data = param.detach()
-    if len(parts) > 1:
+    placement = Replicate() if dim is None else packed_placement(parts, dim) if len(parts) > 1 else Shard(dim)
+    if len(parts) > 1 and not equal_parts(parts):
         if data.device.type != "meta":
             data = pack_rank_major(data, parts, mesh.size(), dim)
         record_packed(owner, name, parts, mesh.size(), dim)
-    placement = Replicate() if dim is None else Shard(dim)
     sharded = distribute_tensor(data, mesh, [placement])
     owner.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
 
