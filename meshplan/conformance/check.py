@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import transformers
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -346,11 +346,11 @@ def forward_backward(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) 
 
 # --- the check (runs on every rank) ---------------------------------------------------------------
 def _is_sharded(param: torch.Tensor) -> bool:
-    return isinstance(param, DTensor) and any(isinstance(p, Shard) for p in param.placements)
+    return isinstance(param, DTensor) and any(not (p.is_replicate() or p.is_partial()) for p in param.placements)
 
 
 def sharded_fraction(model: nn.Module) -> float:
-    """The fraction of ``model``'s parameter elements that are split over the ranks (a ``Shard`` placement)."""
+    """The fraction of ``model``'s parameter elements that are split over the ranks (``Shard`` or ``_StridedShard``)."""
     total = sharded = 0
     for param in model.parameters():
         total += param.numel()

@@ -41,8 +41,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from ..core.errors import CheckpointLayoutError
+from .hf_load import model_tensors, packed_layouts
 from .packing import (
     PackedLayout,
+    as_rank_major,
     packed_state_keys,
     stored_positions,
     strided_packed_dim,
@@ -50,6 +52,7 @@ from .packing import (
     unpack_rank_major,
 )
 from .pipeline_state import pipeline_model_state, pipeline_state, set_pipeline_model_state, set_pipeline_state
+from .rank0_gather import Rank0Gatherer
 from .shard_regions import blocks, owned_indices
 
 MODEL_KEY = "model"
@@ -111,7 +114,7 @@ def load_distributed_checkpoint(
     """
     now = packed_state_keys(model)
     state = _state(model, optimizer)
-    stored = _stored_layout(checkpoint_id, state[MODEL_KEY], now)
+    stored = _stored_layout(checkpoint_id, state[MODEL_KEY], now, as_rank_major(model))
     dcp.load(_checkpoint_views(state, now, stored), checkpoint_id=checkpoint_id)
     _unpack_plain_tensors(state, now, stored)
     if hasattr(model, "stage_modules"):
@@ -189,16 +192,17 @@ def _unpack_plain_tensors(state: dict[str, Any], now: dict[str, PackedLayout], s
                 value.copy_(unpack_rank_major(value.clone(), sizes, world, dim))
 
 
-def _stored_layout(checkpoint_id: str | os.PathLike[str], model_state: dict[str, Any], now: dict[str, PackedLayout]
-                   ) -> dict[str, PackedLayout]:
+def _stored_layout(checkpoint_id: str | os.PathLike[str], model_state: dict[str, Any], now: dict[str, PackedLayout],
+                   unrecorded: dict[str, PackedLayout]) -> dict[str, PackedLayout]:
     """The rank-major layouts the checkpoint stores its packed parameters in (empty for checkpoints in model
-    order). A checkpoint without a record (written before meshplan kept one) is taken to be in ``now``'s layout, as
-    it was then loaded. :class:`CheckpointLayoutError` (the same on every rank) for a recorded layout that does
-    not fit the parameters of ``model_state``. Any storage ``dcp.load`` reads (paths, fsspec URLs)."""
+    order). A checkpoint without a record (written before meshplan kept one, when every packed parameter was
+    rank-major) is taken to be in ``unrecorded``'s layout, as it was then loaded. :class:`CheckpointLayoutError`
+    (the same on every rank) for a recorded layout that does not fit the parameters of ``model_state``. Any
+    storage ``dcp.load`` reads (paths, fsspec URLs)."""
     saved: dict[str, Any] = {PACKED_KEY: ""}
     dcp.load(saved, checkpoint_id=checkpoint_id, planner=DefaultLoadPlanner(allow_partial_load=True))
     if not saved[PACKED_KEY]:
-        return now
+        return unrecorded
     stored = {name: (tuple(sizes), world, dim) for name, (sizes, world, dim) in json.loads(saved[PACKED_KEY]).items()}
     shapes = {name: tuple(tensor.shape) for name, tensor in model_state.items()}
     unfit = [name for name, (sizes, world, dim) in stored.items()
@@ -214,17 +218,18 @@ def _stored_layout(checkpoint_id: str | os.PathLike[str], model_state: dict[str,
 
 
 def gather_pipeline_state_dict(pipe: nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
-    """The full state dict of the whole model (all stages), keyed like the unparallelized model. Each stage is
-    gathered over its own mesh, then the stages' dicts are exchanged over the pipeline ranks (CPU tensors).
-    ``rank0_only``: global rank 0 gets the dict, the other ranks ``{}``."""
-    local: dict[str, torch.Tensor] = {}
+    """The full state dict of the whole model (all stages), keyed like the unparallelized model, on the CPU: every
+    rank sends its shards of its stages to rank 0 (:class:`~.rank0_gather.Rank0Gatherer`, as ``save_pretrained``
+    does). ``rank0_only``: global rank 0 gets the dict, the other ranks ``{}``; else rank 0 broadcasts it."""
+    tensors: dict[str, torch.Tensor] = {}
+    packed: dict[str, PackedLayout] = {}
     for stage in pipe.stage_modules:
-        local.update({k: v.cpu() for k, v in gather_full_state_dict(stage, rank0_only=False).items()})
-    parts: list[dict[str, torch.Tensor] | None] = [None] * pipe.pp_mesh.size()
-    dist.all_gather_object(parts, local, group=pipe.pp_mesh.get_group())
-    if rank0_only and dist.get_rank() != 0:
-        return {}
-    merged: dict[str, torch.Tensor] = {}
-    for part in parts:
-        merged.update(part or {})
-    return merged
+        tensors.update(model_tensors(stage))
+        packed.update(packed_layouts(stage))
+    gatherer = Rank0Gatherer(tensors, packed)
+    full = gatherer.gather(gatherer.names) or {}
+    if not rank0_only:
+        shipped = [full]
+        dist.broadcast_object_list(shipped, src=0)
+        full = shipped[0]
+    return full

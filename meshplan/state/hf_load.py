@@ -48,7 +48,8 @@ from ..core.log import get_logger, log_rank0
 from ..core.naming import closest, unwrapped_name
 from .hf_conversion import SourceGroup, plan_sources
 from .hf_folder import CONFIG_FILE, StoredTensor, read_catalog, resolve_folder
-from .hf_fp8 import DequantizingReader, dequantized_catalog
+from .hf_fp8 import dequantized_catalog
+from .hf_mxfp4 import MXFP4Reader, mxfp4_catalog
 from .shard_regions import blocks, owned_indices
 
 logger = get_logger(__name__)
@@ -110,6 +111,7 @@ def _check_architecture(model: nn.Module, folder: Path) -> None:
 class _Plan:
     stored: dict[str, StoredTensor]  # the folder's tensors as stored
     scales: dict[str, tuple[str, tuple[int, int]]]  # block-quantized FP8 weights: (scale key, block size)
+    mxfp4: dict[str, tuple[str, str]]  # MXFP4 expert projections: (blocks key, scales key)
     groups: list[SourceGroup]
     targets: list[str]  # the output keys that fill model tensors (one name per tied tensor)
     missing: list[str]
@@ -121,6 +123,7 @@ def _plan(model: nn.Module, folder: Path, strict: bool) -> _Plan:
     _check_architecture(model, folder)
     stored = read_catalog(folder)
     catalog, scales = dequantized_catalog(folder, stored)
+    catalog, mxfp4 = mxfp4_catalog(folder, catalog)
     tensors = model_tensors(model)
     groups, unexpected = plan_sources(model, catalog, set(tensors))
     produced = {name: node for group in groups for name, node in group.outputs.items()}
@@ -151,7 +154,7 @@ def _plan(model: nn.Module, folder: Path, strict: bool) -> _Plan:
             f"{'; ...' if len(mismatched) > 3 else ''}): the folder was written for another config.")
     if strict and (missing or unexpected):
         raise _key_error(folder, missing, unexpected, sorted(produced), sorted(tensors))
-    return _Plan(stored, scales, groups, targets, missing, unexpected)
+    return _Plan(stored, scales, mxfp4, groups, targets, missing, unexpected)
 
 
 def _key_error(folder: Path, missing: list[str], unexpected: list[str], produced: list[str], tensors: list[str]
@@ -265,7 +268,7 @@ def _read(model: nn.Module, plan: _Plan) -> int:
     targets = {name: tensors[name] for name in plan.targets}
     packed = packed_layouts(model)
     progress = _Progress(_owned_bytes(targets))
-    reader = DequantizingReader(plan.stored, plan.scales)
+    reader = MXFP4Reader(plan.stored, plan.scales, plan.mxfp4)
     copied = 0
     try:
         for group in plan.groups:

@@ -20,12 +20,10 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..core.errors import CheckpointError
@@ -63,45 +61,6 @@ def _batches(groups: list[list[str]], gatherer: Rank0Gatherer) -> list[list[str]
         batches[-1].extend(group)
         size += group_size
     return batches
-
-
-def _pipeline_chunks(pipe: nn.Module, stages: list[nn.Module], tensors: list[dict[str, torch.Tensor]],
-                     packed: list[dict[str, Any]], layout: dict[str, torch.Tensor]
-                     ) -> tuple[dict[str, torch.Tensor], Iterator[dict[str, torch.Tensor] | None]]:
-    """A ``PipelineModel``'s whole hub layout (exchanged over the pipeline ranks) and its full tensors, one
-    conversion group at a time: each pipeline rank's stages in turn, gathered over the stage's mesh and shipped to
-    the pipeline rank that writes."""
-    from torch.distributed.tensor import DTensor  # heavy: imported on use
-
-    from .packing import unpack_rank_major
-
-    pp_group = pipe.pp_mesh.get_group()
-    groups = [(index, group) for index, stage in enumerate(stages)
-              for group in save_groups(stage, list(tensors[index]))]
-    parts: list[Any] = [None] * dist.get_world_size(pp_group)
-    local = ({key: (tuple(t.shape), t.dtype) for key, t in layout.items()}, len(groups))
-    dist.all_gather_object(parts, local, group=pp_group)
-    whole = {key: torch.empty(shape, dtype=dtype, device="meta") for part in parts for key, (shape, dtype) in
-             part[0].items()}
-
-    def full(index: int, name: str) -> torch.Tensor:
-        tensor = tensors[index][name]
-        value = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
-        layout_of = packed[index].get(name)
-        return (unpack_rank_major(value, *layout_of) if layout_of is not None else value).cpu()
-
-    def chunks() -> Iterator[dict[str, torch.Tensor] | None]:
-        me = dist.get_rank(pp_group)
-        for owner, (_, count) in enumerate(parts):
-            for position in range(count):
-                shipped: list[Any] = [None]
-                if owner == me:  # every rank of the stage joins the gathers
-                    index, group = groups[position]
-                    shipped = [{name: full(index, name) for name in group}]
-                dist.broadcast_object_list(shipped, group_src=owner, group=pp_group)
-                yield shipped[0]
-
-    return whole, chunks()
 
 
 class _StreamingFile:
@@ -201,29 +160,27 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], max_shard_si
     ``max_shard_size`` each (a single ``model.safetensors`` when it fits) with their index, ``config.json``.
 
     No rank holds the whole model: rank 0 gathers whole conversion groups, about :data:`BATCH_BYTES` at a time,
-    and writes them (a :class:`~meshplan.PipelineModel`: every stage's groups, shipped over the pipeline ranks).
+    and writes them (a :class:`~meshplan.PipelineModel`: the groups of every stage, from the ranks holding it).
     The folder appears at ``path`` only when complete (a previous one is replaced then).
     Collective: call it on every rank; an error on rank 0 (disk full) is raised on every rank as a
     :class:`~meshplan.core.errors.CheckpointError`.
     """
     path = Path(path)
-    stages = list(getattr(model, "stage_modules", None) or [model])  # a PipelineModel: every stage of every rank
-    tensors = [_unique(model_tensors(stage)) for stage in stages]
-    packed = [packed_layouts(stage) for stage in stages]
-    layout: dict[str, torch.Tensor] = {}
-    for stage, named in zip(stages, tensors, strict=True):
-        layout.update(to_hub_format(stage, {name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-                                            for name, tensor in named.items()}))
-    if hasattr(model, "stage_modules"):
-        layout, chunks = _pipeline_chunks(model, stages, tensors, packed, layout)
-    else:
-        gatherer = Rank0Gatherer(tensors[0], packed[0])
-        chunks = (gatherer.gather(batch)  # every rank sends its shards; rank 0 gets the full tensors
-                  for batch in _batches(save_groups(model, list(tensors[0])), gatherer))
+    stages = list(getattr(model, "stage_modules", None) or [model])  # a PipelineModel: this rank's stages
+    tensors: dict[str, torch.Tensor] = {}
+    packed: dict[str, tuple[tuple[int, ...], int, int]] = {}
+    for stage in stages:
+        tensors.update(_unique(model_tensors(stage)))
+        packed.update(packed_layouts(stage))
+    gatherer = Rank0Gatherer(tensors, packed)  # every tensor of every rank (all the stages of a pipeline)
+    chunks = (gatherer.gather(batch)  # every rank sends its shards; rank 0 gets the full tensors
+              for batch in _batches(save_groups(stages[0], gatherer.names), gatherer))
     writer: _FolderWriter | None = None
     error: Exception | None = None
     if is_rank_zero():
         try:
+            layout = to_hub_format(stages[0], {name: torch.empty(shape, dtype=dtype, device="meta")
+                                               for name, (shape, dtype) in gatherer.meta.items()})
             writer = _FolderWriter(stages[0], path, layout, max_shard_size)
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
             error = exc

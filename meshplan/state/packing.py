@@ -85,14 +85,29 @@ def strided_packed_dim(param: torch.Tensor) -> int | None:
     return next((p.dim for p in placements if _strided(p)), None)
 
 
+def strided_layout(param: torch.Tensor) -> PackedLayout | None:
+    """The rank-major layout (:data:`PackedLayout`) holding the same local tensors as a ``_StridedShard``-packed
+    ``param``; ``None`` for other tensors."""
+    placements = param.placements if isinstance(param, DTensor) else ()
+    mesh_dim, placement = next(((i, p) for i, p in enumerate(placements) if _strided(p)), (None, None))
+    if placement is None:
+        return None
+    parts = placement.split_factor
+    return (param.shape[placement.dim] // parts,) * parts, param.device_mesh.size(mesh_dim), placement.dim
+
+
+def as_rank_major(model: nn.Module) -> dict[str, PackedLayout]:
+    """:func:`packed_state_keys` plus the layout each ``_StridedShard``-packed parameter would have rank-major (as
+    meshplan stored every packed parameter before), by state-dict name."""
+    strided = {unwrapped_name(name): strided_layout(param) for name, param in model.named_parameters()}
+    return {name: layout for name, layout in strided.items() if layout is not None} | packed_state_keys(model)
+
+
 def to_rank_major(module: nn.Module, name: str) -> None:
     """Re-express ``module``'s ``_StridedShard``-packed parameter ``name`` as rank-major ``Shard`` and record it:
     no data moves (the local tensor is the same). For a data-parallel wrapper that must shard the packed dim."""
     param = module._parameters[name]
-    mesh_dim, placement = next((i, p) for i, p in enumerate(param.placements) if _strided(p))
-    parts = placement.split_factor
-    record_packed(module, name, (param.shape[placement.dim] // parts,) * parts, param.device_mesh.size(mesh_dim),
-                  placement.dim)
+    record_packed(module, name, *strided_layout(param))
     module.register_parameter(name, nn.Parameter(rank_major_view(param.detach()), requires_grad=param.requires_grad))
 
 

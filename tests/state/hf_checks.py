@@ -170,3 +170,29 @@ def fp8_parity(folder: str, expected_file: str, shape: dict[str, int]) -> list[s
     expected = torch.load(expected_file)
     return sorted(key for key in expected.keys() | loaded.keys()
                   if key not in loaded or key not in expected or not torch.equal(loaded[key], expected[key]))
+
+
+def write_mxfp4_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """A tiny GPT-OSS folder in its published MXFP4 format: every expert ``gate_up_proj`` / ``down_proj`` as random
+    ``_blocks`` / ``_scales`` (uint8, exponents near the bias 127), the rest as saved; returns the state dict the
+    loaded model must hold (model keys, float32), dequantized by transformers' ``convert_moe_packed_tensors``."""
+    from safetensors.torch import save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    model = build_model("gpt_oss")
+    model.config.quantization_config = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                        "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    model.config.save_pretrained(folder)
+    generator = torch.Generator().manual_seed(3)
+    stored, expected = {}, {}
+    for key, tensor in model.state_dict().items():
+        if not key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            stored[key] = expected[key] = tensor.contiguous()
+            continue
+        experts, inputs, outputs = tensor.shape
+        blocks = torch.randint(0, 256, (experts, outputs, inputs // 32, 16), dtype=torch.uint8, generator=generator)
+        scales = torch.randint(120, 130, (experts, outputs, inputs // 32), dtype=torch.uint8, generator=generator)
+        stored[f"{key}_blocks"], stored[f"{key}_scales"] = blocks, scales
+        expected[key] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+    save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return expected

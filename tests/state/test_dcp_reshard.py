@@ -1,9 +1,10 @@
 """Distributed checkpoints reshard everything, packed parameters included (``meshplan.state.distributed_checkpoint``).
 
-A tiny MoE model trains one AdamW step under TP (its experts' ``gate_up_proj``, and a hybrid's Mamba2 ``in_proj``
-and ``conv1d``, are stored rank-major), is saved with DCP, and hops through other meshes: loaded under EP without
-TP, saved again, loaded under FSDP with CP (the MoE models) or under HSDP and then back under TP (the hybrid).
-After every load the gathered full state dict and the full optimizer state equal the first model's bitwise.
+A tiny MoE model trains one AdamW step under TP (its experts' ``gate_up_proj`` is a ``_StridedShard``, a hybrid's
+Mamba2 ``in_proj`` and ``conv1d`` are stored rank-major), is saved with DCP, and hops through other meshes: loaded
+under EP without TP, saved again, loaded under FSDP with CP (the MoE models) or under HSDP and then back under TP
+(the hybrid). After every load the gathered full state dict and the full optimizer state equal the first model's
+bitwise.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def _differences(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
 
 def reshard_hops(name: str, path: str, hops: list[tuple[dict[str, int], dict]]) -> dict:
     """Train one step under the first hop, save; then load, compare and save again under each next one."""
+    from meshplan.core.naming import unwrapped_name
     from meshplan.state.distributed_checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
-    from meshplan.state.packing import packed_state_keys
+    from meshplan.state.packing import packed_state_keys, strided_packed_dim
     from tests.plans.helpers import build
 
     mesh_shape, options = hops[0]
@@ -63,7 +65,8 @@ def reshard_hops(name: str, path: str, hops: list[tuple[dict[str, int], dict]]) 
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     expected = _full_state(model, optimizer)
-    result = {"packed": sorted(packed_state_keys(model))}
+    strided = [unwrapped_name(n) for n, p in model.named_parameters() if strided_packed_dim(p) is not None]
+    result = {"packed": sorted(packed_state_keys(model)) + strided}  # rank-major or _StridedShard
     save_distributed_checkpoint(model, f"{path}/0", optimizer)
     for hop, (mesh_shape, options) in enumerate(hops[1:], start=1):
         fresh = _parallelize(build(name, seed=1), mesh_shape, options)

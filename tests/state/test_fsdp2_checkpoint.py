@@ -264,7 +264,7 @@ def test_meta_broadcast_load_of_tied_save_pretrained_folder(ranks2, tmp_path):
 
 # --- parameters TP stores rank-major (packed [gate; up] of the experts) -------------------------------------------
 def packed_parameters_round_trip(path: str) -> dict:
-    """Mixtral at TP=2, whose experts' ``gate_up_proj`` is stored rank-major: the gathered full state dict, a
+    """Mixtral at TP=2, whose experts' ``gate_up_proj`` is a ``_StridedShard``: the gathered full state dict, a
     meta-device model loaded from the full state dict, and a DCP checkpoint reloaded at TP=2 and without TP all give
     back the original tensors; so do checkpoints written the way earlier meshplan versions did (rank-major, with or
     without the layout record)."""
@@ -277,7 +277,7 @@ def packed_parameters_round_trip(path: str) -> dict:
     import meshplan
     from meshplan.core.errors import CheckpointLayoutError
     from meshplan.state.distributed_checkpoint import MODEL_KEY, PACKED_KEY
-    from meshplan.state.packing import packed_state_keys
+    from meshplan.state.packing import all_to_rank_major, packed_state_keys
     from tests.plans.helpers import build
 
     reference = build("mixtral")
@@ -303,6 +303,7 @@ def packed_parameters_round_trip(path: str) -> dict:
     save_distributed_checkpoint(model, path)
     problems["reloaded at tp=2"] = reloaded(path, tp)
     problems["reloaded without TP"] = reloaded(path, fsdp)
+    all_to_rank_major(model)  # as earlier meshplan versions held it: rank-major Shard, recorded
     recorded = f"{path}-recorded"  # as meshplan wrote it before: rank-major, the layout recorded
     dcp.save({MODEL_KEY: get_model_state_dict(model), PACKED_KEY: json.dumps(
         {name: [list(sizes), world, dim] for name, (sizes, world, dim) in packed_state_keys(model).items()})},

@@ -124,7 +124,7 @@ def _train_and_checkpoint(path: str) -> dict:
     return {
         "output": relative_error(actual.detach(), expected.detach()),
         "grads": max(relative_error(grads[n], reference.get_parameter(n).grad) for n in grads),
-        "rank_major": not torch.equal(model.gate_up.weight.full_tensor(), truth["gate_up.weight"]),
+        "model_order": torch.equal(model.gate_up.weight.full_tensor(), truth["gate_up.weight"]),
         "gathered": all(torch.equal(full[k], v) for k, v in truth.items()),
         "checkpoint": all(torch.equal(restored.state_dict()[k], v) for k, v in truth.items()),
     }
@@ -132,10 +132,11 @@ def _train_and_checkpoint(path: str) -> dict:
 
 @pytest.mark.distributed
 def test_a_plugin_style_trains_and_checkpoints_in_model_order(ranks2, tmp_path):
-    """Its declared packed placements are stored rank-major and recorded, so the state code converts them."""
+    """Its declared packed placements (equal parts) become ``_StridedShard``: ``full_tensor()``, the gathered state
+    dict and checkpoints are in the model's order."""
     for result in ranks2.run(_train_and_checkpoint, str(tmp_path), timeout=300):
         assert result["output"] <= 1e-5 and result["grads"] <= 1e-5, result
-        assert result["rank_major"] and result["gathered"] and result["checkpoint"], result
+        assert result["model_order"] and result["gathered"] and result["checkpoint"], result
 
 
 def test_torch_styles_are_described_by_the_apply_they_run():
