@@ -68,30 +68,44 @@ def _strided(placement: Placement) -> bool:
     return isinstance(placement, resolve("StridedShard"))
 
 
+def _packed_strided(tensor: torch.Tensor) -> tuple[int, Placement] | None:
+    """``(mesh dim, placement)`` of ``tensor``'s TP-packed ``_StridedShard``: the last placement sharding its dim
+    (FSDP2's own ``_StridedShard`` over a TP ``Shard`` of the same dim is followed by it)."""
+    placements = tensor.placements if isinstance(tensor, DTensor) else ()
+    for mesh_dim, placement in enumerate(placements):
+        later = placements[mesh_dim + 1:]
+        if _strided(placement) and not any(not (p.is_replicate() or p.is_partial()) and p.dim == placement.dim
+                                           for p in later):
+            return mesh_dim, placement
+    return None
+
+
 def rank_major_view(param: torch.Tensor) -> torch.Tensor:
-    """A DTensor of TP-packed ``param`` whose ``_StridedShard`` placements read as ``Shard``: the same local tensor
+    """A DTensor of TP-packed ``param`` whose packed ``_StridedShard`` reads as ``Shard``: the same local tensor
     (``[a_r; b_r]``), seen rank-major, as torch's column- and row-wise styles compute with. Gradients reach
     ``param`` unchanged. Other tensors are returned as they are."""
-    if not isinstance(param, DTensor) or not any(map(_strided, param.placements)):
+    found = _packed_strided(param)
+    if found is None:
         return param
-    placements = [Shard(p.dim) if _strided(p) else p for p in param.placements]
+    placements = list(param.placements)
+    placements[found[0]] = Shard(found[1].dim)
     return DTensor.from_local(param.to_local(), param.device_mesh, placements, run_check=False, shape=param.shape,
                               stride=param.stride())
 
 
 def strided_packed_dim(param: torch.Tensor) -> int | None:
     """The packed dim of a parameter TP holds as ``_StridedShard`` (:func:`packed_placement`), else ``None``."""
-    placements = param.placements if isinstance(param, DTensor) else ()
-    return next((p.dim for p in placements if _strided(p)), None)
+    found = _packed_strided(param)
+    return found[1].dim if found is not None else None
 
 
 def strided_layout(param: torch.Tensor) -> PackedLayout | None:
     """The rank-major layout (:data:`PackedLayout`) holding the same local tensors as a ``_StridedShard``-packed
     ``param``; ``None`` for other tensors."""
-    placements = param.placements if isinstance(param, DTensor) else ()
-    mesh_dim, placement = next(((i, p) for i, p in enumerate(placements) if _strided(p)), (None, None))
-    if placement is None:
+    found = _packed_strided(param)
+    if found is None:
         return None
+    mesh_dim, placement = found
     parts = placement.split_factor
     return (param.shape[placement.dim] // parts,) * parts, param.device_mesh.size(mesh_dim), placement.dim
 
