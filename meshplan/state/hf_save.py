@@ -133,6 +133,8 @@ class _FolderWriter:
         if config is None:
             return
         config = copy.deepcopy(config)
+        if hasattr(config, "quantization_config"):  # loaded from a quantized folder: the tensors written are not
+            del config.quantization_config
         from transformers import PreTrainedModel  # imported on use
 
         # wrappers (FSDP2's dynamic FSDP<Name> class) sit above the model's own class in the MRO

@@ -159,8 +159,10 @@ def write_fp8_folder(folder: Path, block: tuple[int, int] = (32, 32)) -> dict[st
 
 
 def fp8_parity(folder: str, expected_file: str, shape: dict[str, int]) -> list[str]:
-    """Runs on every rank: ``meshplan.from_pretrained`` of a block-FP8 folder against its dequantized state dict;
-    the names of the tensors that differ."""
+    """Runs on every rank: ``meshplan.from_pretrained`` of a quantized folder against its dequantized state dict;
+    the names of the tensors that differ (and whether ``save_pretrained`` of it still claims a quantization)."""
+    import json
+
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     import meshplan
@@ -168,8 +170,11 @@ def fp8_parity(folder: str, expected_file: str, shape: dict[str, int]) -> list[s
     model = meshplan.from_pretrained(folder, _mesh(shape), mp_policy=MixedPrecisionPolicy(), dtype=torch.float32)
     loaded = meshplan.gather_full_state_dict(model, rank0_only=False)
     expected = torch.load(expected_file)
-    return sorted(key for key in expected.keys() | loaded.keys()
-                  if key not in loaded or key not in expected or not torch.equal(loaded[key], expected[key]))
+    differing = sorted(key for key in expected.keys() | loaded.keys()
+                       if key not in loaded or key not in expected or not torch.equal(loaded[key], expected[key]))
+    meshplan.save_pretrained(model, f"{folder}-saved")  # dequantized: its config must not claim a quantization
+    config = json.loads((Path(f"{folder}-saved") / "config.json").read_text())
+    return differing + (["config.json keeps quantization_config"] if "quantization_config" in config else [])
 
 
 def write_mxfp4_folder(folder: Path) -> dict[str, torch.Tensor]:
