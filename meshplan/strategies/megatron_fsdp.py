@@ -48,7 +48,6 @@ from ..core.strategy import StrategyOptions
 from ..core.torch_private import flatten
 from ..introspection.blocks import find_blocks
 from ..plugins.hookspecs import hookimpl
-from ..state.packing import all_to_rank_major
 from .composition import ComposedStrategy, Composition
 
 logger = get_logger(__name__)
@@ -514,6 +513,8 @@ def shard(
     log_rank0(logger, logging.INFO, "Megatron-FSDP %s: %s(units=%s, dp_shard_dim=%r, zero_dp_strategy=%r)",
               api.version, call.function, [c.__name__ for c in units], call.kwargs["dp_shard_dim"],
               call.kwargs.get("zero_dp_strategy"))
+    from ..state.packing import all_to_rank_major  # DTensor: imported on use, keeps plugin discovery light
+
     all_to_rank_major(model)  # Megatron-FSDP reads TP shards as plain Shard placements
     return call.run(api, model)
 
