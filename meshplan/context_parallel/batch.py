@@ -8,7 +8,9 @@ ranks' losses, which is what data-parallel gradient averaging over ``dp_shard x 
 per-token mean over the whole sequence, as in one process.
 
 What the ranks need to know about the whole sequence (its key padding, the documents of packed rows) travels
-in the shard as a :class:`SequenceShard` under :data:`SHARD_KEY`; a CP model refuses a batch without it.
+in the shard as a :class:`SequenceShard` under :data:`SHARD_KEY`; a CP model refuses a batch without it. A
+``SequenceShard`` is a pytree node of its per-row tensors, so torch splits it along the batch dim wherever it
+splits a batch's tensors (pipeline microbatches: every microbatch gets the padding and documents of its rows).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
+from ..core import torch_private
 from ..core.errors import ContextParallelError
 from . import sequence_layout as layout
 from .collectives import all_gather_sequence
@@ -45,6 +48,17 @@ class SequenceShard:
     documents: torch.Tensor | None = None
     #: ``[batch, sequence]`` position ids the mask pattern sees inside documents (set with ``documents``)
     positions: torch.Tensor | None = None
+
+
+def _flatten_shard(shard: SequenceShard) -> tuple[list[torch.Tensor | None], tuple[int, int]]:
+    return [shard.key_padding, shard.documents, shard.positions], (shard.cp_size, shard.seq_len)
+
+
+def _unflatten_shard(rows: Any, sizes: tuple[int, int]) -> SequenceShard:
+    return SequenceShard(*sizes, *rows)
+
+
+torch_private.register_pytree_node(SequenceShard, _flatten_shard, _unflatten_shard)
 
 
 def _tokens(batch: Mapping[str, Any]) -> torch.Tensor:

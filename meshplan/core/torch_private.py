@@ -50,6 +50,9 @@ PRIVATE_APIS: dict[str, str] = {
     # expert-parallel token dispatch
     "all_to_all_single_autograd": "torch.distributed._functional_collectives:all_to_all_single_autograd",
     "AsyncCollectiveTensor": "torch.distributed._functional_collectives:AsyncCollectiveTensor",
+    # batch entries that hold per-row tensors (a CP SequenceShard): split into pipeline microbatches like tensors
+    "register_pytree_node": "torch.utils._pytree:register_pytree_node",
+    "pytree_leaf": "torch.utils._pytree:tree_is_leaf",
     # context parallelism: torch's ring attention
     "context_parallel_options": "torch.distributed.tensor.experimental._attention:_cp_options",
     "enable_context_parallel_dispatcher":

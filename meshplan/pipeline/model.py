@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from ..core import torch_private
 from ..core.errors import MicrobatchError, PipelineError
 from .plan import PipelinePlan
 from .stages import stage_info
@@ -165,18 +166,19 @@ class PipelineModel(nn.Module):
 
 def _per_sample(value: Any, size: int, microbatches: int, name: str) -> Any:
     """Tensors with one row for the whole batch (``position_ids`` ``[1, seq]``) are expanded to one per sample, so
-    they split into microbatches like the inputs. Other objects reach every microbatch whole, so one that carries
-    per-row tensors (a CP ``SequenceShard`` of padded or packed rows) is refused: :class:`MicrobatchError`."""
+    they split into microbatches like the inputs. torch splits the tensors of pytree nodes too (a CP
+    ``SequenceShard``: each microbatch gets the padding and documents of its rows); any other object reaches every
+    microbatch whole, so one that carries per-row tensors is refused: :class:`MicrobatchError`."""
     if isinstance(value, torch.Tensor):
         if value.dim() > 0 and value.shape[0] == 1 and size > 1:
             return value.expand(size, *value.shape[1:])
         return value
-    if microbatches > 1 and dataclasses.is_dataclass(value):
+    if microbatches > 1 and dataclasses.is_dataclass(value) and torch_private.pytree_leaf(value):
         rows = [f.name for f in dataclasses.fields(value) if isinstance(getattr(value, f.name), torch.Tensor)
                 and getattr(value, f.name).dim() > 0 and getattr(value, f.name).shape[0] == size]
         if rows:
             raise MicrobatchError(
                 f"Batch entry {name!r} ({type(value).__name__}) holds per-row tensors {rows} that the pipeline cannot "
-                "split into microbatches: under context parallelism, use rows without padding or packing, or "
-                "pp_microbatches=1 (GPipe).")
+                "split into microbatches: pass them as separate tensors, register the class as a pytree node "
+                "(torch.utils._pytree.register_dataclass), or use pp_microbatches=1 (GPipe).")
     return value

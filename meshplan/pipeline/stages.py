@@ -140,7 +140,8 @@ class HuggingFaceStageForward:
                 position_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         info: StageInfo = getattr(self, STAGE_ATTRIBUTE)
         blocks = list(self.get_submodule(info.container))  # type: ignore[attr-defined]  # wrappers included
-        inputs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
+        inputs = dict(attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        inputs["use_cache"] = False  # also when a forward hook (context parallelism's) already passes it
         with ExitStack() as stack:
             if info.is_first:
                 inputs["input_ids"] = activation

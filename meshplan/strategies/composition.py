@@ -68,11 +68,6 @@ class ComposedStrategy(Strategy):
         if roles.pp is not None and isinstance(options, PipelineParallelOptions):
             from ..pipeline.apply import plan_pipeline  # loaded on use: keeps start-up light
 
-            if roles.cp is not None:  # passed parity before CP's SequenceShard batches; hangs with them (untested)
-                raise UnsupportedConfigurationError(
-                    "Pipeline parallelism with a cp dim > 1 is not supported yet: the context-parallel batch "
-                    "(shard_batch's SequenceShard) is not split into pipeline microbatches. Use pp or cp.")
-
             plan_pipeline(model, roles.size("pp"), options, plans.pp)  # a bad split or schedule: typed errors now
         return None
 

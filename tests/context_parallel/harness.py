@@ -168,7 +168,8 @@ def reference_steps(spec: ModelSpec, steps: list[list[dict]]) -> RunResult:
     return _train_steps(spec.build(), steps, lambda b: {**b, "use_cache": False}, lambda: None, lambda loss: loss)
 
 
-def _rows_of(batch: dict[str, torch.Tensor], index: int, size: int) -> dict[str, torch.Tensor]:
+def rows_of(batch: dict[str, torch.Tensor], index: int, size: int) -> dict[str, torch.Tensor]:
+    """Data-parallel slice ``index`` of ``size`` of every entry of ``batch``."""
     per_rank = len(batch["input_ids"]) // size
     return {key: value[index * per_rank:(index + 1) * per_rank] for key, value in batch.items()}
 
@@ -199,7 +200,7 @@ def cp_steps(spec: ModelSpec, steps: list[list[dict]], mesh_shape: dict[str, int
         def after_backward() -> None:
             pass
     index, size = data_parallel_index(mesh, ("cp", "tp"))
-    return _train_steps(model, steps, lambda b: shard_batch(_rows_of(b, index, size), mesh["cp"]), after_backward,
+    return _train_steps(model, steps, lambda b: shard_batch(rows_of(b, index, size), mesh["cp"]), after_backward,
                         _mean_over_world)
 
 

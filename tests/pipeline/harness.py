@@ -20,13 +20,21 @@ def _fp32() -> dict[str, Any]:
     return {"mp_policy": MixedPrecisionPolicy()}
 
 
+def step_batches(vocab_size: int, steps: int = STEPS, batch: int = BATCH) -> list[dict[str, torch.Tensor]]:
+    """The global batch of every step: random token ids, labelled with themselves."""
+    return [{"input_ids": ids, "labels": ids} for ids in batches(vocab_size, steps, batch)]
+
+
 def pipeline_run(spec: ModelSpec, mesh_shape: dict[str, int], options: dict[str, Any], steps: int = STEPS,
-                 batch: int = BATCH, data_parallel: tuple[str, ...] = ("dp_shard",), cp: bool = False) -> RunResult:
-    """Runs on every rank: parallelize with pp, train ``steps`` SGD steps on this rank's data slice, gather."""
+                 batch: int = BATCH, data_parallel: tuple[str, ...] = ("dp_shard",), cp: bool = False,
+                 data: list[dict[str, torch.Tensor]] | None = None) -> RunResult:
+    """Runs on every rank: parallelize with pp, train an SGD step on this rank's slice of every global batch of
+    ``data`` (default :func:`step_batches`; sharded with ``shard_batch`` when ``cp``), gather."""
     from torch.distributed.device_mesh import init_device_mesh
 
     import meshplan
     from meshplan.context_parallel import shard_batch
+    from tests.context_parallel.harness import rows_of
 
     mesh = init_device_mesh("cpu", tuple(mesh_shape.values()), mesh_dim_names=tuple(mesh_shape))
     pipe = meshplan.parallelize(spec.build(), mesh, **(_fp32() | options))
@@ -34,12 +42,11 @@ def pipeline_run(spec: ModelSpec, mesh_shape: dict[str, int], options: dict[str,
     for name in data_parallel:
         if name in mesh_shape:
             index, size = index * mesh_shape[name] + mesh[name].get_local_rank(), size * mesh_shape[name]
-    per_rank = batch // size
     optimizer = torch.optim.SGD(pipe.parameters(), lr=LR)
     losses = []
-    for data in batches(pipe.config.get_text_config().vocab_size, steps, batch):
-        local = data[index * per_rank:(index + 1) * per_rank]
-        inputs = {"input_ids": local, "labels": local}
+    vocab_size = pipe.config.get_text_config().vocab_size
+    for global_batch in data if data is not None else step_batches(vocab_size, steps, batch):
+        inputs = rows_of(global_batch, index, size)
         if cp:
             inputs = shard_batch(inputs, mesh["cp"])
         loss = pipe.step(**inputs)
@@ -59,15 +66,18 @@ def gathered_params(pipe) -> dict[str, torch.Tensor]:
     return {name: full(t) for name, t in local.items()}
 
 
-def reference_run(spec: ModelSpec, steps: int = STEPS, batch: int = BATCH) -> RunResult:
-    """One process, the whole batch, SGD."""
+def reference_run(spec: ModelSpec, steps: int = STEPS, batch: int = BATCH,
+                  data: list[dict[str, torch.Tensor]] | None = None) -> RunResult:
+    """One process, every whole batch of ``data`` (default :func:`step_batches`), SGD; no KV cache, as the
+    pipeline runs (transformers builds one in training too, and it does not keep packed documents apart)."""
     from tests.support import full_params
 
     model = spec.build()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     losses = []
-    for data in batches(model.config.get_text_config().vocab_size, steps, batch):
-        loss = model(input_ids=data, labels=data).loss
+    for global_batch in data if data is not None else step_batches(model.config.get_text_config().vocab_size,
+                                                                   steps, batch):
+        loss = model(**global_batch, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -1,6 +1,7 @@
 """Pipeline parallelism composed with the other axes on 4 gloo ranks, against one process on the whole batch
 (3 SGD steps, fp32, every loss and gathered parameter within 1e-5): pp=4, pp x FSDP, pp x TP with sequence
-parallel, pp x EP (Qwen3-MoE). pp x CP is refused for now (tests/pipeline/test_errors.py)."""
+parallel, pp x EP (Qwen3-MoE, no auxiliary loss), pp x CP (packed rows and interleaved schedules:
+tests/pipeline/test_context_parallel.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ CASES = {
                    {"pp_schedule": "GPipe", "pp_microbatches": 2, "sequence_parallel": True}, (), False),
     "pp2-ep2": (QWEN3_MOE, {"pp": 2, "dp_shard": 2}, {"pp_schedule": "1F1B", "pp_microbatches": 2, "ep_size": 2},
                 ("dp_shard",), False),
+    "pp2-cp2": (LLAMA4, {"pp": 2, "dp_shard": 1, "cp": 2}, {"pp_schedule": "1F1B", "pp_microbatches": 2}, (), True),
 }
 
 

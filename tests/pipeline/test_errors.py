@@ -91,13 +91,6 @@ def test_pp_on_a_strategy_that_does_not_declare_it_is_refused(fake_pg):
             meshplan.parallelize(LLAMA4.build(), mesh, strategy="ddp")
 
 
-def test_pp_with_cp_is_refused_for_now(fake_pg):
-    with fake_pg(4):
-        mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("pp", "dp_shard", "cp"))
-        with pytest.raises(meshplan.UnsupportedConfigurationError, match="cp dim > 1 is not supported yet"):
-            meshplan.parallelize(LLAMA4.build(), mesh)
-
-
 def test_schedule_names_are_torchs():
     assert schedule_names() == ["1F1B", "DualPipeV", "GPipe", "Interleaved1F1B", "InterleavedZeroBubble",
                                 "LoopedBFS", "ZBVZeroBubble"]
