@@ -82,6 +82,18 @@ def _uses_sliding_window(config: Any) -> bool:
     return layer_types is None or "sliding_attention" in layer_types
 
 
+def held_configs(model: nn.Module, implementation: str) -> list[Any]:
+    """``model.config`` and every other config object a module of ``model`` holds with the same attention
+    ``implementation`` (a pipeline stage's base model holds a copy cut to its blocks): transformers reads the
+    attention implementation from the config of the module that builds the masks or runs the attention."""
+    configs = {id(_config(model)): _config(model)}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "_attn_implementation", None) == implementation:
+            configs.setdefault(id(config), config)
+    return list(configs.values())
+
+
 def wrapped_implementation(model: nn.Module) -> str:
     """The attention implementation CP will wrap: the model's own, or the one recorded when CP was applied."""
     config = _config(model)
@@ -149,12 +161,12 @@ def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh, implementation
         validate_context_parallel(model, implementation, cp_mesh.device_type)
     if cp_mesh.size() == 1 or implementation == "external":
         return model
-    config = _config(model)
     inner = wrapped_implementation(model)
     register()
     state = ContextParallelState(cp_mesh, implementation, inner)
     bind(model, state)
-    config._attn_implementation = ATTENTION_NAME
+    for config in held_configs(model, inner):
+        config._attn_implementation = ATTENTION_NAME
     model._meshplan_cp_inner = inner
     model.register_forward_pre_hook(functools.partial(_enter_forward, state=state), with_kwargs=True, prepend=True)
     model.register_forward_hook(_leave_forward, with_kwargs=True, always_call=True)
