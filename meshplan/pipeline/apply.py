@@ -26,9 +26,10 @@ from ..core.roles import MeshRoles
 from ..planning.build import build_plan
 from ..tensor_parallel.matching import match_key
 from ..tensor_parallel.styles.composition import ChainedStyles
-from .model import PipelineLoss, PipelineModel, causal_lm_loss, mean_loss
+from .model import PipelineLoss, PipelineModel, causal_lm_loss, mean_loss, with_router_loss
 from .options import PipelineParallelOptions
 from .plan import PipelinePlan
+from .router_loss import check_router_loss, uses_router_loss
 from .schedules import check_schedule, resolve_schedule
 from .split import PipelineLayout, check_tied_parameters, find_layout, stage_block_ranges
 from .stages import StageInfo, build_stage, is_hf_causal_lm, stage_info
@@ -55,17 +56,16 @@ def plan_pipeline(model: nn.Module, pp: int, options: PipelineParallelOptions, p
 
 
 def stage_loss(model: nn.Module, options: PipelineParallelOptions, microbatches: int) -> PipelineLoss:
-    """The last stage's loss: ``pp_loss_fn`` if given, else a Hugging Face causal LM's own loss."""
+    """The last stage's loss: ``pp_loss_fn`` if given, else a Hugging Face causal LM's own loss (with its router
+    auxiliary loss when the config asks for it: :mod:`.router_loss`)."""
     if options.pp_loss_fn is not None:
         return mean_loss(options.pp_loss_fn, microbatches)
     if not is_hf_causal_lm(model):
         raise PipelineError(f"{type(model).__qualname__} is not a Hugging Face causal LM: pass pp_loss_fn="
                             "loss_fn(output, target) (the mean loss of a microbatch) for its last stage.")
-    config = model.config.get_text_config()
-    if getattr(config, "output_router_logits", False):
-        raise PipelineError(
-            "config.output_router_logits=True: the MoE load-balancing loss is computed from every layer's router "
-            "logits together, which pipeline stages do not see; set output_router_logits=False (or use pp=1).")
+    if uses_router_loss(model):
+        check_router_loss(model)
+        return with_router_loss(causal_lm_loss(model), model, microbatches)
     return causal_lm_loss(model)
 
 

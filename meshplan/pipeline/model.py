@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..core import torch_private
 from ..core.errors import MicrobatchError, PipelineError
 from .plan import PipelinePlan
+from .router_loss import experts, router_loss
 from .stages import stage_info
 
 #: Labels with this value are not scored (transformers' convention).
@@ -51,6 +52,18 @@ def causal_lm_loss(model: nn.Module) -> PipelineLoss:
                              num_items_in_batch=num_items)
 
     return PipelineLoss(fn, counts_tokens=True)
+
+
+def with_router_loss(loss: PipelineLoss, model: nn.Module, microbatches: int) -> PipelineLoss:
+    """``loss`` of the last stage's ``(logits, router sums)`` plus ``router_aux_loss_coef`` times the microbatch's
+    router loss, averaged over the microbatches (the model's ``loss + coef * aux_loss``)."""
+    num_experts, _, coef = experts(model)
+
+    def fn(output: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor, num_items: torch.Tensor) -> torch.Tensor:
+        logits, sums = output
+        return loss.fn(logits, target, num_items) + coef * router_loss(sums, num_experts) / microbatches
+
+    return PipelineLoss(fn, loss.counts_tokens)
 
 
 def mean_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], microbatches: int) -> PipelineLoss:
@@ -149,9 +162,11 @@ class PipelineModel(nn.Module):
             count = torch.ones(())
         return target, torch.as_tensor(given if given is not None else count)
 
-    def compute_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The schedule's loss function (last stage only)."""
-        return self.loss.fn(output, target, self._num_items.to(output.device))
+    def compute_loss(self, output: Any, target: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss function (last stage only); ``output`` is the last stage's output (a tensor, or
+        ``(logits, router sums)`` with a router auxiliary loss)."""
+        first = output[0] if isinstance(output, tuple) else output
+        return self.loss.fn(output, target, self._num_items.to(first.device))
 
     def _broadcast_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
         device = self._device()

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..core.errors import PipelineError
+from .router_loss import add_router_sums, uses_router_loss
 from .split import PipelineLayout
 
 
@@ -134,13 +135,13 @@ def is_hf_causal_lm(model: nn.Module) -> bool:
 class HuggingFaceStageForward:
     """Forward of a Hugging Face stage (mixed into the model's class): first stage from ``input_ids``, later ones
     from the previous stage's activation fed to their first block; the last returns logits, the others their last
-    block's output. The KV cache is off."""
+    block's output. The KV cache is off. A model with a router auxiliary loss (``output_router_logits``) also
+    returns its router sums, added to those the previous stage sent (:mod:`meshplan.pipeline.router_loss`)."""
 
-    def forward(self, activation: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    def forward(self, activation: torch.Tensor, *received: torch.Tensor, **kwargs: Any) -> Any:
         info: StageInfo = getattr(self, STAGE_ATTRIBUTE)
         blocks = list(self.get_submodule(info.container))  # type: ignore[attr-defined]  # wrappers included
-        inputs = dict(attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        inputs = dict(kwargs)
         inputs["use_cache"] = False  # also when a forward hook (context parallelism's) already passes it
         with ExitStack() as stack:
             if info.is_first:
@@ -149,12 +150,17 @@ class HuggingFaceStageForward:
                 inputs["inputs_embeds"] = _embedding_placeholder(self, activation)
                 stack.enter_context(_fed(blocks[0], activation))
             if info.is_last:
-                return super().forward(**inputs).logits  # type: ignore[misc]
-            output = stack.enter_context(_captured(blocks[-1]))
-            self.base_model(**inputs)  # type: ignore[attr-defined]
-        if "hidden_states" not in output:
-            raise PipelineError(f"Stage {info.index}'s last block did not run in the model's forward.")
-        return output["hidden_states"]
+                outputs = super().forward(**inputs)  # type: ignore[misc]
+                hidden = outputs.logits
+            else:
+                captured = stack.enter_context(_captured(blocks[-1]))
+                outputs = self.base_model(**inputs)  # type: ignore[attr-defined]
+                if "hidden_states" not in captured:
+                    raise PipelineError(f"Stage {info.index}'s last block did not run in the model's forward.")
+                hidden = captured["hidden_states"]
+        if not uses_router_loss(self):  # type: ignore[arg-type]
+            return hidden
+        return hidden, add_router_sums(self, outputs, kwargs.get("attention_mask"), received)  # type: ignore[arg-type]
 
 
 def _embedding_placeholder(stage: nn.Module, activation: torch.Tensor) -> torch.Tensor:

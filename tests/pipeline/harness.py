@@ -67,9 +67,11 @@ def gathered_params(pipe) -> dict[str, torch.Tensor]:
 
 
 def reference_run(spec: ModelSpec, steps: int = STEPS, batch: int = BATCH,
-                  data: list[dict[str, torch.Tensor]] | None = None) -> RunResult:
+                  data: list[dict[str, torch.Tensor]] | None = None, microbatches: int = 1) -> RunResult:
     """One process, every whole batch of ``data`` (default :func:`step_batches`), SGD; no KV cache, as the
-    pipeline runs (transformers builds one in training too, and it does not keep packed documents apart)."""
+    pipeline runs (transformers builds one in training too, and it does not keep packed documents apart). With
+    ``microbatches`` > 1, gradient accumulation: each row chunk's loss divided by their number, one backward each."""
+    from tests.context_parallel.harness import rows_of
     from tests.support import full_params
 
     model = spec.build()
@@ -77,9 +79,12 @@ def reference_run(spec: ModelSpec, steps: int = STEPS, batch: int = BATCH,
     losses = []
     for global_batch in data if data is not None else step_batches(model.config.get_text_config().vocab_size,
                                                                    steps, batch):
-        loss = model(**global_batch, use_cache=False).loss
-        loss.backward()
+        total = 0.0
+        for chunk in range(microbatches):
+            loss = model(**rows_of(global_batch, chunk, microbatches), use_cache=False).loss / microbatches
+            loss.backward()
+            total += float(loss.detach())
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss.detach()))
+        losses.append(total)
     return RunResult(losses, full_params(model))

@@ -10,7 +10,6 @@ from torch.distributed.device_mesh import init_device_mesh
 import meshplan
 from meshplan.core.errors import (
     MicrobatchError,
-    PipelineError,
     PipelineScheduleError,
     PipelineSplitError,
     UnsupportedAxisError,
@@ -62,15 +61,6 @@ def test_tied_embeddings_on_different_stages_are_refused(fake_pg):
         with pytest.raises(PipelineSplitError, match=r"model.embed_tokens.weight \(stage 0\) and lm_head.weight "
                                                       r"\(stage 1\) are the same parameter"):
             _parallelize(tied)
-
-
-def test_moe_auxiliary_loss_is_refused(fake_pg):
-    moe = ModelSpec("qwen3_moe", overrides={"num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2,
-                                            "moe_intermediate_size": 32, "output_router_logits": True,
-                                            "tie_word_embeddings": False}).build()
-    with fake_pg(2):
-        with pytest.raises(PipelineError, match="output_router_logits"):
-            _parallelize(moe)
 
 
 def test_a_batch_that_does_not_split_into_microbatches_is_refused_before_the_schedule_runs(fake_pg):
