@@ -63,3 +63,20 @@ def test_packed_and_padded_rows_under_pp_x_cp_match_one_process(ranks4) -> None:
                 assert_parity(result[name], expected)
             except AssertionError as exc:
                 raise AssertionError(f"{name}, rank {rank}: {exc}") from exc
+
+
+def test_context_parallel_switches_a_config_copy_that_a_stage_module_holds(fake_pg) -> None:
+    """A pipeline stage's base model may hold its own copy of the config (cut to its blocks); transformers builds
+    the masks from that copy, so CP must switch it too, or the stage gets a dense mask and fails."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from meshplan.context_parallel import apply_context_parallel
+    from meshplan.context_parallel.attention import ATTENTION_NAME
+
+    model = LLAMA4.build()
+    model.model.config = copy.copy(model.config)
+    with fake_pg(2):
+        apply_context_parallel(model, init_device_mesh("cpu", (2,), mesh_dim_names=("cp",))["cp"])
+    assert model.config._attn_implementation == model.model.config._attn_implementation == ATTENTION_NAME
