@@ -74,6 +74,20 @@ def test_a_batch_that_does_not_split_into_microbatches_is_refused_before_the_sch
             pipe.step(input_ids=ids, labels=ids)
 
 
+def test_a_batch_entry_with_per_row_tensors_torch_cannot_split_is_refused(fake_pg):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class RowInfo:  # not a pytree node: torch would give every microbatch all rows
+        weights: torch.Tensor
+
+    with fake_pg(2):
+        pipe = _parallelize(LLAMA4.build(), pp_microbatches=2)
+        ids = torch.zeros(4, 8, dtype=torch.long)
+        with pytest.raises(MicrobatchError, match=r"'row_info' \(RowInfo\) holds per-row tensors \['weights'\]"):
+            pipe.step(input_ids=ids, labels=ids, row_info=RowInfo(torch.ones(4)))
+
+
 def test_pp_on_a_strategy_that_does_not_declare_it_is_refused(fake_pg):
     with fake_pg(2):
         mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("pp", "dp"))
