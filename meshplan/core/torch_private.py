@@ -13,9 +13,10 @@ Heavy modules are imported on first use (PEP 562), so importing this module cost
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +33,10 @@ PRIVATE_APIS: dict[str, str] = {
     "concatenate_meshes": "torch.distributed.device_mesh:DeviceMesh._concatenate",
     "root_mesh": "torch.distributed.device_mesh:DeviceMesh._get_root_mesh",
     "MeshLayout": "torch.distributed._mesh_layout:_MeshLayout",  # explain: every rank's process groups
+    # explain: computed once per mesh layout in a fake world of any size (see meshplan.dryrun.large_world)
+    "mesh_tensor": "torch.distributed.device_mesh:DeviceMesh.mesh",
+    "mesh_coordinate": "torch.distributed.device_mesh:DeviceMesh._compute_coordinate_on_dim",
+    "fsdp_chunk_with_empty": "torch.distributed.fsdp._fully_shard._fsdp_param:_chunk_with_empty",
     # placements and FSDP2 state (explain, checkpoints)
     "StridedShard": "torch.distributed.tensor.placement_types:_StridedShard",
     "compute_local_shape_and_global_offset":  # tests: the local shard of a DTensor at any mesh coordinate
@@ -92,6 +97,24 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+@contextlib.contextmanager
+def replaced(name: str, replacement: Any) -> Iterator[None]:
+    """Inside the block, the private API ``name`` is ``replacement`` where torch looks it up (its module or
+    class attribute); restored on exit. :class:`TorchPrivateAPIError` if this torch lacks it."""
+    resolve(name)
+    module_name, _, path = PRIVATE_APIS[name].partition(":")
+    *owners, attribute = path.split(".")
+    owner: Any = importlib.import_module(module_name)
+    for part in owners:
+        owner = getattr(owner, part)
+    original = vars(owner)[attribute]  # the raw attribute (a property stays a property)
+    setattr(owner, attribute, replacement)
+    try:
+        yield
+    finally:
+        setattr(owner, attribute, original)
+
+
 # ----------------------------------------------------------------------------------------- device meshes
 def flatten(mesh: DeviceMesh, name: str) -> DeviceMesh:
     """``mesh`` (all its dims) as one dim called ``name``, recorded on the root mesh (collective-free)."""
@@ -131,6 +154,16 @@ def dim_rank_groups(mesh: DeviceMesh) -> list[torch.Tensor]:
     layout = resolve("MeshLayout")
     try:
         return [layout([axis]).remap_to_tensor(mesh._rank_map) for axis in mesh._layout]
+    except AttributeError as exc:
+        raise TorchPrivateAPIError(f"torch {torch.__version__}'s DeviceMesh has no _layout / _rank_map: {exc}") from exc
+
+
+def mesh_identity(mesh: DeviceMesh) -> tuple[Any, torch.Tensor, int | None]:
+    """(the mesh's layout, its root's rank-map tensor, the rank it was built for): what ``mesh.mesh`` (with the
+    global rank) and the rank's coordinate depend on. The layout is hashable; every mesh derived from one root
+    shares the rank-map tensor."""
+    try:
+        return mesh._layout, mesh._rank_map, getattr(mesh, "_rank", None)
     except AttributeError as exc:
         raise TorchPrivateAPIError(f"torch {torch.__version__}'s DeviceMesh has no _layout / _rank_map: {exc}") from exc
 

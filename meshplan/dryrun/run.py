@@ -25,6 +25,7 @@ from ..core.strategy import Strategy
 from ..plugins.manager import get_registry
 from .all_ranks import AllRanks, RankLayoutUnknown, all_ranks, fsdp_sharded_parameters, mesh_coordinates, rank_groups
 from .balance import imbalance_note, replicated_parameters
+from .large_world import large_world_shortcuts
 from .layout import ParamLayout, fsdp_units, memory, param_layouts
 from .meshspec import build_mesh, parse_mesh_spec, world_size
 from .modelsource import build_model, resolve_source
@@ -228,7 +229,7 @@ def explain(
                                "class": type(built).__qualname__, "parameters": total,
                                "dtype": str(dtype).removeprefix("torch."), "overrides": dict(overrides or {})}
         phases.current = "mesh"  # creating the fake world is part of building the mesh
-        with fake_process_group(world_size(dims), rank):
+        with fake_process_group(world_size(dims), rank), large_world_shortcuts():
             _explain_in_world(report, phases, built, dims, strategy, tp_plan, sequence_parallel, options,
                               precision, total)
     except Exception as exc:
