@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -60,6 +61,26 @@ class _Phases:
         self.current, start = name, time.perf_counter()
         yield
         self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (back on after, if it was on).
+
+    A dry run allocates a whole model of modules, parameters, DTensor specs and FSDP states that stay alive until
+    it returns, so automatic collections inside it free next to nothing; but once enough of those objects pile up,
+    CPython runs a full collection that traverses every object of the process (torch and transformers included:
+    ~0.2 s), and whether it falls inside the run depended on how many objects the run happened to create. Cyclic
+    garbage made in the block is collected by the next automatic collection after it.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _error(exc: BaseException, phase: str) -> dict[str, Any]:
@@ -215,27 +236,28 @@ def explain(
     options = dict(options or {})
     if ep_size is not None:
         options["ep_size"] = ep_size
-    try:
-        with phases("mesh"):
-            dims = parse_mesh_spec(mesh)
-        with phases("model"):
-            if precision not in PRECISIONS:
-                raise OptionsError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
-            source = resolve_source(model)
-            dtype = PRECISIONS[precision][0]
-            built = build_model(source, overrides, device="meta", dtype=dtype)
-            total = _count(built)
-            report["model"] = {"name": model, "origin": source.origin, "model_type": source.model_type,
-                               "class": type(built).__qualname__, "parameters": total,
-                               "dtype": str(dtype).removeprefix("torch."), "overrides": dict(overrides or {})}
-        phases.current = "mesh"  # creating the fake world is part of building the mesh
-        with fake_process_group(world_size(dims), rank), large_world_shortcuts():
-            _explain_in_world(report, phases, built, dims, strategy, tp_plan, sequence_parallel, options,
-                              precision, total)
-    except Exception as exc:
-        report["error"] = _error(exc, phases.current)
-        if raise_errors:
-            raise
+    with _collector_paused():
+        try:
+            with phases("mesh"):
+                dims = parse_mesh_spec(mesh)
+            with phases("model"):
+                if precision not in PRECISIONS:
+                    raise OptionsError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+                source = resolve_source(model)
+                dtype = PRECISIONS[precision][0]
+                built = build_model(source, overrides, device="meta", dtype=dtype)
+                total = _count(built)
+                report["model"] = {"name": model, "origin": source.origin, "model_type": source.model_type,
+                                   "class": type(built).__qualname__, "parameters": total,
+                                   "dtype": str(dtype).removeprefix("torch."), "overrides": dict(overrides or {})}
+            phases.current = "mesh"  # creating the fake world is part of building the mesh
+            with fake_process_group(world_size(dims), rank), large_world_shortcuts():
+                _explain_in_world(report, phases, built, dims, strategy, tp_plan, sequence_parallel, options,
+                                  precision, total)
+        except Exception as exc:
+            report["error"] = _error(exc, phases.current)
+            if raise_errors:
+                raise
     return report
 
 
