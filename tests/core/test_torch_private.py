@@ -117,3 +117,27 @@ def test_the_test_config_silences_no_torch_warning():
     config = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     filters = config["tool"]["pytest"]["ini_options"].get("filterwarnings", [])
     assert [f for f in filters if f.startswith("ignore")] == []
+
+
+def test_replaced_swaps_an_api_where_torch_looks_it_up_and_restores_it(monkeypatch):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    original = vars(DeviceMesh)["mesh"]
+    with pytest.raises(RuntimeError, match="inside"):
+        with tp.replaced("mesh_tensor", property(lambda mesh: "stand-in")):
+            assert DeviceMesh.mesh.fget(None) == "stand-in"
+            raise RuntimeError("inside")
+    assert vars(DeviceMesh)["mesh"] is original
+    monkeypatch.setitem(tp.PRIVATE_APIS, "gone", "torch.distributed.device_mesh:DeviceMesh._no_such_method")
+    with pytest.raises(tp.TorchPrivateAPIError):
+        with tp.replaced("gone", None):
+            pass
+
+
+def test_mesh_identity_is_shared_by_meshes_of_one_root(fake_pg):
+    with fake_pg(8, rank=3):
+        mesh = init_device_mesh("cpu", (2, 4), mesh_dim_names=("dp", "tp"))
+        layout, rank_map, rank = tp.mesh_identity(mesh["tp"])
+        assert tp.mesh_identity(mesh["tp"])[0] == layout and hash(layout) == hash(tp.mesh_identity(mesh["tp"])[0])
+        assert tp.mesh_identity(mesh["dp"])[1] is rank_map and rank == 3
+        assert tp.mesh_identity(mesh["dp"])[0] != layout
