@@ -1,6 +1,7 @@
 """``meshplan.clip_grad_norm_`` / ``meshplan.grad_norm`` on gloo ranks against ``torch.nn.utils.clip_grad_norm_`` on
 the one-process model: expert parallelism (experts on their own mesh next to the dense ``(dp_shard, tp)`` one), EP
-with context parallelism, HSDP with TP and sequence parallelism; the inf norm; non-finite norms."""
+with context parallelism, HSDP with TP and sequence parallelism (2 x 1 x 2 on the shared 4-rank pool, 2 x 2 x 2 on 8
+ranks); the inf norm; non-finite norms."""
 
 from __future__ import annotations
 
@@ -12,21 +13,17 @@ import torch
 
 import meshplan
 from meshplan.core.errors import UnsupportedConfigurationError
+from meshplan.plugins.testing import run_on_ranks
 from tests.training.clip_ranks import clip_parity, nonfinite_refused
 
 CASES = {  # name -> (model, mesh, options)
     "qwen3_moe-ep2-dp2-tp2": ("qwen3_moe", {"dp_shard": 2, "tp": 2}, {"ep_size": 2}),
     "mixtral-ep2-cp2": ("mixtral", {"dp_shard": 2, "cp": 2}, {"ep_size": 2}),
-    # HSDP 2 x 1 x tp 2 with SP: 8 gloo ranks (2 x 2 x 2) are too heavy for the shared CI machine
     "llama-hsdp2x1-tp2-sp": ("llama", {"dp_replicate": 2, "dp_shard": 1, "tp": 2}, {"sequence_parallel": True}),
 }
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("case", list(CASES))
-def test_clip_grad_norm_matches_one_process(ranks4, case):
-    name, mesh, options = CASES[case]
-    results = ranks4.run(clip_parity, name, mesh, options, timeout=240)
+def _check_clip(results: list[dict]) -> None:
     for result in results:
         assert result["norm"] <= 1e-6 and result["logged"] <= 1e-6, result
         assert result["scale"] <= 1e-6, result  # every gradient scaled by torch's coefficient
@@ -34,6 +31,23 @@ def test_clip_grad_norm_matches_one_process(ranks4, case):
         # rounding, ~1e-6 of the largest element: the EP and CP parity tests allow 1e-5)
         assert result["grad"][0] <= result["unclipped_grad"] + 1e-6 and result["grad"][0] <= 1e-5, result
         assert result["clipped"] == pytest.approx(1.0, rel=1e-4), result  # clipped to max_norm
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", list(CASES))
+def test_clip_grad_norm_matches_one_process(ranks4, case):
+    name, mesh, options = CASES[case]
+    _check_clip(ranks4.run(clip_parity, name, mesh, options, timeout=240))
+
+
+@pytest.mark.distributed
+def test_clip_grad_norm_matches_one_process_on_hsdp_2x2_tp2_sp():
+    """Every dim of a 3-D mesh larger than one: gradients sharded over dp_shard and tp, replicated over
+    dp_replicate. 8 fresh ranks (no pool kept: 8 idle processes would hold memory for the rest of the run), one
+    layer: about 20 s on 2 idle cores, most of it starting the ranks."""
+    mesh = {"dp_replicate": 2, "dp_shard": 2, "tp": 2}
+    _check_clip(run_on_ranks(clip_parity, 8, "llama", mesh, {"sequence_parallel": True},
+                             overrides={"num_hidden_layers": 1}, timeout=300))
 
 
 @pytest.mark.distributed
