@@ -38,6 +38,7 @@ from ..introspection.embeddings import embedding_modules, module_name
 from ..introspection.experts import find_expert_modules
 from ..tensor_parallel.matching import match_key, within
 from ..tensor_parallel.styles.composition import ChainedStyles
+from ..tensor_parallel.styles.embedding import VocabParallelEmbedding
 from ..tensor_parallel.styles.hidden_states import PrepareHiddenStates, PrepareHiddenStatesOutput
 
 SEQUENCE = Shard(1)
@@ -110,8 +111,9 @@ def _blocks_holding_experts(model: nn.Module, layers: str, blocks: tuple[str, ..
 
 def vocab_parallel_entries(layout: DecoderLayout) -> dict[str, ParallelStyle]:
     """Vocab-parallel embedding and ``lm_head`` (both weights ``Shard(0)``, so a tie survives); logits are
-    gathered into ordinary full tensors for the model's own loss."""
-    entries: dict[str, ParallelStyle] = {layout.embed: RowwiseParallel(input_layouts=Replicate())}
+    gathered into ordinary full tensors for the model's own loss. The embedding is ``embedding_rowwise``, whose lookup
+    whole-model ``torch.compile`` traces under FSDP2 (torch's own ``RowwiseParallel`` lookup fails there)."""
+    entries: dict[str, ParallelStyle] = {layout.embed: VocabParallelEmbedding()}
     if layout.lm_head is not None:
         entries[layout.lm_head] = ColwiseParallel(output_layouts=Replicate())
     return entries

@@ -44,11 +44,12 @@ def _worst(errors: dict[str, float]) -> tuple[float, str]:
 
 
 def sgd_parity(name: str, mesh_shape: dict[str, int], options: dict[str, Any], overrides: dict[str, Any] | None = None,
-               steps: int = 3, lr: float = 0.2) -> dict[str, Any]:
-    """Runs on every rank: ``steps`` SGD steps of ``name`` (config ``overrides``) parallelized by meshplan (fp32)
-    and in one process, every rank on the same data (data-parallel ranks average identical gradients); the worst
-    relative errors of the losses, of every gathered gradient (each step) and of every gathered parameter (after
-    each step), each relative to the tensor's largest value."""
+               steps: int = 3, lr: float = 0.2, compile_backend: str | None = None) -> dict[str, Any]:
+    """Runs on every rank: ``steps`` SGD steps of ``name`` (config ``overrides``) parallelized by meshplan (fp32;
+    with ``compile_backend``, then ``torch.compile`` of the whole model with that backend) and in one process, every
+    rank on the same data (data-parallel ranks average identical gradients); the worst relative errors of the losses,
+    of every gathered gradient (each step) and of every gathered parameter (after each step), each relative to the
+    tensor's largest value."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -60,10 +61,11 @@ def sgd_parity(name: str, mesh_shape: dict[str, int], options: dict[str, Any], o
     mesh = init_device_mesh("cpu", tuple(mesh_shape.values()), mesh_dim_names=tuple(mesh_shape))
     meshplan.parallelize(model, mesh, mp_policy=MixedPrecisionPolicy(), **options)
     optimizers = [torch.optim.SGD(m.parameters(), lr=lr) for m in (reference, model)]
+    forward = torch.compile(model, backend=compile_backend) if compile_backend else model
     loss_error, grad_error, param_error = 0.0, (0.0, ""), (0.0, "")
     for step in range(steps):
         inputs = _inputs(step)
-        ref_loss, loss = (m(**inputs).loss for m in (reference, model))
+        ref_loss, loss = (m(**inputs).loss for m in (reference, forward))
         for value in (ref_loss, loss):
             value.backward()
         loss_error = max(loss_error, abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()))

@@ -2,14 +2,52 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import RowwiseParallel
 
 from .protocol import ParamSplit, Placements, Style
+
+
+class _LocalRowsLookup(nn.Embedding):
+    """The lookup of a vocab-parallel embedding in this rank's rows, as a ``Partial`` DTensor (ids of other ranks'
+    rows give zeros; the sum over ranks is the full lookup). It is what DTensor's own embedding computes, without its
+    ``MaskPartial`` placement: that placement keeps the mask of the last lookup, and under whole-model
+    ``torch.compile`` of an FSDP2 model the mask of one trace meets the next trace's fake tensors (torch 2.13:
+    ``BackendCompilerFailed ... Mixing fake modes NYI``). Mixed into the embedding's class after its own class, so an
+    ``nn.Embedding`` subclass whose forward calls ``super().forward`` (a scaled or normalized embedding) looks up
+    here too."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if (not isinstance(weight, DTensor) or weight.placements != (Shard(0),) or self.max_norm is not None
+                or self.scale_grad_by_freq or self.sparse):
+            return super().forward(input)  # renormalizing or counting rows needs every id: DTensor's lookup
+        ids = input.to_local() if isinstance(input, DTensor) else input
+        mesh, rows = weight.device_mesh, weight.to_local()
+        start = mesh.get_local_rank() * -(-weight.shape[0] // mesh.size())  # Shard(0) splits as torch.chunk does
+        stop = start + rows.shape[0]
+        outside = (ids < start) | (ids >= stop)
+        pad = self.padding_idx  # a row of this rank's, or none
+        padding = pad - start if pad is not None and start <= pad < stop else None
+        lookup = F.embedding((ids - start).masked_fill(outside, 0), rows, padding)
+        return DTensor.from_local(lookup.masked_fill(outside.unsqueeze(-1), 0), mesh, [Partial()], run_check=False)
+
+
+@functools.cache
+def _with_local_lookup(cls: type[nn.Embedding]) -> type[nn.Embedding]:
+    """``cls`` with :class:`_LocalRowsLookup` after it in the MRO: one class per embedding class, named as FSDP2
+    names its own (``TPEmbedding``)."""
+    if issubclass(cls, _LocalRowsLookup):
+        return cls
+    bases = (_LocalRowsLookup,) if cls is nn.Embedding else (cls, _LocalRowsLookup)
+    return type(f"TP{cls.__name__}", bases, {"__module__": cls.__module__})
 
 
 class VocabParallelEmbedding(Style, RowwiseParallel):
@@ -19,7 +57,9 @@ class VocabParallelEmbedding(Style, RowwiseParallel):
     Unlike torch's ``RowwiseParallel`` it also takes an ``nn.Embedding`` subclass whose forward passes the lookup
     through child modules (Inkling's embedding + RMSNorm): only the module's own parameters are sharded, and the
     lookup is all-reduced before a child sees it, so the children (whose parameters torch makes replicated DTensors)
-    run replicated on the full embedding. Without children it is torch's vocab-parallel embedding."""
+    run replicated on the full embedding. Without children it is torch's vocab-parallel embedding, with the lookup of
+    :class:`_LocalRowsLookup` (the module's class becomes a subclass of its own that adds it), which whole-model
+    ``torch.compile`` can trace under FSDP2."""
 
     module_types = (nn.Embedding,)
     shards_parameters = True
@@ -49,6 +89,7 @@ class VocabParallelEmbedding(Style, RowwiseParallel):
     def parallelize(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         for child in module.children():
             child.register_forward_pre_hook(self._reduce_lookup, with_kwargs=True)
+        module.__class__ = _with_local_lookup(type(module))
         return self.torch_apply(module, device_mesh)
 
     def __repr__(self) -> str:
