@@ -11,7 +11,8 @@ Meanings follow NeMo AutoModel for its five names and transformers 5.x for the r
 ``rowwise_split_input``         same as ``rowwise_rep`` (transformers' name)
 ``sequence_parallel``           ``SequenceParallel()``: norms/dropout sharded along the sequence
 ``embedding_rowwise``           vocab-parallel embedding (``VocabParallelEmbedding``: torch's
-                                ``RowwiseParallel(input_layouts=Replicate())``, which also takes an embedding whose
+                                ``RowwiseParallel(input_layouts=Replicate())`` with a lookup in the local rows that
+                                whole-model ``torch.compile`` traces under FSDP2; also takes an embedding whose
                                 forward applies child modules, e.g. a norm, to the all-reduced lookup)
 ``embedding_colwise``           embedding dim sharded, output gathered
 ``packed_colwise``              column-wise for a fused ``[a; b]`` projection: each rank keeps its slice of

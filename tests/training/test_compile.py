@@ -48,10 +48,11 @@ def test_whole_model_compile_of_llama_tp_fsdp_matches_eager(ranks4):
 
 
 @pytest.mark.distributed
-def test_whole_model_compile_traces_llama_tp_fsdp(ranks4):
-    name, mesh, _, overrides = CASES["llama-dp2-tp2"]
-    for result in ranks4.run(sgd_parity, name, mesh, {}, overrides, steps=2, compile_backend="aot_eager",
-                             timeout=300):
+def test_whole_model_compile_traces_llama_tp_fsdp(ranks2):
+    """FSDP2 on dp_shard=1 x tp=2 failed as dp_shard=2 does (the embedding under FSDP2), on half the ranks."""
+    name, _, _, overrides = CASES["llama-dp2-tp2"]
+    for result in ranks2.run(sgd_parity, name, {"dp_shard": 1, "tp": 2}, {}, overrides, steps=2,
+                             compile_backend="aot_eager", timeout=300):
         _check(result)
 
 
