@@ -56,7 +56,7 @@ def test_whole_model_compile_traces_llama_tp_fsdp(ranks2):
     """FSDP2 on dp_shard=1 x tp=2 failed as dp_shard=2 does (the embedding under FSDP2), on half the ranks."""
     name, _, _, overrides = CASES["llama-dp2-tp2"]
     for result in ranks2.run(sgd_parity, name, {"dp_shard": 1, "tp": 2}, {}, overrides, steps=2,
-                             compile_backend="aot_eager", timeout=300):
+                             compile_backend="aot_eager", timeout=600):
         _check(result)
 
 
@@ -77,7 +77,7 @@ def regional_parity_aot_eager(*case: Any, steps: int) -> dict:
 def test_compile_option_traces_llama_tp(ranks2):
     name, _, options, overrides = CASES["llama-dp2-tp2"]
     for result in ranks2.run(regional_parity_aot_eager, name, {"dp_shard": 1, "tp": 2}, options, overrides, steps=2,
-                             timeout=300):
+                             timeout=600):
         _check(result)
 
 
