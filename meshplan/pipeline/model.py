@@ -20,9 +20,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 
 from ..core import torch_private
-from ..core.errors import MicrobatchError, PipelineError
+from ..core.errors import MicrobatchError, PipelineError, PipelineScheduleError
 from .plan import PipelinePlan
 from .router_loss import experts, router_loss
 from .stages import stage_info
@@ -84,6 +85,7 @@ class PipelineModel(nn.Module):
         self.microbatches = plan.microbatches
         self.loss = loss
         self._num_items = torch.zeros(())
+        self._schedule_mode: bool | None = None  # backward of the last schedule call (None: not run yet)
 
     # --- what other code needs ------------------------------------------------------------------------------
     @property
@@ -120,6 +122,11 @@ class PipelineModel(nn.Module):
         ``target``) the last stage's targets; tensors in ``batch`` (``attention_mask``, ``position_ids``, ...) reach
         every stage, split into microbatches along dim 0. ``num_items_in_batch`` (from
         :func:`meshplan.shard_batch`) overrides the count of scored tokens."""
+        if not backward and self.pipeline_plan.schedule.v_shape:
+            raise PipelineScheduleError(
+                f"eval_step cannot run the {self.pipeline_plan.schedule.name} schedule: torch's V schedules run "
+                "their backward actions in eval too, which fails on one rank while the others wait. Evaluate with "
+                "another schedule (load the checkpoint into a pipeline with pp_schedule='1F1B') or without pp.")
         inputs = input_ids if input_ids is not None else batch.pop("inputs", None)
         target, num_items = self._target(labels, batch)
         if inputs is None or target is None:
@@ -132,16 +139,26 @@ class PipelineModel(nn.Module):
         kwargs = {k: _per_sample(v, size, self.microbatches, k) for k, v in batch.items()}
         self._num_items = num_items
         losses: list[torch.Tensor] = []
-        if backward:
-            self.schedule.step(inputs, target=target, losses=losses, **kwargs)
-        else:
-            with torch.no_grad():
-                self.schedule.eval(inputs, target=target, losses=losses, **kwargs)
+        # torch's schedule re-runs its shape inference (a real forward, and backward when training) on its first
+        # call and whenever step and eval_step alternate, then drops every FSDP gradient: gradients of earlier steps
+        # are set aside around such a call and added back
+        kept = _set_aside_gradients(self) if backward is not self._schedule_mode else []
+        self._schedule_mode = backward
+        try:
+            if backward:
+                self.schedule.step(inputs, target=target, losses=losses, **kwargs)
+            else:
+                with torch.no_grad():
+                    self.schedule.eval(inputs, target=target, losses=losses, **kwargs)
+        finally:
+            for param, grad in kept:
+                param.grad = grad if param.grad is None else grad.add_(param.grad)
         return self._broadcast_loss(losses)
 
     def eval_step(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                   **batch: Any) -> torch.Tensor:
-        """:meth:`step` without backward (no gradients are kept)."""
+        """:meth:`step` without backward; gradients and parameters stay as they are. Not for the V schedules
+        (``ZBVZeroBubble``, ``DualPipeV``): :class:`PipelineScheduleError`."""
         return self.step(input_ids, labels, backward=False, **batch)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -177,6 +194,19 @@ class PipelineModel(nn.Module):
 
     def _device(self) -> torch.device:
         return next((p.device for p in self.parameters()), torch.device("cpu"))
+
+
+def _set_aside_gradients(module: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Every parameter's gradient of ``module``, taken off the parameter; FSDP modules are resharded first, so that
+    the sharded parameters holding FSDP's gradients are the registered ones (a root FSDP module stays unsharded
+    after a forward without backward)."""
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
+    kept = [(param, param.grad) for param in module.parameters() if param.grad is not None]
+    for param, _ in kept:
+        param.grad = None
+    return kept
 
 
 def _per_sample(value: Any, size: int, microbatches: int, name: str) -> Any:

@@ -18,6 +18,8 @@ QWEN3_MOE = ModelSpec("qwen3_moe", overrides={"num_hidden_layers": 4, "moe_inter
 CASES = {
     "pp4-1f1b": (LLAMA4, {"pp": 4, "dp_shard": 1}, {"pp_schedule": "1F1B", "pp_microbatches": 4}, (), False),
     "pp2-dp2": (LLAMA4, {"pp": 2, "dp_shard": 2}, {"pp_schedule": "1F1B", "pp_microbatches": 2}, ("dp_shard",), False),
+    "pp2-hsdp": (LLAMA4, {"pp": 2, "dp_replicate": 2, "dp_shard": 1}, {"pp_schedule": "1F1B", "pp_microbatches": 2},
+                 ("dp_replicate", "dp_shard"), False),
     "pp2-tp2-sp": (LLAMA4, {"pp": 2, "dp_shard": 1, "tp": 2},
                    {"pp_schedule": "GPipe", "pp_microbatches": 2, "sequence_parallel": True}, (), False),
     "pp2-ep2": (QWEN3_MOE, {"pp": 2, "dp_shard": 2}, {"pp_schedule": "1F1B", "pp_microbatches": 2, "ep_size": 2},
