@@ -207,4 +207,5 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], max_shard_si
                                   "a previous folder there is unchanged.")
         wrapped.__cause__ = error
         error = wrapped
-    raise_on_every_rank(error)
+    raise_on_every_rank(error, f"Another rank failed to save {path} (see its error); a previous folder there is "
+                               "unchanged.")
