@@ -285,3 +285,18 @@ def test_each_rank_reads_about_a_quarter_of_the_folder(ranks4, folders, name):
     for read, own in results:
         assert read == own  # exactly its shards: no row outside them
         assert 0.2 * stored < read < 0.3 * stored  # a quarter, give or take the replicated norms
+
+
+# --- the saved config names the model's own class, whatever wrapped it ---------------------------------------
+def _save(folder: str, out: str, shape: dict[str, int], options: dict[str, Any]) -> None:
+    """Runs on every rank: from_pretrained on a mesh of ``shape`` then save_pretrained to ``out``."""
+    import meshplan
+
+    meshplan.save_pretrained(meshplan.from_pretrained(folder, _mesh(shape), **options), out)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_the_saved_config_names_the_models_own_class(ranks2, folders, tmp_path, strategy):
+    shape = {"dp": 2} if strategy == "ddp" else {"dp_shard": 2}
+    ranks2.run(_save, folders["llama"], str(tmp_path / "out"), shape, {"strategy": strategy})
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
