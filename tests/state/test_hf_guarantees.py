@@ -55,9 +55,9 @@ def _differing(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
                   or not torch.equal(loaded[key], expected[key]))
 
 
-# --- 3. an interrupted save ---------------------------------------------------------------------------------
+# --- an interrupted save ---------------------------------------------------------------------------------
 def _interrupted_save(folder: str, out: str) -> str:
-    """Runs on every rank: save_pretrained to ``out`` whose writer fails (disk full) once the first file is done;
+    """Runs on every rank: save_pretrained to ``out`` whose writer fails (disk full) once it begins a second file;
     the error each rank gets."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -103,7 +103,7 @@ def test_an_interrupted_save_leaves_the_previous_folder_unchanged(ranks2, folder
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # no temporary folder left
 
 
-# --- 4. rank 0's progress log -------------------------------------------------------------------------------
+# --- rank 0's progress log -------------------------------------------------------------------------------
 def _progress_records(folder: str) -> list[tuple[Any, ...]]:
     """Runs on every rank: the arguments of the progress lines a load logs on this rank (threshold lowered so
     that every parameter logs one), and this rank's shard bytes as the last item."""
@@ -144,7 +144,7 @@ def test_rank0_logs_the_progress_of_a_load_with_bytes_and_rate(ranks2, folders):
     assert read == sorted(read) and read[-1] == total  # bytes grow to the total
 
 
-# --- 5. a user's conversion mapping -------------------------------------------------------------------------
+# --- a user's conversion mapping -------------------------------------------------------------------------
 def _load_with_user_renaming(folder: str, expected_file: str, registered_as: str) -> list[str] | str:
     """Runs on every rank: registers ``feed_forward -> mlp`` for ``registered_as`` (a model type or a class
     name), loads ``folder`` under dp_shard=2 x tp=2, and returns the tensors that differ from ``expected_file``."""
@@ -200,7 +200,7 @@ def test_without_the_renaming_the_renamed_folder_is_refused(ranks4, folders, tmp
     assert results == [results[0]] * 4
 
 
-# --- 6. the checkpoint's dtype cast to the parameters' -------------------------------------------------------
+# --- the checkpoint's dtype cast to the parameters' -------------------------------------------------------
 def _bf16_parity(folder: str) -> list[str]:
     """Runs on every rank: an fp32 folder loaded into a bf16 model under dp_shard=2 x tp=2 against transformers'
     own bf16 load; the tensors that differ (in value or dtype)."""
@@ -219,7 +219,7 @@ def test_an_fp32_folder_loads_into_bf16_like_transformers(ranks4, folders, name)
     assert ranks4.run(_bf16_parity, folders[name]) == [[]] * 4
 
 
-# --- 7. typed errors on every rank --------------------------------------------------------------------------
+# --- typed errors on every rank --------------------------------------------------------------------------
 def _load_own_folder(folders: list[str]) -> str:
     """Runs on every rank: loads its own folder of ``folders`` (dp_shard=2); the error it raises."""
     import torch.distributed as dist
@@ -261,7 +261,7 @@ def test_a_bad_folder_is_the_same_typed_error_on_every_rank(ranks2, folders, tmp
     assert results[0].startswith("CheckpointError: Another rank could not load") and results[1].startswith(kind)
 
 
-# --- 8. every rank reads its own bytes ----------------------------------------------------------------------
+# --- every rank reads its own bytes ----------------------------------------------------------------------
 def _bytes_read(folder: str) -> tuple[int, int]:
     """Runs on every rank: (bytes this rank read from ``folder`` under dp_shard=2 x tp=2, bytes of its local
     shards)."""
