@@ -16,9 +16,10 @@ the converter (:class:`Converted`): memory bounded by one group, the largest ten
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,10 +111,37 @@ class SourceGroup:
         self.converted = None
 
 
+def own_class(cls: type) -> type:
+    """The class a wrapper class was made from: FSDP2, ``replicate`` and pipeline stages give a module the class
+    ``type(prefix + name, (Wrapper, cls), ...)`` (``FSDPLlamaForCausalLM``); nested wrappers are peeled in turn."""
+    while len(cls.__bases__) > 1 and cls.__name__ != cls.__bases__[-1].__name__ \
+            and cls.__name__.endswith(cls.__bases__[-1].__name__):
+        cls = cls.__bases__[-1]
+    return cls
+
+
+@contextlib.contextmanager
+def _own_classes(model: nn.Module) -> Iterator[None]:
+    """The model's modules wear their own classes inside the block. transformers looks conversion mappings up by
+    class name (``register_checkpoint_conversion_mapping("LlamaForCausalLM", ...)``) and skips classes defined
+    outside ``transformers`` as custom code: a wrapper class would hide the model's own mapping."""
+    wrapped = [(module, type(module)) for module in model.modules() if own_class(type(module)) is not type(module)]
+    for module, cls in wrapped:
+        module.__class__ = own_class(cls)
+    try:
+        yield
+    finally:
+        for module, cls in wrapped:
+            module.__class__ = cls
+
+
 def _conversions(model: nn.Module, add_legacy: bool) -> list[Any]:
     from transformers.conversion_mapping import get_model_conversion_mapping  # imported on use
 
-    return get_model_conversion_mapping(model, add_legacy=add_legacy) if hasattr(model, "config") else []
+    if not hasattr(model, "config"):
+        return []
+    with _own_classes(model):
+        return get_model_conversion_mapping(model, add_legacy=add_legacy)
 
 
 def _run_converter(group: SourceGroup, model: nn.Module, fetch: Callable[[str], torch.Tensor]
@@ -226,4 +254,7 @@ def to_hub_format(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict
     """``state_dict`` (model keys) in the hub format: transformers' ``revert_weight_conversion``."""
     from transformers.core_model_loading import revert_weight_conversion  # imported on use
 
-    return revert_weight_conversion(model, state_dict) if hasattr(model, "config") else state_dict
+    if not hasattr(model, "config"):
+        return state_dict
+    with _own_classes(model):
+        return revert_weight_conversion(model, state_dict)

@@ -180,15 +180,17 @@ def _pipeline_keys(pipe: nn.Module, plans: list[_Plan]) -> tuple[list[str], list
     return missing, unexpected
 
 
-def raise_on_every_rank(error: CheckpointError | None) -> None:
-    """Raise ``error`` on this rank, and a :class:`CheckpointError` on every other rank when any rank has one
-    (one tiny collective when distributed), so that no rank starts loading alone."""
+def raise_on_every_rank(error: CheckpointError | None,
+                        elsewhere: str = "Another rank could not load the folder (see its error); nothing was loaded."
+                        ) -> None:
+    """Raise ``error`` on this rank, and a :class:`CheckpointError` saying ``elsewhere`` on every other rank when
+    any rank has one (one tiny collective when distributed), so that no rank goes on alone."""
     if dist.is_available() and dist.is_initialized():
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         flag = torch.tensor([float(error is not None)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if error is None and flag.item() > 0:
-            raise CheckpointError("Another rank could not load the folder (see its error); nothing was loaded.")
+            raise CheckpointError(elsewhere)
     if error is not None:
         raise error
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..core.errors import CheckpointError
 from ..core.log import is_rank_zero
-from .hf_conversion import save_groups, to_hub_format
+from .hf_conversion import own_class, save_groups, to_hub_format
 from .hf_folder import INDEX_FILE
 from .hf_load import model_tensors, packed_layouts, raise_on_every_rank
 from .rank0_gather import Rank0Gatherer
@@ -135,12 +135,7 @@ class _FolderWriter:
         config = copy.deepcopy(config)
         if hasattr(config, "quantization_config"):  # loaded from a quantized folder: the tensors written are not
             del config.quantization_config
-        from transformers import PreTrainedModel  # imported on use
-
-        # wrappers (FSDP2's dynamic FSDP<Name> class) sit above the model's own class in the MRO
-        own = next(cls for cls in type(self.model).__mro__
-                   if issubclass(cls, PreTrainedModel) and not cls.__name__.startswith("FSDP"))
-        config.architectures = [own.__name__]
+        config.architectures = [own_class(type(self.model)).__name__]  # not FSDP2's or replicate's wrapper class
         dtypes = [p.dtype for p in self.model.parameters() if p.is_floating_point()]
         if dtypes:
             config.dtype = dtypes[0]
@@ -207,4 +202,5 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], max_shard_si
                                   "a previous folder there is unchanged.")
         wrapped.__cause__ = error
         error = wrapped
-    raise_on_every_rank(error)
+    raise_on_every_rank(error, f"Another rank failed to save {path} (see its error); a previous folder there is "
+                               "unchanged.")

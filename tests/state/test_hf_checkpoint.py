@@ -35,7 +35,7 @@ LAYOUTS = {
     "tp_sp": ({"dp_shard": 2, "tp": 2}, {"sequence_parallel": True}, DENSE + ["llama_kv1"] + MOE),
     "ep": ({"dp_shard": 4}, {"ep_size": 2}, MOE),
     "ep_tp": ({"dp_shard": 2, "tp": 2}, {"ep_size": 2}, MOE),
-    "cp": ({"dp_shard": 2, "cp": 2}, {}, DENSE + ["mixtral"]),
+    "cp": ({"dp_shard": 2, "cp": 2}, {}, DENSE + MOE),
     "ddp": ({"dp": 4}, {"strategy": "ddp"}, ["llama_tied", "mixtral"]),
     "ddp_tp": ({"dp": 2, "tp": 2}, {"strategy": "ddp"}, ["llama_tied", "mixtral"]),
 }
@@ -51,6 +51,9 @@ ROUND_TRIPS = {
     "llama_tied-fsdp_tp": ("llama_tied", "tp_sp"),
     "mixtral-fsdp_tp": ("mixtral", "tp_sp"),
     "mixtral-ep_tp": ("mixtral", "ep_tp"),
+    "qwen3_moe-ep_tp": ("qwen3_moe", "ep_tp"),
+    "qwen3_moe-fsdp_tp": ("qwen3_moe", "tp_sp"),
+    "llama-fsdp": ("llama", "fsdp"),
     "qwen3-hsdp": ("qwen3", "hsdp"),
     "llama_tied-ddp": ("llama_tied", "ddp"),
 }
