@@ -15,3 +15,17 @@ def test_import_and_discovery_stay_light():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_listing_presets_stays_light():
+    """``meshplan presets`` reads only the preset files: not the dry run, the api or DTensor/FSDP."""
+    code = (
+        "import sys\n"
+        "from meshplan.cli.main import main\n"
+        "assert main(['presets']) == 0\n"
+        "heavy = [m for m in ('meshplan.api', 'meshplan.dryrun.run', 'transformers', 'torch.distributed.tensor',\n"
+        "                     'torch.distributed.fsdp') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
