@@ -140,15 +140,10 @@ def _shared_styles(register):
 def test_code_shared_by_two_plugins_is_credited_to_each():
     """One function registered as the hook of two plugins: each plugin's registrar is bound to that plugin, so
     each registration is credited to its own plugin."""
-    names = [_module("plug_shared_one", meshplan_register_styles=_shared_styles),
-             _module("plug_shared_two", meshplan_register_styles=_shared_styles),
-             _module("plug_alpha", meshplan_register_strategies=_alpha_strategies)]
-    try:
-        host = PluginHost(LoadPolicy(allow=frozenset()), builtins=tuple(names))
-        host.load()
-    finally:
-        for name in names:
-            sys.modules.pop(name, None)
+    names = ["plug_shared_one", "plug_shared_two", "plug_alpha"]
+    host = _load(plug_shared_one={"meshplan_register_styles": _shared_styles},
+                 plug_shared_two={"meshplan_register_styles": _shared_styles},
+                 plug_alpha={"meshplan_register_strategies": _alpha_strategies})
     assert {name: host.records[name].contributions for name in names[:2]} == {
         name: [("style", "shared_style")] for name in names[:2]}
     assert host.records["plug_alpha"].contributions == [("strategy", "alpha")]

@@ -2,6 +2,11 @@ import subprocess
 import sys
 
 
+def _passes_in_a_fresh_interpreter(code: str) -> None:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def test_import_and_discovery_stay_light():
     code = (
         "import sys, meshplan, meshplan.plugins.manager\n"
@@ -13,8 +18,7 @@ def test_import_and_discovery_stay_light():
         "                     'torch.distributed.fsdp') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    _passes_in_a_fresh_interpreter(code)
 
 
 def test_listing_presets_stays_light():
@@ -27,5 +31,4 @@ def test_listing_presets_stays_light():
         "                     'torch.distributed.fsdp') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    _passes_in_a_fresh_interpreter(code)
